@@ -5,7 +5,7 @@ use sha2::{Digest, Sha256};
 ///
 /// For a `.docx` or `.pdf` the lines are those of the extracted text (one paragraph per line for
 /// Word, one text line per line for PDF), so they locate the clause within that text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceSpan {
     pub file: String,
     pub line_start: usize,
