@@ -1,1 +1,110 @@
-//! placeholder
+//! The Safety Inspector database.
+//!
+//! Regulation documents and their rules live in one SQLite file (`inspector.db` by default),
+//! created and migrated on open. Everything goes through the small [`RuleStore`] trait, so a
+//! PostgreSQL store can sit beside [`SqliteStore`] later without touching callers.
+//!
+//! Full-text search works for Chinese: CJK runs are indexed as overlapping character bigrams
+//! (the approach of Lucene's CJK analyser), Latin words as lowercased words, and queries are
+//! split the same way, so `安全帽` finds `必须佩戴安全帽` without a dictionary.
+//!
+//! ```
+//! use inspector_core::{Rule, SourceSpan};
+//! use inspector_store::{DocumentRecord, RuleFilter, RuleStore, SqliteStore};
+//!
+//! let mut store = SqliteStore::open_in_memory().unwrap();
+//! let rule = Rule::new("安全作业规程", "3.1", "进入作业区域必须佩戴安全帽。",
+//!                      vec!["安全防护".into()], None, SourceSpan::default());
+//! let doc = DocumentRecord { title: "安全作业规程".into(), file: "a.md".into(), sha256: "00".into() };
+//! store.replace_document(&doc, &[rule], &[]).unwrap();
+//! assert_eq!(store.rules(&RuleFilter::default()).unwrap().len(), 1);
+//! assert_eq!(store.search("安全帽", 10).unwrap()[0].clause, "3.1");
+//! ```
+
+mod fts;
+mod sqlite;
+
+use inspector_core::{Diagnostic, Rule};
+
+pub use sqlite::SqliteStore;
+
+/// Errors from the store, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database {path} was written by a newer inspector (schema version {found}, this one knows {known})")]
+    TooNew { path: String, found: i64, known: i64 },
+    #[error("database error while {doing}: {source}")]
+    Query {
+        doing: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database holds an invalid value in {field}: {message}")]
+    Corrupt { field: &'static str, message: String },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The identity of a stored document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentRecord {
+    /// The title, which keys the document.
+    pub title: String,
+    /// The file it was last extracted from.
+    pub file: String,
+    /// SHA-256 of that file.
+    pub sha256: String,
+}
+
+/// A stored document with its counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentSummary {
+    pub record: DocumentRecord,
+    pub extracted_at: String,
+    pub rules: usize,
+    pub diagnostics: usize,
+}
+
+/// What replacing a document did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplaceOutcome {
+    /// Rules of the same title that were there before (0 for a new document).
+    pub removed: usize,
+    pub added: usize,
+    /// True when the file's hash equals the one stored: nothing changed.
+    pub unchanged: bool,
+}
+
+/// Which rules to list. Empty fields select everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleFilter {
+    /// Rules having this category (anywhere in their list).
+    pub category: Option<String>,
+    /// Rules of this document (exact title, 《》 optional).
+    pub document: Option<String>,
+}
+
+/// The operations every store offers.
+pub trait RuleStore {
+    /// Replaces every rule and diagnostic of `doc.title` with these, in one transaction.
+    fn replace_document(
+        &mut self,
+        doc: &DocumentRecord,
+        rules: &[Rule],
+        diagnostics: &[Diagnostic],
+    ) -> Result<ReplaceOutcome>;
+    fn documents(&self) -> Result<Vec<DocumentSummary>>;
+    /// Rules in document order (documents by title, then as they appear).
+    fn rules(&self, filter: &RuleFilter) -> Result<Vec<Rule>>;
+    fn rule(&self, id: &str) -> Result<Option<Rule>>;
+    /// Rules matching `query`, best first.
+    fn search(&self, query: &str, limit: usize) -> Result<Vec<Rule>>;
+    /// Diagnostics of one document, or of all, as (document title, diagnostic).
+    fn diagnostics(&self, document: Option<&str>) -> Result<Vec<(String, Diagnostic)>>;
+}

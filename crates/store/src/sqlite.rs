@@ -1,0 +1,386 @@
+//! The embedded SQLite store.
+
+use std::path::Path;
+
+use inspector_core::{Diagnostic, DiagnosticKind, Rule, SourceSpan};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::{
+    DocumentRecord, DocumentSummary, ReplaceOutcome, Result, RuleFilter, RuleStore, StoreError,
+    fts,
+};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. Append
+/// only: a released migration never changes.
+const MIGRATIONS: &[&str] = &[
+    // 1: documents, rules, diagnostics, full-text index.
+    "CREATE TABLE documents (
+        title        TEXT PRIMARY KEY,
+        file         TEXT NOT NULL,
+        sha256       TEXT NOT NULL,
+        extracted_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%S', 'now'))
+    );
+    CREATE TABLE rules (
+        id          TEXT PRIMARY KEY,
+        document    TEXT NOT NULL REFERENCES documents(title) ON DELETE CASCADE,
+        ord         INTEGER NOT NULL,
+        clause      TEXT NOT NULL,
+        citation    TEXT NOT NULL,
+        text        TEXT NOT NULL,
+        categories  TEXT NOT NULL,
+        parent      TEXT,
+        chapter     TEXT,
+        source_file TEXT NOT NULL,
+        line_start  INTEGER NOT NULL,
+        line_end    INTEGER NOT NULL,
+        UNIQUE (document, clause)
+    );
+    CREATE INDEX rules_by_document ON rules(document, ord);
+    CREATE TABLE rule_categories (
+        rule_id  TEXT NOT NULL REFERENCES rules(id) ON DELETE CASCADE,
+        category TEXT NOT NULL,
+        PRIMARY KEY (rule_id, category)
+    );
+    CREATE INDEX rule_categories_by_category ON rule_categories(category);
+    CREATE TABLE diagnostics (
+        document TEXT NOT NULL REFERENCES documents(title) ON DELETE CASCADE,
+        kind     TEXT NOT NULL,
+        line     INTEGER NOT NULL,
+        message  TEXT NOT NULL
+    );
+    CREATE VIRTUAL TABLE rules_fts USING fts5(rule_id UNINDEXED, body, tokenize = 'unicode61');",
+];
+
+/// Rules, documents and diagnostics in one SQLite file.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+fn q(doing: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Query { doing, source }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) and migrates the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let name = path.display().to_string();
+        let open_err = |source| StoreError::Open {
+            path: name.clone(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        Self::init(conn, &name)
+    }
+
+    pub fn open_in_memory() -> Result<Self> {
+        let conn = Connection::open_in_memory().map_err(|source| StoreError::Open {
+            path: ":memory:".into(),
+            source,
+        })?;
+        Self::init(conn, ":memory:")
+    }
+
+    fn init(mut conn: Connection, name: &str) -> Result<Self> {
+        let open_err = |source| StoreError::Open {
+            path: name.to_string(),
+            source,
+        };
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(open_err)?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: name.to_string(),
+                found: version,
+                known,
+            });
+        }
+        if version < known {
+            let tx = conn.transaction().map_err(open_err)?;
+            for sql in &MIGRATIONS[version as usize..] {
+                tx.execute_batch(sql).map_err(open_err)?;
+            }
+            tx.pragma_update(None, "user_version", known).map_err(open_err)?;
+            tx.commit().map_err(open_err)?;
+        }
+        Ok(SqliteStore { conn })
+    }
+
+    /// The schema version this database is at.
+    pub fn schema_version(&self) -> Result<i64> {
+        self.conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(q("reading the schema version"))
+    }
+
+    fn rules_where(&self, sql_where: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Rule>> {
+        let sql = format!(
+            "SELECT id, document, clause, citation, text, categories, parent, chapter,
+                    source_file, line_start, line_end
+             FROM rules {sql_where}"
+        );
+        let mut stmt = self.conn.prepare(&sql).map_err(q("listing rules"))?;
+        let rows = stmt
+            .query_map(args, |row| {
+                Ok((
+                    Rule {
+                        id: row.get(0)?,
+                        document: row.get(1)?,
+                        clause: row.get(2)?,
+                        citation: row.get(3)?,
+                        text: row.get(4)?,
+                        categories: Vec::new(),
+                        parent: row.get(6)?,
+                        chapter: row.get(7)?,
+                        source: SourceSpan {
+                            file: row.get(8)?,
+                            line_start: row.get::<_, i64>(9)? as usize,
+                            line_end: row.get::<_, i64>(10)? as usize,
+                        },
+                    },
+                    row.get::<_, String>(5)?,
+                ))
+            })
+            .map_err(q("listing rules"))?;
+        let mut rules = Vec::new();
+        for row in rows {
+            let (mut rule, categories) = row.map_err(q("listing rules"))?;
+            rule.categories =
+                serde_json::from_str(&categories).map_err(|e| StoreError::Corrupt {
+                    field: "rules.categories",
+                    message: e.to_string(),
+                })?;
+            rules.push(rule);
+        }
+        Ok(rules)
+    }
+}
+
+fn kind_name(kind: DiagnosticKind) -> &'static str {
+    match kind {
+        DiagnosticKind::Unparsable => "unparsable",
+        DiagnosticKind::Duplicate => "duplicate",
+        DiagnosticKind::Empty => "empty",
+        DiagnosticKind::Misplaced => "misplaced",
+    }
+}
+
+fn kind_from(name: &str) -> Option<DiagnosticKind> {
+    Some(match name {
+        "unparsable" => DiagnosticKind::Unparsable,
+        "duplicate" => DiagnosticKind::Duplicate,
+        "empty" => DiagnosticKind::Empty,
+        "misplaced" => DiagnosticKind::Misplaced,
+        _ => return None,
+    })
+}
+
+fn bare_title(s: &str) -> &str {
+    s.trim().trim_start_matches('《').trim_end_matches('》')
+}
+
+impl RuleStore for SqliteStore {
+    fn replace_document(
+        &mut self,
+        doc: &DocumentRecord,
+        rules: &[Rule],
+        diagnostics: &[Diagnostic],
+    ) -> Result<ReplaceOutcome> {
+        let tx = self.conn.transaction().map_err(q("starting a transaction"))?;
+        let previous: Option<String> = tx
+            .query_row(
+                "SELECT sha256 FROM documents WHERE title = ?1",
+                [&doc.title],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(q("reading the document"))?;
+        let removed: usize = tx
+            .query_row(
+                "SELECT count(*) FROM rules WHERE document = ?1",
+                [&doc.title],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(q("counting old rules"))? as usize;
+        tx.execute(
+            "DELETE FROM rules_fts WHERE rule_id IN (SELECT id FROM rules WHERE document = ?1)",
+            [&doc.title],
+        )
+        .map_err(q("removing old search entries"))?;
+        tx.execute("DELETE FROM documents WHERE title = ?1", [&doc.title])
+            .map_err(q("removing the old document"))?;
+        tx.execute(
+            "INSERT INTO documents (title, file, sha256) VALUES (?1, ?2, ?3)",
+            params![doc.title, doc.file, doc.sha256],
+        )
+        .map_err(q("storing the document"))?;
+        {
+            let mut insert_rule = tx
+                .prepare(
+                    "INSERT INTO rules (id, document, ord, clause, citation, text, categories,
+                                        parent, chapter, source_file, line_start, line_end)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                )
+                .map_err(q("storing rules"))?;
+            let mut insert_category = tx
+                .prepare("INSERT OR IGNORE INTO rule_categories (rule_id, category) VALUES (?1, ?2)")
+                .map_err(q("storing categories"))?;
+            let mut insert_fts = tx
+                .prepare("INSERT INTO rules_fts (rule_id, body) VALUES (?1, ?2)")
+                .map_err(q("indexing rules"))?;
+            for (ord, rule) in rules.iter().enumerate() {
+                let categories = serde_json::to_string(&rule.categories).expect("strings serialise");
+                insert_rule
+                    .execute(params![
+                        rule.id,
+                        doc.title,
+                        ord as i64,
+                        rule.clause,
+                        rule.citation,
+                        rule.text,
+                        categories,
+                        rule.parent,
+                        rule.chapter,
+                        rule.source.file,
+                        rule.source.line_start as i64,
+                        rule.source.line_end as i64,
+                    ])
+                    .map_err(q("storing rules"))?;
+                for category in &rule.categories {
+                    insert_category
+                        .execute(params![rule.id, category])
+                        .map_err(q("storing categories"))?;
+                }
+                let body = fts::index_text(&format!(
+                    "{} {} {}",
+                    rule.citation,
+                    rule.text,
+                    rule.categories.join(" ")
+                ));
+                insert_fts
+                    .execute(params![rule.id, body])
+                    .map_err(q("indexing rules"))?;
+            }
+            let mut insert_diag = tx
+                .prepare("INSERT INTO diagnostics (document, kind, line, message) VALUES (?1, ?2, ?3, ?4)")
+                .map_err(q("storing diagnostics"))?;
+            for d in diagnostics {
+                insert_diag
+                    .execute(params![doc.title, kind_name(d.kind), d.line as i64, d.message])
+                    .map_err(q("storing diagnostics"))?;
+            }
+        }
+        tx.commit().map_err(q("committing"))?;
+        Ok(ReplaceOutcome {
+            removed,
+            added: rules.len(),
+            unchanged: previous.as_deref() == Some(doc.sha256.as_str()),
+        })
+    }
+
+    fn documents(&self) -> Result<Vec<DocumentSummary>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT d.title, d.file, d.sha256, d.extracted_at,
+                        (SELECT count(*) FROM rules r WHERE r.document = d.title),
+                        (SELECT count(*) FROM diagnostics g WHERE g.document = d.title)
+                 FROM documents d ORDER BY d.title",
+            )
+            .map_err(q("listing documents"))?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok(DocumentSummary {
+                    record: DocumentRecord {
+                        title: row.get(0)?,
+                        file: row.get(1)?,
+                        sha256: row.get(2)?,
+                    },
+                    extracted_at: row.get(3)?,
+                    rules: row.get::<_, i64>(4)? as usize,
+                    diagnostics: row.get::<_, i64>(5)? as usize,
+                })
+            })
+            .map_err(q("listing documents"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(q("listing documents"))
+    }
+
+    fn rules(&self, filter: &RuleFilter) -> Result<Vec<Rule>> {
+        let category = filter.category.clone().unwrap_or_default();
+        let document = filter.document.as_deref().map(bare_title).unwrap_or_default().to_string();
+        self.rules_where(
+            "WHERE (?1 = '' OR id IN (SELECT rule_id FROM rule_categories WHERE category = ?1))
+               AND (?2 = '' OR document = ?2)
+             ORDER BY document, ord",
+            &[&category, &document],
+        )
+    }
+
+    fn rule(&self, id: &str) -> Result<Option<Rule>> {
+        Ok(self.rules_where("WHERE id = ?1", &[&id])?.into_iter().next())
+    }
+
+    fn search(&self, query: &str, limit: usize) -> Result<Vec<Rule>> {
+        let Some(fts_query) = fts::match_query(query) else {
+            return Ok(Vec::new());
+        };
+        let mut stmt = self
+            .conn
+            .prepare("SELECT rule_id FROM rules_fts WHERE rules_fts MATCH ?1 ORDER BY bm25(rules_fts) LIMIT ?2")
+            .map_err(q("searching"))?;
+        let ids = stmt
+            .query_map(params![fts_query, limit as i64], |r| r.get::<_, String>(0))
+            .map_err(q("searching"))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(q("searching"))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(rule) = self.rule(&id)? {
+                out.push(rule);
+            }
+        }
+        Ok(out)
+    }
+
+    fn diagnostics(&self, document: Option<&str>) -> Result<Vec<(String, Diagnostic)>> {
+        let document = document.map(bare_title).unwrap_or_default().to_string();
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT document, kind, line, message FROM diagnostics
+                 WHERE ?1 = '' OR document = ?1 ORDER BY document, line",
+            )
+            .map_err(q("listing diagnostics"))?;
+        let rows = stmt
+            .query_map([&document], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, i64>(2)?,
+                    row.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(q("listing diagnostics"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (doc, kind, line, message) = row.map_err(q("listing diagnostics"))?;
+            let kind = kind_from(&kind).ok_or_else(|| StoreError::Corrupt {
+                field: "diagnostics.kind",
+                message: kind.clone(),
+            })?;
+            out.push((
+                doc,
+                Diagnostic {
+                    kind,
+                    line: line as usize,
+                    message,
+                },
+            ));
+        }
+        Ok(out)
+    }
+}
