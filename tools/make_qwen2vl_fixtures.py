@@ -225,7 +225,7 @@ def hub_preprocessor_config(max_pixels: int) -> dict:
     }
 
 
-def randomize_(model: torch.nn.Module, seed: int) -> None:
+def randomize_(model: torch.nn.Module, seed: int, tied: bool) -> None:
     """Re-randomise every parameter so that no tensor keeps its init value (ones, zeros, ...)."""
     g = torch.Generator().manual_seed(seed)
     norm_types = (torch.nn.LayerNorm,)
@@ -243,7 +243,9 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 elif p_name == "bias":
                     val = 0.1 * torch.randn(p.shape, generator=g)
                 elif "embed_tokens" in full:
-                    val = 0.5 * torch.randn(p.shape, generator=g)
+                    # tied models reuse this as lm_head: scale so that logits stay O(1..10)
+                    std = 2.5 / math.sqrt(p.shape[1]) if tied else 0.5
+                    val = std * torch.randn(p.shape, generator=g)
                 elif full.startswith("lm_head"):
                     val = 0.3 * torch.randn(p.shape, generator=g)
                 elif "patch_embed" in full:
@@ -310,7 +312,7 @@ def build_model(name: str, spec: dict):
     torch.manual_seed(spec["seed"])
     cfg = hf_config(spec)
     model = Qwen2VLForConditionalGeneration(cfg).eval().float()
-    randomize_(model, spec["seed"])
+    randomize_(model, spec["seed"], spec["tied"])
     if spec["tied"]:
         assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
     else:
@@ -675,7 +677,10 @@ def write_photo_references(img_dir: Path, versions: dict, described: dict) -> di
             "num_patches": int(vf.shape[0]),
             "max_abs_fast_minus_slow": float(diff.max()),
             "mean_abs_fast_minus_slow": float(diff.mean()),
-            # one uint8 step after normalisation is 1/255/std ~= 0.0146 .. 0.0150
+            # elements whose uint8 value after resizing differs (one step = 1/255/std ~= 0.0146..0.0150)
+            "frac_elems_uint8_step_diff": float((diff > 1e-3).float().mean()),
+            # remaining float-only difference (fused (x-255m)/(255s) vs (x/255-m)/s)
+            "max_abs_diff_below_one_step": float(diff[diff <= 1e-3].max()) if (diff <= 1e-3).any() else 0.0,
         }
         if name == "chelsea_rgba.png":
             # what the processors do with the raw RGBA image instead (they composite onto white)
@@ -690,7 +695,8 @@ def write_photo_references(img_dir: Path, versions: dict, described: dict) -> di
         }, ref_dir / f"{Path(name).stem}.safetensors", metadata={"format": "pt"})
         meta["images"][name] = entry
         print(f"  {name:20s} loaded {img.size} -> resized (h,w)={entry['resized_hw']} grid={entry['image_grid_thw']}"
-              f"  |fast-slow| max={entry['max_abs_fast_minus_slow']:.6f} mean={entry['mean_abs_fast_minus_slow']:.6f}")
+              f"  |fast-slow| max={entry['max_abs_fast_minus_slow']:.6f} mean={entry['mean_abs_fast_minus_slow']:.6f}"
+              f" frac_step={entry['frac_elems_uint8_step_diff']:.5f} max_float={entry['max_abs_diff_below_one_step']:.2e}")
     (ref_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -709,6 +715,11 @@ def main():
     transformers.logging.set_verbosity_error()
 
     out: Path = args.out
+    crate_manifest = REPO_ROOT / "crates" / "qwen2vl" / "Cargo.toml"
+    if out.resolve() == DEFAULT_OUT.resolve() and not crate_manifest.exists():
+        # the workspace uses `members = ["crates/*"]`: a crates/qwen2vl/ without Cargo.toml breaks every cargo command
+        print(f"WARNING: {crate_manifest} does not exist; cargo will refuse to load the workspace until it does",
+              file=sys.stderr)
     for sub in list(MODELS) + ["images"]:
         if (out / sub).exists():
             shutil.rmtree(out / sub)

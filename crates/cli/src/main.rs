@@ -1,1 +1,54 @@
-fn main(){}
+//! `inspector`: the Safety Inspector command line. Parsing and wiring only; the work is done by
+//! the library crates.
+
+mod bundled;
+mod output;
+mod rules_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Safety Inspector: turn a factory's safety regulations and annotated photos into a
+/// vision-language model that inspects new photos.
+#[derive(Debug, Parser)]
+#[command(name = "inspector", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Regulation documents → clause-level rules in the database.
+    #[command(subcommand)]
+    Rules(rules_cmd::RulesCommand),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("INSPECTOR_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Rules(cmd) => rules_cmd::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        // A reader that stops early (`inspector rules list | head`) is not an error.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -116,7 +116,9 @@ fn find_clause(s: &str) -> Option<(usize, usize, String)> {
     }
     // Else a bare Arabic number, `3.1` or `12`, not glued to other digits.
     for (k, &(start, c)) in chars.iter().enumerate() {
-        if !c.is_ascii_digit() || (k > 0 && (chars[k - 1].1.is_ascii_digit() || chars[k - 1].1 == '.')) {
+        if !c.is_ascii_digit()
+            || (k > 0 && (chars[k - 1].1.is_ascii_digit() || chars[k - 1].1 == '.'))
+        {
             continue;
         }
         let mut j = k;

@@ -46,9 +46,9 @@ pub fn parse_numeral(s: &str) -> Option<u32> {
     }
     // `一〇三`: digits written positionally with no units.
     if chars.len() > 1 && chars.iter().all(|&c| digit_value(c).is_some()) {
-        return chars
-            .iter()
-            .try_fold(0u32, |acc, &c| acc.checked_mul(10)?.checked_add(digit_value(c)?));
+        return chars.iter().try_fold(0u32, |acc, &c| {
+            acc.checked_mul(10)?.checked_add(digit_value(c)?)
+        });
     }
     parse_with_units(&chars)
 }

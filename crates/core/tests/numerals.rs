@@ -41,11 +41,22 @@ fn variants_1_to_999() {
     for n in 1..=999u32 {
         let financial = canonical(n, &FINANCIAL, '拾', '佰');
         assert_eq!(parse_numeral(&financial), Some(n), "{financial}");
-        let positional: String = n.to_string().chars().map(|d| ['〇', '一', '二', '三', '四', '五', '六', '七', '八', '九'][d as usize - '0' as usize]).collect();
+        let positional: String = n
+            .to_string()
+            .chars()
+            .map(|d| {
+                ['〇', '一', '二', '三', '四', '五', '六', '七', '八', '九']
+                    [d as usize - '0' as usize]
+            })
+            .collect();
         if n >= 10 {
             assert_eq!(parse_numeral(&positional), Some(n), "{positional}");
         }
-        let full_width: String = n.to_string().chars().map(|d| char::from_u32(d as u32 + 0xFEE0).unwrap()).collect();
+        let full_width: String = n
+            .to_string()
+            .chars()
+            .map(|d| char::from_u32(d as u32 + 0xFEE0).unwrap())
+            .collect();
         assert_eq!(parse_numeral(&full_width), Some(n), "{full_width}");
         assert_eq!(parse_numeral(&n.to_string()), Some(n));
     }

@@ -1,6 +1,7 @@
 //! Keyword categories: which of 安全防护 / 操作规范 / 现场管理 / 应急处理 (or a user's own) a rule
 //! belongs to.
 
+use aho_corasick::AhoCorasick;
 use serde::Deserialize;
 
 use crate::ErrorKind;
@@ -27,15 +28,17 @@ struct CategoryFile {
 #[derive(Debug, Clone)]
 pub struct Categorizer {
     categories: Vec<Category>,
+    /// All keywords of all categories in one automaton, so a text is scanned once.
+    matcher: AhoCorasick,
+    /// The category index of each pattern in `matcher`.
+    pattern_category: Vec<usize>,
 }
 
 impl Default for Categorizer {
     fn default() -> Self {
         let file: CategoryFile =
             toml::from_str(DEFAULT_TOML).expect("the bundled categories.toml is valid");
-        Categorizer {
-            categories: file.category,
-        }
+        Categorizer::new(file.category).expect("the bundled keywords build")
     }
 }
 
@@ -58,7 +61,24 @@ impl Categorizer {
                 None => categories.push(category),
             }
         }
-        Ok(Categorizer { categories })
+        Categorizer::new(categories)
+    }
+
+    fn new(categories: Vec<Category>) -> Result<Self, ErrorKind> {
+        let mut patterns = Vec::new();
+        let mut pattern_category = Vec::new();
+        for (i, c) in categories.iter().enumerate() {
+            for k in c.keywords.iter().filter(|k| !k.is_empty()) {
+                patterns.push(k.as_str());
+                pattern_category.push(i);
+            }
+        }
+        let matcher = AhoCorasick::new(&patterns).map_err(|e| ErrorKind::Config(e.to_string()))?;
+        Ok(Categorizer {
+            categories,
+            matcher,
+            pattern_category,
+        })
     }
 
     pub fn categories(&self) -> &[Category] {
@@ -68,22 +88,21 @@ impl Categorizer {
     /// Categories for `text`, most keyword hits first (ties in configuration order); empty
     /// when no keyword occurs.
     pub fn categorize(&self, text: &str) -> Vec<String> {
-        let mut scored: Vec<(usize, usize, &str)> = self
-            .categories
+        let mut hits = vec![0usize; self.categories.len()];
+        for m in self.matcher.find_overlapping_iter(text) {
+            hits[self.pattern_category[m.pattern().as_usize()]] += 1;
+        }
+        let mut scored: Vec<(usize, usize, &str)> = hits
             .iter()
             .enumerate()
-            .filter_map(|(order, c)| {
-                let hits: usize = c
-                    .keywords
-                    .iter()
-                    .filter(|k| !k.is_empty())
-                    .map(|k| text.matches(k.as_str()).count())
-                    .sum();
-                (hits > 0).then_some((hits, order, c.name.as_str()))
-            })
+            .filter(|(_, h)| **h > 0)
+            .map(|(order, &h)| (h, order, self.categories[order].name.as_str()))
             .collect();
         scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        scored.into_iter().map(|(_, _, name)| name.to_string()).collect()
+        scored
+            .into_iter()
+            .map(|(_, _, name)| name.to_string())
+            .collect()
     }
 }
 
@@ -109,7 +128,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.categorize("配电柜带电")[0], "电气安全");
-        assert_eq!(c.categorize("发生火灾立即报警"), vec!["应急处理".to_string()]);
+        assert_eq!(
+            c.categorize("发生火灾立即报警"),
+            vec!["应急处理".to_string()]
+        );
         let only = Categorizer::with_overrides(
             "replace_defaults = true\n[[category]]\nname = \"电气安全\"\nkeywords = [\"配电\"]\n",
         )

@@ -89,7 +89,9 @@ pub fn decode_text(bytes: &[u8]) -> Result<String, ErrorKind> {
         .filter(|&c| c.is_control() && !matches!(c, '\n' | '\r' | '\t' | '\u{c}'))
         .count();
     if controls > 0 && controls * 100 >= text.chars().count().max(1) {
-        return Err(ErrorKind::Binary("control characters: this is not a text document"));
+        return Err(ErrorKind::Binary(
+            "control characters: this is not a text document",
+        ));
     }
     if text.contains('\0') {
         return Err(ErrorKind::Binary("NUL bytes: this is not a text document"));
@@ -206,7 +208,11 @@ pub fn pdf_lines(bytes: &[u8]) -> Result<Vec<Line>, ErrorKind> {
     let text = match result {
         Ok(Ok(text)) => text,
         Ok(Err(e)) => return Err(ErrorKind::Corrupt(format!("not a readable PDF: {e}"))),
-        Err(_) => return Err(ErrorKind::Corrupt("not a readable PDF (the parser failed)".into())),
+        Err(_) => {
+            return Err(ErrorKind::Corrupt(
+                "not a readable PDF (the parser failed)".into(),
+            ));
+        }
     };
     if text.trim().is_empty() {
         return Err(ErrorKind::NoTextLayer);

@@ -127,7 +127,12 @@ pub fn extract_bytes(
     })
 }
 
-fn build_rules(title: &str, file: &str, parsed: &parse::Parsed, categorizer: &Categorizer) -> Vec<Rule> {
+fn build_rules(
+    title: &str,
+    file: &str,
+    parsed: &parse::Parsed,
+    categorizer: &Categorizer,
+) -> Vec<Rule> {
     let mut rules: Vec<Rule> = Vec::with_capacity(parsed.units.len());
     for unit in &parsed.units {
         let mut text = unit.lines.join("\n");
@@ -143,17 +148,16 @@ fn build_rules(title: &str, file: &str, parsed: &parse::Parsed, categorizer: &Ca
                 .join("\n");
         }
         let mut categories = categorizer.categorize(&text);
-        if categories.is_empty() {
-            if let Some(parent) = unit.parent.as_deref() {
-                if let Some(p) = rules.iter().find(|r| r.clause == parent) {
-                    categories = p.categories.clone();
-                }
-            }
+        if categories.is_empty()
+            && let Some(parent) = unit.parent.as_deref()
+            && let Some(p) = rules.iter().find(|r| r.clause == parent)
+        {
+            categories = p.categories.clone();
         }
-        if categories.is_empty() {
-            if let Some(chapter) = &unit.chapter {
-                categories = categorizer.categorize(chapter);
-            }
+        if categories.is_empty()
+            && let Some(chapter) = &unit.chapter
+        {
+            categories = categorizer.categorize(chapter);
         }
         if categories.is_empty() {
             categories.push(OTHER_CATEGORY.to_string());
@@ -178,5 +182,8 @@ fn build_rules(title: &str, file: &str, parsed: &parse::Parsed, categorizer: &Ca
 
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -77,12 +77,12 @@ fn find_title(lines: &[Line]) -> Option<(usize, String)> {
     // 1. 《…》 opening one of the first lines.
     for &(i, line) in &top {
         let text = line.text.trim();
-        if let Some(rest) = text.strip_prefix('《') {
-            if let Some(end) = rest.find('》') {
-                let title = rest[..end].trim();
-                if !title.is_empty() {
-                    return Some((i, title.to_string()));
-                }
+        if let Some(rest) = text.strip_prefix('《')
+            && let Some(end) = rest.find('》')
+        {
+            let title = rest[..end].trim();
+            if !title.is_empty() {
+                return Some((i, title.to_string()));
             }
         }
     }
@@ -106,6 +106,8 @@ struct State {
 #[derive(Default)]
 struct Parser {
     state: State,
+    /// Clause numbers opened so far, for duplicate and parent checks.
+    seen: std::collections::HashSet<String>,
     chapter: Option<String>,
     units: Vec<Unit>,
     /// Index into `units` of the unit receiving text; `None` before the first unit or after a
@@ -134,11 +136,18 @@ impl Parser {
             }
             Kind::Section(n) => {
                 self.state.last_section = n;
-                let body = text.chars().skip_while(|c| c.is_ascii_digit()).collect::<String>();
+                let body = text
+                    .chars()
+                    .skip_while(|c| c.is_ascii_digit())
+                    .collect::<String>();
                 self.open(number, n.to_string(), body.trim().to_string(), true);
             }
             Kind::Clause(parts) => {
-                let clause = parts.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
+                let clause = parts
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(".");
                 let body = body_after_number(text);
                 self.open(number, clause, body, false);
             }
@@ -146,7 +155,10 @@ impl Parser {
                 self.diagnostics.push(Diagnostic {
                     kind: DiagnosticKind::Unparsable,
                     line: number,
-                    message: format!("{what} `{}`: its number cannot be read; kept as text of the unit above", excerpt(text)),
+                    message: format!(
+                        "{what} `{}`: its number cannot be read; kept as text of the unit above",
+                        excerpt(text)
+                    ),
                 });
                 self.push_text(number, text);
             }
@@ -170,7 +182,7 @@ impl Parser {
     }
 
     fn open(&mut self, number: usize, clause: String, body: String, is_section: bool) {
-        if self.units.iter().any(|u| u.clause == clause) {
+        if self.seen.contains(&clause) {
             self.diagnostics.push(Diagnostic {
                 kind: DiagnosticKind::Duplicate,
                 line: number,
@@ -182,7 +194,7 @@ impl Parser {
         let parent = clause.rsplit_once('.').map(|(p, _)| p.to_string());
         if let Some(parent) = &parent {
             let root = clause.split('.').next().unwrap_or_default();
-            let known = self.units.iter().any(|u| &u.clause == parent);
+            let known = self.seen.contains(parent);
             if !known || self.top.as_deref() != Some(root) {
                 self.diagnostics.push(Diagnostic {
                     kind: DiagnosticKind::Misplaced,
@@ -196,7 +208,8 @@ impl Parser {
         } else {
             self.top = Some(clause.clone());
         }
-        let parent = parent.filter(|p| self.units.iter().any(|u| &u.clause == p));
+        let parent = parent.filter(|p| self.seen.contains(p));
+        self.seen.insert(clause.clone());
         let lines = if body.is_empty() { vec![] } else { vec![body] };
         self.units.push(Unit {
             clause,
@@ -211,19 +224,18 @@ impl Parser {
     }
 
     fn finish(mut self, title: Option<String>) -> Parsed {
-        let has_children = |clause: &str, units: &[Unit]| {
-            units.iter().any(|u| u.parent.as_deref() == Some(clause))
-        };
+        let parents: std::collections::HashSet<String> =
+            self.units.iter().filter_map(|u| u.parent.clone()).collect();
         let mut kept = Vec::with_capacity(self.units.len());
-        for unit in &self.units {
-            if unit.lines.is_empty() && !has_children(&unit.clause, &self.units) {
+        for unit in std::mem::take(&mut self.units) {
+            if unit.lines.is_empty() && !parents.contains(&unit.clause) {
                 self.diagnostics.push(Diagnostic {
                     kind: DiagnosticKind::Empty,
                     line: unit.line_start,
                     message: format!("clause {} has no text; it is dropped", unit.clause),
                 });
             } else {
-                kept.push(unit.clone());
+                kept.push(unit);
             }
         }
         self.diagnostics.sort_by_key(|d| d.line);
@@ -248,9 +260,44 @@ fn excerpt(s: &str) -> String {
 fn is_unit_char(c: char) -> bool {
     matches!(
         c,
-        '米' | '%' | '倍' | '个' | '人' | '名' | '吨' | '千' | '公' | '克' | '小' | '分' | '秒' | '度'
-            | '℃' | '次' | '层' | '号' | '年' | '月' | '日' | '天' | '周' | '寸' | '厘' | '毫' | '伏'
-            | '安' | '瓦' | '升' | '级' | '类' | '项' | '条' | '款' | '万' | '元' | '台' | '只'
+        '米' | '%'
+            | '倍'
+            | '个'
+            | '人'
+            | '名'
+            | '吨'
+            | '千'
+            | '公'
+            | '克'
+            | '小'
+            | '分'
+            | '秒'
+            | '度'
+            | '℃'
+            | '次'
+            | '层'
+            | '号'
+            | '年'
+            | '月'
+            | '日'
+            | '天'
+            | '周'
+            | '寸'
+            | '厘'
+            | '毫'
+            | '伏'
+            | '安'
+            | '瓦'
+            | '升'
+            | '级'
+            | '类'
+            | '项'
+            | '条'
+            | '款'
+            | '万'
+            | '元'
+            | '台'
+            | '只'
     ) || c.is_ascii_alphabetic()
 }
 
@@ -306,7 +353,11 @@ fn classify(text: &str, heading: bool, state: &State) -> Kind {
     // What follows the number decides: a separator or text means a heading; a unit means a
     // quantity; `)`, `、` after a single number mean a list item.
     let next = chars.get(j).copied();
-    let after_trailing_dot = if next == Some('.') { chars.get(j + 1).copied() } else { next };
+    let after_trailing_dot = if next == Some('.') {
+        chars.get(j + 1).copied()
+    } else {
+        next
+    };
     let separated = matches!(next, Some(' ' | '\t' | '、' | ':' | '：')) || next.is_none();
     if parts.len() >= 2 {
         let numbers: Option<Vec<u32>> = parts.iter().map(|p| p.parse().ok()).collect();
@@ -333,8 +384,8 @@ fn classify(text: &str, heading: bool, state: &State) -> Kind {
         let heading_like = !title.is_empty()
             && title.chars().count() <= 30
             && !title.ends_with(['。', '；', ';', '，', ',', '：', ':']);
-        let in_sequence = n == state.last_section + 1
-            || (state.last_section == 0 && state.articles_seen == 0);
+        let in_sequence =
+            n == state.last_section + 1 || (state.last_section == 0 && state.articles_seen == 0);
         if heading_like && (heading || in_sequence) && n > state.last_section {
             return Kind::Section(n);
         }
@@ -350,7 +401,8 @@ fn body_after(text: &str, marker: char) -> String {
 
 /// The text after a leading dotted number (`3.1 进入…` → `进入…`).
 fn body_after_number(text: &str) -> String {
-    let rest = text.trim_start_matches(|c: char| fold_char(c).is_ascii_digit() || fold_char(c) == '.');
+    let rest =
+        text.trim_start_matches(|c: char| fold_char(c).is_ascii_digit() || fold_char(c) == '.');
     trim_separators(rest)
 }
 

@@ -31,7 +31,11 @@ fn articles_one_to_999() {
         text.push_str(&format!("第{}条 第{n}项要求。\n", chinese(n)));
     }
     let doc = extract_bytes("long.txt", text.as_bytes(), &Categorizer::default()).unwrap();
-    assert!(doc.diagnostics.is_empty(), "{:?}", &doc.diagnostics[..3.min(doc.diagnostics.len())]);
+    assert!(
+        doc.diagnostics.is_empty(),
+        "{:?}",
+        &doc.diagnostics[..3.min(doc.diagnostics.len())]
+    );
     let clauses: Vec<String> = doc.rules.iter().map(|r| r.clause.clone()).collect();
     let want: Vec<String> = (1..=999).map(|n| n.to_string()).collect();
     assert_eq!(clauses, want);
@@ -46,7 +50,10 @@ fn odd_content_becomes_diagnostics() {
         .iter()
         .map(|d| format!("{}:{:?}", d.line, d.kind))
         .collect();
-    assert_eq!(kinds, ["3:Unparsable", "4:Duplicate", "5:Empty", "8:Misplaced"]);
+    assert_eq!(
+        kinds,
+        ["3:Unparsable", "4:Duplicate", "5:Empty", "8:Misplaced"]
+    );
     let clauses: Vec<&str> = doc.rules.iter().map(|r| r.clause.as_str()).collect();
     assert_eq!(clauses, ["1", "3", "3.1", "5.1"]);
     // The unreadable line is kept as text of the unit above, not lost.

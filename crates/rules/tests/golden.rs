@@ -51,12 +51,18 @@ fn render(doc: &Document) -> String {
 }
 
 fn check(file: &str, stem: &str) {
-    let doc = extract_file(&repo().join("examples/regulations").join(file), &Categorizer::default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let doc = extract_file(
+        &repo().join("examples/regulations").join(file),
+        &Categorizer::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let (title, units) = expected(stem);
     assert_eq!(doc.title, title);
-    let got: Vec<(String, Option<String>)> =
-        doc.rules.iter().map(|r| (r.clause.clone(), r.parent.clone())).collect();
+    let got: Vec<(String, Option<String>)> = doc
+        .rules
+        .iter()
+        .map(|r| (r.clause.clone(), r.parent.clone()))
+        .collect();
     assert_eq!(got, units, "clauses and parents of {file}");
     assert!(doc.diagnostics.is_empty(), "{:?}", doc.diagnostics);
     // Nothing counted twice: ids are unique and no rule's text holds another rule's heading.
@@ -66,7 +72,11 @@ fn check(file: &str, stem: &str) {
     assert_eq!(ids.len(), doc.rules.len());
     for r in &doc.rules {
         assert!(!r.text.trim().is_empty(), "{} has no text", r.citation);
-        for other in doc.rules.iter().filter(|o| o.parent.as_deref() == Some(r.clause.as_str())) {
+        for other in doc
+            .rules
+            .iter()
+            .filter(|o| o.parent.as_deref() == Some(r.clause.as_str()))
+        {
             assert!(
                 !r.text.contains(&other.text),
                 "{} repeats the text of its sub-clause {}",

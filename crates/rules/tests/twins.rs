@@ -35,8 +35,14 @@ fn check_twins(utf8_path: &str) {
     ] {
         let twin = extract_bytes(name, &bytes, &categorizer).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(twin.title, reference.title, "{utf8_path} as {name}");
-        assert_eq!(twin.diagnostics, reference.diagnostics, "{utf8_path} as {name}");
-        let (got, want) = (without_source(&twin.rules), without_source(&reference.rules));
+        assert_eq!(
+            twin.diagnostics, reference.diagnostics,
+            "{utf8_path} as {name}"
+        );
+        let (got, want) = (
+            without_source(&twin.rules),
+            without_source(&reference.rules),
+        );
         assert_eq!(got.len(), want.len(), "{utf8_path} as {name}");
         for (g, w) in got.iter().zip(&want) {
             assert_eq!(g, w, "{utf8_path} as {name}");
@@ -64,15 +70,28 @@ fn electrical_safety_twins() {
 fn committed_examples_match_their_masters() {
     let categorizer = Categorizer::default();
     for (example, master) in [
-        ("examples/regulations/site-management.txt", "crates/rules/tests/data/site-management.utf8.txt"),
-        ("examples/regulations/electrical-safety.docx", "crates/rules/tests/data/electrical-safety.utf8.md"),
+        (
+            "examples/regulations/site-management.txt",
+            "crates/rules/tests/data/site-management.utf8.txt",
+        ),
+        (
+            "examples/regulations/electrical-safety.docx",
+            "crates/rules/tests/data/electrical-safety.utf8.md",
+        ),
     ] {
         let bytes = std::fs::read(repo().join(example)).unwrap();
-        assert!(std::str::from_utf8(&bytes).is_err(), "{example} should not be UTF-8");
+        assert!(
+            std::str::from_utf8(&bytes).is_err(),
+            "{example} should not be UTF-8"
+        );
         let a = extract_bytes(example, &bytes, &categorizer).unwrap();
         let text = std::fs::read(repo().join(master)).unwrap();
         let b = extract_bytes(master, &text, &categorizer).unwrap();
         assert_eq!(a.title, b.title);
-        assert_eq!(without_source(&a.rules), without_source(&b.rules), "{example}");
+        assert_eq!(
+            without_source(&a.rules),
+            without_source(&b.rules),
+            "{example}"
+        );
     }
 }

@@ -37,8 +37,14 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("database {path} was written by a newer inspector (schema version {found}, this one knows {known})")]
-    TooNew { path: String, found: i64, known: i64 },
+    #[error(
+        "database {path} was written by a newer inspector (schema version {found}, this one knows {known})"
+    )]
+    TooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
     #[error("database error while {doing}: {source}")]
     Query {
         doing: &'static str,
@@ -46,7 +52,10 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
     #[error("database holds an invalid value in {field}: {message}")]
-    Corrupt { field: &'static str, message: String },
+    Corrupt {
+        field: &'static str,
+        message: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

@@ -6,8 +6,7 @@ use inspector_core::{Diagnostic, DiagnosticKind, Rule, SourceSpan};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
-    DocumentRecord, DocumentSummary, ReplaceOutcome, Result, RuleFilter, RuleStore, StoreError,
-    fts,
+    DocumentRecord, DocumentSummary, ReplaceOutcome, Result, RuleFilter, RuleStore, StoreError, fts,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. Append
@@ -85,8 +84,10 @@ impl SqliteStore {
             path: name.to_string(),
             source,
         };
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(open_err)?;
@@ -103,7 +104,8 @@ impl SqliteStore {
             for sql in &MIGRATIONS[version as usize..] {
                 tx.execute_batch(sql).map_err(open_err)?;
             }
-            tx.pragma_update(None, "user_version", known).map_err(open_err)?;
+            tx.pragma_update(None, "user_version", known)
+                .map_err(open_err)?;
             tx.commit().map_err(open_err)?;
         }
         Ok(SqliteStore { conn })
@@ -189,7 +191,10 @@ impl RuleStore for SqliteStore {
         rules: &[Rule],
         diagnostics: &[Diagnostic],
     ) -> Result<ReplaceOutcome> {
-        let tx = self.conn.transaction().map_err(q("starting a transaction"))?;
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(q("starting a transaction"))?;
         let previous: Option<String> = tx
             .query_row(
                 "SELECT sha256 FROM documents WHERE title = ?1",
@@ -226,13 +231,16 @@ impl RuleStore for SqliteStore {
                 )
                 .map_err(q("storing rules"))?;
             let mut insert_category = tx
-                .prepare("INSERT OR IGNORE INTO rule_categories (rule_id, category) VALUES (?1, ?2)")
+                .prepare(
+                    "INSERT OR IGNORE INTO rule_categories (rule_id, category) VALUES (?1, ?2)",
+                )
                 .map_err(q("storing categories"))?;
             let mut insert_fts = tx
                 .prepare("INSERT INTO rules_fts (rule_id, body) VALUES (?1, ?2)")
                 .map_err(q("indexing rules"))?;
             for (ord, rule) in rules.iter().enumerate() {
-                let categories = serde_json::to_string(&rule.categories).expect("strings serialise");
+                let categories =
+                    serde_json::to_string(&rule.categories).expect("strings serialise");
                 insert_rule
                     .execute(params![
                         rule.id,
@@ -269,7 +277,12 @@ impl RuleStore for SqliteStore {
                 .map_err(q("storing diagnostics"))?;
             for d in diagnostics {
                 insert_diag
-                    .execute(params![doc.title, kind_name(d.kind), d.line as i64, d.message])
+                    .execute(params![
+                        doc.title,
+                        kind_name(d.kind),
+                        d.line as i64,
+                        d.message
+                    ])
                     .map_err(q("storing diagnostics"))?;
             }
         }
@@ -311,7 +324,12 @@ impl RuleStore for SqliteStore {
 
     fn rules(&self, filter: &RuleFilter) -> Result<Vec<Rule>> {
         let category = filter.category.clone().unwrap_or_default();
-        let document = filter.document.as_deref().map(bare_title).unwrap_or_default().to_string();
+        let document = filter
+            .document
+            .as_deref()
+            .map(bare_title)
+            .unwrap_or_default()
+            .to_string();
         self.rules_where(
             "WHERE (?1 = '' OR id IN (SELECT rule_id FROM rule_categories WHERE category = ?1))
                AND (?2 = '' OR document = ?2)
@@ -321,7 +339,10 @@ impl RuleStore for SqliteStore {
     }
 
     fn rule(&self, id: &str) -> Result<Option<Rule>> {
-        Ok(self.rules_where("WHERE id = ?1", &[&id])?.into_iter().next())
+        Ok(self
+            .rules_where("WHERE id = ?1", &[&id])?
+            .into_iter()
+            .next())
     }
 
     fn search(&self, query: &str, limit: usize) -> Result<Vec<Rule>> {
