@@ -1,0 +1,377 @@
+//! The Qwen2-VL image processor: image file → `pixel_values` `[n_patches, 3·2·14·14]` and its
+//! `grid_thw`, equivalent to the one transformers' `AutoProcessor` loads.
+//!
+//! Steps, as transformers does them: decode (EXIF orientation applied, as `load_image` does),
+//! convert to RGB (alpha dropped, palette expanded, grey replicated), `smart_resize` to
+//! multiples of 28 within the pixel limits, bicubic resize (Pillow's convolution, via
+//! fast_image_resize, which reproduces it), rescale by 1/255, normalise with the config's
+//! mean/std, repeat the still image to 2 frames and flatten patches in the reference's order.
+//!
+//! Untrusted input is checked from the header before any pixel memory is allocated: the format
+//! is sniffed from the bytes (an allow-list), and the declared dimensions are checked against a
+//! pixel budget, so a "decompression bomb" is refused cheaply.
+
+use std::{io::Cursor, path::Path};
+
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
+use serde_json::Value;
+
+use crate::Error;
+
+/// Pixel settings of the processor (`preprocessor_config.json` / `processor_config.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessorConfig {
+    pub min_pixels: usize,
+    pub max_pixels: usize,
+    pub patch_size: usize,
+    pub temporal_patch_size: usize,
+    pub merge_size: usize,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+    /// Images declaring more pixels than this are refused before decoding.
+    pub max_decode_pixels: u64,
+}
+
+impl Default for ProcessorConfig {
+    /// Qwen2-VL's published settings.
+    fn default() -> Self {
+        ProcessorConfig {
+            min_pixels: 56 * 56,
+            max_pixels: 28 * 28 * 16384,
+            patch_size: 14,
+            temporal_patch_size: 2,
+            merge_size: 2,
+            image_mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+            image_std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
+            max_decode_pixels: 100_000_000,
+        }
+    }
+}
+
+impl ProcessorConfig {
+    /// Reads the processor settings of a model directory: `preprocessor_config.json` (the hub's)
+    /// or the `image_processor` section of `processor_config.json` (transformers 5's). With
+    /// neither, the published defaults.
+    pub fn from_model_dir(dir: &Path) -> Result<Self, Error> {
+        for (name, section) in [
+            ("preprocessor_config.json", None),
+            ("processor_config.json", Some("image_processor")),
+        ] {
+            let path = dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let json: Value = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+                path: path.clone(),
+                message: format!("not valid JSON: {e}"),
+            })?;
+            let value = match section {
+                Some(s) => json.get(s).cloned().unwrap_or(json),
+                None => json,
+            };
+            return Self::from_json(&value).map_err(|message| Error::Checkpoint { path, message });
+        }
+        Ok(Self::default())
+    }
+
+    fn from_json(v: &Value) -> Result<Self, String> {
+        let mut c = Self::default();
+        let num = |key: &str| -> Result<Option<usize>, String> {
+            match v.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_u64()
+                    .map(|n| Some(n as usize))
+                    .ok_or_else(|| format!("{key}: expected an integer, found {x}")),
+            }
+        };
+        let size = v.get("size");
+        let size_num = |key: &str| {
+            size.and_then(|s| s.get(key))
+                .and_then(Value::as_u64)
+                .map(|n| n as usize)
+        };
+        c.min_pixels = num("min_pixels")?
+            .or(size_num("min_pixels"))
+            .or(size_num("shortest_edge"))
+            .unwrap_or(c.min_pixels);
+        c.max_pixels = num("max_pixels")?
+            .or(size_num("max_pixels"))
+            .or(size_num("longest_edge"))
+            .unwrap_or(c.max_pixels);
+        c.patch_size = num("patch_size")?.unwrap_or(c.patch_size);
+        c.temporal_patch_size = num("temporal_patch_size")?.unwrap_or(c.temporal_patch_size);
+        c.merge_size = num("merge_size")?.unwrap_or(c.merge_size);
+        for (key, target) in [
+            ("image_mean", &mut c.image_mean),
+            ("image_std", &mut c.image_std),
+        ] {
+            if let Some(x) = v.get(key) {
+                let values: Option<Vec<f32>> = x
+                    .as_array()
+                    .and_then(|a| a.iter().map(|n| n.as_f64().map(|f| f as f32)).collect());
+                match values {
+                    Some(vals) if vals.len() == 3 => target.copy_from_slice(&vals),
+                    _ => return Err(format!("{key}: expected three numbers, found {x}")),
+                }
+            }
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Overrides the pixel limits (the `--min-pixels` / `--max-pixels` options).
+    pub fn with_pixels(
+        mut self,
+        min_pixels: Option<usize>,
+        max_pixels: Option<usize>,
+    ) -> Result<Self, Error> {
+        if let Some(n) = min_pixels {
+            self.min_pixels = n;
+        }
+        if let Some(n) = max_pixels {
+            self.max_pixels = n;
+        }
+        self.validate().map_err(Error::Image)?;
+        Ok(self)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let factor = self.factor();
+        if self.patch_size == 0 || self.merge_size == 0 || self.temporal_patch_size == 0 {
+            return Err("patch_size, merge_size and temporal_patch_size must be positive".into());
+        }
+        if self.max_pixels < factor * factor {
+            return Err(format!(
+                "max_pixels {} is below one {factor}×{factor} block",
+                self.max_pixels
+            ));
+        }
+        if self.min_pixels > self.max_pixels {
+            return Err(format!(
+                "min_pixels {} exceeds max_pixels {}",
+                self.min_pixels, self.max_pixels
+            ));
+        }
+        if self.image_std.iter().any(|s| *s == 0.0) {
+            return Err("image_std has a zero".into());
+        }
+        Ok(())
+    }
+
+    /// The side multiple images are resized to: patch × merge (28).
+    pub fn factor(&self) -> usize {
+        self.patch_size * self.merge_size
+    }
+}
+
+/// An image turned into model input.
+#[derive(Debug, Clone)]
+pub struct ProcessedImage {
+    /// `[grid_t · grid_h · grid_w, C · T · P · P]`, f32.
+    pub pixel_values: Tensor,
+    /// (grid_t, grid_h, grid_w) in patches.
+    pub grid_thw: [usize; 3],
+    /// The size the image was resized to, (height, width).
+    pub resized_hw: (usize, usize),
+}
+
+impl ProcessedImage {
+    /// How many `<|image_pad|>` tokens the image takes: one per merged 2×2 block.
+    pub fn n_tokens(&self, merge_size: usize) -> usize {
+        self.grid_thw.iter().product::<usize>() / (merge_size * merge_size)
+    }
+}
+
+/// Qwen2-VL's resize rule: both sides multiples of `factor`, total pixels within
+/// [min_pixels, max_pixels], aspect ratio kept as well as possible. Matches transformers,
+/// including Python's round-half-to-even.
+pub fn smart_resize(
+    height: usize,
+    width: usize,
+    factor: usize,
+    min_pixels: usize,
+    max_pixels: usize,
+) -> Result<(usize, usize), Error> {
+    if height == 0 || width == 0 {
+        return Err(Error::Image(format!(
+            "image has no pixels ({width}×{height})"
+        )));
+    }
+    let (h, w, f) = (height as f64, width as f64, factor as f64);
+    let ratio = h.max(w) / h.min(w);
+    if ratio > 200.0 {
+        return Err(Error::Image(format!(
+            "aspect ratio {ratio:.1} is above 200 ({width}×{height})"
+        )));
+    }
+    let mut h_bar = (h / f).round_ties_even() * f;
+    let mut w_bar = (w / f).round_ties_even() * f;
+    if h_bar * w_bar > max_pixels as f64 {
+        let beta = ((h * w) / max_pixels as f64).sqrt();
+        h_bar = f.max((h / beta / f).floor() * f);
+        w_bar = f.max((w / beta / f).floor() * f);
+    } else if h_bar * w_bar < min_pixels as f64 {
+        let beta = (min_pixels as f64 / (h * w)).sqrt();
+        h_bar = (h * beta / f).ceil() * f;
+        w_bar = (w * beta / f).ceil() * f;
+    }
+    Ok((h_bar as usize, w_bar as usize))
+}
+
+/// The formats accepted, sniffed from the bytes.
+const ALLOWED: [ImageFormat; 6] = [
+    ImageFormat::Jpeg,
+    ImageFormat::Png,
+    ImageFormat::WebP,
+    ImageFormat::Bmp,
+    ImageFormat::Gif,
+    ImageFormat::Tiff,
+];
+
+/// The smallest side accepted: one merged 28-px block.
+pub const MIN_SIDE: u32 = 28;
+
+/// Decodes image bytes to RGB, refusing anything that is not an allowed image or that
+/// declares more than `max_pixels` pixels (checked from the header, before decoding).
+pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Error> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::Image(format!("cannot read: {e}")))?;
+    let format = reader
+        .format()
+        .ok_or_else(|| Error::Image("not an image (unknown format)".into()))?;
+    if !ALLOWED.contains(&format) {
+        return Err(Error::Image(format!("format {format:?} is not accepted")));
+    }
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| Error::Image(format!("not a valid {format:?} image: {e}")))?;
+    let (w, h) = decoder.dimensions();
+    let pixels = w as u64 * h as u64;
+    if pixels > max_pixels {
+        return Err(Error::Image(format!(
+            "declares {w}×{h} = {pixels} pixels, above the limit of {max_pixels}; refused before decoding"
+        )));
+    }
+    if w < MIN_SIDE || h < MIN_SIDE {
+        return Err(Error::Image(format!(
+            "{w}×{h} is too small: both sides must be at least {MIN_SIDE} px"
+        )));
+    }
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    // The decoded buffer (up to 16-bit RGBA) plus working room.
+    limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
+    decoder
+        .set_limits(limits)
+        .map_err(|e| Error::Image(format!("refused: {e}")))?;
+    let orientation = decoder
+        .orientation()
+        .map_err(|e| Error::Image(format!("cannot read orientation: {e}")))?;
+    let mut img = DynamicImage::from_decoder(decoder)
+        .map_err(|e| Error::Image(format!("corrupt {format:?} image: {e}")))?;
+    img.apply_orientation(orientation);
+    // PIL's convert("RGB"): alpha is dropped (not composited), grey replicated.
+    Ok(img.to_rgb8())
+}
+
+/// Reads and processes an image file.
+pub fn process_file(path: &Path, config: &ProcessorConfig) -> Result<ProcessedImage, Error> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    process_bytes(&bytes, config).map_err(|e| match e {
+        Error::Image(message) => Error::ImageFile {
+            path: path.to_path_buf(),
+            message,
+        },
+        other => other,
+    })
+}
+
+/// Processes image bytes.
+pub fn process_bytes(bytes: &[u8], config: &ProcessorConfig) -> Result<ProcessedImage, Error> {
+    let rgb = decode_rgb(bytes, config.max_decode_pixels)?;
+    process_rgb(&rgb, config)
+}
+
+/// Bicubic resize with Pillow's convolution (fast_image_resize reproduces it exactly).
+pub fn resize_bicubic(rgb: &RgbImage, height: usize, width: usize) -> Result<RgbImage, Error> {
+    use fast_image_resize::{
+        FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image,
+    };
+    let (w, h) = rgb.dimensions();
+    if (w as usize, h as usize) == (width, height) {
+        return Ok(rgb.clone());
+    }
+    let src = Image::from_vec_u8(w, h, rgb.as_raw().clone(), PixelType::U8x3)
+        .map_err(|e| Error::Image(e.to_string()))?;
+    let mut dst = Image::new(width as u32, height as u32, PixelType::U8x3);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+    Resizer::new()
+        .resize(&src, &mut dst, &options)
+        .map_err(|e| Error::Image(format!("resize failed: {e}")))?;
+    RgbImage::from_raw(width as u32, height as u32, dst.into_vec())
+        .ok_or_else(|| Error::Image("resize produced a wrong buffer".into()))
+}
+
+/// Resizes, normalises and flattens an RGB image.
+pub fn process_rgb(rgb: &RgbImage, config: &ProcessorConfig) -> Result<ProcessedImage, Error> {
+    let (w, h) = rgb.dimensions();
+    let (rh, rw) = smart_resize(
+        h as usize,
+        w as usize,
+        config.factor(),
+        config.min_pixels,
+        config.max_pixels,
+    )?;
+    let resized = resize_bicubic(rgb, rh, rw)?;
+    let (p, tp, m) = (
+        config.patch_size,
+        config.temporal_patch_size,
+        config.merge_size,
+    );
+    let (gh, gw) = (rh / p, rw / p);
+    let channels = 3;
+    // Normalised planes [C, H, W]: (x − 255·mean) / (255·std), as the torchvision processor
+    // fuses rescale and normalise.
+    let raw = resized.as_raw();
+    let mut planes = vec![0f32; channels * rh * rw];
+    for c in 0..channels {
+        let scale = 1.0 / (255.0 * config.image_std[c]);
+        let shift = 255.0 * config.image_mean[c];
+        for i in 0..rh * rw {
+            planes[c * rh * rw + i] = (raw[i * 3 + c] as f32 - shift) * scale;
+        }
+    }
+    // Patch order: for each merged block (row-major), its 2×2 patches (row-major); each patch is
+    // [C, T, P, P] with the still frame repeated T times.
+    let patch_len = channels * tp * p * p;
+    let n_patches = gh * gw;
+    let mut out = Vec::with_capacity(n_patches * patch_len);
+    for bh in 0..gh / m {
+        for bw in 0..gw / m {
+            for mh in 0..m {
+                for mw in 0..m {
+                    let (py, px) = ((bh * m + mh) * p, (bw * m + mw) * p);
+                    for c in 0..channels {
+                        for _t in 0..tp {
+                            for y in 0..p {
+                                let row = c * rh * rw + (py + y) * rw + px;
+                                out.extend_from_slice(&planes[row..row + p]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let pixel_values = Tensor::from_vec(out, (n_patches, patch_len), &Device::Cpu)?;
+    Ok(ProcessedImage {
+        pixel_values,
+        grid_thw: [1, gh, gw],
+        resized_hw: (rh, rw),
+    })
+}

@@ -1,0 +1,353 @@
+//! The whole Qwen2-VL: vision tower, image embeddings placed at the `<|image_pad|>` tokens,
+//! M-RoPE decoder, LM head; loading from a Hugging Face model directory.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::{
+    Error,
+    config::{Config, ConfigLayout},
+    image::ProcessorConfig,
+    positions::{RopeIndex, rope_index},
+    text::{KvCache, TextModel},
+    vision::{VisionInput, VisionModel},
+    weights::{self, KeyLayout},
+};
+
+/// Token ids and images for one forward pass.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[B][S]`, image pads already expanded to each image's token count, left-padded.
+    pub input_ids: Vec<Vec<u32>>,
+    /// `[B][S]`, false at padding. `None`: no padding.
+    pub attention_mask: Option<Vec<Vec<bool>>>,
+    /// All images of the batch, in the order their pads appear (row 0 first).
+    pub images: Option<VisionInput>,
+}
+
+/// Which positions to compute logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position, `[B, S, V]` (training).
+    All,
+    /// The last position only, `[B, V]` (inference).
+    Last,
+}
+
+/// What a prefill leaves for decoding.
+#[derive(Debug, Clone)]
+pub struct DecodeState {
+    pub cache: KvCache,
+    /// Per row, the position the next token takes (on all three axes).
+    pub next_position: Vec<i64>,
+    /// Per row, which cached keys are real (false at left padding).
+    pub key_mask: Vec<Vec<bool>>,
+}
+
+/// Output of a forward pass.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub logits: Tensor,
+    pub rope: RopeIndex,
+    pub state: DecodeState,
+}
+
+/// Facts about a loaded checkpoint, for `inspector model info`.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub dir: PathBuf,
+    pub config: Config,
+    pub key_layout: KeyLayout,
+    pub files: Vec<PathBuf>,
+    pub dtype: DType,
+    pub vision_params: usize,
+    pub text_params: usize,
+    pub lm_head_params: usize,
+}
+
+impl ModelInfo {
+    pub fn total_params(&self) -> usize {
+        self.vision_params + self.text_params + self.lm_head_params
+    }
+
+    pub fn config_layout(&self) -> ConfigLayout {
+        self.config.layout
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Qwen2Vl {
+    pub config: Config,
+    pub processor: ProcessorConfig,
+    vision: VisionModel,
+    text: TextModel,
+    lm_head: Linear,
+    device: Device,
+    dtype: DType,
+}
+
+impl Qwen2Vl {
+    /// Loads a Hugging Face model directory (config.json, safetensors single or sharded, in
+    /// either key layout; processor config if present).
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, ModelInfo), Error> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config = Config::from_json(&text).map_err(|e| e.in_file(&config_path))?;
+        let processor = ProcessorConfig::from_model_dir(dir)?;
+        let files = weights::safetensors_files(dir)?;
+        let (vb, key_layout) = weights::load(&files, dtype, device)?;
+        let model = Self::from_var_builder(&config, processor, vb, key_layout).map_err(|e| {
+            Error::Checkpoint {
+                path: dir.to_path_buf(),
+                message: e.to_string(),
+            }
+        })?;
+        let (vision_params, text_params, lm_head_params) = count_params(&files, key_layout)?;
+        let info = ModelInfo {
+            dir: dir.to_path_buf(),
+            config,
+            key_layout,
+            files,
+            dtype,
+            vision_params,
+            text_params,
+            lm_head_params,
+        };
+        Ok((model, info))
+    }
+
+    /// Builds the model from tensors named in `key_layout` (a checkpoint, or variables for
+    /// training).
+    pub fn from_var_builder(
+        config: &Config,
+        processor: ProcessorConfig,
+        vb: VarBuilder,
+        key_layout: KeyLayout,
+    ) -> candle_core::Result<Self> {
+        let vision = VisionModel::new(&config.vision, vb.pp(key_layout.vision_prefix()))?;
+        let text = TextModel::new(&config.text, vb.pp(key_layout.text_prefix()))?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::new(text.embed_tokens.embeddings().clone(), None)
+        } else {
+            candle_nn::linear_no_bias(
+                config.text.hidden_size,
+                config.text.vocab_size,
+                vb.pp("lm_head"),
+            )?
+        };
+        Ok(Qwen2Vl {
+            config: config.clone(),
+            processor,
+            vision,
+            text,
+            lm_head,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The vision tower's output for `images`: `[n_image_tokens, hidden]`.
+    pub fn image_embeds(&self, images: &VisionInput) -> Result<Tensor, Error> {
+        let pixel_values = images
+            .pixel_values
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?;
+        let input = VisionInput {
+            pixel_values,
+            grid_thw: images.grid_thw.clone(),
+        };
+        Ok(self.vision.forward(&input)?)
+    }
+
+    /// Token embeddings with image features placed at the image pads, `[B, S, H]`.
+    pub fn input_embeds(&self, batch: &Batch) -> Result<Tensor, Error> {
+        let (b, s) = batch_dims(batch)?;
+        let flat: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(flat.clone(), (b * s,), &self.device)?;
+        let embeds = self.text.embed_tokens.forward(&ids)?; // [B·S, H]
+        let pad = self.config.tokens.image_pad;
+        let pad_positions: Vec<usize> = flat
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t == pad)
+            .map(|(i, _)| i)
+            .collect();
+        let embeds = match &batch.images {
+            None if pad_positions.is_empty() => embeds,
+            None => {
+                return Err(Error::ImageTokens {
+                    message: format!("{} <|image_pad|> tokens but no images", pad_positions.len()),
+                });
+            }
+            Some(images) => {
+                let image_embeds = self.image_embeds(images)?;
+                let n = image_embeds.dim(0)?;
+                if n != pad_positions.len() {
+                    return Err(Error::ImageTokens {
+                        message: format!(
+                            "{} images give {n} image tokens but the prompt has {} <|image_pad|> tokens",
+                            images.grid_thw.len(),
+                            pad_positions.len()
+                        ),
+                    });
+                }
+                // Gather from [token embeddings; image embeddings]: index_select has a backward
+                // pass, so gradients reach both the vision tower and the embeddings.
+                let mut index: Vec<u32> = (0..(b * s) as u32).collect();
+                for (k, &p) in pad_positions.iter().enumerate() {
+                    index[p] = (b * s + k) as u32;
+                }
+                let index = Tensor::from_vec(index, (b * s,), &self.device)?;
+                Tensor::cat(&[&embeds, &image_embeds.to_dtype(embeds.dtype())?], 0)?
+                    .index_select(&index, 0)?
+            }
+        };
+        Ok(embeds.reshape((b, s, self.config.text.hidden_size))?)
+    }
+
+    /// M-RoPE positions for the batch.
+    pub fn rope_index(&self, batch: &Batch) -> Result<RopeIndex, Error> {
+        let grids: Vec<[usize; 3]> = batch
+            .images
+            .as_ref()
+            .map(|i| i.grid_thw.clone())
+            .unwrap_or_default();
+        rope_index(
+            &batch.input_ids,
+            batch.attention_mask.as_deref(),
+            self.config.tokens.image_pad,
+            &grids,
+            self.config.vision.spatial_merge_size,
+        )
+    }
+
+    /// A full forward pass from an empty cache.
+    pub fn forward(&self, batch: &Batch, logits: Logits) -> Result<Output, Error> {
+        let (b, s) = batch_dims(batch)?;
+        let max = self.config.text.max_position_embeddings;
+        if s > max {
+            return Err(Error::TooLong { tokens: s, max });
+        }
+        let embeds = self.input_embeds(batch)?;
+        let rope = self.rope_index(batch)?;
+        let key_mask: Vec<Vec<bool>> = match &batch.attention_mask {
+            Some(m) => m.clone(),
+            None => vec![vec![true; s]; b],
+        };
+        let mut cache = KvCache::new(self.text.n_layers());
+        let hidden = self
+            .text
+            .forward_embeds(&embeds, &rope.positions, &key_mask, &mut cache)?;
+        let next_position = (0..b)
+            .map(|bi| {
+                (0..3)
+                    .flat_map(|a| rope.positions[a][bi].iter().copied())
+                    .max()
+                    .unwrap_or(-1)
+                    + 1
+            })
+            .collect();
+        let logits = self.head(&hidden, logits)?;
+        Ok(Output {
+            logits,
+            rope,
+            state: DecodeState {
+                cache,
+                next_position,
+                key_mask,
+            },
+        })
+    }
+
+    /// One decoding step: one new token per row. Returns logits `[B, V]`.
+    pub fn step(&self, tokens: &[u32], state: &mut DecodeState) -> Result<Tensor, Error> {
+        let b = tokens.len();
+        if b != state.next_position.len() {
+            return Err(Error::Input(format!(
+                "{b} tokens for a batch of {}",
+                state.next_position.len()
+            )));
+        }
+        let max = self.config.text.max_position_embeddings;
+        if state.cache.len() + 1 > max {
+            return Err(Error::TooLong {
+                tokens: state.cache.len() + 1,
+                max,
+            });
+        }
+        let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
+        let embeds = self.text.embed_tokens.forward(&ids)?;
+        let pos: Vec<Vec<i64>> = state.next_position.iter().map(|&p| vec![p]).collect();
+        let positions = [pos.clone(), pos.clone(), pos];
+        for m in state.key_mask.iter_mut() {
+            m.push(true);
+        }
+        let hidden =
+            self.text
+                .forward_embeds(&embeds, &positions, &state.key_mask, &mut state.cache)?;
+        for p in state.next_position.iter_mut() {
+            *p += 1;
+        }
+        self.head(&hidden, Logits::Last)
+    }
+
+    fn head(&self, hidden: &Tensor, logits: Logits) -> Result<Tensor, Error> {
+        let hidden = match logits {
+            Logits::All => hidden.clone(),
+            Logits::Last => {
+                let s = hidden.dim(1)?;
+                hidden.i((.., s - 1, ..))?.contiguous()?
+            }
+        };
+        Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
+    }
+}
+
+fn batch_dims(batch: &Batch) -> Result<(usize, usize), Error> {
+    let b = batch.input_ids.len();
+    let s = batch.input_ids.first().map_or(0, Vec::len);
+    if b == 0 || s == 0 {
+        return Err(Error::Input("empty batch".into()));
+    }
+    if batch.input_ids.iter().any(|r| r.len() != s) {
+        return Err(Error::Input(
+            "rows of different lengths: pad them (left)".into(),
+        ));
+    }
+    if let Some(m) = &batch.attention_mask {
+        if m.len() != b || m.iter().any(|r| r.len() != s) {
+            return Err(Error::Input(
+                "attention_mask does not match input_ids".into(),
+            ));
+        }
+    }
+    Ok((b, s))
+}
+
+/// Parameters per part, from the safetensors headers (tied weights counted once).
+fn count_params(files: &[PathBuf], layout: KeyLayout) -> Result<(usize, usize, usize), Error> {
+    // SAFETY: read-only memory map of files we just loaded.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }?;
+    let (mut vision, mut text, mut head) = (0, 0, 0);
+    for (name, view) in st.tensors() {
+        let n: usize = view.shape().iter().product();
+        if name.starts_with(layout.vision_prefix()) {
+            vision += n;
+        } else if name.starts_with("lm_head") {
+            head += n;
+        } else {
+            text += n;
+        }
+    }
+    Ok((vision, text, head))
+}

@@ -1,0 +1,325 @@
+//! The Qwen2 language model with M-RoPE: rotary positions on three axes (t, h, w), the head
+//! dimension split between them by `mrope_section`.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear, linear_no_bias};
+
+use crate::{
+    config::TextConfig,
+    ops::{RmsNorm, apply_rotary, softmax_f32},
+};
+
+/// cos/sin for a batch of 3-axis positions, `[B, 1, S, head_dim]` each, f32.
+#[derive(Debug, Clone)]
+pub struct MRope {
+    inv_freq: Vec<f32>,
+    mrope_section: Vec<usize>,
+}
+
+impl MRope {
+    pub fn new(cfg: &TextConfig) -> Self {
+        let half = cfg.head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / cfg.head_dim as f32))
+            .collect();
+        MRope {
+            inv_freq,
+            mrope_section: cfg.mrope_section.clone(),
+        }
+    }
+
+    /// `positions` is `[3][B][S]` (t, h, w axes).
+    pub fn cos_sin(
+        &self,
+        positions: &[Vec<Vec<i64>>; 3],
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let b = positions[0].len();
+        let s = positions[0].first().map_or(0, Vec::len);
+        let half = self.inv_freq.len();
+        // Which axis each of the half-dim frequencies follows: chunk i of mrope_section → axis i % 3.
+        let axis_of: Vec<usize> = self
+            .mrope_section
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &n)| std::iter::repeat_n(i % 3, n))
+            .collect();
+        let mut angles = Vec::with_capacity(b * s * half * 2);
+        for bi in 0..b {
+            for si in 0..s {
+                let row: Vec<f32> = (0..half)
+                    .map(|j| positions[axis_of[j]][bi][si] as f32 * self.inv_freq[j])
+                    .collect();
+                angles.extend_from_slice(&row);
+                angles.extend_from_slice(&row);
+            }
+        }
+        let angles = Tensor::from_vec(angles, (b, 1, s, half * 2), device)?;
+        Ok((angles.cos()?, angles.sin()?))
+    }
+}
+
+/// Keys and values seen so far, `[B, kv_heads, T, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    kv: Option<(Tensor, Tensor)>,
+}
+
+/// One cache per layer, plus the positions bookkeeping for decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        KvCache {
+            layers: vec![LayerCache::default(); n_layers],
+        }
+    }
+
+    /// How many positions are cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.kv.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Attention {
+            q_proj: linear(h, cfg.num_attention_heads * hd, vb.pp("q_proj"))?,
+            k_proj: linear(h, cfg.num_key_value_heads * hd, vb.pp("k_proj"))?,
+            v_proj: linear(h, cfg.num_key_value_heads * hd, vb.pp("v_proj"))?,
+            o_proj: linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
+        let (b, s, _) = xs.dims3()?;
+        let dtype = xs.dtype();
+        let shape = |t: Tensor, heads: usize| -> Result<Tensor> {
+            t.reshape((b, s, heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = shape(self.q_proj.forward(xs)?, self.num_heads)?;
+        let k = shape(self.k_proj.forward(xs)?, self.num_kv_heads)?;
+        let v = shape(self.v_proj.forward(xs)?, self.num_kv_heads)?;
+        // Rotary, scores, softmax and the weighted sum run in f32 whatever the weights' dtype
+        // (the cache keeps the weights' dtype): on bf16 weights this halves the logits' error.
+        let q = apply_rotary(&q.to_dtype(DType::F32)?, cos, sin)?;
+        let k = apply_rotary(&k.to_dtype(DType::F32)?, cos, sin)?.to_dtype(dtype)?;
+        let (k, v) = match &cache.kv {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
+        cache.kv = Some((k.clone(), v.clone()));
+        let groups = self.num_heads / self.num_kv_heads;
+        let k = repeat_kv(&k.to_dtype(DType::F32)?, groups)?;
+        let v = repeat_kv(&v.to_dtype(DType::F32)?, groups)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = scores.broadcast_add(mask)?;
+        let probs = softmax_f32(&scores, DType::F32)?;
+        let out = probs.matmul(&v)?; // [B, heads, S, hd]
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, s, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&out.to_dtype(dtype)?)
+    }
+}
+
+/// `[B, kv, T, hd]` → `[B, kv·groups, T, hd]`, each kv head serving `groups` query heads.
+fn repeat_kv(xs: &Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return Ok(xs.clone());
+    }
+    let (b, kv, t, hd) = xs.dims4()?;
+    xs.unsqueeze(2)?
+        .expand((b, kv, groups, t, hd))?
+        .reshape((b, kv * groups, t, hd))
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate_proj: linear_no_bias(h, i, vb.pp("gate_proj"))?,
+            up_proj: linear_no_bias(h, i, vb.pp("up_proj"))?,
+            down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(DecoderLayer {
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            input_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("input_layernorm"),
+            )?,
+            post_attention_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
+        // The residual stream stays f32 whatever the weights' dtype: bf16 rounding of the
+        // running sum is the largest avoidable error in a bf16 forward.
+        let residual = xs;
+        let xs =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(xs)?, cos, sin, mask, cache)?;
+        let xs = (residual + xs.to_dtype(residual.dtype())?)?;
+        let residual = &xs;
+        residual
+            + self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&xs)?)?
+                .to_dtype(residual.dtype())?
+    }
+}
+
+/// The decoder stack (embeddings, layers, final norm); the LM head lives in the full model.
+#[derive(Debug, Clone)]
+pub struct TextModel {
+    pub embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    rope: MRope,
+}
+
+impl TextModel {
+    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TextModel {
+            embed_tokens: embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?,
+            layers,
+            norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
+            rope: MRope::new(cfg),
+        })
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Runs the stack over `embeds` `[B, S, H]` at `positions` `[3][B][S]`. `key_mask[b][j]` is
+    /// false for padded keys over the cache and the new tokens (`[B][T + S]`). Attention is
+    /// causal. Returns the final-normed hidden states `[B, S, H]`.
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        positions: &[Vec<Vec<i64>>; 3],
+        key_mask: &[Vec<bool>],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, s, _) = embeds.dims3()?;
+        let device = embeds.device();
+        let past = cache.len();
+        let (cos, sin) = self.rope.cos_sin(positions, device)?;
+        let mask = attention_mask(b, s, past, key_mask, device)?;
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
+        let mut xs = embeds.to_dtype(DType::F32)?;
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            xs = layer.forward(&xs, &cos, &sin, &mask, layer_cache)?;
+        }
+        self.norm.forward(&xs)
+    }
+}
+
+/// Additive mask `[B, 1, S, T+S]`, f32: 0 where query i may see key j (causal and not padded),
+/// `f32::MIN` elsewhere. A finite minimum (not −∞) keeps fully masked rows (pad queries)
+/// finite, as transformers does, so no NaN reaches the real rows through later layers.
+fn attention_mask(
+    b: usize,
+    s: usize,
+    past: usize,
+    key_mask: &[Vec<bool>],
+    device: &Device,
+) -> Result<Tensor> {
+    let total = past + s;
+    let mut data = vec![0f32; b * s * total];
+    for bi in 0..b {
+        for i in 0..s {
+            for j in 0..total {
+                let visible = j <= past + i
+                    && key_mask
+                        .get(bi)
+                        .and_then(|m| m.get(j))
+                        .copied()
+                        .unwrap_or(true);
+                if !visible {
+                    data[(bi * s + i) * total + j] = f32::MIN;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(data, (b, 1, s, total), device)
+}
