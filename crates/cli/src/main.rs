@@ -2,6 +2,7 @@
 //! the library crates.
 
 mod bundled;
+mod model_cmd;
 mod output;
 mod rules_cmd;
 
@@ -23,6 +24,9 @@ enum Command {
     /// Regulation documents → clause-level rules in the database.
     #[command(subcommand)]
     Rules(rules_cmd::RulesCommand),
+    /// Inspect and run a Qwen2-VL checkpoint (a Hugging Face model directory).
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Rules(cmd) => rules_cmd::run(cmd),
+        Command::Model(cmd) => model_cmd::run(cmd),
     };
     match result {
         Ok(code) => code,

@@ -246,6 +246,13 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Error> {
     if !ALLOWED.contains(&format) {
         return Err(Error::Image(format!("format {format:?} is not accepted")));
     }
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        // The JPEG decoder fills a cut-off scan with grey rather than failing; a model must
+        // never be shown invented pixels, so a truncated file is refused.
+        return Err(Error::Image(
+            "truncated Jpeg image (no end-of-image marker after the last scan)".into(),
+        ));
+    }
     let mut decoder = reader
         .into_decoder()
         .map_err(|e| Error::Image(format!("not a valid {format:?} image: {e}")))?;
@@ -277,6 +284,21 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Error> {
     img.apply_orientation(orientation);
     // PIL's convert("RGB"): alpha is dropped (not composited), grey replicated.
     Ok(img.to_rgb8())
+}
+
+/// True when the last scan of a JPEG (`FF DA`) is followed by an end-of-image marker
+/// (`FF D9`). Inside entropy-coded data 0xFF is always stuffed, so the pair cannot occur by
+/// chance; an EXIF thumbnail's own marker comes before the main scan and does not count.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last = |marker: u8| {
+        bytes
+            .windows(2)
+            .rposition(|w| w[0] == 0xFF && w[1] == marker)
+    };
+    match (last(0xDA), last(0xD9)) {
+        (Some(sos), Some(eoi)) => eoi > sos,
+        _ => false,
+    }
 }
 
 /// Reads and processes an image file.

@@ -1,0 +1,316 @@
+//! `inspector model …`
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor};
+use clap::{Subcommand, ValueEnum};
+use inspector_qwen2vl::{Batch, ConfigLayout, KeyLayout, Logits, Qwen2Vl, VisionInput, image};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<DtypeArg> for DType {
+    fn from(d: DtypeArg) -> DType {
+        match d {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::Bf16 => DType::BF16,
+            DtypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Run one forward pass and save the logits and the inputs the model saw.
+    ///
+    /// Other tools call this interface. `--input-ids` holds exactly one image-pad id per
+    /// `--image`; each is expanded to that image's token count, as the processor does. The
+    /// output file receives `logits` (f32 [seq, vocab]), `input_ids` (i64 [seq], expanded),
+    /// `position_ids` (i64 [3, seq]), `pixel_values` (f32) and `image_grid_thw`
+    /// (i64 [n_images, 3]).
+    Forward {
+        /// A Hugging Face model directory.
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// An image, once per image pad in `--input-ids`, in order.
+        #[arg(long = "image", value_name = "PATH")]
+        images: Vec<PathBuf>,
+        /// Comma-separated token ids.
+        #[arg(long, value_name = "ID,ID,...")]
+        input_ids: String,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DtypeArg,
+        /// Override the processor's minimum pixels per image.
+        #[arg(long, value_name = "N")]
+        min_pixels: Option<usize>,
+        /// Override the processor's maximum pixels per image.
+        #[arg(long, value_name = "N")]
+        max_pixels: Option<usize>,
+        /// Where to write the tensors (safetensors, written atomically).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Describe a checkpoint: architecture, sizes, parameter counts, dtype, key layout.
+    Info {
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DtypeArg,
+    },
+}
+
+pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ModelCommand::Forward {
+            model,
+            images,
+            input_ids,
+            dtype,
+            min_pixels,
+            max_pixels,
+            out,
+        } => forward(
+            &model,
+            &images,
+            &input_ids,
+            dtype.into(),
+            min_pixels,
+            max_pixels,
+            &out,
+        ),
+        ModelCommand::Info { model, dtype } => info(&model, dtype.into()),
+    }
+}
+
+fn parse_ids(text: &str) -> anyhow::Result<Vec<u32>> {
+    let ids: Vec<u32> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .enumerate()
+        .map(|(i, s)| {
+            s.parse::<u32>()
+                .with_context(|| format!("--input-ids: item {} `{s}` is not a token id", i + 1))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    if ids.is_empty() {
+        bail!("--input-ids is empty");
+    }
+    Ok(ids)
+}
+
+fn forward(
+    dir: &Path,
+    image_paths: &[PathBuf],
+    input_ids: &str,
+    dtype: DType,
+    min_pixels: Option<usize>,
+    max_pixels: Option<usize>,
+    out: &Path,
+) -> anyhow::Result<ExitCode> {
+    let ids = parse_ids(input_ids)?;
+    let (model, _) = Qwen2Vl::load(dir, dtype, &Device::Cpu)?;
+    let vocab = model.config.text.vocab_size as u32;
+    if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+        bail!("--input-ids: token id {bad} is outside the vocabulary (size {vocab})");
+    }
+    let pad = model.config.tokens.image_pad;
+    let n_pads = ids.iter().filter(|&&t| t == pad).count();
+    if n_pads != image_paths.len() {
+        bail!(
+            "--input-ids has {n_pads} image-pad tokens (id {pad}) but {} --image were given; they must match",
+            image_paths.len()
+        );
+    }
+    let processor = model
+        .processor
+        .clone()
+        .with_pixels(min_pixels, max_pixels)?;
+    let processed = image_paths
+        .iter()
+        .map(|p| image::process_file(p, &processor))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut expanded = Vec::with_capacity(ids.len());
+    let mut next_image = processed.iter();
+    for &t in &ids {
+        if t == pad {
+            let img = next_image.next().expect("counted above");
+            expanded.extend(std::iter::repeat_n(pad, img.n_tokens(processor.merge_size)));
+        } else {
+            expanded.push(t);
+        }
+    }
+    let patch_len = model.config.vision.patch_len();
+    let pixel_values = if processed.is_empty() {
+        Tensor::zeros((0, patch_len), DType::F32, &Device::Cpu)?
+    } else {
+        Tensor::cat(
+            &processed
+                .iter()
+                .map(|p| &p.pixel_values)
+                .collect::<Vec<_>>(),
+            0,
+        )?
+    };
+    let grids: Vec<[usize; 3]> = processed.iter().map(|p| p.grid_thw).collect();
+    let batch = Batch {
+        input_ids: vec![expanded.clone()],
+        attention_mask: None,
+        images: (!processed.is_empty()).then(|| VisionInput {
+            pixel_values: pixel_values.clone(),
+            grid_thw: grids.clone(),
+        }),
+    };
+    let output = model.forward(&batch, Logits::All)?;
+    let seq = expanded.len();
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    tensors.insert(
+        "logits".into(),
+        output.logits.squeeze(0)?.to_dtype(DType::F32)?,
+    );
+    tensors.insert(
+        "input_ids".into(),
+        Tensor::from_vec(
+            expanded.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+            seq,
+            &Device::Cpu,
+        )?,
+    );
+    let positions: Vec<i64> = (0..3)
+        .flat_map(|a| output.rope.positions[a][0].clone())
+        .collect();
+    tensors.insert(
+        "position_ids".into(),
+        Tensor::from_vec(positions, (3, seq), &Device::Cpu)?,
+    );
+    tensors.insert("pixel_values".into(), pixel_values);
+    let grid_flat: Vec<i64> = grids
+        .iter()
+        .flat_map(|g| g.iter().map(|&x| x as i64))
+        .collect();
+    tensors.insert(
+        "image_grid_thw".into(),
+        Tensor::from_vec(grid_flat, (grids.len(), 3), &Device::Cpu)?,
+    );
+    save_atomic(&tensors, out)?;
+    eprintln!(
+        "wrote logits [{seq}, {}] for {} tokens ({} images) to {}",
+        model.config.text.vocab_size,
+        seq,
+        grids.len(),
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// safetensors written beside the target, then renamed over it.
+fn save_atomic(tensors: &HashMap<String, Tensor>, out: &Path) -> anyhow::Result<()> {
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::Builder::new()
+        .suffix(".safetensors.tmp")
+        .tempfile_in(dir)
+        .with_context(|| {
+            format!(
+                "{}: cannot create a temporary file beside it",
+                out.display()
+            )
+        })?;
+    candle_core::safetensors::save(tensors, tmp.path())
+        .with_context(|| format!("{}: write failed", out.display()))?;
+    tmp.persist(out)
+        .with_context(|| format!("{}: cannot replace the file", out.display()))?;
+    Ok(())
+}
+
+fn info(dir: &Path, dtype: DType) -> anyhow::Result<ExitCode> {
+    let (model, info) = Qwen2Vl::load(dir, dtype, &Device::Cpu)?;
+    let c = &info.config;
+    let t = &c.text;
+    let v = &c.vision;
+    println!("model:        {}", dir.display());
+    println!("architecture: Qwen2-VL (Qwen2VLForConditionalGeneration)");
+    println!(
+        "config:       {} layout",
+        match c.layout {
+            ConfigLayout::Flat => "hub (flat)",
+            ConfigLayout::Nested => "transformers 5 (nested text_config/vision_config)",
+        }
+    );
+    println!(
+        "weights:      {} file(s), {} keys{}",
+        info.files.len(),
+        match info.key_layout {
+            KeyLayout::Legacy => "hub (model.layers.*, visual.*)",
+            KeyLayout::Nested => "transformers ≥ 4.52 (model.language_model.*, model.visual.*)",
+        },
+        if c.tie_word_embeddings {
+            ", tied embeddings"
+        } else {
+            ""
+        }
+    );
+    println!("dtype:        {:?}", info.dtype);
+    println!(
+        "text:         hidden {}, {} layers, {} heads / {} kv heads, head_dim {}, intermediate {}, vocab {}, mrope_section {:?}, rope_theta {}, context {}",
+        t.hidden_size,
+        t.num_hidden_layers,
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.head_dim,
+        t.intermediate_size,
+        t.vocab_size,
+        t.mrope_section,
+        t.rope_theta,
+        t.max_position_embeddings
+    );
+    println!(
+        "vision:       embed {}, depth {}, {} heads, mlp ratio {}, patch {}, temporal patch {}, merge {}",
+        v.embed_dim,
+        v.depth,
+        v.num_heads,
+        v.mlp_ratio,
+        v.patch_size,
+        v.temporal_patch_size,
+        v.spatial_merge_size
+    );
+    println!(
+        "parameters:   {} total (vision {}, language {}, lm_head {})",
+        human(info.total_params()),
+        human(info.vision_params),
+        human(info.text_params),
+        human(info.lm_head_params)
+    );
+    let tk = &c.tokens;
+    println!(
+        "tokens:       image_pad {}, vision_start {:?}, vision_end {:?}, eos {:?}, pad {:?}",
+        tk.image_pad, tk.vision_start, tk.vision_end, tk.eos, tk.pad
+    );
+    println!(
+        "images:       {}–{} pixels (max {} tokens per image)",
+        model.processor.min_pixels,
+        model.processor.max_pixels,
+        model.processor.max_pixels / (model.processor.factor() * model.processor.factor())
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
