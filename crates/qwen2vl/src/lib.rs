@@ -35,6 +35,7 @@
 
 pub mod config;
 pub mod image;
+pub mod init;
 mod model;
 pub mod ops;
 pub mod positions;

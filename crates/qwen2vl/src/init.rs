@@ -1,0 +1,171 @@
+//! Randomly initialised checkpoints: a `config.json` and safetensors shards in the hub's key
+//! layout, initialised as transformers' `_init_weights` does (normal(0, initializer_range) for
+//! linear and embedding weights, zero biases, unit norms). Used for real-size tests and
+//! benchmarks without downloading weights, and as the starting point of a model trained from
+//! scratch.
+
+use std::{collections::HashMap, path::Path};
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::Distribution;
+
+use crate::{Config, Error};
+
+/// Every tensor of the model in the hub's (legacy) key layout, with its shape, grouped into
+/// shards: the vision tower, one shard per decoder layer, and the rest.
+fn tensor_plan(cfg: &Config) -> Vec<(String, Vec<(String, Vec<usize>)>)> {
+    let t = &cfg.text;
+    let v = &cfg.vision;
+    let (h, hd) = (t.hidden_size, t.head_dim);
+    let mut shards = Vec::new();
+    let mut vision = vec![(
+        "visual.patch_embed.proj.weight".to_string(),
+        vec![v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size],
+    )];
+    for j in 0..v.depth {
+        let p = format!("visual.blocks.{j}");
+        let e = v.embed_dim;
+        for (name, shape) in [
+            ("norm1.weight", vec![e]),
+            ("norm1.bias", vec![e]),
+            ("norm2.weight", vec![e]),
+            ("norm2.bias", vec![e]),
+            ("attn.qkv.weight", vec![3 * e, e]),
+            ("attn.qkv.bias", vec![3 * e]),
+            ("attn.proj.weight", vec![e, e]),
+            ("attn.proj.bias", vec![e]),
+            ("mlp.fc1.weight", vec![v.mlp_hidden(), e]),
+            ("mlp.fc1.bias", vec![v.mlp_hidden()]),
+            ("mlp.fc2.weight", vec![e, v.mlp_hidden()]),
+            ("mlp.fc2.bias", vec![e]),
+        ] {
+            vision.push((format!("{p}.{name}"), shape));
+        }
+    }
+    let merged = v.embed_dim * v.spatial_merge_size * v.spatial_merge_size;
+    for (name, shape) in [
+        ("visual.merger.ln_q.weight", vec![v.embed_dim]),
+        ("visual.merger.ln_q.bias", vec![v.embed_dim]),
+        ("visual.merger.mlp.0.weight", vec![merged, merged]),
+        ("visual.merger.mlp.0.bias", vec![merged]),
+        ("visual.merger.mlp.2.weight", vec![h, merged]),
+        ("visual.merger.mlp.2.bias", vec![h]),
+    ] {
+        vision.push((name.to_string(), shape));
+    }
+    shards.push(("visual".to_string(), vision));
+    for i in 0..t.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let (q, kv, inter) = (t.num_attention_heads * hd, t.num_key_value_heads * hd, t.intermediate_size);
+        let layer = [
+            ("self_attn.q_proj.weight", vec![q, h]),
+            ("self_attn.q_proj.bias", vec![q]),
+            ("self_attn.k_proj.weight", vec![kv, h]),
+            ("self_attn.k_proj.bias", vec![kv]),
+            ("self_attn.v_proj.weight", vec![kv, h]),
+            ("self_attn.v_proj.bias", vec![kv]),
+            ("self_attn.o_proj.weight", vec![h, q]),
+            ("mlp.gate_proj.weight", vec![inter, h]),
+            ("mlp.up_proj.weight", vec![inter, h]),
+            ("mlp.down_proj.weight", vec![h, inter]),
+            ("input_layernorm.weight", vec![h]),
+            ("post_attention_layernorm.weight", vec![h]),
+        ]
+        .into_iter()
+        .map(|(n, s)| (format!("{p}.{n}"), s))
+        .collect();
+        shards.push((format!("layer-{i}"), layer));
+    }
+    let mut rest = vec![
+        ("model.embed_tokens.weight".to_string(), vec![t.vocab_size, h]),
+        ("model.norm.weight".to_string(), vec![h]),
+    ];
+    if !cfg.tie_word_embeddings {
+        rest.push(("lm_head.weight".to_string(), vec![t.vocab_size, h]));
+    }
+    shards.push(("rest".to_string(), rest));
+    shards
+}
+
+/// Writes random weights for the model described by `config_json` into `dir` (which gets
+/// `config.json`, `model-NNNNN-of-NNNNN.safetensors` shards and their index). Memory use is one
+/// shard at a time. `seed` makes it reproducible.
+pub fn write_random_checkpoint(dir: &Path, config_json: &str, std: f64, seed: u64) -> Result<Config, Error> {
+    let cfg = Config::from_json(config_json)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let device = Device::Cpu;
+    // candle's CPU device cannot be seeded: draw from a seeded generator of our own.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let normal = rand_distr::Normal::new(0f32, std as f32).map_err(|e| Error::Input(format!("std {std}: {e}")))?;
+    let plan = tensor_plan(&cfg);
+    let n = plan.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut total_size = 0usize;
+    for (k, (_, tensors)) in plan.iter().enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", k + 1);
+        let mut out: HashMap<String, Tensor> = HashMap::new();
+        for (name, shape) in tensors {
+            let is_norm = name.contains("norm") || name.contains("ln_q");
+            let t = if is_norm && name.ends_with(".weight") {
+                Tensor::ones(shape.as_slice(), DType::F32, &device)?
+            } else if name.ends_with(".bias") {
+                Tensor::zeros(shape.as_slice(), DType::F32, &device)?
+            } else {
+                let n: usize = shape.iter().product();
+                let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+                Tensor::from_vec(values, shape.as_slice(), &device)?
+            };
+            total_size += t.elem_count() * 4;
+            weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
+            out.insert(name.clone(), t);
+        }
+        let path = dir.join(&file);
+        candle_core::safetensors::save(&out, &path)?;
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
+    let write = |name: &str, text: String| -> Result<(), Error> {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+    };
+    write("model.safetensors.index.json", serde_json::to_string_pretty(&index).expect("json"))?;
+    write("config.json", config_json.to_string())?;
+    Ok(cfg)
+}
+
+/// `config.json` of Qwen/Qwen2-VL-2B-Instruct (the hub's flat layout), for real-size runs.
+pub const QWEN2_VL_2B_CONFIG: &str = r#"{
+  "architectures": ["Qwen2VLForConditionalGeneration"],
+  "attention_dropout": 0.0,
+  "bos_token_id": 151643,
+  "eos_token_id": 151645,
+  "vision_start_token_id": 151652,
+  "vision_end_token_id": 151653,
+  "vision_token_id": 151654,
+  "image_token_id": 151655,
+  "video_token_id": 151656,
+  "hidden_act": "silu",
+  "hidden_size": 1536,
+  "initializer_range": 0.02,
+  "intermediate_size": 8960,
+  "max_position_embeddings": 32768,
+  "max_window_layers": 28,
+  "model_type": "qwen2_vl",
+  "num_attention_heads": 12,
+  "num_hidden_layers": 28,
+  "num_key_value_heads": 2,
+  "rms_norm_eps": 1e-06,
+  "rope_theta": 1000000.0,
+  "sliding_window": 32768,
+  "tie_word_embeddings": true,
+  "torch_dtype": "bfloat16",
+  "use_cache": true,
+  "use_sliding_window": false,
+  "vision_config": {
+    "depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+    "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+    "temporal_patch_size": 2
+  },
+  "rope_scaling": { "type": "mrope", "mrope_section": [16, 24, 24] },
+  "vocab_size": 151936
+}"#;
