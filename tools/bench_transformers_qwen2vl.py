@@ -3,11 +3,12 @@
 
 Loads the random-weight checkpoint the bench generated, runs the very inputs our side ran
 (written by the bench to bench_inputs.safetensors), and prints one JSON line: load, prefill (the
-second of two runs) and greedy decode speed with the KV cache, peak RSS, and the largest
-difference between its last-position logits and ours.
+second of two runs) and greedy decode speed with the KV cache (generate() of N + 1 tokens less
+one prefill), peak RSS, and the largest difference between its last-position logits and ours.
 
-Pinned: torch 2.15.0, transformers 5.24.0, fp32, eager attention, default thread count.
-Usage: python tools/bench_transformers_qwen2vl.py MODEL_DIR INPUTS.safetensors DECODE_STEPS
+Pinned: torch 2.15.0, transformers 5.24.0, fp32, default thread count, and transformers'
+default attention (sdpa) unless a fourth argument names another ("eager").
+Usage: python tools/bench_transformers_qwen2vl.py MODEL_DIR INPUTS.safetensors DECODE_STEPS [ATTN]
 """
 import json
 import resource
@@ -22,8 +23,9 @@ from transformers import Qwen2VLForConditionalGeneration
 def main() -> None:
     model_dir, inputs_path, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     t = time.perf_counter()
+    attn = sys.argv[4] if len(sys.argv) > 4 else "sdpa"
     model = Qwen2VLForConditionalGeneration.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+        model_dir, dtype=torch.float32, attn_implementation=attn).eval()
     load_s = time.perf_counter() - t
     inputs = load_file(inputs_path)
     ids = inputs["input_ids"]
@@ -32,27 +34,26 @@ def main() -> None:
               image_grid_thw=inputs["image_grid_thw"], mm_token_type_ids=(ids == image_pad).long())
     prefill = []
     with torch.no_grad():
-        for _ in range(2):
+        # The first run warms up (without a cache, so that the second starts from an empty one).
+        for use_cache in (False, True):
             model.model.rope_deltas = None
             t = time.perf_counter()
-            out = model(**kw, use_cache=True)
+            out = model(**kw, use_cache=use_cache)
             prefill.append(time.perf_counter() - t)
         logits = out.logits[0, -1]
         diff = (logits - inputs["last_logits"].reshape(-1)).abs().max().item()
-        cache = out.past_key_values
-        token = logits.argmax().view(1, 1)
-        mask = kw["attention_mask"]
+        # Decode speed: greedy generate() of steps + 1 tokens, less one prefill.
+        model.model.rope_deltas = None
         t = time.perf_counter()
-        for _ in range(steps):
-            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
-            out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            token = out.logits[0, -1].argmax().view(1, 1)
-        decode_s = time.perf_counter() - t
+        generated = model.generate(**kw, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
+                                   do_sample=False)
+        generate_s = time.perf_counter() - t
+        assert generated.shape[1] == ids.shape[1] + steps + 1, generated.shape
+        decode_s = generate_s - prefill[1]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"load_s": load_s, "prefill_s": prefill[1], "prefill_first_s": prefill[0],
                       "decode_tok_s": steps / decode_s, "peak_rss_mb": rss_mb, "max_abs_diff": diff,
-                      "torch_threads": torch.get_num_threads()}))
+                      "torch_threads": torch.get_num_threads(), "attention": attn}))
 
 
 if __name__ == "__main__":

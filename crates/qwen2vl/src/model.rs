@@ -336,11 +336,9 @@ fn batch_dims(batch: &Batch) -> Result<(usize, usize), Error> {
 
 /// Parameters per part, from the safetensors headers (tied weights counted once).
 fn count_params(files: &[PathBuf], layout: KeyLayout) -> Result<(usize, usize, usize), Error> {
-    // SAFETY: read-only memory map of files we just loaded.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }?;
     let (mut vision, mut text, mut head) = (0, 0, 0);
-    for (name, view) in st.tensors() {
-        let n: usize = view.shape().iter().product();
+    for (name, shape) in weights::tensor_shapes(files)? {
+        let n: usize = shape.iter().product();
         if name.starts_with(layout.vision_prefix()) {
             vision += n;
         } else if name.starts_with("lm_head") {

@@ -2,8 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
+use std::{collections::HashMap, io::Read};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::{VarBuilder, var_builder::SimpleBackend};
 
 use crate::Error;
 
@@ -91,26 +93,17 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, Error> {
     })
 }
 
-/// Memory-maps `files` and tells the key layout from the embedding's name.
-pub fn load(
-    files: &[PathBuf],
-    dtype: DType,
-    device: &Device,
-) -> Result<(VarBuilder<'static>, KeyLayout), Error> {
-    for f in files {
-        check_header(f)?;
-    }
-    // SAFETY: the files are memory-mapped read-only; like every safetensors loader we assume
-    // they are not modified while the model is alive.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|e| {
-        Error::Checkpoint {
-            path: files[0].clone(),
-            message: e.to_string(),
-        }
-    })?;
-    let layout = if vb.contains_tensor("model.language_model.embed_tokens.weight") {
+/// Opens `files` for loading and tells the key layout from the embedding's name.
+///
+/// Tensors are read with positioned reads straight into the model's own buffers rather than
+/// through a memory map: a map's pages stay resident until the whole checkpoint is unmapped,
+/// which doubled peak memory at load (16.9 GB against 9.8 GB for transformers on 2B shapes).
+pub fn load(files: &[PathBuf], dtype: DType, device: &Device) -> Result<(VarBuilder<'static>, KeyLayout), Error> {
+    let backend = ShardReader::open(files)?;
+    let has = |name: &str| backend.tensors.contains_key(name);
+    let layout = if has("model.language_model.embed_tokens.weight") {
         KeyLayout::Nested
-    } else if vb.contains_tensor("model.embed_tokens.weight") {
+    } else if has("model.embed_tokens.weight") {
         KeyLayout::Legacy
     } else {
         return Err(Error::Checkpoint {
@@ -118,25 +111,106 @@ pub fn load(
             message: "no embedding tensor (model.embed_tokens.weight or model.language_model.embed_tokens.weight)".into(),
         });
     };
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
     Ok((vb, layout))
 }
 
-/// Reads a safetensors header, so that a truncated or foreign file is named in the error.
-fn check_header(path: &Path) -> Result<(), Error> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n).map_err(|_| Error::Checkpoint {
-        path: path.to_path_buf(),
-        message: "too short to be a safetensors file".into(),
-    })?;
-    let header_len = u64::from_le_bytes(n);
-    if header_len == 0 || header_len > 100 << 20 || 8 + header_len > len {
-        return Err(Error::Checkpoint {
-            path: path.to_path_buf(),
-            message: "not a safetensors file (bad header length)".into(),
-        });
+/// Where one tensor lies in which shard.
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: u64,
+    end: u64,
+}
+
+/// A `VarBuilder` backend reading tensors from safetensors shards on demand.
+struct ShardReader {
+    files: Vec<(PathBuf, std::fs::File)>,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+impl ShardReader {
+    fn open(paths: &[PathBuf]) -> Result<Self, Error> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut tensors = HashMap::new();
+        for (k, path) in paths.iter().enumerate() {
+            let bad = |message: String| Error::Checkpoint { path: path.clone(), message };
+            let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+            let mut n = [0u8; 8];
+            file.read_exact(&mut n).map_err(|_| bad("too short to be a safetensors file".into()))?;
+            let header_len = u64::from_le_bytes(n);
+            if header_len == 0 || header_len > 100 << 20 || 8 + header_len > len {
+                return Err(bad("not a safetensors file (bad header length)".into()));
+            }
+            let mut header = vec![0u8; header_len as usize];
+            file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+            let entries: HashMap<String, serde_json::Value> =
+                serde_json::from_slice(&header).map_err(|e| bad(format!("invalid safetensors header: {e}")))?;
+            let data_start = 8 + header_len;
+            for (name, value) in entries {
+                if name == "__metadata__" {
+                    continue;
+                }
+                let info: safetensors::tensor::TensorInfo =
+                    serde_json::from_value(value).map_err(|e| bad(format!("invalid header entry for {name}: {e}")))?;
+                let (start, end) = (data_start + info.data_offsets.0 as u64, data_start + info.data_offsets.1 as u64);
+                let expected = info.shape.iter().product::<usize>() * info.dtype.bitsize() / 8;
+                if end > len || start > end || (end - start) as usize != expected {
+                    return Err(bad(format!("tensor {name}: its byte range does not fit its shape or the file (truncated?)")));
+                }
+                tensors.insert(name, TensorEntry { file: k, dtype: info.dtype, shape: info.shape, start, end });
+            }
+            files.push((path.clone(), file));
+        }
+        Ok(ShardReader { files, tensors })
     }
-    Ok(())
+
+    fn read(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        use candle_core::safetensors::Load;
+        use std::os::unix::fs::FileExt;
+        let entry = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        let (path, file) = &self.files[entry.file];
+        let mut bytes = vec![0u8; (entry.end - entry.start) as usize];
+        file.read_exact_at(&mut bytes, entry.start)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: reading {name}: {e}", path.display())))?;
+        let view = safetensors::tensor::TensorView::new(entry.dtype, entry.shape.clone(), &bytes)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {name}: {e}", path.display())))?;
+        view.load(device)
+    }
+}
+
+impl SimpleBackend for ShardReader {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.read(name, dev)?.to_dtype(dtype)?;
+        if tensor.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: tensor.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.read(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+/// Every tensor's name and shape across `files`, from the headers alone.
+pub fn tensor_shapes(files: &[PathBuf]) -> Result<Vec<(String, Vec<usize>)>, Error> {
+    let reader = ShardReader::open(files)?;
+    Ok(reader.tensors.into_iter().map(|(name, e)| (name, e.shape)).collect())
 }
