@@ -30,7 +30,11 @@ fn main() {
     if !dir.join("model.safetensors.index.json").exists() {
         let t = Instant::now();
         init::write_random_checkpoint(&dir, init::QWEN2_VL_2B_CONFIG, 0.02, 2026).unwrap();
-        println!("generated random 2B checkpoint in {:.1}s at {}", t.elapsed().as_secs_f64(), dir.display());
+        println!(
+            "generated random 2B checkpoint in {:.1}s at {}",
+            t.elapsed().as_secs_f64(),
+            dir.display()
+        );
     }
 
     let t = Instant::now();
@@ -40,7 +44,11 @@ fn main() {
 
     // A deterministic 448×448 picture (smooth gradients and stripes).
     let img = ::image::RgbImage::from_fn(448, 448, |x, y| {
-        ::image::Rgb([(x / 2) as u8, (y / 2) as u8, (((x + y) / 7) % 2 * 200) as u8])
+        ::image::Rgb([
+            (x / 2) as u8,
+            (y / 2) as u8,
+            (((x + y) / 7) % 2 * 200) as u8,
+        ])
     });
     let processed = image::process_rgb(&img, &model.processor).unwrap();
     assert_eq!(processed.grid_thw, [1, 32, 32]);
@@ -53,7 +61,10 @@ fn main() {
     let batch = Batch {
         input_ids: vec![ids.clone()],
         attention_mask: None,
-        images: Some(VisionInput { pixel_values: processed.pixel_values.clone(), grid_thw: vec![processed.grid_thw] }),
+        images: Some(VisionInput {
+            pixel_values: processed.pixel_values.clone(),
+            grid_thw: vec![processed.grid_thw],
+        }),
     };
 
     // Prefill twice: the first run also faults the memory-mapped weights in.
@@ -81,16 +92,31 @@ fn main() {
 
     // Inputs and our logits for the reference run.
     let mut tensors = HashMap::new();
-    tensors.insert("input_ids".to_string(), Tensor::from_vec(ids.iter().map(|&t| t as i64).collect::<Vec<_>>(), (1, n_prompt), &Device::Cpu).unwrap());
+    tensors.insert(
+        "input_ids".to_string(),
+        Tensor::from_vec(
+            ids.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+            (1, n_prompt),
+            &Device::Cpu,
+        )
+        .unwrap(),
+    );
     tensors.insert("pixel_values".to_string(), processed.pixel_values.clone());
-    tensors.insert("image_grid_thw".to_string(), Tensor::new(&[[1i64, 32, 32]], &Device::Cpu).unwrap());
-    tensors.insert("last_logits".to_string(), last_logits.to_dtype(DType::F32).unwrap());
+    tensors.insert(
+        "image_grid_thw".to_string(),
+        Tensor::new(&[[1i64, 32, 32]], &Device::Cpu).unwrap(),
+    );
+    tensors.insert(
+        "last_logits".to_string(),
+        last_logits.to_dtype(DType::F32).unwrap(),
+    );
     let inputs = dir.join("bench_inputs.safetensors");
     candle_core::safetensors::save(&tensors, &inputs).unwrap();
     drop(model);
 
     let python = std::env::var("INSPECTOR_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench_transformers_qwen2vl.py");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench_transformers_qwen2vl.py");
     let result = Command::new(&python)
         .arg(&script)
         .arg(&dir)
@@ -109,10 +135,14 @@ fn main() {
                     .and_then(|v| v.trim().parse().ok())
                     .unwrap_or(f64::NAN)
             };
-            let (tf_prefill, tf_decode, tf_rss) = (get("prefill_s"), get("decode_tok_s"), get("peak_rss_mb"));
+            let (tf_prefill, tf_decode, tf_rss) =
+                (get("prefill_s"), get("decode_tok_s"), get("peak_rss_mb"));
             println!("| | prefill {n_prompt} tokens (s) | decode (tok/s) | peak RSS (MB) |");
             println!("|---|---|---|---|");
-            println!("| inspector (candle) | {:.2} | {decode_tps:.2} | {rss:.0} |", prefill[1]);
+            println!(
+                "| inspector (candle) | {:.2} | {decode_tps:.2} | {rss:.0} |",
+                prefill[1]
+            );
             println!("| transformers | {tf_prefill:.2} | {tf_decode:.2} | {tf_rss:.0} |");
             println!(
                 "| ratio (inspector vs transformers, >1 is better) | {:.2} | {:.2} | {:.2} |",
@@ -120,13 +150,25 @@ fn main() {
                 decode_tps / tf_decode,
                 tf_rss / rss
             );
-            println!("last-position logits max |Δ| vs transformers: {:.2e}", get("max_abs_diff"));
+            println!(
+                "last-position logits max |Δ| vs transformers: {:.2e}",
+                get("max_abs_diff")
+            );
         }
-        Ok(o) => println!("transformers side failed (is INSPECTOR_PYTHON a venv with torch + transformers?):\n{}", String::from_utf8_lossy(&o.stderr)),
+        Ok(o) => println!(
+            "transformers side failed (is INSPECTOR_PYTHON a venv with torch + transformers?):\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
         Err(e) => println!("transformers side not run: {python}: {e}"),
     }
 }
 
 fn argmax(logits: &Tensor) -> u32 {
-    logits.flatten_all().unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap()
+    logits
+        .flatten_all()
+        .unwrap()
+        .argmax(0)
+        .unwrap()
+        .to_scalar::<u32>()
+        .unwrap()
 }

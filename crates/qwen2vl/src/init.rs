@@ -21,7 +21,13 @@ fn tensor_plan(cfg: &Config) -> Vec<(String, Vec<(String, Vec<usize>)>)> {
     let mut shards = Vec::new();
     let mut vision = vec![(
         "visual.patch_embed.proj.weight".to_string(),
-        vec![v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size],
+        vec![
+            v.embed_dim,
+            v.in_channels,
+            v.temporal_patch_size,
+            v.patch_size,
+            v.patch_size,
+        ],
     )];
     for j in 0..v.depth {
         let p = format!("visual.blocks.{j}");
@@ -57,7 +63,11 @@ fn tensor_plan(cfg: &Config) -> Vec<(String, Vec<(String, Vec<usize>)>)> {
     shards.push(("visual".to_string(), vision));
     for i in 0..t.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        let (q, kv, inter) = (t.num_attention_heads * hd, t.num_key_value_heads * hd, t.intermediate_size);
+        let (q, kv, inter) = (
+            t.num_attention_heads * hd,
+            t.num_key_value_heads * hd,
+            t.intermediate_size,
+        );
         let layer = [
             ("self_attn.q_proj.weight", vec![q, h]),
             ("self_attn.q_proj.bias", vec![q]),
@@ -78,7 +88,10 @@ fn tensor_plan(cfg: &Config) -> Vec<(String, Vec<(String, Vec<usize>)>)> {
         shards.push((format!("layer-{i}"), layer));
     }
     let mut rest = vec![
-        ("model.embed_tokens.weight".to_string(), vec![t.vocab_size, h]),
+        (
+            "model.embed_tokens.weight".to_string(),
+            vec![t.vocab_size, h],
+        ),
         ("model.norm.weight".to_string(), vec![h]),
     ];
     if !cfg.tie_word_embeddings {
@@ -91,13 +104,19 @@ fn tensor_plan(cfg: &Config) -> Vec<(String, Vec<(String, Vec<usize>)>)> {
 /// Writes random weights for the model described by `config_json` into `dir` (which gets
 /// `config.json`, `model-NNNNN-of-NNNNN.safetensors` shards and their index). Memory use is one
 /// shard at a time. `seed` makes it reproducible.
-pub fn write_random_checkpoint(dir: &Path, config_json: &str, std: f64, seed: u64) -> Result<Config, Error> {
+pub fn write_random_checkpoint(
+    dir: &Path,
+    config_json: &str,
+    std: f64,
+    seed: u64,
+) -> Result<Config, Error> {
     let cfg = Config::from_json(config_json)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let device = Device::Cpu;
     // candle's CPU device cannot be seeded: draw from a seeded generator of our own.
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let normal = rand_distr::Normal::new(0f32, std as f32).map_err(|e| Error::Input(format!("std {std}: {e}")))?;
+    let normal = rand_distr::Normal::new(0f32, std as f32)
+        .map_err(|e| Error::Input(format!("std {std}: {e}")))?;
     let plan = tensor_plan(&cfg);
     let n = plan.len();
     let mut weight_map = serde_json::Map::new();
@@ -123,12 +142,16 @@ pub fn write_random_checkpoint(dir: &Path, config_json: &str, std: f64, seed: u6
         let path = dir.join(&file);
         candle_core::safetensors::save(&out, &path)?;
     }
-    let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
+    let index =
+        serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
     let write = |name: &str, text: String| -> Result<(), Error> {
         let path = dir.join(name);
         std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
     };
-    write("model.safetensors.index.json", serde_json::to_string_pretty(&index).expect("json"))?;
+    write(
+        "model.safetensors.index.json",
+        serde_json::to_string_pretty(&index).expect("json"),
+    )?;
     write("config.json", config_json.to_string())?;
     Ok(cfg)
 }

@@ -33,7 +33,9 @@
 //! # Ok::<(), inspector_qwen2vl::Error>(())
 //! ```
 
+pub mod chat;
 pub mod config;
+pub mod generate;
 pub mod image;
 pub mod init;
 mod model;
@@ -69,6 +71,8 @@ pub enum Error {
     },
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
+    #[error("chat template {file}: {message}")]
+    Template { file: PathBuf, message: String },
     #[error("image: {0}")]
     Image(String),
     #[error("{path}: {message}")]

@@ -14,7 +14,11 @@ fn qwen2vl_2b_shapes_load_and_run() {
         init::write_random_checkpoint(&dir, init::QWEN2_VL_2B_CONFIG, 0.02, 2026).unwrap();
     }
     let (model, info) = Qwen2Vl::load(&dir, DType::F32, &Device::Cpu).unwrap();
-    assert!(info.total_params() > 2_000_000_000, "{}", info.total_params());
+    assert!(
+        info.total_params() > 2_000_000_000,
+        "{}",
+        info.total_params()
+    );
     let img = ::image::RgbImage::from_fn(224, 224, |x, y| ::image::Rgb([x as u8, y as u8, 128]));
     let p = image::process_rgb(&img, &model.processor).unwrap();
     let tk = &model.config.tokens;
@@ -24,7 +28,10 @@ fn qwen2vl_2b_shapes_load_and_run() {
     let batch = Batch {
         input_ids: vec![ids],
         attention_mask: None,
-        images: Some(VisionInput { pixel_values: p.pixel_values, grid_thw: vec![p.grid_thw] }),
+        images: Some(VisionInput {
+            pixel_values: p.pixel_values,
+            grid_thw: vec![p.grid_thw],
+        }),
     };
     let mut out = model.forward(&batch, Logits::Last).unwrap();
     assert_eq!(out.logits.dims(), &[1, 151_936]);
