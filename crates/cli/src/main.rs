@@ -2,6 +2,8 @@
 //! the library crates.
 
 mod bundled;
+mod chat_cmd;
+mod model_args;
 mod model_cmd;
 mod output;
 mod rules_cmd;
@@ -24,6 +26,8 @@ enum Command {
     /// Regulation documents → clause-level rules in the database.
     #[command(subcommand)]
     Rules(rules_cmd::RulesCommand),
+    /// Chat with a Qwen2-VL model about images.
+    Chat(chat_cmd::ChatArgs),
     /// Inspect and run a Qwen2-VL checkpoint (a Hugging Face model directory).
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Rules(cmd) => rules_cmd::run(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),
+        Command::Chat(args) => chat_cmd::run(args),
     };
     match result {
         Ok(code) => code,

@@ -8,25 +8,10 @@ use std::{
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 use inspector_qwen2vl::{Batch, ConfigLayout, KeyLayout, Logits, Qwen2Vl, VisionInput, image};
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum DtypeArg {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl From<DtypeArg> for DType {
-    fn from(d: DtypeArg) -> DType {
-        match d {
-            DtypeArg::F32 => DType::F32,
-            DtypeArg::Bf16 => DType::BF16,
-            DtypeArg::F16 => DType::F16,
-        }
-    }
-}
+use crate::model_args::DtypeArg;
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {

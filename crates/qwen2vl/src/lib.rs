@@ -41,6 +41,7 @@ pub mod init;
 mod model;
 pub mod ops;
 pub mod positions;
+pub mod resolve;
 pub mod text;
 pub mod vision;
 pub mod weights;
@@ -81,6 +82,8 @@ pub enum Error {
     ImageTokens { message: String },
     #[error("the input has {tokens} tokens, more than the model's context of {max}")]
     TooLong { tokens: usize, max: usize },
+    #[error("{0}")]
+    Resolve(String),
     #[error("invalid input: {0}")]
     Input(String),
     #[error(transparent)]

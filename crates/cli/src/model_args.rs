@@ -1,0 +1,80 @@
+//! The option group every command that loads a model shares.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+use inspector_qwen2vl::{Qwen2Vl, image::ProcessorConfig, resolve};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<DtypeArg> for DType {
+    fn from(d: DtypeArg) -> DType {
+        match d {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::Bf16 => DType::BF16,
+            DtypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A Hugging Face model directory, or a repo id found in the local Hugging Face cache
+    /// (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub).
+    #[arg(long, value_name = "DIR|REPO")]
+    pub model: String,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// Override the processor's minimum pixels per image.
+    #[arg(long, value_name = "N")]
+    pub min_pixels: Option<usize>,
+    /// Override the processor's maximum pixels per image (the published 12.8 M is slow on CPUs).
+    #[arg(long, value_name = "N")]
+    pub max_pixels: Option<usize>,
+    /// CPU threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+/// A loaded model with the processor settings the options ask for.
+pub struct LoadedModel {
+    pub dir: PathBuf,
+    pub model: Qwen2Vl,
+    pub processor: ProcessorConfig,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        if let Some(n) = self.threads {
+            anyhow::ensure!(n > 0, "--threads must be at least 1");
+            // candle and its GEMM size their thread pools from RAYON_NUM_THREADS on first use.
+            // SAFETY: called before any model work starts any thread.
+            unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+        }
+        let env = |k: &str| std::env::var(k).ok();
+        let cache = resolve::default_cache_dir(
+            env("HF_HUB_CACHE").as_deref(),
+            env("HF_HOME").as_deref(),
+            env("HOME").as_deref(),
+        );
+        let dir = resolve::resolve_model(&self.model, &cache)?;
+        let (model, _) = Qwen2Vl::load(&dir, self.dtype.into(), &Device::Cpu)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        let processor = model
+            .processor
+            .clone()
+            .with_pixels(self.min_pixels, self.max_pixels)?;
+        Ok(LoadedModel {
+            dir,
+            model,
+            processor,
+        })
+    }
+}
