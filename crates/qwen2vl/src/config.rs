@@ -190,13 +190,13 @@ impl Config {
             value: &root,
             path: "",
         };
-        if let Some(mt) = top.get("model_type").and_then(Value::as_str) {
-            if mt != "qwen2_vl" {
-                return Err(Error::ConfigKey {
-                    key: "model_type".into(),
-                    problem: format!("`{mt}` is not qwen2_vl"),
-                });
-            }
+        if let Some(mt) = top.get("model_type").and_then(Value::as_str)
+            && mt != "qwen2_vl"
+        {
+            return Err(Error::ConfigKey {
+                key: "model_type".into(),
+                problem: format!("`{mt}` is not qwen2_vl"),
+            });
         }
         let (layout, text) = match top.get("text_config") {
             Some(v) if v.is_object() => (
@@ -306,13 +306,13 @@ impl Config {
             .f64_or("rope_theta", Some(10_000.0))?,
             None => 10_000.0,
         };
-        if let Some(act) = vision.get("hidden_act").and_then(Value::as_str) {
-            if act != "quick_gelu" {
-                return Err(Error::ConfigKey {
-                    key: "vision_config.hidden_act".into(),
-                    problem: format!("`{act}` is not supported (Qwen2-VL uses quick_gelu)"),
-                });
-            }
+        if let Some(act) = vision.get("hidden_act").and_then(Value::as_str)
+            && act != "quick_gelu"
+        {
+            return Err(Error::ConfigKey {
+                key: "vision_config.hidden_act".into(),
+                problem: format!("`{act}` is not supported (Qwen2-VL uses quick_gelu)"),
+            });
         }
         let embed_dim = vision.usize("embed_dim")?;
         let num_heads = vision.usize("num_heads")?;

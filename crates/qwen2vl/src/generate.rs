@@ -294,8 +294,11 @@ fn rows_of(logits: &Tensor) -> Result<Vec<Vec<f32>>, Error> {
 /// re-decoded as tokens arrive and only the part that is complete (not ending in an
 /// unfinished UTF-8 sequence, shown as U+FFFD) is released. The pieces concatenate to exactly
 /// the final decoded text.
+/// A function from token ids to text.
+type Decode<'a> = Box<dyn Fn(&[u32]) -> Result<String, Error> + 'a>;
+
 pub struct TextStream<'a> {
-    decode: Box<dyn Fn(&[u32]) -> Result<String, Error> + 'a>,
+    decode: Decode<'a>,
     tokens: Vec<u32>,
     emitted: usize,
 }

@@ -155,7 +155,7 @@ impl ProcessorConfig {
                 self.min_pixels, self.max_pixels
             ));
         }
-        if self.image_std.iter().any(|s| *s == 0.0) {
+        if self.image_std.contains(&0.0) {
             return Err("image_std has a zero".into());
         }
         Ok(())

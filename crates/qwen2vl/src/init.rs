@@ -14,7 +14,10 @@ use crate::{Config, Error};
 
 /// Every tensor of the model in the hub's (legacy) key layout, with its shape, grouped into
 /// shards: the vision tower, one shard per decoder layer, and the rest.
-fn tensor_plan(cfg: &Config) -> Vec<(String, Vec<(String, Vec<usize>)>)> {
+/// A shard's name and its tensors' names and shapes.
+type ShardPlan = (String, Vec<(String, Vec<usize>)>);
+
+fn tensor_plan(cfg: &Config) -> Vec<ShardPlan> {
     let t = &cfg.text;
     let v = &cfg.vision;
     let (h, hd) = (t.hidden_size, t.head_dim);

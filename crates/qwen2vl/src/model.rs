@@ -324,12 +324,12 @@ fn batch_dims(batch: &Batch) -> Result<(usize, usize), Error> {
             "rows of different lengths: pad them (left)".into(),
         ));
     }
-    if let Some(m) = &batch.attention_mask {
-        if m.len() != b || m.iter().any(|r| r.len() != s) {
-            return Err(Error::Input(
-                "attention_mask does not match input_ids".into(),
-            ));
-        }
+    if let Some(m) = &batch.attention_mask
+        && (m.len() != b || m.iter().any(|r| r.len() != s))
+    {
+        return Err(Error::Input(
+            "attention_mask does not match input_ids".into(),
+        ));
     }
     Ok((b, s))
 }

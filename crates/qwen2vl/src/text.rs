@@ -45,6 +45,8 @@ impl MRope {
             .flat_map(|(i, &n)| std::iter::repeat_n(i % 3, n))
             .collect();
         let mut angles = Vec::with_capacity(b * s * half * 2);
+        // Indexing three axes at once reads clearer than zipped iterators here.
+        #[allow(clippy::needless_range_loop)]
         for bi in 0..b {
             for si in 0..s {
                 let row: Vec<f32> = (0..half)
