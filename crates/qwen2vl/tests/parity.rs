@@ -25,9 +25,9 @@ fn f32_parity_with_transformers() {
                 .unwrap()
                 .to_vec3::<i64>()
                 .unwrap();
-            for axis in 0..3 {
+            for (axis, want_axis) in want.iter().enumerate() {
                 assert_eq!(
-                    out.rope.positions[axis], want[axis],
+                    &out.rope.positions[axis], want_axis,
                     "{model_name}/{case}: position_ids axis {axis}"
                 );
             }
