@@ -26,8 +26,9 @@ impl From<DtypeArg> for DType {
 
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// A Hugging Face model directory, or a repo id found in the local Hugging Face cache
-    /// (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub).
+    /// A Hugging Face model directory, or a repo id: looked up in the local Hugging Face cache
+    /// (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), else downloaded there
+    /// from HF_ENDPOINT (default https://huggingface.co) unless HF_HUB_OFFLINE=1.
     #[arg(long, value_name = "DIR|REPO")]
     pub model: String,
     #[arg(long, value_enum, default_value = "f32")]
@@ -64,7 +65,15 @@ impl ModelArgs {
             env("HF_HOME").as_deref(),
             env("HOME").as_deref(),
         );
-        let dir = resolve::resolve_model(&self.model, &cache)?;
+        let hub = resolve::Hub {
+            endpoint: env("HF_ENDPOINT")
+                .filter(|e| !e.is_empty())
+                .unwrap_or_else(|| "https://huggingface.co".into()),
+            offline: env("HF_HUB_OFFLINE")
+                .is_some_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes")),
+            progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        };
+        let dir = resolve::resolve_model_or_download(&self.model, &cache, &hub)?;
         let (model, _) = Qwen2Vl::load(&dir, self.dtype.into(), &Device::Cpu)
             .with_context(|| format!("loading {}", dir.display()))?;
         let processor = model

@@ -187,3 +187,182 @@ fn model_from_the_hugging_face_cache_and_offline_message() {
     let o = chat(&["--model", cache_str, "--prompt", "hi"], &[]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("has no config.json"));
 }
+
+/// A minimal Hugging Face hub on loopback: the repo API and `resolve` with byte ranges, as the
+/// hub serves them. Serves `files` as repo `acme/served-vl` at commit `COMMIT`.
+fn serve_hub(
+    files: Vec<(String, Vec<u8>)>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let requests = log.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+            let mut range = None;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                    let (a, b) = v.trim().split_once('-').unwrap();
+                    range = Some((a.parse::<usize>().unwrap(), b.parse::<usize>().ok()));
+                }
+            }
+            requests.lock().unwrap().push(path.clone());
+            let respond = |stream: &mut std::net::TcpStream,
+                           status: &str,
+                           headers: &[(String, String)],
+                           body: &[u8]| {
+                let mut head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                    body.len()
+                );
+                for (k, v) in headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str("\r\n");
+                let _ = stream
+                    .write_all(head.as_bytes())
+                    .and_then(|_| stream.write_all(body));
+            };
+            if path == "/api/models/acme/served-vl/revision/main" {
+                let mut names: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
+                names.push("README.md".into());
+                let siblings: Vec<serde_json::Value> = names
+                    .iter()
+                    .map(|n| serde_json::json!({"rfilename": n}))
+                    .collect();
+                let body = serde_json::json!({"sha": COMMIT, "siblings": siblings}).to_string();
+                respond(
+                    &mut stream,
+                    "200 OK",
+                    &[("Content-Type".into(), "application/json".into())],
+                    body.as_bytes(),
+                );
+            } else if let Some(name) = path.strip_prefix("/acme/served-vl/resolve/main/") {
+                match files.iter().find(|(n, _)| n == name) {
+                    Some((_, data)) => {
+                        let (a, b) = range.unwrap_or((0, None));
+                        let b = b.unwrap_or(data.len() - 1).min(data.len() - 1);
+                        let headers = vec![
+                            ("X-Repo-Commit".to_string(), COMMIT.to_string()),
+                            (
+                                "ETag".to_string(),
+                                format!("\"{:x}-{}\"", data.len(), name.len()),
+                            ),
+                            (
+                                "Content-Range".to_string(),
+                                format!("bytes {a}-{b}/{}", data.len()),
+                            ),
+                        ];
+                        respond(&mut stream, "206 Partial Content", &headers, &data[a..=b]);
+                    }
+                    None => respond(&mut stream, "404 Not Found", &[], b"not found"),
+                }
+            } else {
+                respond(&mut stream, "404 Not Found", &[], b"not found");
+            }
+        }
+    });
+    (addr, log)
+}
+
+#[test]
+fn downloads_through_hf_endpoint_from_a_loopback_hub() {
+    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(fixtures().join("tiny-b"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| {
+            (
+                e.file_name().to_str().unwrap().to_string(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    let (endpoint, log) = serve_hub(files.clone());
+    let cache = tempfile::tempdir().unwrap();
+    let cache_str = cache.path().to_str().unwrap();
+    let args = [
+        "--model",
+        "acme/served-vl",
+        "--prompt",
+        "hi",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ];
+    let v = ok_json(&chat(
+        &args,
+        &[("HF_HUB_CACHE", cache_str), ("HF_ENDPOINT", &endpoint)],
+    ));
+    let dir = PathBuf::from(v["model"].as_str().unwrap());
+    assert!(
+        dir.starts_with(cache.path())
+            && dir.ends_with("snapshots/0123456789abcdef0123456789abcdef01234567"),
+        "{dir:?}"
+    );
+    for (name, data) in &files {
+        assert_eq!(&std::fs::read(dir.join(name)).unwrap(), data, "{name}");
+    }
+    assert!(
+        !dir.join("README.md").exists(),
+        "only the files a model needs"
+    );
+    let requests = log.lock().unwrap().clone();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.starts_with("/api/models/acme/served-vl"))
+    );
+    // The same answer as from the fixture directory itself.
+    let local = ok_json(&chat(
+        &[
+            "--model",
+            fixtures().join("tiny-b").to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ],
+        &[],
+    ));
+    assert_eq!(v["token_ids"], local["token_ids"]);
+    // Now cached: offline works, without a request.
+    let before = log.lock().unwrap().len();
+    ok_json(&chat(
+        &args,
+        &[("HF_HUB_CACHE", cache_str), ("HF_HUB_OFFLINE", "1")],
+    ));
+    assert_eq!(log.lock().unwrap().len(), before);
+    // An endpoint that does not answer: the error names it and says what to do.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let o = chat(
+        &["--model", "acme/other", "--prompt", "hi"],
+        &[("HF_HUB_CACHE", cache_str), ("HF_ENDPOINT", &dead)],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&dead) && err.contains("huggingface-cli download acme/other"),
+        "{err}"
+    );
+}

@@ -38,7 +38,80 @@ fn is_repo_id(spec: &str) -> bool {
     ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
 }
 
-/// Resolves `spec` to a model directory holding `config.json`.
+/// How to reach a Hugging Face hub when a repo id is not cached.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    /// `https://huggingface.co`, or a mirror (`HF_ENDPOINT`).
+    pub endpoint: String,
+    /// Never download (`HF_HUB_OFFLINE=1`).
+    pub offline: bool,
+    /// Draw download progress bars.
+    pub progress: bool,
+}
+
+/// The files a model directory needs; everything else in a repo (READMEs, PyTorch `.bin`
+/// duplicates, ONNX exports) is skipped.
+fn wanted(file: &str) -> bool {
+    !file.contains('/')
+        && (file.ends_with(".json")
+            || file.ends_with(".jinja")
+            || file.ends_with(".safetensors")
+            || file == "tokenizer.model")
+}
+
+/// Downloads the files of `repo_id` a model needs into the cache (the hub's cache layout, so
+/// Python tools reuse them) with the hf-hub crate, and returns the snapshot directory.
+pub fn download_model(repo_id: &str, cache_dir: &Path, hub: &Hub) -> Result<PathBuf, Error> {
+    use hf_hub::{Cache, api::sync::ApiBuilder};
+    let err = |e: hf_hub::api::sync::ApiError| {
+        Error::Resolve(format!("downloading {repo_id} from {}: {e}", hub.endpoint))
+    };
+    let api = ApiBuilder::from_cache(Cache::new(cache_dir.to_path_buf()))
+        .with_endpoint(hub.endpoint.trim_end_matches('/').to_string())
+        .with_progress(hub.progress)
+        .build()
+        .map_err(err)?;
+    let repo = api.model(repo_id.to_string());
+    let info = repo.info().map_err(err)?;
+    let files: Vec<String> = info
+        .siblings
+        .iter()
+        .map(|s| s.rfilename.clone())
+        .filter(|f| wanted(f))
+        .collect();
+    if !files.iter().any(|f| f == "config.json") {
+        return Err(Error::Resolve(format!(
+            "{repo_id} on {} has no config.json: not a model repository",
+            hub.endpoint
+        )));
+    }
+    let mut dir = None;
+    for file in &files {
+        let path = repo.get(file).map_err(err)?;
+        dir.get_or_insert_with(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
+    }
+    dir.ok_or_else(|| Error::Resolve(format!("{repo_id}: nothing to download")))
+}
+
+/// Resolves `spec` to a model directory holding `config.json`: a local directory, a repo id in
+/// the cache, or (unless offline) a repo id downloaded into the cache.
+pub fn resolve_model_or_download(
+    spec: &str,
+    cache_dir: &Path,
+    hub: &Hub,
+) -> Result<PathBuf, Error> {
+    match resolve_model(spec, cache_dir) {
+        Err(Error::Resolve(message))
+            if is_repo_id(spec) && !Path::new(spec).exists() && !hub.offline =>
+        {
+            download_model(spec, cache_dir, hub)
+                .map_err(|e| Error::Resolve(format!("{e}\n\n{message}")))
+        }
+        other => other,
+    }
+}
+
+/// Resolves `spec` to a model directory holding `config.json` without any network access.
 pub fn resolve_model(spec: &str, cache_dir: &Path) -> Result<PathBuf, Error> {
     let path = Path::new(spec);
     if path.is_dir() {
