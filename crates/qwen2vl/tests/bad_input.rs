@@ -11,15 +11,6 @@ use inspector_qwen2vl::{
     image::{ProcessorConfig, process_bytes, process_file},
 };
 
-fn copy_model(name: &str, to: &Path) {
-    for entry in std::fs::read_dir(fixtures().join(name)).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
-}
-
 fn load_err(dir: &Path) -> String {
     match Qwen2Vl::load(dir, DType::F32, &Device::Cpu) {
         Ok(_) => panic!("{} should not load", dir.display()),

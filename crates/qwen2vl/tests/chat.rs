@@ -261,7 +261,6 @@ fn bad_input_tokenizer_template_images_context() {
         dir.path().join("tokenizer.json"),
     )
     .unwrap();
-    // A template that fails to render.
     // A syntax error is reported at load, an unknown filter when rendering; both name the file.
     std::fs::write(
         dir.path().join("chat_template.jinja"),
@@ -314,12 +313,7 @@ fn bad_input_tokenizer_template_images_context() {
     );
     // A prompt longer than the context.
     let model_dir = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(fixtures().join("tiny-a")).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), model_dir.path().join(e.file_name())).unwrap();
-        }
-    }
+    common::copy_model("tiny-a", model_dir.path());
     let cfg_path = model_dir.path().join("config.json");
     let mut cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();

@@ -93,3 +93,13 @@ pub fn max_abs(t: &Tensor) -> f32 {
 pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap())
 }
+
+/// Copies a fixture model directory's files into `to`, for tests that break a copy.
+pub fn copy_model(name: &str, to: &std::path::Path) {
+    for entry in std::fs::read_dir(fixtures().join(name)).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
