@@ -21,11 +21,13 @@
 //! }
 //! ```
 
+mod annotation;
 pub mod citation;
 pub mod numerals;
 mod rule;
 pub mod text;
 
+pub use annotation::{Annotation, BBox, Risk, Violation};
 pub use rule::{Diagnostic, DiagnosticKind, Rule, SourceSpan, format_citation, rule_id};
 
 /// The categories safety teams here sort their rules into, in display order. `其他` ("other")
