@@ -3,6 +3,7 @@
 
 mod bundled;
 mod chat_cmd;
+mod dataset_cmd;
 mod model_args;
 mod model_cmd;
 mod output;
@@ -26,6 +27,9 @@ enum Command {
     /// Regulation documents → clause-level rules in the database.
     #[command(subcommand)]
     Rules(rules_cmd::RulesCommand),
+    /// Annotated images → validated training samples.
+    #[command(subcommand)]
+    Dataset(dataset_cmd::DatasetCommand),
     /// Chat with a Qwen2-VL model about images.
     Chat(chat_cmd::ChatArgs),
     /// Inspect and run a Qwen2-VL checkpoint (a Hugging Face model directory).
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Command::Rules(cmd) => rules_cmd::run(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Chat(args) => chat_cmd::run(args),
+        Command::Dataset(cmd) => dataset_cmd::run(cmd),
     };
     match result {
         Ok(code) => code,
