@@ -152,10 +152,10 @@ impl Checker<'_> {
         } else if x2 == x1 || y2 == y1 {
             self.error(field, format!("empty box {b:?}"));
         }
-        if let Some((w, h)) = size {
-            if x1 < 0.0 || y1 < 0.0 || x2 > w as f64 || y2 > h as f64 {
-                self.error(field, format!("box {b:?} lies outside the {w}×{h} image"));
-            }
+        if let Some((w, h)) = size
+            && (x1 < 0.0 || y1 < 0.0 || x2 > w as f64 || y2 > h as f64)
+        {
+            self.error(field, format!("box {b:?} lies outside the {w}×{h} image"));
         }
     }
 }
@@ -222,18 +222,18 @@ pub fn validate_text(text: &str, base: &Path, rules: &[Rule]) -> Report {
                 c.error(format!("violations[{k}]"), "expected an object");
                 continue;
             }
-            if let Some(d) = c.string(viol, "description", &f("description"), true) {
-                if d.trim().is_empty() {
-                    c.error(f("description"), "empty description");
-                }
+            if let Some(d) = c.string(viol, "description", &f("description"), true)
+                && d.trim().is_empty()
+            {
+                c.error(f("description"), "empty description");
             }
             if let Some(rule) = c.string(viol, "rule", &f("rule"), true) {
                 c.rule(&f("rule"), rule);
             }
-            if let Some(risk) = c.string(viol, "risk", &f("risk"), true) {
-                if Risk::parse(risk).is_none() {
-                    c.error(f("risk"), format!("`{risk}` is not a risk level: use 高, 中 or 低 (高风险, high, H … are accepted)"));
-                }
+            if let Some(risk) = c.string(viol, "risk", &f("risk"), true)
+                && Risk::parse(risk).is_none()
+            {
+                c.error(f("risk"), format!("`{risk}` is not a risk level: use 高, 中 or 低 (高风险, high, H … are accepted)"));
             }
             c.string(viol, "suggestion", &f("suggestion"), false);
             if let Some(b) = viol.get("box").filter(|b| !b.is_null()) {
