@@ -21,7 +21,8 @@ pub struct TemplateSource {
 /// A model's tokenizer and chat template.
 pub struct ChatTokenizer {
     pub tokenizer: Tokenizer,
-    template: String,
+    /// The template, compiled once at load.
+    env: minijinja::Environment<'static>,
     pub template_source: TemplateSource,
     image_pad: u32,
 }
@@ -51,16 +52,16 @@ impl ChatTokenizer {
             message: format!("not a valid tokenizer: {e}"),
         })?;
         let (template, file) = find_template(dir)?;
-        // Compile once now so that a broken template is reported at load, naming its file.
+        // Compiled once, so that a broken template is reported at load, naming its file.
         let mut env = environment();
-        env.add_template_owned("chat", template.clone())
+        env.add_template_owned("chat", template)
             .map_err(|e| Error::Template {
                 file: file.clone(),
                 message: e.to_string(),
             })?;
         Ok(ChatTokenizer {
             tokenizer,
-            template,
+            env,
             template_source: TemplateSource { file },
             image_pad,
         })
@@ -72,10 +73,10 @@ impl ChatTokenizer {
             file: self.template_source.file.clone(),
             message,
         };
-        let mut env = environment();
-        env.add_template("chat", &self.template)
+        let tmpl = self
+            .env
+            .get_template("chat")
             .map_err(|e| err(e.to_string()))?;
-        let tmpl = env.get_template("chat").map_err(|e| err(e.to_string()))?;
         let ctx = minijinja::context! {
             messages => minijinja::Value::from_serialize(messages),
             add_generation_prompt => options.add_generation_prompt && !options.continue_final_message,

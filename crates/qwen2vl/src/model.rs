@@ -97,14 +97,14 @@ impl Qwen2Vl {
         let config = Config::from_json(&text).map_err(|e| e.in_file(&config_path))?;
         let processor = ProcessorConfig::from_model_dir(dir)?;
         let files = weights::safetensors_files(dir)?;
-        let (vb, key_layout) = weights::load(&files, dtype, device)?;
+        let (vb, key_layout, shapes) = weights::load(&files, dtype, device)?;
         let model = Self::from_var_builder(&config, processor, vb, key_layout).map_err(|e| {
             Error::Checkpoint {
                 path: dir.to_path_buf(),
                 message: e.to_string(),
             }
         })?;
-        let (vision_params, text_params, lm_head_params) = count_params(&files, key_layout)?;
+        let (vision_params, text_params, lm_head_params) = count_params(&shapes, key_layout);
         let info = ModelInfo {
             dir: dir.to_path_buf(),
             config,
@@ -335,9 +335,9 @@ fn batch_dims(batch: &Batch) -> Result<(usize, usize), Error> {
 }
 
 /// Parameters per part, from the safetensors headers (tied weights counted once).
-fn count_params(files: &[PathBuf], layout: KeyLayout) -> Result<(usize, usize, usize), Error> {
+fn count_params(shapes: &weights::TensorShapes, layout: KeyLayout) -> (usize, usize, usize) {
     let (mut vision, mut text, mut head) = (0, 0, 0);
-    for (name, shape) in weights::tensor_shapes(files)? {
+    for (name, shape) in shapes {
         let n: usize = shape.iter().product();
         if name.starts_with(layout.vision_prefix()) {
             vision += n;
@@ -347,5 +347,5 @@ fn count_params(files: &[PathBuf], layout: KeyLayout) -> Result<(usize, usize, u
             text += n;
         }
     }
-    Ok((vision, text, head))
+    (vision, text, head)
 }

@@ -93,7 +93,11 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, Error> {
     })
 }
 
-/// Opens `files` for loading and tells the key layout from the embedding's name.
+/// Every tensor's name and shape, from the shard headers.
+pub type TensorShapes = Vec<(String, Vec<usize>)>;
+
+/// Opens `files` for loading and tells the key layout from the embedding's name; also returns
+/// every tensor's shape (read from the same headers, for parameter counts).
 ///
 /// Tensors are read with positioned reads straight into the model's own buffers rather than
 /// through a memory map: a map's pages stay resident until the whole checkpoint is unmapped,
@@ -102,7 +106,7 @@ pub fn load(
     files: &[PathBuf],
     dtype: DType,
     device: &Device,
-) -> Result<(VarBuilder<'static>, KeyLayout), Error> {
+) -> Result<(VarBuilder<'static>, KeyLayout, TensorShapes), Error> {
     let backend = ShardReader::open(files)?;
     let has = |name: &str| backend.tensors.contains_key(name);
     let layout = if has("model.language_model.embed_tokens.weight") {
@@ -115,8 +119,13 @@ pub fn load(
             message: "no embedding tensor (model.embed_tokens.weight or model.language_model.embed_tokens.weight)".into(),
         });
     };
+    let shapes = backend
+        .tensors
+        .iter()
+        .map(|(name, e)| (name.clone(), e.shape.clone()))
+        .collect();
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-    Ok((vb, layout))
+    Ok((vb, layout, shapes))
 }
 
 /// Where one tensor lies in which shard.
@@ -241,14 +250,4 @@ impl SimpleBackend for ShardReader {
     fn contains_tensor(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
-}
-
-/// Every tensor's name and shape across `files`, from the headers alone.
-pub fn tensor_shapes(files: &[PathBuf]) -> Result<Vec<(String, Vec<usize>)>, Error> {
-    let reader = ShardReader::open(files)?;
-    Ok(reader
-        .tensors
-        .into_iter()
-        .map(|(name, e)| (name, e.shape))
-        .collect())
 }
