@@ -5,7 +5,10 @@
 //!
 //! - [`Rule`]: one clause of a regulation document, with its stable [`rule_id`] and citation;
 //! - [`numerals`]: Chinese, full-width and Arabic numerals (`第一百零三条` → 103);
-//! - [`citation`]: turning a citation written by a person or a model into one rule.
+//! - [`citation`]: turning a citation written by a person or a model into one rule;
+//! - [`answer`]: the canonical instruction ([`answer::INSTRUCTION`], versioned), the JSON answer
+//!   the model is trained to give, and the numbered Chinese list older tools write;
+//! - [`Annotation`]: one annotated photo, as annotation files hold it.
 //!
 //! ```
 //! use inspector_core::{Rule, SourceSpan, citation::{resolve, Resolution}};
@@ -22,6 +25,7 @@
 //! ```
 
 mod annotation;
+pub mod answer;
 pub mod citation;
 pub mod numerals;
 mod rule;
@@ -36,3 +40,10 @@ pub const DEFAULT_CATEGORIES: [&str; 5] = ["安全防护", "操作规范", "现�
 
 /// The category of a rule that matched no keyword.
 pub const OTHER_CATEGORY: &str = "其他";
+
+/// Image pixel budget for training and inspection (`max_pixels`): 1280 merged 28×28 blocks,
+/// the widely used fine-tuning setting for Qwen2-VL. Larger photos are shrunk to it.
+pub const DEFAULT_MAX_PIXELS: usize = 1280 * 28 * 28;
+
+/// The smallest pixel budget (`min_pixels`) for training and inspection.
+pub const DEFAULT_MIN_PIXELS: usize = 256 * 28 * 28;

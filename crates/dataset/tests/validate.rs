@@ -1,27 +1,12 @@
 //! Validation reports exactly the bad lines of a mixed file, each with its field, and never
 //! stops early.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use inspector_core::Rule;
-use inspector_dataset::{Problem, validate_file};
-use inspector_rules::{Categorizer, extract_file};
+use common::rules;
+use inspector_dataset::{Problem, load_file, validate_file};
 
-fn rules() -> Vec<Rule> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/regulations");
-    [
-        "safety-operation.md",
-        "site-management.txt",
-        "electrical-safety.docx",
-    ]
-    .iter()
-    .flat_map(|f| {
-        extract_file(&dir.join(f), &Categorizer::default())
-            .unwrap()
-            .rules
-    })
-    .collect()
-}
+mod common;
 
 fn png(path: &Path, w: u32, h: u32, shade: u8) {
     image::RgbImage::from_pixel(w, h, image::Rgb([shade, 100, 50]))
@@ -150,4 +135,47 @@ fn exactly_the_bad_lines_are_reported() {
             .message
             .contains("same image bytes as line 1")
     );
+
+    // Every other step refuses the file, with the same full report.
+    match load_file(&file, &rules()) {
+        Err(inspector_dataset::Error::Invalid { report: r, .. }) => assert_eq!(*r, report),
+        other => panic!("{other:?}"),
+    }
+    // The good lines alone load, citations canonical and risks normalised.
+    let good_lines: Vec<&str> = [1usize, 2, 13, 15]
+        .iter()
+        .map(|&l| lines[l - 1].as_str())
+        .collect();
+    std::fs::write(&file, good_lines.join("\n")).unwrap();
+    let dataset = load_file(&file, &rules()).unwrap();
+    let got: Vec<(usize, &str, Vec<&str>)> = dataset
+        .records
+        .iter()
+        .map(|r| {
+            (
+                r.line,
+                r.category.as_str(),
+                r.annotation
+                    .violations
+                    .iter()
+                    .map(|v| v.rule.as_str())
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (1, "安全防护", vec!["《安全作业规程》第3.1条"]),
+            (2, "safe", vec![]),
+            (3, "安全防护", vec!["《安全作业规程》第3.1条"]),
+            (4, "现场管理", vec!["《现场管理标准》第2.2条"]),
+        ]
+    );
+    assert_eq!(
+        dataset.records[3].annotation.violations[0].risk,
+        inspector_core::Risk::Low
+    );
+    assert_eq!(dataset.records[0].size, (200, 100));
+    assert_eq!(dataset.warnings.len(), 1);
 }

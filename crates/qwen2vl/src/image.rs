@@ -11,10 +11,17 @@
 //! is sniffed from the bytes (an allow-list), and the declared dimensions are checked against a
 //! pixel budget, so a "decompression bomb" is refused cheaply.
 
-use std::{io::Cursor, path::Path};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
+use image::RgbImage;
+pub use inspector_imaging::{DEFAULT_MAX_DECODE_PIXELS, MIN_SIDE};
+
+/// Decodes image bytes to RGB under the project's one decoding policy
+/// ([`inspector_imaging::decode_rgb`]).
+pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Error> {
+    inspector_imaging::decode_rgb(bytes, max_pixels).map_err(|e| Error::Image(e.0))
+}
 use serde_json::Value;
 
 use crate::Error;
@@ -44,7 +51,7 @@ impl Default for ProcessorConfig {
             merge_size: 2,
             image_mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
             image_std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
-            max_decode_pixels: 100_000_000,
+            max_decode_pixels: DEFAULT_MAX_DECODE_PIXELS,
         }
     }
 }
@@ -222,85 +229,6 @@ pub fn smart_resize(
 }
 
 /// The formats accepted, sniffed from the bytes.
-const ALLOWED: [ImageFormat; 6] = [
-    ImageFormat::Jpeg,
-    ImageFormat::Png,
-    ImageFormat::WebP,
-    ImageFormat::Bmp,
-    ImageFormat::Gif,
-    ImageFormat::Tiff,
-];
-
-/// The smallest side accepted: one merged 28-px block.
-pub const MIN_SIDE: u32 = 28;
-
-/// Decodes image bytes to RGB, refusing anything that is not an allowed image or that
-/// declares more than `max_pixels` pixels (checked from the header, before decoding).
-pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Error> {
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::Image(format!("cannot read: {e}")))?;
-    let format = reader
-        .format()
-        .ok_or_else(|| Error::Image("not an image (unknown format)".into()))?;
-    if !ALLOWED.contains(&format) {
-        return Err(Error::Image(format!("format {format:?} is not accepted")));
-    }
-    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        // The JPEG decoder fills a cut-off scan with grey rather than failing; a model must
-        // never be shown invented pixels, so a truncated file is refused.
-        return Err(Error::Image(
-            "truncated Jpeg image (no end-of-image marker after the last scan)".into(),
-        ));
-    }
-    let mut decoder = reader
-        .into_decoder()
-        .map_err(|e| Error::Image(format!("not a valid {format:?} image: {e}")))?;
-    let (w, h) = decoder.dimensions();
-    let pixels = w as u64 * h as u64;
-    if pixels > max_pixels {
-        return Err(Error::Image(format!(
-            "declares {w}×{h} = {pixels} pixels, above the limit of {max_pixels}; refused before decoding"
-        )));
-    }
-    if w < MIN_SIDE || h < MIN_SIDE {
-        return Err(Error::Image(format!(
-            "{w}×{h} is too small: both sides must be at least {MIN_SIDE} px"
-        )));
-    }
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(w);
-    limits.max_image_height = Some(h);
-    // The decoded buffer (up to 16-bit RGBA) plus working room.
-    limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
-    decoder
-        .set_limits(limits)
-        .map_err(|e| Error::Image(format!("refused: {e}")))?;
-    let orientation = decoder
-        .orientation()
-        .map_err(|e| Error::Image(format!("cannot read orientation: {e}")))?;
-    let mut img = DynamicImage::from_decoder(decoder)
-        .map_err(|e| Error::Image(format!("corrupt {format:?} image: {e}")))?;
-    img.apply_orientation(orientation);
-    // PIL's convert("RGB"): alpha is dropped (not composited), grey replicated.
-    Ok(img.to_rgb8())
-}
-
-/// True when the last scan of a JPEG (`FF DA`) is followed by an end-of-image marker
-/// (`FF D9`). Inside entropy-coded data 0xFF is always stuffed, so the pair cannot occur by
-/// chance; an EXIF thumbnail's own marker comes before the main scan and does not count.
-fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let last = |marker: u8| {
-        bytes
-            .windows(2)
-            .rposition(|w| w[0] == 0xFF && w[1] == marker)
-    };
-    match (last(0xDA), last(0xD9)) {
-        (Some(sos), Some(eoi)) => eoi > sos,
-        _ => false,
-    }
-}
-
 /// Reads and processes an image file.
 pub fn process_file(path: &Path, config: &ProcessorConfig) -> Result<ProcessedImage, Error> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
