@@ -279,6 +279,7 @@ pub fn import(file: &Path, format: Format, out_dir: &Path) -> Result<Vec<Annotat
         out.push(Annotation { image, violations });
     }
     if !problems.is_empty() {
+        problems.sort_by_key(|p| p.line);
         return Err(Error::Invalid {
             file: file.to_path_buf(),
             report: Box::new(Report {
