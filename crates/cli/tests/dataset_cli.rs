@@ -94,12 +94,23 @@ fn build_writes_the_canonical_conversations() {
     let dir = tempfile::tempdir().unwrap();
     small_dataset(dir.path());
     let o = inspector(
-        &["dataset", "build", "ann.jsonl", "--out", "out/samples.jsonl", "--db", "x.db"],
+        &[
+            "dataset",
+            "build",
+            "ann.jsonl",
+            "--out",
+            "out/samples.jsonl",
+            "--db",
+            "x.db",
+        ],
         dir.path(),
     );
     ok(&o);
     let text = std::fs::read_to_string(dir.path().join("out/samples.jsonl")).unwrap();
-    let samples: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let samples: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(samples.len(), 12);
     let s = &samples[1];
     assert_eq!(
@@ -111,7 +122,10 @@ fn build_writes_the_canonical_conversations() {
         s["messages"][1]["content"],
         r#"{"status":"violation","violations":[{"description":"未戴安全帽","rule":"《安全作业规程》第3.1条","risk":"高","box":[99,100,495,500]}]}"#
     );
-    assert_eq!(samples[0]["messages"][1]["content"], r#"{"status":"safe","violations":[]}"#);
+    assert_eq!(
+        samples[0]["messages"][1]["content"],
+        r#"{"status":"safe","violations":[]}"#
+    );
     // Image paths are valid from the output file's folder.
     for s in &samples {
         let image = s["images"][0].as_str().unwrap();
@@ -124,7 +138,19 @@ fn split_paths_are_valid_from_the_output_folder() {
     let dir = tempfile::tempdir().unwrap();
     small_dataset(dir.path());
     let o = inspector(
-        &["dataset", "split", "ann.jsonl", "--eval-ratio", "0.25", "--seed", "5", "--out-dir", "splits/a", "--db", "x.db"],
+        &[
+            "dataset",
+            "split",
+            "ann.jsonl",
+            "--eval-ratio",
+            "0.25",
+            "--seed",
+            "5",
+            "--out-dir",
+            "splits/a",
+            "--db",
+            "x.db",
+        ],
         dir.path(),
     );
     ok(&o);
@@ -133,19 +159,39 @@ fn split_paths_are_valid_from_the_output_folder() {
         let text = std::fs::read_to_string(dir.path().join("splits/a").join(side)).unwrap();
         for line in text.lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            assert!(dir.path().join("splits/a").join(v["image"].as_str().unwrap()).is_file());
+            assert!(
+                dir.path()
+                    .join("splits/a")
+                    .join(v["image"].as_str().unwrap())
+                    .is_file()
+            );
             n += 1;
         }
     }
     assert_eq!(n, 12);
     // And they validate where they are.
     for side in ["train.jsonl", "eval.jsonl"] {
-        ok(&inspector(&["dataset", "validate", &format!("splits/a/{side}"), "--db", "x.db"], dir.path()));
+        ok(&inspector(
+            &[
+                "dataset",
+                "validate",
+                &format!("splits/a/{side}"),
+                "--db",
+                "x.db",
+            ],
+            dir.path(),
+        ));
     }
-    let stats = inspector(&["dataset", "stats", "ann.jsonl", "--json", "--db", "x.db"], dir.path());
+    let stats = inspector(
+        &["dataset", "stats", "ann.jsonl", "--json", "--db", "x.db"],
+        dir.path(),
+    );
     ok(&stats);
     let v: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
-    assert_eq!((v["records"].as_u64(), v["safe"].as_u64()), (Some(12), Some(4)));
+    assert_eq!(
+        (v["records"].as_u64(), v["safe"].as_u64()),
+        (Some(12), Some(4))
+    );
     assert_eq!(v["categories"]["安全防护"], 8);
     assert_eq!(v["risks"]["高"], 8);
 }
@@ -162,11 +208,34 @@ fn bad_input_writes_nothing() {
     std::fs::write(dir.path().join("bad.jsonl"), &text).unwrap();
     std::fs::write(dir.path().join("old.jsonl"), "OLD").unwrap();
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
-        (vec!["dataset", "build", "bad.jsonl", "--out", "old.jsonl"], vec![]),
-        (vec!["dataset", "build", "bad.jsonl", "--out", "new.jsonl"], vec!["new.jsonl"]),
-        (vec!["dataset", "split", "bad.jsonl", "--out-dir", "sp"], vec!["sp/train.jsonl", "sp/eval.jsonl"]),
-        (vec!["dataset", "augment", "bad.jsonl", "--out-dir", "aug"], vec!["aug/annotations.jsonl", "aug/manifest.jsonl", "aug/images"]),
-        (vec!["dataset", "export", "bad.jsonl", "--format", "swift", "--out-dir", "ex"], vec!["ex/safety_inspector.jsonl", "ex/images"]),
+        (
+            vec!["dataset", "build", "bad.jsonl", "--out", "old.jsonl"],
+            vec![],
+        ),
+        (
+            vec!["dataset", "build", "bad.jsonl", "--out", "new.jsonl"],
+            vec!["new.jsonl"],
+        ),
+        (
+            vec!["dataset", "split", "bad.jsonl", "--out-dir", "sp"],
+            vec!["sp/train.jsonl", "sp/eval.jsonl"],
+        ),
+        (
+            vec!["dataset", "augment", "bad.jsonl", "--out-dir", "aug"],
+            vec!["aug/annotations.jsonl", "aug/manifest.jsonl", "aug/images"],
+        ),
+        (
+            vec![
+                "dataset",
+                "export",
+                "bad.jsonl",
+                "--format",
+                "swift",
+                "--out-dir",
+                "ex",
+            ],
+            vec!["ex/safety_inspector.jsonl", "ex/images"],
+        ),
         (vec!["dataset", "stats", "bad.jsonl"], vec![]),
     ];
     for (args, outputs) in cases {
@@ -175,13 +244,19 @@ fn bad_input_writes_nothing() {
         let o = inspector(&args, dir.path());
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{args:?}");
-        assert!(err.contains("bad.jsonl:13: error: violations[0].box:"), "{args:?}: {err}");
+        assert!(
+            err.contains("bad.jsonl:13: error: violations[0].box:"),
+            "{args:?}: {err}"
+        );
         assert!(!err.contains("panicked"), "{err}");
         for out in outputs {
             assert!(!dir.path().join(out).exists(), "{args:?} wrote {out}");
         }
     }
-    assert_eq!(std::fs::read_to_string(dir.path().join("old.jsonl")).unwrap(), "OLD");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("old.jsonl")).unwrap(),
+        "OLD"
+    );
 
     // Import: a bad entry refuses the whole file; every bad entry is named.
     std::fs::write(
@@ -191,12 +266,31 @@ fn bad_input_writes_nothing() {
             {"messages": [], "images": ["photos/nope.png"]}]"#,
     )
     .unwrap();
-    let o = inspector(&["dataset", "import", "lf.json", "--format", "llamafactory", "--out", "old.jsonl"], dir.path());
+    let o = inspector(
+        &[
+            "dataset",
+            "import",
+            "lf.json",
+            "--format",
+            "llamafactory",
+            "--out",
+            "old.jsonl",
+        ],
+        dir.path(),
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("lf.json:2: error: answer:"), "{err}");
     assert!(err.contains("lf.json:3: error: messages:"), "{err}");
-    assert_eq!(std::fs::read_to_string(dir.path().join("old.jsonl")).unwrap(), "OLD");
-    let o = inspector(&["dataset", "import", "lf.json", "--format", "nonsense", "--out", "x.jsonl"], dir.path());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("old.jsonl")).unwrap(),
+        "OLD"
+    );
+    let o = inspector(
+        &[
+            "dataset", "import", "lf.json", "--format", "nonsense", "--out", "x.jsonl",
+        ],
+        dir.path(),
+    );
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("unknown format"));
 }

@@ -33,7 +33,11 @@ fn python() -> String {
 /// Runs the reference; `None` when Python or Pillow is missing.
 fn reference(args: &[&str]) -> Option<(usize, f64)> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench_dataset_pillow.py");
-    let out = Command::new(python()).arg(script).args(args).output().ok()?;
+    let out = Command::new(python())
+        .arg(script)
+        .args(args)
+        .output()
+        .ok()?;
     if !out.status.success() {
         eprintln!("reference failed: {}", String::from_utf8_lossy(&out.stderr));
         return None;
@@ -50,17 +54,29 @@ fn scene(w: u32, h: u32, seed: u32) -> RgbImage {
             return Rgb([220, 30, (seed % 200) as u8]);
         }
         let v = (x * 3 + y * 5 + seed * 17) % 256;
-        let n = ((x ^ y).wrapping_mul(2_654_435_761u32.wrapping_add(seed)) >> 27) as u32;
-        Rgb([(v / 2 + n) as u8, ((x + seed) % 256) as u8 / 2 + 40, ((y * 2) % 256) as u8 / 2 + 60])
+        let n = (x ^ y).wrapping_mul(2_654_435_761u32.wrapping_add(seed)) >> 27;
+        Rgb([
+            (v / 2 + n) as u8,
+            ((x + seed) % 256) as u8 / 2 + 40,
+            ((y * 2) % 256) as u8 / 2 + 60,
+        ])
     })
 }
 
 fn rules() -> Vec<inspector_core::Rule> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/regulations");
-    ["safety-operation.md", "site-management.txt", "electrical-safety.docx"]
-        .iter()
-        .flat_map(|f| extract_file(&dir.join(f), &Categorizer::default()).unwrap().rules)
-        .collect()
+    [
+        "safety-operation.md",
+        "site-management.txt",
+        "electrical-safety.docx",
+    ]
+    .iter()
+    .flat_map(|f| {
+        extract_file(&dir.join(f), &Categorizer::default())
+            .unwrap()
+            .rules
+    })
+    .collect()
 }
 
 fn validate_and_build(file: &Path, out_dir: &Path, rules: &[inspector_core::Rule]) -> usize {
@@ -80,7 +96,12 @@ fn pipeline(img: &RgbImage) -> Vec<u8> {
     let (img, _) = apply(img, &[], &Op::Flip);
     let (img, _) = apply(&img, &[], &Op::Rotate { degrees: 10.0 });
     let (w, h) = img.dimensions();
-    let crop = Op::Crop { x: w / 10, y: h / 10, width: w * 8 / 10, height: h * 8 / 10 };
+    let crop = Op::Crop {
+        x: w / 10,
+        y: h / 10,
+        width: w * 8 / 10,
+        height: h * 8 / 10,
+    };
     let (img, _) = apply(&img, &[], &crop);
     let (img, _) = apply(&img, &[], &Op::Brightness { factor: 1.2 });
     let (img, _) = apply(&img, &[], &Op::Contrast { factor: 0.8 });
@@ -89,7 +110,9 @@ fn pipeline(img: &RgbImage) -> Vec<u8> {
 }
 
 fn ratio(ours: f64, theirs: Option<f64>) -> String {
-    theirs.map_or("reference unavailable".into(), |t| format!("ratio {:.2}", ours / t))
+    theirs.map_or("reference unavailable".into(), |t| {
+        format!("ratio {:.2}", ours / t)
+    })
 }
 
 fn main() {
@@ -116,17 +139,28 @@ fn main() {
                     bbox: Some([25.0, 24.0, 64.0, 72.0]),
                 }]
             };
-            serde_json::to_string(&Annotation { image: name, violations }).unwrap()
+            serde_json::to_string(&Annotation {
+                image: name,
+                violations,
+            })
+            .unwrap()
         })
         .collect();
     let file = dir.join("annotations.jsonl");
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
-    std::fs::write(dir.join("rules.json"), serde_json::to_vec(&citations).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("rules.json"),
+        serde_json::to_vec(&citations).unwrap(),
+    )
+    .unwrap();
     std::fs::write(dir.join("instruction.txt"), INSTRUCTION).unwrap();
     let out = dir.join("built");
     std::fs::create_dir(&out).unwrap();
 
-    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
     let start = Instant::now();
     let n = one.install(|| validate_and_build(&file, &out, &rules));
     let single = n as f64 / start.elapsed().as_secs_f64();
@@ -187,8 +221,13 @@ fn main() {
         dir.join("py-aug").to_str().unwrap(),
     ])
     .map(|(n, s)| n as f64 / s);
-    println!("augment, {AUGMENT_IMAGES} 640×480 JPEGs (flip, rotate, crop, brightness, contrast, blur, PNG):");
-    println!("  rust 1 thread  {single:>8.1} images/s  ({})", ratio(single, py));
+    println!(
+        "augment, {AUGMENT_IMAGES} 640×480 JPEGs (flip, rotate, crop, brightness, contrast, blur, PNG):"
+    );
+    println!(
+        "  rust 1 thread  {single:>8.1} images/s  ({})",
+        ratio(single, py)
+    );
     println!(
         "  rust {} threads {parallel:>7.1} images/s  ({})",
         rayon::current_num_threads(),

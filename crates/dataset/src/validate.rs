@@ -316,10 +316,7 @@ impl<'a> Checker<'a> {
             });
             let suggestion = self.string(viol, "suggestion", &f("suggestion"), false);
             let bbox = match viol.get("box").filter(|b| !b.is_null()) {
-                Some(b) => match self.bbox(&f("box"), b, size) {
-                    Some(b) => Some(Some(b)),
-                    None => None,
-                },
+                Some(b) => self.bbox(&f("box"), b, size).map(Some),
                 None => Some(None),
             };
             if let (Some(d), Some(rule), Some(risk), Some(bbox)) = (description, rule, risk, bbox) {

@@ -45,7 +45,10 @@ fn assert_colour_in_box(img: &RgbImage, colour: Rgb<u8>, b: &[f64; 4], min_fill:
         }
     }
     let fill = inside as f64 / total.max(1) as f64;
-    assert!(fill >= min_fill, "{what}: colour fills {fill:.2} of the box");
+    assert!(
+        fill >= min_fill,
+        "{what}: colour fills {fill:.2} of the box"
+    );
 }
 
 #[test]
@@ -57,12 +60,26 @@ fn every_geometric_op_moves_boxes_with_the_pixels() {
         vec![Op::Rotate { degrees: 15.0 }],
         vec![Op::Rotate { degrees: -15.0 }],
         vec![Op::Rotate { degrees: 7.3 }],
-        vec![Op::Crop { x: 30, y: 20, width: 250, height: 170 }],
-        vec![Op::Brightness { factor: 0.7 }, Op::Contrast { factor: 1.3 }, Op::Blur { sigma: 1.5 }],
+        vec![Op::Crop {
+            x: 30,
+            y: 20,
+            width: 250,
+            height: 170,
+        }],
+        vec![
+            Op::Brightness { factor: 0.7 },
+            Op::Contrast { factor: 1.3 },
+            Op::Blur { sigma: 1.5 },
+        ],
         vec![
             Op::Flip,
             Op::Rotate { degrees: -11.0 },
-            Op::Crop { x: 25, y: 30, width: 280, height: 200 },
+            Op::Crop {
+                x: 25,
+                y: 30,
+                width: 280,
+                height: 200,
+            },
             Op::Brightness { factor: 1.25 },
             Op::Contrast { factor: 0.75 },
             Op::Blur { sigma: 1.0 },
@@ -76,7 +93,12 @@ fn every_geometric_op_moves_boxes_with_the_pixels() {
         let min_fill = if rotated { 0.6 } else { 0.9 };
         for (v, colour) in moved.iter().zip([RED, BLUE]) {
             let b = v.bbox.unwrap();
-            assert!(b[0] >= 0.0 && b[1] >= 0.0 && b[2] <= out.width() as f64 && b[3] <= out.height() as f64);
+            assert!(
+                b[0] >= 0.0
+                    && b[1] >= 0.0
+                    && b[2] <= out.width() as f64
+                    && b[3] <= out.height() as f64
+            );
             assert_colour_in_box(&out, colour, &b, min_fill, &format!("{ops:?}"));
         }
     }
@@ -96,12 +118,30 @@ fn a_crop_removes_exactly_the_labels_whose_box_is_gone() {
     let img = photo(300, 200, 2, &[(RED_BOX, RED), (BLUE_BOX, BLUE)]);
     let vs = vec![violation(RED_BOX), violation(BLUE_BOX)];
     // The blue box lies wholly outside this window.
-    let (out, kept) = apply_all(&img, &vs, &[Op::Crop { x: 0, y: 0, width: 180, height: 200 }]);
+    let (out, kept) = apply_all(
+        &img,
+        &vs,
+        &[Op::Crop {
+            x: 0,
+            y: 0,
+            width: 180,
+            height: 200,
+        }],
+    );
     assert_eq!(kept.len(), 1);
     assert_eq!(kept[0].bbox, Some([60.0, 40.0, 140.0, 120.0]));
     assert!(extent(&out, BLUE).is_none());
     // Here the red box is clipped on the left, and kept.
-    let (out, kept) = apply_all(&img, &vs, &[Op::Crop { x: 80, y: 0, width: 220, height: 200 }]);
+    let (out, kept) = apply_all(
+        &img,
+        &vs,
+        &[Op::Crop {
+            x: 80,
+            y: 0,
+            width: 220,
+            height: 200,
+        }],
+    );
     assert_eq!(kept.len(), 2);
     assert_eq!(kept[0].bbox, Some([0.0, 40.0, 60.0, 120.0]));
     assert_colour_in_box(&out, RED, &kept[0].bbox.unwrap(), 0.95, "clipped");
@@ -134,17 +174,25 @@ fn augmented_records_match_their_pixels_and_runs_are_reproducible() {
         lines.push(serde_json::to_string(&a).unwrap());
     }
     // A violation without a box: this photo must never be cropped.
-    photo(300, 200, 9, &[]).save(dir.path().join("images/nobox.png")).unwrap();
+    photo(300, 200, 9, &[])
+        .save(dir.path().join("images/nobox.png"))
+        .unwrap();
     lines.push(
         r#"{"image": "images/nobox.png", "violations": [{"description": "通道堆放杂物", "rule": "《现场管理标准》第2.2条", "risk": "中"}]}"#.into(),
     );
     let file = write_lines(dir.path(), "train.jsonl", &lines);
     let dataset = load_file(&file, &rules()).unwrap();
-    let options = AugmentOptions { factor: 12, seed: 3 };
+    let options = AugmentOptions {
+        factor: 12,
+        seed: 3,
+    };
     let out = dir.path().join("aug");
     let summary = augment(&dataset, &options, None, &out, &|| {}).unwrap();
     assert_eq!((summary.originals, summary.copies), (7, 84));
-    assert!(summary.removed_violations > 0, "some crops should cut a box away: {summary:?}");
+    assert!(
+        summary.removed_violations > 0,
+        "some crops should cut a box away: {summary:?}"
+    );
 
     let records: Vec<Annotation> = read_jsonl(&out.join("annotations.jsonl"));
     let manifest: Vec<serde_json::Value> = read_jsonl(&out.join("manifest.jsonl"));
@@ -188,7 +236,8 @@ fn augmented_records_match_their_pixels_and_runs_are_reproducible() {
     // Content-hash names: every file's name is the hash of its bytes.
     for r in &records {
         let bytes = std::fs::read(out.join(&r.image)).unwrap();
-        let hash = sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &bytes));
+        let hash =
+            sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &bytes));
         let hex: String = hash[..10].iter().map(|b| format!("{b:02x}")).collect();
         assert!(r.image.contains(&hex), "{}", r.image);
     }
@@ -200,7 +249,8 @@ fn augmented_records_match_their_pixels_and_runs_are_reproducible() {
         std::fs::read(again.join("annotations.jsonl")).unwrap()
     );
     // The output validates.
-    let report = inspector_dataset::validate_file(&out.join("annotations.jsonl"), &rules()).unwrap();
+    let report =
+        inspector_dataset::validate_file(&out.join("annotations.jsonl"), &rules()).unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 }
 
@@ -208,7 +258,9 @@ fn augmented_records_match_their_pixels_and_runs_are_reproducible() {
 fn eval_photos_are_refused_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();
     for k in 0..3u32 {
-        photo(64, 64, k, &[]).save(dir.path().join(format!("{k}.png"))).unwrap();
+        photo(64, 64, k, &[])
+            .save(dir.path().join(format!("{k}.png")))
+            .unwrap();
     }
     let line = |k: u32| format!(r#"{{"image": "{k}.png", "violations": []}}"#);
     let train = write_lines(dir.path(), "train.jsonl", &[line(0), line(1)]);
@@ -216,9 +268,15 @@ fn eval_photos_are_refused_and_nothing_is_written() {
     let train = load_file(&train, &[]).unwrap();
     let eval = load_file(&eval, &[]).unwrap();
     let out = dir.path().join("aug");
-    let err = augment(&train, &AugmentOptions { factor: 2, seed: 1 }, Some(&eval), &out, &|| {})
-        .unwrap_err()
-        .to_string();
+    let err = augment(
+        &train,
+        &AugmentOptions { factor: 2, seed: 1 },
+        Some(&eval),
+        &out,
+        &|| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("line 2 (1.png) is line 2 of"), "{err}");
     assert!(!out.join("annotations.jsonl").exists());
 }

@@ -30,20 +30,31 @@ fn dataset(dir: &Path) -> std::path::PathBuf {
                     rule: "《安全作业规程》第3.1条".into(),
                     risk: Risk::High,
                     suggestion: Some("立即佩戴合格安全帽".into()),
-                    bbox: Some([w as f64 * 0.1234, h as f64 * 0.0567, w as f64 * 0.777, h as f64 * 0.999]),
+                    bbox: Some([
+                        w as f64 * 0.1234,
+                        h as f64 * 0.0567,
+                        w as f64 * 0.777,
+                        h as f64 * 0.999,
+                    ]),
                 },
                 Violation {
                     description: "通道堆放杂物".into(),
                     rule: "《现场管理标准》第2.2条".into(),
                     risk: Risk::Low,
                     suggestion: None,
-                    bbox: if k == 2 { None } else { Some([0.0, 0.0, w as f64, h as f64]) },
+                    bbox: if k == 2 {
+                        None
+                    } else {
+                        Some([0.0, 0.0, w as f64, h as f64])
+                    },
                 },
             ],
         };
         lines.push(serde_json::to_string(&a).unwrap());
     }
-    photo(100, 80, 7, &[]).save(dir.join("photos/safe.png")).unwrap();
+    photo(100, 80, 7, &[])
+        .save(dir.join("photos/safe.png"))
+        .unwrap();
     lines.push(r#"{"image": "photos/safe.png", "violations": []}"#.into());
     write_lines(dir, "annotations.jsonl", &lines)
 }
@@ -51,12 +62,23 @@ fn dataset(dir: &Path) -> std::path::PathBuf {
 /// Compares two annotation files record by record: same violations, rules, risks, texts;
 /// boxes within one unit on the 0–1000 scale of their image.
 fn assert_same(a: &Path, b: &Path) {
-    let (a, b) = (load_file(a, &rules()).unwrap(), load_file(b, &rules()).unwrap());
+    let (a, b) = (
+        load_file(a, &rules()).unwrap(),
+        load_file(b, &rules()).unwrap(),
+    );
     assert_eq!(a.records.len(), b.records.len());
     for (ra, rb) in a.records.iter().zip(&b.records) {
         assert_eq!(ra.sha256, rb.sha256, "the same photo");
-        assert_eq!(ra.annotation.violations.len(), rb.annotation.violations.len());
-        for (va, vb) in ra.annotation.violations.iter().zip(&rb.annotation.violations) {
+        assert_eq!(
+            ra.annotation.violations.len(),
+            rb.annotation.violations.len()
+        );
+        for (va, vb) in ra
+            .annotation
+            .violations
+            .iter()
+            .zip(&rb.annotation.violations)
+        {
             assert_eq!(
                 (&va.description, &va.rule, va.risk, &va.suggestion),
                 (&vb.description, &vb.rule, vb.risk, &vb.suggestion)
@@ -93,7 +115,10 @@ fn round_trip(format: Format) {
     let file1 = write_lines(
         &back1,
         "annotations.jsonl",
-        &imported.iter().map(|a| serde_json::to_string(a).unwrap()).collect::<Vec<_>>(),
+        &imported
+            .iter()
+            .map(|a| serde_json::to_string(a).unwrap())
+            .collect::<Vec<_>>(),
     );
     assert_same(&original, &file1);
 
@@ -104,15 +129,25 @@ fn round_trip(format: Format) {
     let file2 = write_lines(
         &out2,
         "annotations.jsonl",
-        &imported2.iter().map(|a| serde_json::to_string(a).unwrap()).collect::<Vec<_>>(),
+        &imported2
+            .iter()
+            .map(|a| serde_json::to_string(a).unwrap())
+            .collect::<Vec<_>>(),
     );
     assert_same(&original, &file2);
     if format == Format::LlamaFactory {
         // Two exports of the same data are the same conversations.
-        assert_eq!(std::fs::read(&data1).unwrap(), std::fs::read(&data2).unwrap());
+        assert_eq!(
+            std::fs::read(&data1).unwrap(),
+            std::fs::read(&data2).unwrap()
+        );
         let info: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out1.join("dataset_info.json")).unwrap()).unwrap();
-        assert_eq!(info["safety_inspector"]["file_name"], "safety_inspector.json");
+            serde_json::from_slice(&std::fs::read(out1.join("dataset_info.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            info["safety_inspector"]["file_name"],
+            "safety_inspector.json"
+        );
         assert_eq!(info["safety_inspector"]["columns"]["images"], "images");
     }
 }
@@ -133,8 +168,17 @@ fn dataset_info_keeps_other_entries() {
     let original = dataset(dir.path());
     let out = dir.path().join("lf");
     std::fs::create_dir(&out).unwrap();
-    std::fs::write(out.join("dataset_info.json"), r#"{"alpaca_zh": {"file_name": "alpaca.json"}}"#).unwrap();
-    export(&load_file(&original, &rules()).unwrap(), Format::LlamaFactory, &out).unwrap();
+    std::fs::write(
+        out.join("dataset_info.json"),
+        r#"{"alpaca_zh": {"file_name": "alpaca.json"}}"#,
+    )
+    .unwrap();
+    export(
+        &load_file(&original, &rules()).unwrap(),
+        Format::LlamaFactory,
+        &out,
+    )
+    .unwrap();
     let info: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("dataset_info.json")).unwrap()).unwrap();
     assert_eq!(info["alpaca_zh"]["file_name"], "alpaca.json");
@@ -174,17 +218,49 @@ fn article_import_and_round_trip() {
     let v = &imported[0].violations;
     assert_eq!(v.len(), 2);
     assert_eq!(
-        (v[0].description.as_str(), v[0].rule.as_str(), v[0].risk, v[0].suggestion.as_deref()),
-        ("作业人员未佩戴安全帽,头部缺乏有效防护", "《安全作业规程》第3.1条", Risk::High, Some("立即佩戴合格安全帽"))
+        (
+            v[0].description.as_str(),
+            v[0].rule.as_str(),
+            v[0].risk,
+            v[0].suggestion.as_deref()
+        ),
+        (
+            "作业人员未佩戴安全帽,头部缺乏有效防护",
+            "《安全作业规程》第3.1条",
+            Risk::High,
+            Some("立即佩戴合格安全帽")
+        )
     );
-    assert_eq!((v[1].rule.as_str(), v[1].risk, v[1].suggestion.as_deref()), ("《现场管理标准》第2.2条", Risk::Low, None));
+    assert_eq!(
+        (v[1].rule.as_str(), v[1].risk, v[1].suggestion.as_deref()),
+        ("《现场管理标准》第2.2条", Risk::Low, None)
+    );
     assert!(imported[1].violations.is_empty());
 
-    let file1 = write_lines(&ours, "annotations.jsonl", &imported.iter().map(|a| serde_json::to_string(a).unwrap()).collect::<Vec<_>>());
+    let file1 = write_lines(
+        &ours,
+        "annotations.jsonl",
+        &imported
+            .iter()
+            .map(|a| serde_json::to_string(a).unwrap())
+            .collect::<Vec<_>>(),
+    );
     let lf = dir.path().join("lf");
-    export(&load_file(&file1, &rules()).unwrap(), Format::LlamaFactory, &lf).unwrap();
+    export(
+        &load_file(&file1, &rules()).unwrap(),
+        Format::LlamaFactory,
+        &lf,
+    )
+    .unwrap();
     let back = import(&lf.join("safety_inspector.json"), Format::LlamaFactory, &lf).unwrap();
-    let file2 = write_lines(&lf, "annotations.jsonl", &back.iter().map(|a| serde_json::to_string(a).unwrap()).collect::<Vec<_>>());
+    let file2 = write_lines(
+        &lf,
+        "annotations.jsonl",
+        &back
+            .iter()
+            .map(|a| serde_json::to_string(a).unwrap())
+            .collect::<Vec<_>>(),
+    );
     assert_same(&file1, &file2);
 }
 
@@ -203,14 +279,35 @@ fn bad_entries_are_all_reported() {
     ];
     let file = write_lines(dir.path(), "swift.jsonl", &lines.map(String::from));
     let err = import(&file, Format::Swift, dir.path()).unwrap_err();
-    let inspector_dataset::Error::Invalid { report, .. } = err else { panic!("{err}") };
-    let got: Vec<(usize, &str)> = report.errors.iter().map(|p| (p.line, p.field.as_str())).collect();
+    let inspector_dataset::Error::Invalid { report, .. } = err else {
+        panic!("{err}")
+    };
+    let got: Vec<(usize, &str)> = report
+        .errors
+        .iter()
+        .map(|p| (p.line, p.field.as_str()))
+        .collect();
     assert_eq!(
         got,
-        [(2, "messages"), (3, "answer"), (4, "images"), (5, "answer"), (6, ""), (7, "answer")],
+        [
+            (2, "messages"),
+            (3, "answer"),
+            (4, "images"),
+            (5, "answer"),
+            (6, ""),
+            (7, "answer")
+        ],
         "{:#?}",
         report.errors
     );
-    assert!(report.errors[3].message.contains("missing.png"), "{}", report.errors[3].message);
-    assert!(report.errors[5].message.contains("`危险` is not a risk level"));
+    assert!(
+        report.errors[3].message.contains("missing.png"),
+        "{}",
+        report.errors[3].message
+    );
+    assert!(
+        report.errors[5]
+            .message
+            .contains("`危险` is not a risk level")
+    );
 }
