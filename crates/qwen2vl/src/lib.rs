@@ -33,6 +33,7 @@
 //! # Ok::<(), inspector_qwen2vl::Error>(())
 //! ```
 
+pub mod adapter;
 pub mod chat;
 pub mod config;
 pub mod generate;
@@ -41,6 +42,7 @@ pub mod init;
 mod model;
 pub mod ops;
 pub mod positions;
+mod proj;
 pub mod resolve;
 pub mod text;
 pub mod vision;
@@ -50,6 +52,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{Config, ConfigLayout, TextConfig, TokenIds, VisionConfig};
 pub use model::{Batch, DecodeState, Logits, ModelInfo, Output, Qwen2Vl};
+pub use inspector_lora::{Lora, LoraConfig};
 pub use vision::VisionInput;
 pub use weights::KeyLayout;
 
@@ -88,6 +91,8 @@ pub enum Error {
     Input(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Lora(#[from] inspector_lora::Error),
 }
 
 impl Error {

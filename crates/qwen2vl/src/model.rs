@@ -6,8 +6,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
+use inspector_lora::Lora;
+
 use crate::{
     Error,
+    proj::Ctx,
     config::{Config, ConfigLayout},
     image::ProcessorConfig,
     positions::{RopeIndex, rope_index},
@@ -92,13 +95,24 @@ impl Qwen2Vl {
     /// Loads a Hugging Face model directory (config.json, safetensors single or sharded, in
     /// either key layout; processor config if present).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, ModelInfo), Error> {
+        Self::load_with(dir, dtype, device, None)
+    }
+
+    /// [`Qwen2Vl::load`], offering every linear layer to a LoRA set (new, or read from an
+    /// adapter with [`crate::adapter::read`]).
+    pub fn load_with(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        lora: Option<&Lora>,
+    ) -> Result<(Self, ModelInfo), Error> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let config = Config::from_json(&text).map_err(|e| e.in_file(&config_path))?;
         let processor = ProcessorConfig::from_model_dir(dir)?;
         let files = weights::safetensors_files(dir)?;
         let (vb, key_layout, shapes) = weights::load(&files, dtype, device)?;
-        let model = Self::from_var_builder(&config, processor, vb, key_layout).map_err(|e| {
+        let model = Self::from_var_builder_with(&config, processor, vb, key_layout, lora).map_err(|e| {
             Error::Checkpoint {
                 path: dir.to_path_buf(),
                 message: e.to_string(),
@@ -126,8 +140,27 @@ impl Qwen2Vl {
         vb: VarBuilder,
         key_layout: KeyLayout,
     ) -> candle_core::Result<Self> {
-        let vision = VisionModel::new(&config.vision, vb.pp(key_layout.vision_prefix()))?;
-        let text = TextModel::new(&config.text, vb.pp(key_layout.text_prefix()))?;
+        Self::from_var_builder_with(config, processor, vb, key_layout, None)
+    }
+
+    /// [`Qwen2Vl::from_var_builder`], offering every linear layer to a LoRA set.
+    pub fn from_var_builder_with(
+        config: &Config,
+        processor: ProcessorConfig,
+        vb: VarBuilder,
+        key_layout: KeyLayout,
+        lora: Option<&Lora>,
+    ) -> candle_core::Result<Self> {
+        let vision = VisionModel::new(
+            &config.vision,
+            vb.pp(key_layout.vision_prefix()),
+            &Ctx::root(lora, "model.visual"),
+        )?;
+        let text = TextModel::new(
+            &config.text,
+            vb.pp(key_layout.text_prefix()),
+            &Ctx::root(lora, "model.language_model"),
+        )?;
         let lm_head = if config.tie_word_embeddings {
             Linear::new(text.embed_tokens.embeddings().clone(), None)
         } else {

@@ -2,7 +2,10 @@
 //! dimension split between them by `mrope_section`.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear, linear_no_bias};
+use candle_nn::{Embedding, VarBuilder, embedding};
+use inspector_lora::Linear;
+
+use crate::proj::Ctx;
 
 use crate::{
     config::TextConfig,
@@ -105,13 +108,14 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, ctx: &Ctx) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nq, nkv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
         Ok(Attention {
-            q_proj: linear(h, cfg.num_attention_heads * hd, vb.pp("q_proj"))?,
-            k_proj: linear(h, cfg.num_key_value_heads * hd, vb.pp("k_proj"))?,
-            v_proj: linear(h, cfg.num_key_value_heads * hd, vb.pp("v_proj"))?,
-            o_proj: linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
+            q_proj: ctx.linear(h, nq, true, &vb, "q_proj")?,
+            k_proj: ctx.linear(h, nkv, true, &vb, "k_proj")?,
+            v_proj: ctx.linear(h, nkv, true, &vb, "v_proj")?,
+            o_proj: ctx.linear(nq, h, false, &vb, "o_proj")?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
@@ -179,12 +183,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, ctx: &Ctx) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Mlp {
-            gate_proj: linear_no_bias(h, i, vb.pp("gate_proj"))?,
-            up_proj: linear_no_bias(h, i, vb.pp("up_proj"))?,
-            down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
+            gate_proj: ctx.linear(h, i, false, &vb, "gate_proj")?,
+            up_proj: ctx.linear(h, i, false, &vb, "up_proj")?,
+            down_proj: ctx.linear(i, h, false, &vb, "down_proj")?,
         })
     }
 
@@ -203,10 +207,10 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, ctx: &Ctx) -> Result<Self> {
         Ok(DecoderLayer {
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"), &ctx.pp("self_attn"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"), &ctx.pp("mlp"))?,
             input_layernorm: RmsNorm::new(
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
@@ -254,9 +258,9 @@ pub struct TextModel {
 }
 
 impl TextModel {
-    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &TextConfig, vb: VarBuilder, ctx: &Ctx) -> Result<Self> {
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
+            .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i), &ctx.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(TextModel {
             embed_tokens: embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?,

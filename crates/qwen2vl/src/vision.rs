@@ -2,10 +2,12 @@
 //! and the merger that turns each 2×2 block of patches into one language-model token.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder, linear};
+use candle_nn::VarBuilder;
+use inspector_lora::Linear;
 
 use crate::{
     config::VisionConfig,
+    proj::Ctx,
     ops::{LayerNorm, apply_rotary, quick_gelu, softmax_f32},
 };
 
@@ -56,10 +58,10 @@ struct VisionAttention {
 }
 
 impl VisionAttention {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, vb: VarBuilder, ctx: &Ctx) -> Result<Self> {
         Ok(VisionAttention {
-            qkv: linear(cfg.embed_dim, cfg.embed_dim * 3, vb.pp("qkv"))?,
-            proj: linear(cfg.embed_dim, cfg.embed_dim, vb.pp("proj"))?,
+            qkv: ctx.linear(cfg.embed_dim, cfg.embed_dim * 3, true, &vb, "qkv")?,
+            proj: ctx.linear(cfg.embed_dim, cfg.embed_dim, true, &vb, "proj")?,
             num_heads: cfg.num_heads,
             head_dim: cfg.head_dim(),
         })
@@ -120,10 +122,10 @@ struct VisionMlp {
 }
 
 impl VisionMlp {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, vb: VarBuilder, ctx: &Ctx) -> Result<Self> {
         Ok(VisionMlp {
-            fc1: linear(cfg.embed_dim, cfg.mlp_hidden(), vb.pp("fc1"))?,
-            fc2: linear(cfg.mlp_hidden(), cfg.embed_dim, vb.pp("fc2"))?,
+            fc1: ctx.linear(cfg.embed_dim, cfg.mlp_hidden(), true, &vb, "fc1")?,
+            fc2: ctx.linear(cfg.mlp_hidden(), cfg.embed_dim, true, &vb, "fc2")?,
         })
     }
 
@@ -141,12 +143,12 @@ struct VisionBlock {
 }
 
 impl VisionBlock {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, vb: VarBuilder, ctx: &Ctx) -> Result<Self> {
         Ok(VisionBlock {
             norm1: LayerNorm::new(cfg.embed_dim, 1e-6, vb.pp("norm1"))?,
             norm2: LayerNorm::new(cfg.embed_dim, 1e-6, vb.pp("norm2"))?,
-            attn: VisionAttention::new(cfg, vb.pp("attn"))?,
-            mlp: VisionMlp::new(cfg, vb.pp("mlp"))?,
+            attn: VisionAttention::new(cfg, vb.pp("attn"), &ctx.pp("attn"))?,
+            mlp: VisionMlp::new(cfg, vb.pp("mlp"), &ctx.pp("mlp"))?,
         })
     }
 
@@ -183,12 +185,12 @@ struct PatchMerger {
 }
 
 impl PatchMerger {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, vb: VarBuilder, ctx: &Ctx) -> Result<Self> {
         let merged_dim = cfg.embed_dim * cfg.spatial_merge_size * cfg.spatial_merge_size;
         Ok(PatchMerger {
             ln_q: LayerNorm::new(cfg.embed_dim, 1e-6, vb.pp("ln_q"))?,
-            mlp0: linear(merged_dim, merged_dim, vb.pp("mlp.0"))?,
-            mlp2: linear(merged_dim, cfg.hidden_size, vb.pp("mlp.2"))?,
+            mlp0: ctx.linear(merged_dim, merged_dim, true, &vb, "mlp.0")?,
+            mlp2: ctx.linear(merged_dim, cfg.hidden_size, true, &vb, "mlp.2")?,
             merged_dim,
         })
     }
@@ -211,14 +213,14 @@ pub struct VisionModel {
 }
 
 impl VisionModel {
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &VisionConfig, vb: VarBuilder, ctx: &Ctx) -> Result<Self> {
         let blocks = (0..cfg.depth)
-            .map(|i| VisionBlock::new(cfg, vb.pp("blocks").pp(i)))
+            .map(|i| VisionBlock::new(cfg, vb.pp("blocks").pp(i), &ctx.pp("blocks").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(VisionModel {
             patch_embed: PatchEmbed::new(cfg, vb.pp("patch_embed"))?,
             blocks,
-            merger: PatchMerger::new(cfg, vb.pp("merger"))?,
+            merger: PatchMerger::new(cfg, vb.pp("merger"), &ctx.pp("merger"))?,
             cfg: cfg.clone(),
         })
     }
