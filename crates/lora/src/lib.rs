@@ -542,6 +542,12 @@ fn peft_config(v: &Value) -> Result<LoraConfig, String> {
     {
         return Err(format!("`bias: {bias}` (trained biases) is not supported; only \"none\""));
     }
+    if get("lora_bias").and_then(Value::as_bool) == Some(true) {
+        return Err("`lora_bias: true` is not supported".into());
+    }
+    if get("trainable_token_indices").is_some() {
+        return Err("`trainable_token_indices` (trained token embeddings) is not supported".into());
+    }
     if get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
         return Err("`fan_in_fan_out: true` (GPT-2 style Conv1D) is not supported".into());
     }

@@ -302,6 +302,31 @@ impl Qwen2Vl {
         })
     }
 
+    /// The final-normed hidden states `[B, S, H]` of a full forward pass (no cache kept): the
+    /// training path, which then applies [`Qwen2Vl::lm_logits`] to the positions it scores.
+    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor, Error> {
+        let (b, s) = batch_dims(batch)?;
+        let max = self.config.text.max_position_embeddings;
+        if s > max {
+            return Err(Error::TooLong { tokens: s, max });
+        }
+        let embeds = self.input_embeds(batch)?;
+        let rope = self.rope_index(batch)?;
+        let key_mask: Vec<Vec<bool>> = match &batch.attention_mask {
+            Some(m) => m.clone(),
+            None => vec![vec![true; s]; b],
+        };
+        let mut cache = KvCache::new(self.text.n_layers());
+        Ok(self
+            .text
+            .forward_embeds(&embeds, &rope.positions, &key_mask, &mut cache)?)
+    }
+
+    /// The LM head on hidden states `[…, H]` → f32 logits `[…, V]`.
+    pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor, Error> {
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+
     /// One decoding step: one new token per row. Returns logits `[B, V]`.
     pub fn step(&self, tokens: &[u32], state: &mut DecodeState) -> Result<Tensor, Error> {
         let b = tokens.len();
