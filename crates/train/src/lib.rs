@@ -16,5 +16,6 @@
 //! assert!(cosine_lr(1e-4, 100, 10, 100).abs() < 1e-12);
 //! ```
 
+pub mod data;
 pub mod loss;
 pub mod optim;

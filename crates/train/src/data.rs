@@ -1,0 +1,169 @@
+//! Annotation records → token ids with answer-only labels, images → pixel patches, and
+//! left-padded batches.
+//!
+//! The conversation is the one `dataset build` shows ([`inspector_dataset::conversation`]):
+//! the canonical instruction with the photo, the canonical JSON answer. It is rendered with the
+//! model's own chat template; the labels are the answer's tokens and the `<|im_end|>` that
+//! closes it, everything else `-100`. A sample whose answer would be cut by the maximum length
+//! is reported and left out — never trained on half an answer.
+
+use candle_core::Tensor;
+use inspector_dataset::{IMAGE_PLACEHOLDER, Record};
+use inspector_qwen2vl::{
+    Batch, Error, VisionInput,
+    chat::{ChatTokenizer, RenderOptions},
+    image::{ProcessedImage, ProcessorConfig},
+};
+use serde_json::{Value, json};
+
+use crate::loss::IGNORE;
+
+/// One tokenised training example.
+#[derive(Debug, Clone)]
+pub struct Example {
+    /// The annotation line it came from.
+    pub line: usize,
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i64>,
+    pub image: ProcessedImage,
+}
+
+impl Example {
+    /// Tokens that count in the loss.
+    pub fn answer_tokens(&self) -> usize {
+        self.labels.iter().filter(|&&l| l != IGNORE).count()
+    }
+}
+
+/// Why a record was left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub line: usize,
+    pub reason: String,
+}
+
+/// Token ids and labels for a prompt (user turn with one image of `image_tokens` tokens) and
+/// its answer: labels are `-100` up to the answer, then the answer's tokens and the
+/// `<|im_end|>` that closes it; whatever the template adds after that (a newline) is `-100`.
+pub fn encode_turns(
+    chat: &ChatTokenizer,
+    instruction: &str,
+    answer: &str,
+    image_tokens: usize,
+) -> Result<(Vec<u32>, Vec<i64>), Error> {
+    let im_end = chat
+        .tokenizer
+        .token_to_id("<|im_end|>")
+        .ok_or_else(|| Error::Input("the tokenizer has no <|im_end|> token".into()))?;
+    let user = json!({"role": "user", "content": [
+        {"type": "image"},
+        {"type": "text", "text": instruction},
+    ]});
+    let prompt = chat.render(
+        &Value::Array(vec![user.clone()]),
+        RenderOptions {
+            add_generation_prompt: true,
+            ..Default::default()
+        },
+    )?;
+    let full = chat.render(
+        &Value::Array(vec![user, json!({"role": "assistant", "content": answer})]),
+        RenderOptions::default(),
+    )?;
+    let prompt_ids = chat.encode(&prompt, &[image_tokens])?;
+    let ids = chat.encode(&full, &[image_tokens])?;
+    if !ids.starts_with(&prompt_ids) {
+        return Err(Error::Input(
+            "the chat template tokenises the prompt differently inside the full conversation; cannot tell the answer apart".into(),
+        ));
+    }
+    let start = prompt_ids.len();
+    let end = ids[start..]
+        .iter()
+        .position(|&t| t == im_end)
+        .map(|p| start + p + 1)
+        .ok_or_else(|| Error::Input("the rendered answer is not closed by <|im_end|>".into()))?;
+    let mut labels = vec![IGNORE; ids.len()];
+    for i in start..end {
+        labels[i] = ids[i] as i64;
+    }
+    Ok((ids, labels))
+}
+
+/// Builds the training example of one validated record. `Ok(Err(skipped))` when it does not
+/// fit in `max_len` tokens with its whole answer.
+pub fn example(
+    chat: &ChatTokenizer,
+    processor: &ProcessorConfig,
+    record: &Record,
+    max_len: usize,
+) -> Result<Result<Example, Skipped>, Error> {
+    let sample = inspector_dataset::conversation(&record.annotation, record.size, String::new());
+    let instruction = sample.messages[0]
+        .content
+        .strip_prefix(IMAGE_PLACEHOLDER)
+        .unwrap_or(&sample.messages[0].content);
+    let answer = &sample.messages[1].content;
+    let image = inspector_qwen2vl::image::process_file(&record.path, processor)?;
+    let (input_ids, labels) =
+        encode_turns(chat, instruction, answer, image.n_tokens(processor.merge_size))?;
+    let last_label = labels.iter().rposition(|&l| l != IGNORE).unwrap_or(0);
+    if last_label + 1 > max_len {
+        return Ok(Err(Skipped {
+            line: record.line,
+            reason: format!(
+                "{} tokens with the whole answer, more than the maximum length {max_len}; left out rather than trained on a cut answer",
+                last_label + 1
+            ),
+        }));
+    }
+    let keep = input_ids.len().min(max_len);
+    Ok(Ok(Example {
+        line: record.line,
+        input_ids: input_ids[..keep].to_vec(),
+        labels: labels[..keep].to_vec(),
+        image,
+    }))
+}
+
+/// Left-pads examples into one batch (`pad` id, attention mask false, labels `-100`).
+pub fn collate(examples: &[&Example], pad: u32) -> Result<(Batch, Vec<Vec<i64>>), Error> {
+    let s = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    let mut labels = Vec::new();
+    for e in examples {
+        let p = s - e.input_ids.len();
+        ids.push(
+            std::iter::repeat_n(pad, p)
+                .chain(e.input_ids.iter().copied())
+                .collect(),
+        );
+        mask.push(
+            std::iter::repeat_n(false, p)
+                .chain(std::iter::repeat_n(true, e.input_ids.len()))
+                .collect(),
+        );
+        labels.push(
+            std::iter::repeat_n(IGNORE, p)
+                .chain(e.labels.iter().copied())
+                .collect(),
+        );
+    }
+    let pixel_values = Tensor::cat(
+        &examples
+            .iter()
+            .map(|e| &e.image.pixel_values)
+            .collect::<Vec<_>>(),
+        0,
+    )?;
+    let batch = Batch {
+        input_ids: ids,
+        attention_mask: Some(mask),
+        images: Some(VisionInput {
+            pixel_values,
+            grid_thw: examples.iter().map(|e| e.image.grid_thw).collect(),
+        }),
+    };
+    Ok((batch, labels))
+}
