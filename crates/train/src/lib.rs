@@ -19,3 +19,4 @@
 pub mod data;
 pub mod loss;
 pub mod optim;
+pub mod trainer;

@@ -69,3 +69,50 @@ pub fn max_diff_masked(a: &Tensor, b: &Tensor, mask: &[Vec<bool>]) -> f32 {
 pub fn max_abs(t: &Tensor) -> f32 {
     t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
 }
+
+/// `n` tiny training examples for tiny-a: distinct photos, half safe, half with one boxed
+/// violation each (different texts), as the training data path builds them.
+pub fn examples(dir: &std::path::Path, n: usize) -> Vec<inspector_train::data::Example> {
+    use inspector_core::{Annotation, Risk, Violation};
+    let (model, _) =
+        inspector_qwen2vl::Qwen2Vl::load(&tiny_a(), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let chat =
+        inspector_qwen2vl::chat::ChatTokenizer::load(&tiny_a(), model.config.tokens.image_pad).unwrap();
+    let what = ["未戴安全帽", "未穿反光背心", "通道堆放杂物", "配电柜未上锁"];
+    (0..n)
+        .map(|k| {
+            let path = dir.join(format!("{k}.png"));
+            image::RgbImage::from_fn(56, 56, |x, y| {
+                image::Rgb([(x * 4 + k as u32 * 30) as u8, (y * 4) as u8, (k * 50) as u8])
+            })
+            .save(&path)
+            .unwrap();
+            let violations = if k % 2 == 0 {
+                vec![]
+            } else {
+                vec![Violation {
+                    description: what[(k / 2) % 4].into(),
+                    rule: format!("《安全作业规程》第3.{}条", k % 5 + 1),
+                    risk: [Risk::High, Risk::Medium, Risk::Low][k % 3],
+                    suggestion: None,
+                    bbox: Some([4.0 * k as f64, 8.0, 30.0 + 2.0 * k as f64, 50.0]),
+                }]
+            };
+            let record = inspector_dataset::Record {
+                line: k + 1,
+                annotation: Annotation {
+                    image: format!("{k}.png"),
+                    violations,
+                },
+                path: path.clone(),
+                size: (56, 56),
+                sha256: [k as u8; 32],
+                category: "x".into(),
+                rule_ids: vec![],
+            };
+            inspector_train::data::example(&chat, &model.processor, &record, 4096)
+                .unwrap()
+                .unwrap()
+        })
+        .collect()
+}

@@ -1,0 +1,501 @@
+//! The training loop: shuffled epochs, gradient accumulation, clipping, AdamW on a cosine
+//! schedule, periodic evaluation, atomic checkpoints that resume exactly.
+//!
+//! Output folder:
+//!
+//! ```text
+//! DIR/checkpoints/step-N/   adapter (PEFT files), optimizer.safetensors, trainer_state.json
+//! DIR/best/                 the adapter with the lowest eval loss so far
+//! DIR/adapter/              the final adapter
+//! DIR/metrics.jsonl         one line per log / eval event
+//! ```
+//!
+//! A checkpoint is written into a temporary folder and renamed into place, so a failure while
+//! saving leaves the previous checkpoint as it was. Data order, dropout and initialisation come
+//! from seeded ChaCha8 streams whose positions are saved, so `--resume` continues the very run
+//! that stopped.
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
+
+use candle_core::{DType, Device, Tensor, backprop::GradStore};
+use inspector_lora::{Lora, LoraConfig};
+use inspector_qwen2vl::{Error, Qwen2Vl};
+use rand::{SeedableRng, seq::SliceRandom};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    data::{Example, collate},
+    loss::causal_lm_loss,
+    optim::{AdamW, AdamWConfig, clip_grad_norm, cosine_lr},
+};
+
+/// Hyper-parameters; the defaults are the widely used recipe for this task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (the schedule is sized for it).
+    pub max_steps: Option<u64>,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub grad_accum: usize,
+    pub batch_size: usize,
+    pub max_grad_norm: f64,
+    pub eval_every: u64,
+    pub save_every: u64,
+    pub keep_checkpoints: usize,
+    pub log_every: u64,
+    pub max_len: usize,
+    pub seed: u64,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f32,
+    pub use_rslora: bool,
+    /// Also adapt the vision tower and merger.
+    pub lora_vision: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 5,
+            max_steps: None,
+            lr: 5e-5,
+            warmup_ratio: 0.1,
+            weight_decay: 0.01,
+            grad_accum: 8,
+            batch_size: 1,
+            max_grad_norm: 1.0,
+            eval_every: 50,
+            save_every: 100,
+            keep_checkpoints: 3,
+            log_every: 10,
+            max_len: 2048,
+            seed: 42,
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.1,
+            use_rslora: false,
+            lora_vision: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn lora_config(&self) -> LoraConfig {
+        let mut targets: Vec<String> = inspector_lora::DEFAULT_TARGETS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if self.lora_vision {
+            targets.extend(
+                ["qkv", "attn.proj", "fc1", "fc2", "mlp.0", "mlp.2"]
+                    .iter()
+                    .map(|s| s.to_string()),
+            );
+        }
+        LoraConfig {
+            r: self.lora_r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            use_rslora: self.use_rslora,
+            target_modules: targets,
+            init: inspector_lora::Init::Peft,
+            seed: self.seed,
+        }
+    }
+}
+
+/// Where a run is: saved in every checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: u64,
+    pub epoch: usize,
+    /// Micro-batches of the current epoch already consumed.
+    pub position: usize,
+    pub best_eval: Option<f64>,
+    /// The dropout stream's word position (u128 as a string: JSON numbers are f64).
+    pub dropout_rng: String,
+    pub total_steps: u64,
+}
+
+/// What the loop reports, for progress bars and logs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Step {
+        step: u64,
+        total: u64,
+        loss: f64,
+        lr: f64,
+        grad_norm: f64,
+        tokens_per_s: f64,
+    },
+    Eval {
+        step: u64,
+        loss: f64,
+        best: bool,
+    },
+    Saved {
+        step: u64,
+        path: PathBuf,
+    },
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Finished,
+    /// Stopped on request (Ctrl-C) after saving a checkpoint.
+    Interrupted,
+}
+
+/// A model with its LoRA set, an optimizer and the data.
+pub struct Trainer {
+    pub model: Qwen2Vl,
+    pub lora: Lora,
+    pub opt: AdamW,
+    pub config: TrainConfig,
+    pub state: TrainerState,
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    out: PathBuf,
+    base_model: String,
+    pad: u32,
+    /// Set to make the loop fail while writing the next checkpoint (tests).
+    pub fail_next_save: bool,
+}
+
+fn io(path: &Path, e: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    }
+}
+
+impl Trainer {
+    /// A new run on `model_dir` (f32, CPU) writing into `out`.
+    pub fn new(
+        model_dir: &Path,
+        train: Vec<Example>,
+        eval: Vec<Example>,
+        config: TrainConfig,
+        out: &Path,
+    ) -> Result<Trainer, Error> {
+        if train.is_empty() {
+            return Err(Error::Input("no training examples".into()));
+        }
+        let device = Device::Cpu;
+        let lora = Lora::new(config.lora_config(), &device);
+        let (model, _) = Qwen2Vl::load_with(model_dir, DType::F32, &device, Some(&lora))?;
+        let opt = AdamW::new(
+            lora.vars(),
+            AdamWConfig {
+                lr: config.lr,
+                weight_decay: config.weight_decay,
+                ..Default::default()
+            },
+        )?;
+        let micro = train.len().div_ceil(config.batch_size.max(1));
+        let per_epoch = micro.div_ceil(config.grad_accum.max(1)) as u64;
+        let total_steps = config
+            .max_steps
+            .unwrap_or(per_epoch * config.epochs as u64)
+            .min(per_epoch * config.epochs as u64)
+            .max(1);
+        let pad = model.config.tokens.pad.unwrap_or(0);
+        std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+        Ok(Trainer {
+            model,
+            lora,
+            opt,
+            state: TrainerState {
+                total_steps,
+                ..Default::default()
+            },
+            config,
+            train,
+            eval,
+            out: out.to_path_buf(),
+            base_model: model_dir.display().to_string(),
+            pad,
+            fail_next_save: false,
+        })
+    }
+
+    /// Restores the latest checkpoint under `out/checkpoints` (adapter, optimizer, position,
+    /// dropout stream). Returns its step.
+    pub fn resume(&mut self) -> Result<u64, Error> {
+        let dir = latest_checkpoint(&self.out)?.ok_or_else(|| {
+            Error::Input(format!(
+                "{}: no checkpoint to resume from",
+                self.out.join("checkpoints").display()
+            ))
+        })?;
+        let weights = candle_core::safetensors::load(
+            dir.join(inspector_lora::ADAPTER_WEIGHTS),
+            &Device::Cpu,
+        )?;
+        for pair in self.lora.pairs() {
+            for (which, var) in [("A", &pair.a), ("B", &pair.b)] {
+                let key = format!("base_model.model.{}.lora_{which}.weight", pair.module);
+                let t = weights.get(&key).ok_or_else(|| Error::Checkpoint {
+                    path: dir.clone(),
+                    message: format!("missing {key}"),
+                })?;
+                var.set(t)?;
+            }
+        }
+        let opt = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
+        self.opt.load_state(&opt)?;
+        let state_path = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(|e| io(&state_path, e))?;
+        self.state = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            path: state_path.clone(),
+            message: e.to_string(),
+        })?;
+        self.lora
+            .set_rng_position(self.state.dropout_rng.parse().unwrap_or(0));
+        Ok(self.state.step)
+    }
+
+    /// The micro-batch order of an epoch: a permutation of the examples from the seed and
+    /// the epoch number, cut into batches.
+    fn epoch_batches(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..self.train.len()).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed.wrapping_add(epoch as u64 * 0x9e37));
+        order.shuffle(&mut rng);
+        order
+            .chunks(self.config.batch_size.max(1))
+            .map(<[usize]>::to_vec)
+            .collect()
+    }
+
+    /// Runs until the schedule ends or `stop` is set.
+    pub fn run(&mut self, stop: &AtomicBool, on_event: &mut dyn FnMut(&Event)) -> Result<Ending, Error> {
+        let total = self.state.total_steps;
+        let warmup = (total as f64 * self.config.warmup_ratio).ceil() as u64;
+        let vars = self.lora.vars();
+        let mut window_loss = Vec::new();
+        while self.state.step < total {
+            let batches = self.epoch_batches(self.state.epoch);
+            if self.state.position >= batches.len() {
+                self.state.epoch += 1;
+                self.state.position = 0;
+                continue;
+            }
+            let end = (self.state.position + self.config.grad_accum.max(1)).min(batches.len());
+            let window = &batches[self.state.position..end];
+            let started = Instant::now();
+            let n_tokens: usize = window
+                .iter()
+                .flatten()
+                .map(|&i| self.train[i].answer_tokens())
+                .sum();
+            let seen: usize = window
+                .iter()
+                .flatten()
+                .map(|&i| self.train[i].input_ids.len())
+                .sum();
+            self.lora.set_training(true);
+            let mut grads: Option<GradStore> = None;
+            let mut loss_sum = 0f64;
+            for micro in window {
+                let examples: Vec<&Example> = micro.iter().map(|&i| &self.train[i]).collect();
+                let (batch, labels) = collate(&examples, self.pad)?;
+                let (loss, n) = causal_lm_loss(&self.model, &batch, &labels)?;
+                // Token-weighted: the window's loss is the mean over all its answer tokens.
+                let weighted = (loss * (n as f64 / n_tokens as f64))?;
+                loss_sum += weighted.to_scalar::<f32>()? as f64;
+                let g = weighted.backward()?;
+                grads = Some(match grads {
+                    None => g,
+                    Some(mut acc) => {
+                        for var in &vars {
+                            if let Some(new) = g.get(var) {
+                                let sum = match acc.remove(var) {
+                                    Some(old) => (old + new)?,
+                                    None => new.clone(),
+                                };
+                                acc.insert(var, sum);
+                            }
+                        }
+                        acc
+                    }
+                });
+            }
+            self.lora.set_training(false);
+            let mut grads = grads.expect("a window has at least one micro-batch");
+            let grad_norm = clip_grad_norm(&vars, &mut grads, self.config.max_grad_norm)?;
+            let lr = cosine_lr(self.config.lr, self.state.step, warmup, total);
+            self.opt.step(&grads, lr)?;
+            self.state.step += 1;
+            self.state.position = end;
+            window_loss.push(loss_sum);
+            let step = self.state.step;
+            let event = Event::Step {
+                step,
+                total,
+                loss: loss_sum,
+                lr,
+                grad_norm,
+                tokens_per_s: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            };
+            on_event(&event);
+            if step % self.config.log_every.max(1) == 0 || step == total {
+                let mean = window_loss.iter().sum::<f64>() / window_loss.len() as f64;
+                window_loss.clear();
+                self.metric(serde_json::json!({
+                    "step": step, "epoch": self.state.epoch, "loss": mean, "lr": lr,
+                    "grad_norm": grad_norm,
+                }))?;
+            }
+            if !self.eval.is_empty() && (step % self.config.eval_every.max(1) == 0 || step == total) {
+                let loss = self.eval_loss()?;
+                let best = self.state.best_eval.is_none_or(|b| loss < b);
+                if best {
+                    self.state.best_eval = Some(loss);
+                    self.save_adapter_dir(&self.out.join("best"))?;
+                }
+                self.metric(serde_json::json!({"step": step, "eval_loss": loss, "best": best}))?;
+                on_event(&Event::Eval { step, loss, best });
+            }
+            let interrupted = stop.load(Ordering::Relaxed);
+            if step % self.config.save_every.max(1) == 0 || interrupted {
+                let path = self.save_checkpoint()?;
+                on_event(&Event::Saved { step, path });
+            }
+            if interrupted {
+                return Ok(Ending::Interrupted);
+            }
+        }
+        self.save_adapter_dir(&self.out.join("adapter"))?;
+        Ok(Ending::Finished)
+    }
+
+    /// The token-weighted mean loss over the eval examples (no dropout, no gradients kept).
+    pub fn eval_loss(&self) -> Result<f64, Error> {
+        self.lora.set_training(false);
+        let (mut sum, mut n) = (0f64, 0usize);
+        for chunk in self.eval.chunks(self.config.batch_size.max(1)) {
+            let examples: Vec<&Example> = chunk.iter().collect();
+            let (batch, labels) = collate(&examples, self.pad)?;
+            let (loss, k) = causal_lm_loss(&self.model, &batch, &labels)?;
+            sum += loss.to_scalar::<f32>()? as f64 * k as f64;
+            n += k;
+        }
+        Ok(sum / n.max(1) as f64)
+    }
+
+    fn metric(&self, value: serde_json::Value) -> Result<(), Error> {
+        let path = self.out.join("metrics.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        writeln!(f, "{value}").map_err(|e| io(&path, e))
+    }
+
+    /// Writes the adapter (PEFT files + `inspector_adapter.json`) into a fresh temporary
+    /// folder beside `dir`, then swaps it in.
+    fn save_adapter_dir(&self, dir: &Path) -> Result<(), Error> {
+        self.write_dir(dir, |tmp| self.write_adapter(tmp))
+    }
+
+    fn write_adapter(&self, dir: &Path) -> Result<(), Error> {
+        self.lora.save_peft(dir, &self.base_model)?;
+        let extra = serde_json::json!({
+            "prompt_version": inspector_core::answer::PROMPT_VERSION,
+            "min_pixels": self.model.processor.min_pixels,
+            "max_pixels": self.model.processor.max_pixels,
+            "base_model": self.base_model,
+        });
+        let path = dir.join("inspector_adapter.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&extra).expect("JSON")).map_err(|e| io(&path, e))
+    }
+
+    /// Builds a folder in a temporary sibling and renames it over `dir` (the old one, if any,
+    /// is removed only after the new one is in place).
+    fn write_dir(&self, dir: &Path, fill: impl FnOnce(&Path) -> Result<(), Error>) -> Result<(), Error> {
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempdir_in(parent)
+            .map_err(|e| io(parent, e))?;
+        fill(tmp.path())?;
+        let tmp = tmp.keep();
+        let old = parent.join(format!(
+            ".old-{}",
+            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ));
+        let _ = std::fs::remove_dir_all(&old);
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(|e| io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| io(dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// Saves `checkpoints/step-N` and prunes the oldest beyond `keep_checkpoints`.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf, Error> {
+        let dir = self
+            .out
+            .join("checkpoints")
+            .join(format!("step-{}", self.state.step));
+        self.state.dropout_rng = self.lora.rng_position().to_string();
+        let fail = std::mem::take(&mut self.fail_next_save);
+        self.write_dir(&dir, |tmp| {
+            self.write_adapter(tmp)?;
+            let state: HashMap<String, Tensor> = self.opt.state()?;
+            candle_core::safetensors::save(&state, tmp.join("optimizer.safetensors"))?;
+            if fail {
+                return Err(Error::Input("simulated failure while saving".into()));
+            }
+            let path = tmp.join("trainer_state.json");
+            std::fs::write(&path, serde_json::to_vec_pretty(&self.state).expect("JSON"))
+                .map_err(|e| io(&path, e))
+        })?;
+        let mut all = checkpoints(&self.out)?;
+        while all.len() > self.config.keep_checkpoints.max(1) {
+            let (_, oldest) = all.remove(0);
+            let _ = std::fs::remove_dir_all(oldest);
+        }
+        Ok(dir)
+    }
+}
+
+/// `(step, path)` of every complete checkpoint, oldest first.
+pub fn checkpoints(out: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
+    let dir = out.join("checkpoints");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(Vec::new());
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io(&dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok())
+            && entry.path().join("trainer_state.json").exists()
+        {
+            found.push((step, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The newest complete checkpoint.
+pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>, Error> {
+    Ok(checkpoints(out)?.pop().map(|(_, p)| p))
+}
