@@ -21,10 +21,16 @@ tiny-a, reports missing and unexpected keys, computes the logits on batch.safete
 compares them with ``DIR/our_logits.safetensors`` (written by inspector); writes
 ``DIR/peft_check.json``, which is committed and asserted by a Rust test.
 
+Mode ``check-merged DIR`` loads ``DIR/merged`` -- a model directory written by
+``inspector adapter merge`` -- with transformers, reports missing and unexpected keys, and
+compares its logits on batch.safetensors with ``DIR/our_logits.safetensors``; writes
+``DIR/merged_check.json``.
+
 Float32, CPU, one thread, eager attention: two runs give identical bytes.
 
     /work/venv/bin/python tools/make_lora_fixtures.py
-    /work/venv/bin/python tools/make_lora_fixtures.py check-ours crates/train/tests/fixtures/ours
+    /work/venv/bin/python tools/make_lora_fixtures.py check-ours crates/train/tests/fixtures/overfit
+    /work/venv/bin/python tools/make_lora_fixtures.py check-merged crates/train/tests/fixtures/overfit
 """
 from __future__ import annotations
 
@@ -152,8 +158,26 @@ def check_ours(d: Path):
     print(json.dumps(result))
 
 
+def check_merged(d: Path):
+    model, info = Qwen2VLForConditionalGeneration.from_pretrained(
+        d / "merged", torch_dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+    model.eval()
+    b = {k: v for k, v in safetensors.torch.load_file(OUT / "batch.safetensors").items()}
+    with torch.no_grad():
+        logits = forward(model, b, labels=False).logits.float()
+    ours = safetensors.torch.load_file(d / "our_logits.safetensors")["logits"]
+    mask = b["attention_mask"].bool()
+    result = dict(missing_keys=sorted(info["missing_keys"]), unexpected_keys=sorted(info["unexpected_keys"]),
+                  max_abs_diff=(logits - ours)[mask].abs().max().item(),
+                  max_abs_logit=logits[mask].abs().max().item(), transformers=transformers.__version__)
+    (d / "merged_check.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "check-ours":
         check_ours(Path(sys.argv[2]))
+    elif len(sys.argv) > 2 and sys.argv[1] == "check-merged":
+        check_merged(Path(sys.argv[2]))
     else:
         make()

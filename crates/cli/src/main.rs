@@ -1,6 +1,7 @@
 //! `inspector`: the Safety Inspector command line. Parsing and wiring only; the work is done by
 //! the library crates.
 
+mod adapter_cmd;
 mod bundled;
 mod chat_cmd;
 mod dataset_cmd;
@@ -8,6 +9,7 @@ mod model_args;
 mod model_cmd;
 mod output;
 mod rules_cmd;
+mod train_cmd;
 
 use std::process::ExitCode;
 
@@ -35,6 +37,11 @@ enum Command {
     /// Inspect and run a Qwen2-VL checkpoint (a Hugging Face model directory).
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
+    /// Fine-tune a model with LoRA on annotated photos.
+    Train(Box<train_cmd::TrainArgs>),
+    /// LoRA adapters: merge into a base model.
+    #[command(subcommand)]
+    Adapter(adapter_cmd::AdapterCommand),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +58,8 @@ fn main() -> ExitCode {
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Chat(args) => chat_cmd::run(args),
         Command::Dataset(cmd) => dataset_cmd::run(cmd),
+        Command::Train(args) => train_cmd::run(*args),
+        Command::Adapter(cmd) => adapter_cmd::run(cmd),
     };
     match result {
         Ok(code) => code,

@@ -39,6 +39,9 @@ pub struct ModelArgs {
     /// Override the processor's maximum pixels per image (the published 12.8 M is slow on CPUs).
     #[arg(long, value_name = "N")]
     pub max_pixels: Option<usize>,
+    /// A PEFT LoRA adapter directory (ours or PEFT's) to apply on the model.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// CPU threads (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -74,8 +77,20 @@ impl ModelArgs {
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         };
         let dir = resolve::resolve_model_or_download(&self.model, &cache, &hub)?;
-        let (model, _) = Qwen2Vl::load(&dir, self.dtype.into(), &Device::Cpu)
-            .with_context(|| format!("loading {}", dir.display()))?;
+        let model = match &self.adapter {
+            Some(adapter) => {
+                inspector_qwen2vl::adapter::load(&dir, adapter, self.dtype.into(), &Device::Cpu)
+                    .with_context(|| {
+                        format!("loading {} with the adapter {}", dir.display(), adapter.display())
+                    })?
+                    .0
+            }
+            None => {
+                Qwen2Vl::load(&dir, self.dtype.into(), &Device::Cpu)
+                    .with_context(|| format!("loading {}", dir.display()))?
+                    .0
+            }
+        };
         let processor = model
             .processor
             .clone()

@@ -43,6 +43,9 @@ pub enum ModelCommand {
         /// Where to write the tensors (safetensors, written atomically).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// A PEFT LoRA adapter directory to apply on the model.
+        #[arg(long, value_name = "DIR")]
+        adapter: Option<PathBuf>,
     },
     /// Describe a checkpoint: architecture, sizes, parameter counts, dtype, key layout.
     Info {
@@ -63,8 +66,10 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
             min_pixels,
             max_pixels,
             out,
+            adapter,
         } => forward(
             &model,
+            adapter.as_deref(),
             &images,
             &input_ids,
             dtype.into(),
@@ -93,8 +98,10 @@ fn parse_ids(text: &str) -> anyhow::Result<Vec<u32>> {
     Ok(ids)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn forward(
     dir: &Path,
+    adapter: Option<&Path>,
     image_paths: &[PathBuf],
     input_ids: &str,
     dtype: DType,
@@ -103,7 +110,10 @@ fn forward(
     out: &Path,
 ) -> anyhow::Result<ExitCode> {
     let ids = parse_ids(input_ids)?;
-    let (model, _) = Qwen2Vl::load(dir, dtype, &Device::Cpu)?;
+    let model = match adapter {
+        Some(a) => inspector_qwen2vl::adapter::load(dir, a, dtype, &Device::Cpu)?.0,
+        None => Qwen2Vl::load(dir, dtype, &Device::Cpu)?.0,
+    };
     let vocab = model.config.text.vocab_size as u32;
     if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
         bail!("--input-ids: token id {bad} is outside the vocabulary (size {vocab})");

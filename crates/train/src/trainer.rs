@@ -38,7 +38,7 @@ use crate::{
 
 /// Hyper-parameters; the defaults are the widely used recipe for this task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub epochs: usize,
     /// Stop after this many optimizer steps (the schedule is sized for it).

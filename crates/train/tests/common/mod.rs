@@ -82,8 +82,13 @@ pub fn examples(dir: &std::path::Path, n: usize) -> Vec<inspector_train::data::E
     (0..n)
         .map(|k| {
             let path = dir.join(format!("{k}.png"));
+            // Strongly distinct photos: coarse 4-px noise from a per-sample hash.
             image::RgbImage::from_fn(56, 56, |x, y| {
-                image::Rgb([(x * 4 + k as u32 * 30) as u8, (y * 4) as u8, (k * 50) as u8])
+                let h = |c: u32| {
+                    let v = (x / 4 + 97 * (y / 4) + 7919 * c + 104_729 * k as u32).wrapping_mul(2_654_435_761);
+                    (v >> 24) as u8
+                };
+                image::Rgb([h(0), h(1), h(2)])
             })
             .save(&path)
             .unwrap();

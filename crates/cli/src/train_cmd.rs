@@ -1,0 +1,229 @@
+//! `inspector train`
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use inspector_dataset::Dataset;
+use inspector_qwen2vl::{Config, chat::ChatTokenizer, image::ProcessorConfig};
+use inspector_store::{RuleFilter, RuleStore};
+use inspector_train::{
+    data::{Example, example},
+    trainer::{Ending, Event, TrainConfig, Trainer},
+};
+
+use crate::rules_cmd::{DbArgs, open_with_rules};
+
+/// Fine-tune a Qwen2-VL model with LoRA on annotated photos. Other tools call this interface.
+///
+/// `--data` is an annotation file (the format `inspector dataset validate` checks); the
+/// canonical conversations are built from it with the model's chat template, and only the
+/// answers are trained on. Every problem of the data is listed before training starts.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The base model directory.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    pub eval_data: Option<PathBuf>,
+    /// Output folder: checkpoints/, best/, adapter/, metrics.jsonl.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// A TOML file with any of the training settings (`lr = 1e-4`, `grad_accum = 4`, …);
+    /// flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    #[arg(long)]
+    pub lora_dropout: Option<f32>,
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Also adapt the vision tower and merger.
+    #[arg(long)]
+    pub lora_vision: bool,
+    /// Continue from the newest checkpoint in OUT/checkpoints.
+    #[arg(long)]
+    pub resume: bool,
+    /// Image pixel budget for training.
+    #[arg(long, default_value_t = inspector_core::DEFAULT_MIN_PIXELS)]
+    pub min_pixels: usize,
+    #[arg(long, default_value_t = inspector_core::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: usize,
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+fn settings(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
+    let mut c: TrainConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("{}: cannot read", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("{}: invalid settings", path.display()))?
+        }
+        None => TrainConfig::default(),
+    };
+    macro_rules! set {
+        ($($field:ident),*) => { $(if let Some(v) = args.$field { c.$field = v; })* };
+    }
+    set!(epochs, lr, lora_r, lora_alpha, lora_dropout, save_every, batch_size, grad_accum, seed);
+    if args.max_steps.is_some() {
+        c.max_steps = args.max_steps;
+    }
+    c.lora_vision |= args.lora_vision;
+    anyhow::ensure!(c.lr > 0.0, "--lr must be positive");
+    anyhow::ensure!(c.lora_r > 0, "--lora-r must be at least 1");
+    anyhow::ensure!((0.0..1.0).contains(&c.lora_dropout), "--lora-dropout must be in [0, 1)");
+    anyhow::ensure!(c.batch_size > 0 && c.grad_accum > 0, "batch size and accumulation must be ≥ 1");
+    Ok(c)
+}
+
+fn load_data(path: &Path, rules: &[inspector_core::Rule]) -> anyhow::Result<Dataset> {
+    inspector_dataset::load_file(path, rules).map_err(|e| {
+        if let inspector_dataset::Error::Invalid { file, report } = &e {
+            for p in &report.errors {
+                eprintln!("{}:{}: error: {}: {}", file.display(), p.line, p.field, p.message);
+            }
+        }
+        anyhow::Error::from(e).context("nothing was trained")
+    })
+}
+
+fn examples(
+    dataset: &Dataset,
+    chat: &ChatTokenizer,
+    processor: &ProcessorConfig,
+    max_len: usize,
+    what: &str,
+) -> anyhow::Result<Vec<Example>> {
+    let bar = ProgressBar::new(dataset.records.len() as u64).with_style(
+        ProgressStyle::with_template(&format!("{what} {{bar:30}} {{pos}}/{{len}} samples"))
+            .expect("valid template"),
+    );
+    let mut out = Vec::new();
+    for r in &dataset.records {
+        match example(chat, processor, r, max_len)
+            .with_context(|| format!("{}:{}", dataset.file.display(), r.line))?
+        {
+            Ok(e) => out.push(e),
+            Err(skipped) => eprintln!(
+                "{}:{}: skipped: {}",
+                dataset.file.display(),
+                skipped.line,
+                skipped.reason
+            ),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let config = settings(&args)?;
+    let store = open_with_rules(&args.db.db)?;
+    let rules = store.rules(&RuleFilter::default())?;
+    // Every problem of both files is listed before any training starts.
+    let train = load_data(&args.data, &rules);
+    let eval = args.eval_data.as_ref().map(|p| load_data(p, &rules)).transpose();
+    let (train, eval) = (train?, eval?);
+
+    let config_path = args.model.join("config.json");
+    let model_config = Config::from_json(
+        &std::fs::read_to_string(&config_path)
+            .with_context(|| format!("{}: cannot read", config_path.display()))?,
+    )
+    .with_context(|| config_path.display().to_string())?;
+    let chat = ChatTokenizer::load(&args.model, model_config.tokens.image_pad)?;
+    let processor = ProcessorConfig::from_model_dir(&args.model)?
+        .with_pixels(Some(args.min_pixels), Some(args.max_pixels))?;
+    let train = examples(&train, &chat, &processor, config.max_len, "tokenising")?;
+    let eval = match &eval {
+        Some(e) => examples(e, &chat, &processor, config.max_len, "tokenising eval")?,
+        None => Vec::new(),
+    };
+    anyhow::ensure!(!train.is_empty(), "no training sample is left");
+
+    let mut trainer = Trainer::new(&args.model, train, eval, config, &args.out)?;
+    trainer.model.processor = processor;
+    if args.resume {
+        let step = trainer.resume()?;
+        eprintln!("resuming at step {step}");
+    }
+    eprintln!(
+        "LoRA: {} trainable parameters of {} adapted layers",
+        trainer.lora.trainable_params(),
+        trainer.lora.pairs().len()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
+            .context("installing the Ctrl-C handler")?;
+    }
+    let total = trainer.state.total_steps;
+    let bar = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template("train {bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+            .expect("valid template"),
+    );
+    bar.set_position(trainer.state.step);
+    let ending = trainer.run(&stop, &mut |e| match e {
+        Event::Step {
+            step,
+            loss,
+            lr,
+            tokens_per_s,
+            ..
+        } => {
+            bar.set_position(*step);
+            bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {tokens_per_s:.0} tok/s"));
+        }
+        Event::Eval { step, loss, best } => bar.println(format!(
+            "step {step}: eval loss {loss:.4}{}",
+            if *best { " (best)" } else { "" }
+        )),
+        Event::Saved { path, .. } => bar.println(format!("saved {}", path.display())),
+    })?;
+    bar.finish_and_clear();
+    match ending {
+        Ending::Finished => {
+            println!(
+                "done: {} steps; adapter in {}",
+                trainer.state.step,
+                args.out.join("adapter").display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Ending::Interrupted => {
+            println!(
+                "stopped at step {}; checkpoint saved; continue with --resume",
+                trainer.state.step
+            );
+            Ok(ExitCode::from(130))
+        }
+    }
+}

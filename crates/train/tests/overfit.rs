@@ -1,0 +1,98 @@
+//! Overfitting: LoRA on the tiny model learns 8 samples (boxes included) to a loss below 0.05
+//! within a fixed step budget, and greedy generation then reproduces the 8 answers exactly.
+//!
+//! Slow in the debug profile, so ignored by default:
+//! `cargo test --release -p inspector-train --test overfit -- --ignored`.
+//! With `INSPECTOR_WRITE_FIXTURES=1` it also writes the adapter to
+//! `tests/fixtures/overfit/adapter` (committed; later tests use it to get answers that parse).
+
+use std::sync::atomic::AtomicBool;
+
+use common::{examples, tiny_a};
+use inspector_qwen2vl::{
+    Batch, VisionInput,
+    generate::{GenerationConfig, generate},
+};
+use inspector_train::{
+    loss::IGNORE,
+    trainer::{Ending, Event, TrainConfig, Trainer},
+};
+
+mod common;
+
+#[test]
+#[ignore = "slow in debug builds; run with --release -- --ignored"]
+fn the_tiny_model_learns_eight_samples_exactly() {
+    let data = tempfile::tempdir().unwrap();
+    let n = std::env::var("OVERFIT_N").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let train = examples(data.path(), n);
+    let out = tempfile::tempdir().unwrap();
+    let config = TrainConfig {
+        max_steps: Some(std::env::var("OVERFIT_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(150)),
+        epochs: 1000,
+        lr: std::env::var("OVERFIT_LR").ok().and_then(|s| s.parse().ok()).unwrap_or(2e-2),
+        warmup_ratio: 0.05,
+        weight_decay: 0.0,
+        grad_accum: 1,
+        batch_size: n,
+        save_every: 1000,
+        eval_every: 1000,
+        log_every: 50,
+        lora_r: 16,
+        lora_alpha: 32.0,
+        lora_dropout: 0.0,
+        // The tiny random model's frozen vision features barely tell photos apart; LoRA on the
+        // vision tower and merger lets it learn to.
+        lora_vision: true,
+        ..Default::default()
+    };
+    let mut t = Trainer::new(&tiny_a(), train.clone(), vec![], config, out.path()).unwrap();
+    let mut last = f64::NAN;
+    let end = t
+        .run(&AtomicBool::new(false), &mut |e| {
+            if let Event::Step { loss, step, .. } = e {
+                last = *loss;
+                if step % 10 == 0 || *step < 4 {
+                    eprintln!("step {step}: loss {loss:.4}");
+                }
+            }
+        })
+        .unwrap();
+    assert_eq!(end, Ending::Finished);
+    assert!(last < 0.05, "final loss {last}");
+
+    let chat = inspector_qwen2vl::chat::ChatTokenizer::load(&tiny_a(), t.model.config.tokens.image_pad).unwrap();
+    let im_end = chat.tokenizer.token_to_id("<|im_end|>").unwrap();
+    for e in &train {
+        let start = e.labels.iter().position(|&l| l != IGNORE).unwrap();
+        let want: Vec<u32> = e.input_ids[start..].iter().copied().take_while(|&t| t != im_end).collect();
+        let batch = Batch {
+            input_ids: vec![e.input_ids[..start].to_vec()],
+            attention_mask: None,
+            images: Some(VisionInput {
+                pixel_values: e.image.pixel_values.clone(),
+                grid_thw: vec![e.image.grid_thw],
+            }),
+        };
+        let config = GenerationConfig::greedy(want.len() + 8, vec![im_end], 0);
+        let got = generate(&t.model, &batch, &config, |_, _| {}).unwrap();
+        eprintln!(
+            "line {}: eos {} got {:?}\n want {:?}",
+            e.line,
+            got.stopped_at_eos[0],
+            chat.tokenizer.decode(&got.tokens[0], false).unwrap(),
+            chat.decode(&want).unwrap()
+        );
+        assert!(got.stopped_at_eos[0], "line {}: no <|im_end|>", e.line);
+        assert_eq!(
+            chat.decode(&got.tokens[0]).unwrap(),
+            chat.decode(&want).unwrap(),
+            "line {}",
+            e.line
+        );
+    }
+    if std::env::var_os("INSPECTOR_WRITE_FIXTURES").is_some() {
+        let dir = common::fixtures().join("overfit/adapter");
+        t.lora.save_peft(&dir, "crates/qwen2vl/tests/fixtures/tiny-a").unwrap();
+    }
+}
