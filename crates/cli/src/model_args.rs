@@ -81,7 +81,11 @@ impl ModelArgs {
             Some(adapter) => {
                 inspector_qwen2vl::adapter::load(&dir, adapter, self.dtype.into(), &Device::Cpu)
                     .with_context(|| {
-                        format!("loading {} with the adapter {}", dir.display(), adapter.display())
+                        format!(
+                            "loading {} with the adapter {}",
+                            dir.display(),
+                            adapter.display()
+                        )
                     })?
                     .0
             }

@@ -83,22 +83,39 @@ fn settings(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("{}: cannot read", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("{}: invalid settings", path.display()))?
+            toml::from_str(&text)
+                .with_context(|| format!("{}: invalid settings", path.display()))?
         }
         None => TrainConfig::default(),
     };
     macro_rules! set {
         ($($field:ident),*) => { $(if let Some(v) = args.$field { c.$field = v; })* };
     }
-    set!(epochs, lr, lora_r, lora_alpha, lora_dropout, save_every, batch_size, grad_accum, seed);
+    set!(
+        epochs,
+        lr,
+        lora_r,
+        lora_alpha,
+        lora_dropout,
+        save_every,
+        batch_size,
+        grad_accum,
+        seed
+    );
     if args.max_steps.is_some() {
         c.max_steps = args.max_steps;
     }
     c.lora_vision |= args.lora_vision;
     anyhow::ensure!(c.lr > 0.0, "--lr must be positive");
     anyhow::ensure!(c.lora_r > 0, "--lora-r must be at least 1");
-    anyhow::ensure!((0.0..1.0).contains(&c.lora_dropout), "--lora-dropout must be in [0, 1)");
-    anyhow::ensure!(c.batch_size > 0 && c.grad_accum > 0, "batch size and accumulation must be ≥ 1");
+    anyhow::ensure!(
+        (0.0..1.0).contains(&c.lora_dropout),
+        "--lora-dropout must be in [0, 1)"
+    );
+    anyhow::ensure!(
+        c.batch_size > 0 && c.grad_accum > 0,
+        "batch size and accumulation must be ≥ 1"
+    );
     Ok(c)
 }
 
@@ -106,7 +123,13 @@ fn load_data(path: &Path, rules: &[inspector_core::Rule]) -> anyhow::Result<Data
     inspector_dataset::load_file(path, rules).map_err(|e| {
         if let inspector_dataset::Error::Invalid { file, report } = &e {
             for p in &report.errors {
-                eprintln!("{}:{}: error: {}: {}", file.display(), p.line, p.field, p.message);
+                eprintln!(
+                    "{}:{}: error: {}: {}",
+                    file.display(),
+                    p.line,
+                    p.field,
+                    p.message
+                );
             }
         }
         anyhow::Error::from(e).context("nothing was trained")
@@ -149,7 +172,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let rules = store.rules(&RuleFilter::default())?;
     // Every problem of both files is listed before any training starts.
     let train = load_data(&args.data, &rules);
-    let eval = args.eval_data.as_ref().map(|p| load_data(p, &rules)).transpose();
+    let eval = args
+        .eval_data
+        .as_ref()
+        .map(|p| load_data(p, &rules))
+        .transpose();
     let (train, eval) = (train?, eval?);
 
     let config_path = args.model.join("config.json");
@@ -200,7 +227,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             ..
         } => {
             bar.set_position(*step);
-            bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {tokens_per_s:.0} tok/s"));
+            bar.set_message(format!(
+                "loss {loss:.4}  lr {lr:.2e}  {tokens_per_s:.0} tok/s"
+            ));
         }
         Event::Eval { step, loss, best } => bar.println(format!(
             "step {step}: eval loss {loss:.4}{}",

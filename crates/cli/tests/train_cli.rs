@@ -38,9 +38,11 @@ fn ok(o: &Output) {
 fn data(dir: &Path) {
     let mut lines = Vec::new();
     for k in 0..4u32 {
-        image::RgbImage::from_fn(56, 56, |x, y| image::Rgb([(x * 4) as u8, (y * 4 + k * 40) as u8, 90]))
-            .save(dir.join(format!("{k}.png")))
-            .unwrap();
+        image::RgbImage::from_fn(56, 56, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 4 + k * 40) as u8, 90])
+        })
+        .save(dir.join(format!("{k}.png")))
+        .unwrap();
         lines.push(if k % 2 == 0 {
             format!(r#"{{"image": "{k}.png", "violations": []}}"#)
         } else {
@@ -52,9 +54,29 @@ fn data(dir: &Path) {
 
 fn train_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<String> {
     let mut v: Vec<String> = [
-        "train", "--model", tiny().to_str().unwrap(), "--data", "train.jsonl", "--out", out,
-        "--lr", "1e-2", "--lora-r", "2", "--lora-dropout", "0.1", "--grad-accum", "1",
-        "--batch-size", "2", "--min-pixels", "3136", "--max-pixels", "3136", "--db", "x.db",
+        "train",
+        "--model",
+        tiny().to_str().unwrap(),
+        "--data",
+        "train.jsonl",
+        "--out",
+        out,
+        "--lr",
+        "1e-2",
+        "--lora-r",
+        "2",
+        "--lora-dropout",
+        "0.1",
+        "--grad-accum",
+        "1",
+        "--batch-size",
+        "2",
+        "--min-pixels",
+        "3136",
+        "--max-pixels",
+        "3136",
+        "--db",
+        "x.db",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -64,7 +86,11 @@ fn train_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<String> {
 }
 
 fn adapter_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let t = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let t = candle_core::safetensors::load(
+        dir.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let mut v: Vec<(String, Vec<f32>)> = t
         .into_iter()
         .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1().unwrap()))
@@ -78,9 +104,17 @@ fn sigkill_and_resume_end_where_a_straight_run_ends() {
     let dir = tempfile::tempdir().unwrap();
     data(dir.path());
     let args = |out: &'static str, extra: &[&'static str]| train_args(out, extra);
-    let run = |a: Vec<String>| inspector(&a.iter().map(String::as_str).collect::<Vec<_>>(), dir.path());
+    let run = |a: Vec<String>| {
+        inspector(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            dir.path(),
+        )
+    };
 
-    let o = run(args("straight", &["--max-steps", "20", "--save-every", "10"]));
+    let o = run(args(
+        "straight",
+        &["--max-steps", "20", "--save-every", "10"],
+    ));
     ok(&o);
     let straight = adapter_weights(&dir.path().join("straight/adapter"));
     assert!(dir.path().join("straight/metrics.jsonl").exists());
@@ -96,20 +130,38 @@ fn sigkill_and_resume_end_where_a_straight_run_ends() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let marker = dir.path().join("killed/checkpoints/step-10/trainer_state.json");
+    let marker = dir
+        .path()
+        .join("killed/checkpoints/step-10/trainer_state.json");
     let start = Instant::now();
     while !marker.exists() {
-        assert!(start.elapsed() < Duration::from_secs(300), "no checkpoint at step 10");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before step 10's checkpoint");
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no checkpoint at step 10"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before step 10's checkpoint"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!dir.path().join("killed/adapter").exists(), "killed before the end");
+    assert!(
+        !dir.path().join("killed/adapter").exists(),
+        "killed before the end"
+    );
     // … then resumed.
-    let o = run(args("killed", &["--max-steps", "20", "--save-every", "10", "--resume"]));
+    let o = run(args(
+        "killed",
+        &["--max-steps", "20", "--save-every", "10", "--resume"],
+    ));
     ok(&o);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("resuming at step 1"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("resuming at step 1"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let resumed = adapter_weights(&dir.path().join("killed/adapter"));
     let mut worst = 0f32;
     for ((ka, a), (kb, b)) in straight.iter().zip(&resumed) {
@@ -123,14 +175,30 @@ fn sigkill_and_resume_end_where_a_straight_run_ends() {
     // The adapter applies in `model forward` and changes the logits.
     let tiny = tiny();
     let forward = |extra: &[&str], out: &str| {
-        let mut a = vec!["model", "forward", "--model", tiny.to_str().unwrap(), "--input-ids", "1,2,3,4,5", "--out", out];
+        let mut a = vec![
+            "model",
+            "forward",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--input-ids",
+            "1,2,3,4,5",
+            "--out",
+            out,
+        ];
         a.extend(extra);
         ok(&inspector(&a, dir.path()));
         candle_core::safetensors::load(dir.path().join(out), &candle_core::Device::Cpu).unwrap()["logits"].clone()
     };
     let base = forward(&[], "base.safetensors");
     let adapted = forward(&["--adapter", "straight/adapter"], "adapted.safetensors");
-    let diff: f32 = (&base - &adapted).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let diff: f32 = (&base - &adapted)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert!(diff > 1e-3, "the adapter changed nothing ({diff})");
 }
 
@@ -143,12 +211,21 @@ fn bad_data_is_all_listed_before_training() {
     std::fs::write(dir.path().join("train.jsonl"), text).unwrap();
     std::fs::write(dir.path().join("eval.jsonl"), "{\"image\": \"0.png\", \"violations\": [{\"description\": \"x\", \"rule\": \"《安全作业规程》第99条\", \"risk\": \"高\"}]}\n").unwrap();
     let a = train_args("run", &["--eval-data", "eval.jsonl", "--max-steps", "2"]);
-    let o = inspector(&a.iter().map(String::as_str).collect::<Vec<_>>(), dir.path());
+    let o = inspector(
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        dir.path(),
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("train.jsonl:5: error: image:"), "{err}");
-    assert!(err.contains("train.jsonl:6: error: : not valid JSON"), "{err}");
-    assert!(err.contains("eval.jsonl:1: error: violations[0].rule:"), "{err}");
+    assert!(
+        err.contains("train.jsonl:6: error: : not valid JSON"),
+        "{err}"
+    );
+    assert!(
+        err.contains("eval.jsonl:1: error: violations[0].rule:"),
+        "{err}"
+    );
     assert!(!dir.path().join("run").exists(), "nothing is written");
 }
 
@@ -157,43 +234,117 @@ fn merged_model_equals_base_plus_adapter_and_bad_adapters_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let adapter = root().join("crates/train/tests/fixtures/peft/adapter");
     let o = inspector(
-        &["adapter", "merge", "--model", tiny().to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", "merged"],
+        &[
+            "adapter",
+            "merge",
+            "--model",
+            tiny().to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            "merged",
+        ],
         dir.path(),
     );
     ok(&o);
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "chat_template.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "chat_template.json",
+    ] {
         assert!(dir.path().join("merged").join(f).exists(), "{f}");
     }
     let image = root().join("crates/qwen2vl/tests/fixtures/images/coffee.png");
     let logits = |model: &str, extra: &[&str], out: &str| {
-        let mut a = vec!["model", "forward", "--model", model, "--image", image.to_str().unwrap(), "--input-ids", "302,300,303,5,6,7", "--max-pixels", "12544", "--out", out];
+        let mut a = vec![
+            "model",
+            "forward",
+            "--model",
+            model,
+            "--image",
+            image.to_str().unwrap(),
+            "--input-ids",
+            "302,300,303,5,6,7",
+            "--max-pixels",
+            "12544",
+            "--out",
+            out,
+        ];
         a.extend(extra);
         ok(&inspector(&a, dir.path()));
         candle_core::safetensors::load(dir.path().join(out), &candle_core::Device::Cpu).unwrap()["logits"].clone()
     };
     let tiny = tiny();
-    let with_adapter = logits(tiny.to_str().unwrap(), &["--adapter", adapter.to_str().unwrap()], "a.safetensors");
+    let with_adapter = logits(
+        tiny.to_str().unwrap(),
+        &["--adapter", adapter.to_str().unwrap()],
+        "a.safetensors",
+    );
     let merged = logits("merged", &[], "m.safetensors");
-    let diff: f32 = (&with_adapter - &merged).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let diff: f32 = (&with_adapter - &merged)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert!(diff <= 1e-4, "merged logits differ by {diff:e}");
 
     // An adapter for another base (tiny-c has other widths) is refused, naming the adapter.
     let other = root().join("crates/qwen2vl/tests/fixtures/tiny-c");
     let o = inspector(
-        &["model", "forward", "--model", other.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--input-ids", "1,2", "--out", "x.safetensors"],
+        &[
+            "model",
+            "forward",
+            "--model",
+            other.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--input-ids",
+            "1,2",
+            "--out",
+            "x.safetensors",
+        ],
         dir.path(),
     );
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("adapter") && !err.contains("panicked"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("adapter") && !err.contains("panicked"),
+        "{err}"
+    );
     // A DoRA adapter is refused with a clear message.
     let dora = dir.path().join("dora");
     std::fs::create_dir(&dora).unwrap();
-    std::fs::copy(adapter.join("adapter_model.safetensors"), dora.join("adapter_model.safetensors")).unwrap();
-    let cfg = std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap().replace("\"use_dora\": false", "\"use_dora\": true");
+    std::fs::copy(
+        adapter.join("adapter_model.safetensors"),
+        dora.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(adapter.join("adapter_config.json"))
+        .unwrap()
+        .replace("\"use_dora\": false", "\"use_dora\": true");
     std::fs::write(dora.join("adapter_config.json"), cfg).unwrap();
     let o = inspector(
-        &["model", "forward", "--model", tiny.to_str().unwrap(), "--adapter", "dora", "--input-ids", "1,2", "--out", "x.safetensors"],
+        &[
+            "model",
+            "forward",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--adapter",
+            "dora",
+            "--input-ids",
+            "1,2",
+            "--out",
+            "x.safetensors",
+        ],
         dir.path(),
     );
-    assert!(String::from_utf8_lossy(&o.stderr).contains("DoRA"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("DoRA"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -215,7 +215,13 @@ impl Module for Linear {
 }
 
 /// A uniform `[rows, cols]` tensor in `±bound` from `rng`.
-fn uniform(rng: &mut ChaCha8Rng, rows: usize, cols: usize, bound: f64, device: &Device) -> candle_core::Result<Tensor> {
+fn uniform(
+    rng: &mut ChaCha8Rng,
+    rows: usize,
+    cols: usize,
+    bound: f64,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let data: Vec<f32> = (0..rows * cols)
         .map(|_| rng.random_range(-bound..bound) as f32)
         .collect();
@@ -282,7 +288,9 @@ impl Lora {
                 let a = uniform(&mut rng, cfg.r, in_dim, 1.0 / (in_dim as f64).sqrt(), dev)?;
                 let b = match cfg.init {
                     Init::Peft => Tensor::zeros((out_dim, cfg.r), DType::F32, dev)?,
-                    Init::Random => uniform(&mut rng, out_dim, cfg.r, 1.0 / (cfg.r as f64).sqrt(), dev)?,
+                    Init::Random => {
+                        uniform(&mut rng, out_dim, cfg.r, 1.0 / (cfg.r as f64).sqrt(), dev)?
+                    }
                 };
                 (Var::from_tensor(&a)?, Var::from_tensor(&b)?)
             }
@@ -310,10 +318,7 @@ impl Lora {
 
     /// Every trainable variable (A and B of each pair).
     pub fn vars(&self) -> Vec<Var> {
-        self.pairs()
-            .into_iter()
-            .flat_map(|p| [p.a, p.b])
-            .collect()
+        self.pairs().into_iter().flat_map(|p| [p.a, p.b]).collect()
     }
 
     pub fn trainable_params(&self) -> usize {
@@ -353,7 +358,13 @@ impl Lora {
     /// Adapter weights not claimed by any layer after the model was built: keys of an adapter
     /// for modules this model does not have.
     pub fn unclaimed(&self) -> Vec<String> {
-        self.shared.pending.lock().expect("lock").keys().cloned().collect()
+        self.shared
+            .pending
+            .lock()
+            .expect("lock")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// The adapter's tensors under PEFT's keys (`base_model.model.<module>.lora_A.weight`).
@@ -471,7 +482,10 @@ impl Lora {
             };
             let module = module.strip_prefix("base_model.model.").unwrap_or(module);
             let module = normalize(module).ok_or_else(|| {
-                adapter_err(&weights_path, format!("key `{key}` names no module of this model"))
+                adapter_err(
+                    &weights_path,
+                    format!("key `{key}` names no module of this model"),
+                )
             })?;
             let t = t.to_dtype(DType::F32)?;
             let entry = halves.entry(module).or_default();
@@ -488,7 +502,11 @@ impl Lora {
                     if a.dim(0)? != config.r && b.dim(1)? != config.r {
                         return Err(adapter_err(
                             &weights_path,
-                            format!("{module}: rank {} but adapter_config.json says r = {}", a.dim(0)?, config.r),
+                            format!(
+                                "{module}: rank {} but adapter_config.json says r = {}",
+                                a.dim(0)?,
+                                config.r
+                            ),
                         ));
                     }
                     pending.insert(module, (a, b));
@@ -540,7 +558,9 @@ fn peft_config(v: &Value) -> Result<LoraConfig, String> {
     if let Some(bias) = get("bias").and_then(Value::as_str)
         && bias != "none"
     {
-        return Err(format!("`bias: {bias}` (trained biases) is not supported; only \"none\""));
+        return Err(format!(
+            "`bias: {bias}` (trained biases) is not supported; only \"none\""
+        ));
     }
     if get("lora_bias").and_then(Value::as_bool) == Some(true) {
         return Err("`lora_bias: true` is not supported".into());
@@ -552,15 +572,25 @@ fn peft_config(v: &Value) -> Result<LoraConfig, String> {
         return Err("`fan_in_fan_out: true` (GPT-2 style Conv1D) is not supported".into());
     }
     for key in ["rank_pattern", "alpha_pattern"] {
-        if get(key).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+        if get(key)
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+        {
             return Err(format!("a non-empty `{key}` is not supported"));
         }
     }
-    if get("modules_to_save").and_then(Value::as_array).is_some_and(|m| !m.is_empty()) {
+    if get("modules_to_save")
+        .and_then(Value::as_array)
+        .is_some_and(|m| !m.is_empty())
+    {
         return Err("`modules_to_save` (fully trained extra modules) is not supported".into());
     }
     let target_modules = match get("target_modules") {
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_string).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
         Some(Value::String(s)) => vec![s.clone()],
         _ => Vec::new(),
     };
@@ -593,7 +623,12 @@ fn write_atomic(
 }
 
 /// `W + scaling · B·A` in the weight's dtype (merging an adapter into its base).
-pub fn merge_weight(w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64) -> candle_core::Result<Tensor> {
+pub fn merge_weight(
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+) -> candle_core::Result<Tensor> {
     let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scaling)?;
     (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())
 }

@@ -78,12 +78,11 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<Merged, Error> 
     let mut shards: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new()];
     let mut shard_bytes = 0usize;
     for file in weights::safetensors_files(model)? {
-        let tensors = candle_core::safetensors::load(&file, &device).map_err(|e| {
-            Error::Checkpoint {
+        let tensors =
+            candle_core::safetensors::load(&file, &device).map_err(|e| Error::Checkpoint {
                 path: file.clone(),
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         let mut names: Vec<String> = tensors.keys().cloned().collect();
         names.sort();
         for name in names {
@@ -95,8 +94,7 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<Merged, Error> 
                 merged_layers += 1;
             }
             let bytes = t.elem_count() * t.dtype().size_in_bytes();
-            if shard_bytes + bytes > SHARD_BYTES && !shards.last().is_some_and(BTreeMap::is_empty)
-            {
+            if shard_bytes + bytes > SHARD_BYTES && !shards.last().is_some_and(BTreeMap::is_empty) {
                 shards.push(BTreeMap::new());
                 shard_bytes = 0;
             }
@@ -128,17 +126,21 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<Merged, Error> 
             total += t.elem_count() * t.dtype().size_in_bytes();
         }
         let path = out.join(&name);
-        let map: HashMap<&str, Tensor> = shard.iter().map(|(k, t)| (k.as_str(), t.clone())).collect();
+        let map: HashMap<&str, Tensor> =
+            shard.iter().map(|(k, t)| (k.as_str(), t.clone())).collect();
         atomic(&path, |tmp| {
             candle_core::safetensors::save(&map, tmp).map_err(|e| e.to_string())
         })?;
         files.push(path);
     }
     if n > 1 {
-        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let path = out.join("model.safetensors.index.json");
         let bytes = serde_json::to_vec_pretty(&index).expect("JSON serialises");
-        atomic(&path, |tmp| std::fs::write(tmp, &bytes).map_err(|e| e.to_string()))?;
+        atomic(&path, |tmp| {
+            std::fs::write(tmp, &bytes).map_err(|e| e.to_string())
+        })?;
         files.push(path);
     }
     let entries = std::fs::read_dir(model).map_err(|e| Error::io(model, e))?;
@@ -151,7 +153,9 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<Merged, Error> 
         }
         let dest = out.join(&name);
         let bytes = std::fs::read(entry.path()).map_err(|e| Error::io(&entry.path(), e))?;
-        atomic(&dest, |tmp| std::fs::write(tmp, &bytes).map_err(|e| e.to_string()))?;
+        atomic(&dest, |tmp| {
+            std::fs::write(tmp, &bytes).map_err(|e| e.to_string())
+        })?;
         files.push(dest);
     }
     Ok(Merged {

@@ -51,8 +51,8 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 
 pub use config::{Config, ConfigLayout, TextConfig, TokenIds, VisionConfig};
-pub use model::{Batch, DecodeState, Logits, ModelInfo, Output, Qwen2Vl};
 pub use inspector_lora::{Lora, LoraConfig};
+pub use model::{Batch, DecodeState, Logits, ModelInfo, Output, Qwen2Vl};
 pub use vision::VisionInput;
 pub use weights::KeyLayout;
 

@@ -10,10 +10,10 @@ use inspector_lora::Lora;
 
 use crate::{
     Error,
-    proj::Ctx,
     config::{Config, ConfigLayout},
     image::ProcessorConfig,
     positions::{RopeIndex, rope_index},
+    proj::Ctx,
     text::{KvCache, TextModel},
     vision::{VisionInput, VisionModel},
     weights::{self, KeyLayout},
@@ -112,12 +112,13 @@ impl Qwen2Vl {
         let processor = ProcessorConfig::from_model_dir(dir)?;
         let files = weights::safetensors_files(dir)?;
         let (vb, key_layout, shapes) = weights::load(&files, dtype, device)?;
-        let model = Self::from_var_builder_with(&config, processor, vb, key_layout, lora).map_err(|e| {
-            Error::Checkpoint {
-                path: dir.to_path_buf(),
-                message: e.to_string(),
-            }
-        })?;
+        let model =
+            Self::from_var_builder_with(&config, processor, vb, key_layout, lora).map_err(|e| {
+                Error::Checkpoint {
+                    path: dir.to_path_buf(),
+                    message: e.to_string(),
+                }
+            })?;
         let (vision_params, text_params, lm_head_params) = count_params(&shapes, key_layout);
         let info = ModelInfo {
             dir: dir.to_path_buf(),

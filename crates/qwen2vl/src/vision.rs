@@ -7,8 +7,8 @@ use inspector_lora::Linear;
 
 use crate::{
     config::VisionConfig,
-    proj::Ctx,
     ops::{LayerNorm, apply_rotary, quick_gelu, softmax_f32},
+    proj::Ctx,
 };
 
 /// Images to encode: flattened patches and each image's (t, h, w) grid.

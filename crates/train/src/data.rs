@@ -105,8 +105,12 @@ pub fn example(
         .unwrap_or(&sample.messages[0].content);
     let answer = &sample.messages[1].content;
     let image = inspector_qwen2vl::image::process_file(&record.path, processor)?;
-    let (input_ids, labels) =
-        encode_turns(chat, instruction, answer, image.n_tokens(processor.merge_size))?;
+    let (input_ids, labels) = encode_turns(
+        chat,
+        instruction,
+        answer,
+        image.n_tokens(processor.merge_size),
+    )?;
     let last_label = labels.iter().rposition(|&l| l != IGNORE).unwrap_or(0);
     if last_label + 1 > max_len {
         return Ok(Err(Skipped {
@@ -128,7 +132,11 @@ pub fn example(
 
 /// Left-pads examples into one batch (`pad` id, attention mask false, labels `-100`).
 pub fn collate(examples: &[&Example], pad: u32) -> Result<(Batch, Vec<Vec<i64>>), Error> {
-    let s = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
+    let s = examples
+        .iter()
+        .map(|e| e.input_ids.len())
+        .max()
+        .unwrap_or(0);
     let mut ids = Vec::new();
     let mut mask = Vec::new();
     let mut labels = Vec::new();

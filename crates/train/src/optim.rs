@@ -64,7 +64,12 @@ impl AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
-        for ((var, m), v) in self.vars.iter().zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
+        for ((var, m), v) in self
+            .vars
+            .iter()
+            .zip(self.m.iter_mut())
+            .zip(self.v.iter_mut())
+        {
             let Some(g) = grads.get(var) else { continue };
             let g = g.to_dtype(DType::F32)?;
             *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
@@ -85,7 +90,11 @@ impl AdamW {
             out.insert(format!("m.{i}"), m.clone());
             out.insert(format!("v.{i}"), v.clone());
         }
-        let device = self.vars.first().map(|v| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let device = self
+            .vars
+            .first()
+            .map(|v| v.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
         out.insert("step".into(), Tensor::new(&[self.step as f64], &device)?);
         Ok(out)
     }
@@ -94,11 +103,15 @@ impl AdamW {
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> candle_core::Result<()> {
         for i in 0..self.vars.len() {
             for (name, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
-                let t = state
-                    .get(&format!("{name}.{i}"))
-                    .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state lacks {name}.{i}")))?;
+                let t = state.get(&format!("{name}.{i}")).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("optimizer state lacks {name}.{i}"))
+                })?;
                 if t.shape() != slot.shape() {
-                    candle_core::bail!("optimizer state {name}.{i} has shape {:?}, expected {:?}", t.dims(), slot.dims());
+                    candle_core::bail!(
+                        "optimizer state {name}.{i} has shape {:?}, expected {:?}",
+                        t.dims(),
+                        slot.dims()
+                    );
                 }
                 *slot = t.to_dtype(DType::F32)?;
             }
@@ -113,11 +126,19 @@ impl AdamW {
 
 /// `torch.nn.utils.clip_grad_norm_`: scales every gradient by `max_norm / (norm + 1e-6)` when
 /// the global L2 norm exceeds `max_norm`. Returns the norm before clipping.
-pub fn clip_grad_norm(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> candle_core::Result<f64> {
+pub fn clip_grad_norm(
+    vars: &[Var],
+    grads: &mut GradStore,
+    max_norm: f64,
+) -> candle_core::Result<f64> {
     let mut total = 0f64;
     for var in vars {
         if let Some(g) = grads.get(var) {
-            total += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            total += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
         }
     }
     let norm = total.sqrt();

@@ -271,7 +271,8 @@ impl Trainer {
     /// the epoch number, cut into batches.
     fn epoch_batches(&self, epoch: usize) -> Vec<Vec<usize>> {
         let mut order: Vec<usize> = (0..self.train.len()).collect();
-        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed.wrapping_add(epoch as u64 * 0x9e37));
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.config.seed.wrapping_add(epoch as u64 * 0x9e37));
         order.shuffle(&mut rng);
         order
             .chunks(self.config.batch_size.max(1))
@@ -280,7 +281,11 @@ impl Trainer {
     }
 
     /// Runs until the schedule ends or `stop` is set.
-    pub fn run(&mut self, stop: &AtomicBool, on_event: &mut dyn FnMut(&Event)) -> Result<Ending, Error> {
+    pub fn run(
+        &mut self,
+        stop: &AtomicBool,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<Ending, Error> {
         let total = self.state.total_steps;
         let warmup = (total as f64 * self.config.warmup_ratio).ceil() as u64;
         let vars = self.lora.vars();
@@ -350,7 +355,7 @@ impl Trainer {
                 tokens_per_s: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
             };
             on_event(&event);
-            if step % self.config.log_every.max(1) == 0 || step == total {
+            if step.is_multiple_of(self.config.log_every.max(1)) || step == total {
                 let mean = window_loss.iter().sum::<f64>() / window_loss.len() as f64;
                 window_loss.clear();
                 self.metric(serde_json::json!({
@@ -358,7 +363,8 @@ impl Trainer {
                     "grad_norm": grad_norm,
                 }))?;
             }
-            if !self.eval.is_empty() && (step % self.config.eval_every.max(1) == 0 || step == total) {
+            if !self.eval.is_empty() && (step.is_multiple_of(self.config.eval_every.max(1)) || step == total)
+            {
                 let loss = self.eval_loss()?;
                 let best = self.state.best_eval.is_none_or(|b| loss < b);
                 if best {
@@ -369,7 +375,7 @@ impl Trainer {
                 on_event(&Event::Eval { step, loss, best });
             }
             let interrupted = stop.load(Ordering::Relaxed);
-            if step % self.config.save_every.max(1) == 0 || interrupted {
+            if step.is_multiple_of(self.config.save_every.max(1)) || interrupted {
                 let path = self.save_checkpoint()?;
                 on_event(&Event::Saved { step, path });
             }
@@ -420,12 +426,17 @@ impl Trainer {
             "base_model": self.base_model,
         });
         let path = dir.join("inspector_adapter.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(&extra).expect("JSON")).map_err(|e| io(&path, e))
+        std::fs::write(&path, serde_json::to_vec_pretty(&extra).expect("JSON"))
+            .map_err(|e| io(&path, e))
     }
 
     /// Builds a folder in a temporary sibling and renames it over `dir` (the old one, if any,
     /// is removed only after the new one is in place).
-    fn write_dir(&self, dir: &Path, fill: impl FnOnce(&Path) -> Result<(), Error>) -> Result<(), Error> {
+    fn write_dir(
+        &self,
+        dir: &Path,
+        fill: impl FnOnce(&Path) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         let parent = dir.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
         let tmp = tempfile::Builder::new()
@@ -436,7 +447,9 @@ impl Trainer {
         let tmp = tmp.keep();
         let old = parent.join(format!(
             ".old-{}",
-            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         ));
         let _ = std::fs::remove_dir_all(&old);
         if dir.exists() {
@@ -485,7 +498,9 @@ pub fn checkpoints(out: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
     for entry in entries {
         let entry = entry.map_err(|e| io(&dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok())
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
             && entry.path().join("trainer_state.json").exists()
         {
             found.push((step, entry.path()));

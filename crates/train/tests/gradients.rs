@@ -24,7 +24,10 @@ fn loss_and_every_lora_gradient_equal_peft() {
     let ours = loss.to_scalar::<f32>().unwrap();
     let theirs = r.tensors["loss"].to_vec1::<f32>().unwrap()[0];
     assert!(n > 0);
-    assert!((ours - theirs).abs() <= 1e-5, "loss {ours} vs PEFT {theirs}");
+    assert!(
+        (ours - theirs).abs() <= 1e-5,
+        "loss {ours} vs PEFT {theirs}"
+    );
 
     let grads = loss.backward().unwrap();
     let pairs = lora.pairs();

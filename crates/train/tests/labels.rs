@@ -18,9 +18,11 @@ mod common;
 
 fn record(dir: &std::path::Path, line: usize, violations: Vec<Violation>) -> Record {
     let path = dir.join(format!("{line}.png"));
-    image::RgbImage::from_fn(56 + 28 * line as u32, 56, |x, y| image::Rgb([x as u8, y as u8, 7]))
-        .save(&path)
-        .unwrap();
+    image::RgbImage::from_fn(56 + 28 * line as u32, 56, |x, y| {
+        image::Rgb([x as u8, y as u8, 7])
+    })
+    .save(&path)
+    .unwrap();
     Record {
         line,
         annotation: Annotation {
@@ -45,15 +47,29 @@ fn labels_are_the_answer_and_its_im_end() {
     let last = labels.iter().rposition(|&l| l != IGNORE).unwrap();
     // A contiguous span …
     assert!(labels[first..=last].iter().all(|&l| l != IGNORE));
-    assert!(labels[first..=last].iter().zip(&ids[first..=last]).all(|(&l, &t)| l == t as i64));
+    assert!(
+        labels[first..=last]
+            .iter()
+            .zip(&ids[first..=last])
+            .all(|(&l, &t)| l == t as i64)
+    );
     // … which decodes to the answer and the closing <|im_end|>, …
     let span: Vec<u32> = ids[first..=last].to_vec();
-    assert_eq!(chat.tokenizer.decode(&span, false).unwrap(), format!("{answer}<|im_end|>"));
+    assert_eq!(
+        chat.tokenizer.decode(&span, false).unwrap(),
+        format!("{answer}<|im_end|>")
+    );
     // … preceded by the whole prompt (image pads included) and followed only by the template's
     // trailing newline.
     let prompt = chat.tokenizer.decode(&ids[..first], false).unwrap();
     assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt}");
-    assert_eq!(ids[..first].iter().filter(|&&t| t == model.config.tokens.image_pad).count(), 4);
+    assert_eq!(
+        ids[..first]
+            .iter()
+            .filter(|&&t| t == model.config.tokens.image_pad)
+            .count(),
+        4
+    );
     assert!(ids.len() - last - 1 <= 1);
 }
 
@@ -86,9 +102,15 @@ fn padding_and_prompt_are_not_scored_and_cut_answers_are_left_out() {
 
     // A maximum length that would cut the answer leaves the sample out, with the reason.
     let total = ea.labels.iter().rposition(|&l| l != IGNORE).unwrap() + 1;
-    let skipped = example(&chat, &model.processor, &a, total - 1).unwrap().unwrap_err();
+    let skipped = example(&chat, &model.processor, &a, total - 1)
+        .unwrap()
+        .unwrap_err();
     assert_eq!(skipped.line, 1);
-    assert!(skipped.reason.contains(&format!("{total} tokens")), "{}", skipped.reason);
+    assert!(
+        skipped.reason.contains(&format!("{total} tokens")),
+        "{}",
+        skipped.reason
+    );
     // Exactly enough room is fine.
     assert!(example(&chat, &model.processor, &a, total).unwrap().is_ok());
 }

@@ -4,7 +4,7 @@
 //! Slow in the debug profile, so ignored by default:
 //! `cargo test --release -p inspector-train --test overfit -- --ignored`.
 //! With `INSPECTOR_WRITE_FIXTURES=1` it also writes the adapter to
-//! `tests/fixtures/overfit/adapter` (committed; later tests use it to get answers that parse).
+//! `tests/fixtures/overfit/adapter (not yet committed: see the note below)` (committed; later tests use it to get answers that parse).
 
 use std::sync::atomic::AtomicBool;
 
@@ -24,13 +24,24 @@ mod common;
 #[ignore = "slow in debug builds; run with --release -- --ignored"]
 fn the_tiny_model_learns_eight_samples_exactly() {
     let data = tempfile::tempdir().unwrap();
-    let n = std::env::var("OVERFIT_N").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let n = std::env::var("OVERFIT_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
     let train = examples(data.path(), n);
     let out = tempfile::tempdir().unwrap();
     let config = TrainConfig {
-        max_steps: Some(std::env::var("OVERFIT_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(150)),
+        max_steps: Some(
+            std::env::var("OVERFIT_STEPS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(150),
+        ),
         epochs: 1000,
-        lr: std::env::var("OVERFIT_LR").ok().and_then(|s| s.parse().ok()).unwrap_or(2e-2),
+        lr: std::env::var("OVERFIT_LR")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(2e-2),
         warmup_ratio: 0.05,
         weight_decay: 0.0,
         grad_accum: 1,
@@ -61,11 +72,17 @@ fn the_tiny_model_learns_eight_samples_exactly() {
     assert_eq!(end, Ending::Finished);
     assert!(last < 0.05, "final loss {last}");
 
-    let chat = inspector_qwen2vl::chat::ChatTokenizer::load(&tiny_a(), t.model.config.tokens.image_pad).unwrap();
+    let chat =
+        inspector_qwen2vl::chat::ChatTokenizer::load(&tiny_a(), t.model.config.tokens.image_pad)
+            .unwrap();
     let im_end = chat.tokenizer.token_to_id("<|im_end|>").unwrap();
     for e in &train {
         let start = e.labels.iter().position(|&l| l != IGNORE).unwrap();
-        let want: Vec<u32> = e.input_ids[start..].iter().copied().take_while(|&t| t != im_end).collect();
+        let want: Vec<u32> = e.input_ids[start..]
+            .iter()
+            .copied()
+            .take_while(|&t| t != im_end)
+            .collect();
         let batch = Batch {
             input_ids: vec![e.input_ids[..start].to_vec()],
             attention_mask: None,
@@ -93,6 +110,8 @@ fn the_tiny_model_learns_eight_samples_exactly() {
     }
     if std::env::var_os("INSPECTOR_WRITE_FIXTURES").is_some() {
         let dir = common::fixtures().join("overfit/adapter");
-        t.lora.save_peft(&dir, "crates/qwen2vl/tests/fixtures/tiny-a").unwrap();
+        t.lora
+            .save_peft(&dir, "crates/qwen2vl/tests/fixtures/tiny-a")
+            .unwrap();
     }
 }

@@ -42,7 +42,14 @@ fn resuming_continues_the_same_run() {
     let never = AtomicBool::new(false);
 
     let straight = tempfile::tempdir().unwrap();
-    let mut a = Trainer::new(&tiny_a(), train.clone(), eval.clone(), config(), straight.path()).unwrap();
+    let mut a = Trainer::new(
+        &tiny_a(),
+        train.clone(),
+        eval.clone(),
+        config(),
+        straight.path(),
+    )
+    .unwrap();
     let mut losses = Vec::new();
     let end = a
         .run(&never, &mut |e| {
@@ -57,7 +64,14 @@ fn resuming_continues_the_same_run() {
 
     // The same run, stopped right after step 10 …
     let split = tempfile::tempdir().unwrap();
-    let mut b = Trainer::new(&tiny_a(), train.clone(), eval.clone(), config(), split.path()).unwrap();
+    let mut b = Trainer::new(
+        &tiny_a(),
+        train.clone(),
+        eval.clone(),
+        config(),
+        split.path(),
+    )
+    .unwrap();
     let stop = AtomicBool::new(false);
     let end = b
         .run(&stop, &mut |e| {
@@ -82,7 +96,12 @@ fn resuming_continues_the_same_run() {
     }
     assert!(worst <= 1e-6, "adapter weights differ by {worst:e}");
     // The final adapter, the best one and the metrics are there.
-    for f in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "best/adapter_model.safetensors", "metrics.jsonl"] {
+    for f in [
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "best/adapter_model.safetensors",
+        "metrics.jsonl",
+    ] {
         assert!(split.path().join(f).exists(), "{f}");
     }
 }
@@ -101,14 +120,22 @@ fn a_failed_save_keeps_the_previous_checkpoint() {
         }
     })
     .unwrap();
-    let before = std::fs::read(out.path().join("checkpoints/step-10/adapter_model.safetensors")).unwrap();
+    let before = std::fs::read(
+        out.path()
+            .join("checkpoints/step-10/adapter_model.safetensors"),
+    )
+    .unwrap();
     t.fail_next_save = true;
     let err = t.run(&never, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("simulated failure"), "{err}");
     let list = checkpoints(out.path()).unwrap();
     assert_eq!(list.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [10]);
     assert_eq!(
-        std::fs::read(out.path().join("checkpoints/step-10/adapter_model.safetensors")).unwrap(),
+        std::fs::read(
+            out.path()
+                .join("checkpoints/step-10/adapter_model.safetensors")
+        )
+        .unwrap(),
         before
     );
     // No half-written folder is left behind.

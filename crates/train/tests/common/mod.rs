@@ -32,7 +32,11 @@ pub fn reference() -> Reference {
             .iter()
             .map(|r| r.iter().map(|&t| t as u32).collect())
             .collect(),
-        attention_mask: Some(mask.iter().map(|r| r.iter().map(|&m| m == 1).collect()).collect()),
+        attention_mask: Some(
+            mask.iter()
+                .map(|r| r.iter().map(|&m| m == 1).collect())
+                .collect(),
+        ),
         images: Some(VisionInput {
             pixel_values: tensors["pixel_values"].clone(),
             grid_thw: grid
@@ -77,7 +81,8 @@ pub fn examples(dir: &std::path::Path, n: usize) -> Vec<inspector_train::data::E
     let (model, _) =
         inspector_qwen2vl::Qwen2Vl::load(&tiny_a(), candle_core::DType::F32, &Device::Cpu).unwrap();
     let chat =
-        inspector_qwen2vl::chat::ChatTokenizer::load(&tiny_a(), model.config.tokens.image_pad).unwrap();
+        inspector_qwen2vl::chat::ChatTokenizer::load(&tiny_a(), model.config.tokens.image_pad)
+            .unwrap();
     let what = ["未戴安全帽", "未穿反光背心", "通道堆放杂物", "配电柜未上锁"];
     (0..n)
         .map(|k| {
@@ -85,7 +90,8 @@ pub fn examples(dir: &std::path::Path, n: usize) -> Vec<inspector_train::data::E
             // Strongly distinct photos: coarse 4-px noise from a per-sample hash.
             image::RgbImage::from_fn(56, 56, |x, y| {
                 let h = |c: u32| {
-                    let v = (x / 4 + 97 * (y / 4) + 7919 * c + 104_729 * k as u32).wrapping_mul(2_654_435_761);
+                    let v = (x / 4 + 97 * (y / 4) + 7919 * c + 104_729 * k as u32)
+                        .wrapping_mul(2_654_435_761);
                     (v >> 24) as u8
                 };
                 image::Rgb([h(0), h(1), h(2)])
