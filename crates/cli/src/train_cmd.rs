@@ -32,8 +32,10 @@ pub struct TrainArgs {
     /// The base model directory.
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
+    /// The training annotation file (JSONL).
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
+    /// An eval annotation file: eval loss, and the best adapter by it.
     #[arg(long, value_name = "FILE")]
     pub eval_data: Option<PathBuf>,
     /// Output folder: checkpoints/, best/, adapter/, metrics.jsonl.
@@ -43,25 +45,35 @@ pub struct TrainArgs {
     /// flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    #[arg(long)]
+    /// Stop after N optimizer steps (the schedule is sized for it).
+    #[arg(long, value_name = "N")]
     pub max_steps: Option<u64>,
-    #[arg(long)]
+    /// Passes over the data [default: 5].
+    #[arg(long, value_name = "E")]
     pub epochs: Option<usize>,
-    #[arg(long)]
+    /// Peak learning rate [default: 5e-5].
+    #[arg(long, value_name = "X")]
     pub lr: Option<f64>,
-    #[arg(long)]
+    /// LoRA rank [default: 16].
+    #[arg(long, value_name = "R")]
     pub lora_r: Option<usize>,
-    #[arg(long)]
+    /// LoRA alpha [default: 32].
+    #[arg(long, value_name = "A")]
     pub lora_alpha: Option<f64>,
-    #[arg(long)]
+    /// LoRA dropout [default: 0.1].
+    #[arg(long, value_name = "D")]
     pub lora_dropout: Option<f32>,
-    #[arg(long)]
+    /// A checkpoint every N steps [default: 100]; the newest 3 are kept.
+    #[arg(long, value_name = "N")]
     pub save_every: Option<u64>,
-    #[arg(long)]
+    /// Samples per micro-batch, left-padded [default: 1].
+    #[arg(long, value_name = "B")]
     pub batch_size: Option<usize>,
-    #[arg(long)]
+    /// Micro-batches per optimizer step [default: 8].
+    #[arg(long, value_name = "G")]
     pub grad_accum: Option<usize>,
-    #[arg(long)]
+    /// Seeds data order, initialisation and dropout [default: 42].
+    #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
     /// Also adapt the vision tower and merger.
     #[arg(long)]

@@ -363,7 +363,8 @@ impl Trainer {
                     "grad_norm": grad_norm,
                 }))?;
             }
-            if !self.eval.is_empty() && (step.is_multiple_of(self.config.eval_every.max(1)) || step == total)
+            if !self.eval.is_empty()
+                && (step.is_multiple_of(self.config.eval_every.max(1)) || step == total)
             {
                 let loss = self.eval_loss()?;
                 let best = self.state.best_eval.is_none_or(|b| loss < b);

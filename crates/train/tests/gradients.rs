@@ -72,3 +72,61 @@ fn a_peft_adapter_gives_pefts_logits() {
     let plain = base.forward(&r.batch, Logits::All).unwrap().logits;
     assert!(max_diff_masked(&plain, &r.tensors["logits"], &mask) > 1e-2);
 }
+
+/// With PEFT's initialisation (B = 0) A's first gradient is zero; after one optimizer step
+/// every LoRA tensor — language model, vision tower and merger — receives a non-zero gradient.
+#[test]
+fn every_lora_tensor_gets_a_gradient_after_one_step() {
+    use inspector_train::{
+        optim::{AdamW, AdamWConfig},
+        trainer::TrainConfig,
+    };
+    let r = reference();
+    let config = TrainConfig {
+        lora_r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        lora_vision: true,
+        ..Default::default()
+    };
+    let lora = inspector_qwen2vl::Lora::new(config.lora_config(), &Device::Cpu);
+    let (model, _) =
+        inspector_qwen2vl::Qwen2Vl::load_with(&tiny_a(), DType::F32, &Device::Cpu, Some(&lora))
+            .unwrap();
+    let pairs = lora.pairs();
+    assert_eq!(
+        pairs.len(),
+        14 + 2 * 4 + 2,
+        "LM projections, vision blocks (qkv, proj, fc1, fc2), merger"
+    );
+    let (loss, _) = causal_lm_loss(&model, &r.batch, &r.labels).unwrap();
+    let grads = loss.backward().unwrap();
+    for p in &pairs {
+        assert_eq!(
+            max_abs(grads.get(&p.a).unwrap()),
+            0.0,
+            "{}: A's first gradient is zero (B = 0)",
+            p.module
+        );
+        assert!(max_abs(grads.get(&p.b).unwrap()) > 0.0, "{}: B", p.module);
+    }
+    let mut opt = AdamW::new(
+        lora.vars(),
+        AdamWConfig {
+            lr: 1e-3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    opt.step(&grads, 1e-3).unwrap();
+    let (loss, _) = causal_lm_loss(&model, &r.batch, &r.labels).unwrap();
+    let grads = loss.backward().unwrap();
+    for p in &pairs {
+        for (which, v) in [("A", &p.a), ("B", &p.b)] {
+            let g = grads
+                .get(v)
+                .unwrap_or_else(|| panic!("{} {which}: no gradient", p.module));
+            assert!(max_abs(g) > 0.0, "{} {which}: zero gradient", p.module);
+        }
+    }
+}

@@ -99,8 +99,16 @@ fn write_interop_fixtures() {
         eval_every: 1000,
         ..Default::default()
     };
-    let mut t = Trainer::new(&tiny_a(), common::examples(data.path(), 4), vec![], config, run.path()).unwrap();
-    t.run(&std::sync::atomic::AtomicBool::new(false), &mut |_| {}).unwrap();
+    let mut t = Trainer::new(
+        &tiny_a(),
+        common::examples(data.path(), 4),
+        vec![],
+        config,
+        run.path(),
+    )
+    .unwrap();
+    t.run(&std::sync::atomic::AtomicBool::new(false), &mut |_| {})
+        .unwrap();
     let _ = std::fs::remove_dir_all(overfit().join("adapter"));
     std::fs::create_dir_all(overfit()).unwrap();
     std::fs::rename(run.path().join("adapter"), overfit().join("adapter")).unwrap();
