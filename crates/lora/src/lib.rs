@@ -355,6 +355,12 @@ impl Lora {
         x * Tensor::from_vec(mask, x.shape(), x.device())?
     }
 
+    /// The weights read from an adapter file and not yet claimed by a layer, by module path
+    /// (all of them before a model is built with this set).
+    pub fn pending(&self) -> BTreeMap<String, (Tensor, Tensor)> {
+        self.shared.pending.lock().expect("lock").clone()
+    }
+
     /// Adapter weights not claimed by any layer after the model was built: keys of an adapter
     /// for modules this model does not have.
     pub fn unclaimed(&self) -> Vec<String> {
@@ -499,7 +505,7 @@ impl Lora {
         for (module, pair) in halves {
             match pair {
                 (Some(a), Some(b)) => {
-                    if a.dim(0)? != config.r && b.dim(1)? != config.r {
+                    if a.dim(0)? != config.r || b.dim(1)? != config.r {
                         return Err(adapter_err(
                             &weights_path,
                             format!(

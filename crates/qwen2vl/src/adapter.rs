@@ -2,7 +2,7 @@
 //! new Hugging Face model directory.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     path::{Path, PathBuf},
 };
 
@@ -56,99 +56,88 @@ pub struct Merged {
     pub files: Vec<PathBuf>,
 }
 
-/// Shards of at most this many bytes, as transformers' default `max_shard_size` (5 GB).
-const SHARD_BYTES: usize = 5_000_000_000;
-
 /// Writes `out` = base + adapter: every adapted weight becomes `W + scaling·B·A` (in the
-/// base's dtype), tensor names and layout stay the base's, shards get an index when there is
-/// more than one, and every other file of the base (config, tokenizer, processor, chat
-/// template, generation config) is copied. Refuses an adapter that does not fit.
+/// base's dtype). The base's files, tensor names, dtypes and sharding are kept (one shard in
+/// memory at a time, so a 7B model merges in little more than its largest shard), and every
+/// other file of the base (config, tokenizer, processor, chat template, generation config,
+/// shard index) is copied. An adapter whose shapes do not fit, or which names modules the base
+/// does not have, is refused before anything is written.
 pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<Merged, Error> {
     let device = Device::Cpu;
-    // Building the model with the adapter checks that it fits (shapes, module names).
-    let (_, _, lora) = load(model, adapter, DType::F32, &device)?;
+    let lora = read(adapter, &device)?;
     let scaling = lora.config().scaling();
-    let pairs: HashMap<String, (Tensor, Tensor)> = lora
-        .pairs()
-        .into_iter()
-        .map(|p| (p.module, (p.a.as_tensor().clone(), p.b.as_tensor().clone())))
-        .collect();
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut merged_layers = 0;
-    let mut shards: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new()];
-    let mut shard_bytes = 0usize;
-    for file in weights::safetensors_files(model)? {
-        let tensors =
-            candle_core::safetensors::load(&file, &device).map_err(|e| Error::Checkpoint {
-                path: file.clone(),
-                message: e.to_string(),
-            })?;
-        let mut names: Vec<String> = tensors.keys().cloned().collect();
-        names.sort();
-        for name in names {
-            let mut t = tensors[&name].clone();
-            if let Some(module) = name.strip_suffix(".weight").and_then(normalize_module)
-                && let Some((a, b)) = pairs.get(&module)
-            {
-                t = inspector_lora::merge_weight(&t, a, b, scaling)?;
-                merged_layers += 1;
+    let pairs = lora.pending();
+    let files = weights::safetensors_files(model)?;
+    // Check every pair against the base's headers first: nothing is written for an adapter
+    // that does not fit.
+    let mut found: HashMap<String, PathBuf> = HashMap::new();
+    for file in &files {
+        for (name, shape) in weights::file_shapes(file)? {
+            let Some(module) = name.strip_suffix(".weight").and_then(normalize_module) else {
+                continue;
+            };
+            if let Some((a, b)) = pairs.get(&module) {
+                let fits = shape.len() == 2 && shape[1] == a.dim(1)? && shape[0] == b.dim(0)?;
+                if !fits {
+                    return Err(Error::Checkpoint {
+                        path: adapter.to_path_buf(),
+                        message: format!(
+                            "does not fit {}: {module} is {shape:?} in the base but the adapter has A {:?}, B {:?}",
+                            model.display(),
+                            a.dims(),
+                            b.dims()
+                        ),
+                    });
+                }
+                found.insert(module, file.clone());
             }
-            let bytes = t.elem_count() * t.dtype().size_in_bytes();
-            if shard_bytes + bytes > SHARD_BYTES && !shards.last().is_some_and(BTreeMap::is_empty) {
-                shards.push(BTreeMap::new());
-                shard_bytes = 0;
-            }
-            shard_bytes += bytes;
-            shards.last_mut().expect("one shard").insert(name, t);
         }
     }
-    if merged_layers != pairs.len() {
+    if let Some(missing) = pairs.keys().find(|m| !found.contains_key(*m)) {
         return Err(Error::Checkpoint {
             path: adapter.to_path_buf(),
             message: format!(
-                "{} adapted layers but {merged_layers} weights found to merge into",
-                pairs.len()
+                "has weights for {missing}, which {} does not have",
+                model.display()
             ),
         });
     }
-    let mut files = Vec::new();
-    let n = shards.len();
-    let mut weight_map = serde_json::Map::new();
-    let mut total = 0usize;
-    for (i, shard) in shards.iter().enumerate() {
-        let name = if n == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
-        };
-        for (k, t) in shard {
-            weight_map.insert(k.clone(), name.clone().into());
-            total += t.elem_count() * t.dtype().size_in_bytes();
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut merged_layers = 0;
+    let mut written = Vec::new();
+    for file in &files {
+        let tensors =
+            candle_core::safetensors::load(file, &device).map_err(|e| Error::Checkpoint {
+                path: file.clone(),
+                message: e.to_string(),
+            })?;
+        let mut merged: HashMap<String, Tensor> = HashMap::new();
+        for (name, t) in tensors {
+            let pair = name
+                .strip_suffix(".weight")
+                .and_then(normalize_module)
+                .and_then(|m| pairs.get(&m));
+            let t = match pair {
+                Some((a, b)) => {
+                    merged_layers += 1;
+                    inspector_lora::merge_weight(&t, a, b, scaling)?
+                }
+                None => t,
+            };
+            merged.insert(name, t);
         }
-        let path = out.join(&name);
-        let map: HashMap<&str, Tensor> =
-            shard.iter().map(|(k, t)| (k.as_str(), t.clone())).collect();
+        let name = file.file_name().expect("a shard file has a name");
+        let path = out.join(name);
         atomic(&path, |tmp| {
-            candle_core::safetensors::save(&map, tmp).map_err(|e| e.to_string())
+            candle_core::safetensors::save(&merged, tmp).map_err(|e| e.to_string())
         })?;
-        files.push(path);
-    }
-    if n > 1 {
-        let index =
-            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        let path = out.join("model.safetensors.index.json");
-        let bytes = serde_json::to_vec_pretty(&index).expect("JSON serialises");
-        atomic(&path, |tmp| {
-            std::fs::write(tmp, &bytes).map_err(|e| e.to_string())
-        })?;
-        files.push(path);
+        written.push(path);
     }
     let entries = std::fs::read_dir(model).map_err(|e| Error::io(model, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(model, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let is_weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
-        if is_weights || !entry.path().is_file() {
+        if name.ends_with(".safetensors") || !entry.path().is_file() {
             continue;
         }
         let dest = out.join(&name);
@@ -156,11 +145,11 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<Merged, Error> 
         atomic(&dest, |tmp| {
             std::fs::write(tmp, &bytes).map_err(|e| e.to_string())
         })?;
-        files.push(dest);
+        written.push(dest);
     }
     Ok(Merged {
         merged_layers,
-        files,
+        files: written,
     })
 }
 

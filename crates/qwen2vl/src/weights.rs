@@ -139,6 +139,17 @@ struct TensorEntry {
     end: u64,
 }
 
+/// Tensor names and shapes of one safetensors file, from its header alone (checked against
+/// the file's length).
+pub fn file_shapes(path: &Path) -> Result<TensorShapes, Error> {
+    let reader = ShardReader::open(&[path.to_path_buf()])?;
+    Ok(reader
+        .tensors
+        .into_iter()
+        .map(|(name, entry)| (name, entry.shape))
+        .collect())
+}
+
 /// A `VarBuilder` backend reading tensors from safetensors shards on demand.
 struct ShardReader {
     files: Vec<(PathBuf, std::fs::File)>,
