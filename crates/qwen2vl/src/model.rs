@@ -267,22 +267,8 @@ impl Qwen2Vl {
 
     /// A full forward pass from an empty cache.
     pub fn forward(&self, batch: &Batch, logits: Logits) -> Result<Output, Error> {
-        let (b, s) = batch_dims(batch)?;
-        let max = self.config.text.max_position_embeddings;
-        if s > max {
-            return Err(Error::TooLong { tokens: s, max });
-        }
-        let embeds = self.input_embeds(batch)?;
-        let rope = self.rope_index(batch)?;
-        let key_mask: Vec<Vec<bool>> = match &batch.attention_mask {
-            Some(m) => m.clone(),
-            None => vec![vec![true; s]; b],
-        };
-        let mut cache = KvCache::new(self.text.n_layers());
-        let hidden = self
-            .text
-            .forward_embeds(&embeds, &rope.positions, &key_mask, &mut cache)?;
-        let next_position = (0..b)
+        let (hidden, rope, key_mask, cache) = self.prefill(batch)?;
+        let next_position = (0..key_mask.len())
             .map(|bi| {
                 (0..3)
                     .flat_map(|a| rope.positions[a][bi].iter().copied())
@@ -306,6 +292,14 @@ impl Qwen2Vl {
     /// The final-normed hidden states `[B, S, H]` of a full forward pass (no cache kept): the
     /// training path, which then applies [`Qwen2Vl::lm_logits`] to the positions it scores.
     pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor, Error> {
+        Ok(self.prefill(batch)?.0)
+    }
+
+    /// Embeds, positions and runs the decoder over a whole batch from an empty cache.
+    fn prefill(
+        &self,
+        batch: &Batch,
+    ) -> Result<(Tensor, RopeIndex, Vec<Vec<bool>>, KvCache), Error> {
         let (b, s) = batch_dims(batch)?;
         let max = self.config.text.max_position_embeddings;
         if s > max {
@@ -318,9 +312,10 @@ impl Qwen2Vl {
             None => vec![vec![true; s]; b],
         };
         let mut cache = KvCache::new(self.text.n_layers());
-        Ok(self
+        let hidden = self
             .text
-            .forward_embeds(&embeds, &rope.positions, &key_mask, &mut cache)?)
+            .forward_embeds(&embeds, &rope.positions, &key_mask, &mut cache)?;
+        Ok((hidden, rope, key_mask, cache))
     }
 
     /// The LM head on hidden states `[…, H]` → f32 logits `[…, V]`.
