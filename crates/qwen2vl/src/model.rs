@@ -57,6 +57,9 @@ pub struct Output {
     pub state: DecodeState,
 }
 
+/// A prefill's hidden states, positions, key mask and cache.
+type Prefill = (Tensor, RopeIndex, Vec<Vec<bool>>, KvCache);
+
 /// Facts about a loaded checkpoint, for `inspector model info`.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -296,10 +299,7 @@ impl Qwen2Vl {
     }
 
     /// Embeds, positions and runs the decoder over a whole batch from an empty cache.
-    fn prefill(
-        &self,
-        batch: &Batch,
-    ) -> Result<(Tensor, RopeIndex, Vec<Vec<bool>>, KvCache), Error> {
+    fn prefill(&self, batch: &Batch) -> Result<Prefill, Error> {
         let (b, s) = batch_dims(batch)?;
         let max = self.config.text.max_position_embeddings;
         if s > max {
