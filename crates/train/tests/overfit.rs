@@ -35,7 +35,7 @@ fn the_tiny_model_learns_eight_samples_exactly() {
             std::env::var("OVERFIT_STEPS")
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .unwrap_or(150),
+                .unwrap_or(250),
         ),
         epochs: 1000,
         lr: std::env::var("OVERFIT_LR")
