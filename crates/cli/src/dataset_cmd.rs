@@ -13,6 +13,7 @@ use inspector_core::Rule;
 use inspector_dataset::{
     AugmentOptions, Dataset, Error, Problem, Report,
     formats::{self, Format},
+    jsonl,
 };
 use inspector_store::{RuleFilter, RuleStore};
 
@@ -175,15 +176,6 @@ fn out_folder(out: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn jsonl<T: serde::Serialize>(items: &[T]) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    for item in items {
-        serde_json::to_writer(&mut out, item)?;
-        out.push(b'\n');
-    }
-    Ok(out)
-}
-
 /// Annotation records of `records`, with image paths rewritten relative to `dir`.
 fn rebased(records: &[inspector_dataset::Record], dir: &Path) -> anyhow::Result<Vec<u8>> {
     let annotations = records
@@ -195,7 +187,7 @@ fn rebased(records: &[inspector_dataset::Record], dir: &Path) -> anyhow::Result<
             })
         })
         .collect::<Result<Vec<_>, Error>>()?;
-    jsonl(&annotations)
+    Ok(jsonl(&annotations))
 }
 
 fn validate(file: &Path, json: bool, rules: &[Rule]) -> anyhow::Result<ExitCode> {
@@ -229,7 +221,7 @@ pub fn run(cmd: DatasetCommand) -> anyhow::Result<ExitCode> {
             let dataset = load(&file, &rules(&db)?)?;
             let dir = out_folder(&out)?;
             let samples = inspector_dataset::build_samples(&dataset, &dir)?;
-            write_atomic(&out, &jsonl(&samples)?)?;
+            write_atomic(&out, &jsonl(&samples))?;
             eprintln!(
                 "wrote {} conversations (prompt {}) to {}",
                 samples.len(),
@@ -360,7 +352,7 @@ pub fn run(cmd: DatasetCommand) -> anyhow::Result<ExitCode> {
         DatasetCommand::Import { file, format, out } => {
             let dir = out_folder(&out)?;
             let annotations = formats::import(&file, format, &dir).map_err(report_refusal)?;
-            write_atomic(&out, &jsonl(&annotations)?)?;
+            write_atomic(&out, &jsonl(&annotations))?;
             let safe = annotations
                 .iter()
                 .filter(|a| a.violations.is_empty())

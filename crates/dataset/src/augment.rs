@@ -118,20 +118,8 @@ fn tidy(b: BBox) -> BBox {
 /// box lies entirely outside it and clips the others.
 pub fn apply(img: &RgbImage, violations: &[Violation], op: &Op) -> (RgbImage, Vec<Violation>) {
     let (w, h) = img.dimensions();
-    let map_boxes = |f: &dyn Fn(&BBox) -> BBox| -> Vec<Violation> {
-        violations
-            .iter()
-            .map(|v| Violation {
-                bbox: v.bbox.as_ref().map(|b| tidy(f(b))),
-                ..v.clone()
-            })
-            .collect()
-    };
-    match *op {
-        Op::Flip => (
-            image::imageops::flip_horizontal(img),
-            map_boxes(&|b| [w as f64 - b[2], b[1], w as f64 - b[0], b[3]]),
-        ),
+    let pixels = match *op {
+        Op::Flip => image::imageops::flip_horizontal(img),
         Op::Rotate { degrees } => {
             let (p, out) = rotation((w, h), degrees);
             let mut rotated = RgbImage::new(out.0, out.1);
@@ -142,7 +130,42 @@ pub fn apply(img: &RgbImage, violations: &[Violation], op: &Op) -> (RgbImage, Ve
                 Border::Constant(Rgb([0, 0, 0])),
                 &mut rotated,
             );
-            (rotated, map_boxes(&|b| rotate_box(b, &p, out)))
+            rotated
+        }
+        Op::Crop {
+            x,
+            y,
+            width,
+            height,
+        } => image::imageops::crop_imm(img, x, y, width, height).to_image(),
+        Op::Brightness { factor } => map_pixels(img, |c| c as f32 * factor),
+        Op::Contrast { factor } => {
+            let mean = grey_mean(img);
+            map_pixels(img, |c| mean + (c as f32 - mean) * factor)
+        }
+        Op::Blur { sigma } => image::imageops::fast_blur(img, sigma),
+    };
+    (pixels, transform(img.dimensions(), violations, op).1)
+}
+
+/// What one operation does to an image's size and its violations' boxes, without touching
+/// pixels: the geometry [`apply`] uses, also used to draw crops cheaply.
+fn transform(size: (u32, u32), violations: &[Violation], op: &Op) -> ((u32, u32), Vec<Violation>) {
+    let map_boxes = |f: &dyn Fn(&BBox) -> BBox| -> Vec<Violation> {
+        violations
+            .iter()
+            .map(|v| Violation {
+                bbox: v.bbox.as_ref().map(|b| tidy(f(b))),
+                ..v.clone()
+            })
+            .collect()
+    };
+    let w = size.0 as f64;
+    match *op {
+        Op::Flip => (size, map_boxes(&|b| [w - b[2], b[1], w - b[0], b[3]])),
+        Op::Rotate { degrees } => {
+            let (p, out) = rotation(size, degrees);
+            (out, map_boxes(&|b| rotate_box(b, &p, out)))
         }
         Op::Crop {
             x,
@@ -150,7 +173,6 @@ pub fn apply(img: &RgbImage, violations: &[Violation], op: &Op) -> (RgbImage, Ve
             width,
             height,
         } => {
-            let cropped = image::imageops::crop_imm(img, x, y, width, height).to_image();
             let kept = violations
                 .iter()
                 .filter_map(|v| match &v.bbox {
@@ -169,17 +191,11 @@ pub fn apply(img: &RgbImage, violations: &[Violation], op: &Op) -> (RgbImage, Ve
                     }
                 })
                 .collect();
-            (cropped, kept)
+            ((width, height), kept)
         }
-        Op::Brightness { factor } => (map_pixels(img, |c| c as f32 * factor), violations.to_vec()),
-        Op::Contrast { factor } => {
-            let mean = grey_mean(img);
-            (
-                map_pixels(img, |c| mean + (c as f32 - mean) * factor),
-                violations.to_vec(),
-            )
+        Op::Brightness { .. } | Op::Contrast { .. } | Op::Blur { .. } => {
+            (size, violations.to_vec())
         }
-        Op::Blur { sigma } => (image::imageops::fast_blur(img, sigma), violations.to_vec()),
     }
 }
 
@@ -218,14 +234,12 @@ fn sample_ops(rng: &mut ChaCha8Rng, img: &RgbImage, violations: &[Violation]) ->
         });
     }
     if violations.iter().all(|v| v.bbox.is_some()) && rng.random_bool(0.5) {
-        // The boxes as they are after the geometry drawn so far.
-        let (mut cur_img, mut cur) = (None::<RgbImage>, violations.to_vec());
+        // The size and boxes after the geometry drawn so far (no pixels needed).
+        let (mut size, mut cur) = (img.dimensions(), violations.to_vec());
         for op in &ops {
-            let (i, v) = apply(cur_img.as_ref().unwrap_or(img), &cur, op);
-            cur_img = Some(i);
-            cur = v;
+            (size, cur) = transform(size, &cur, op);
         }
-        let (w, h) = cur_img.as_ref().unwrap_or(img).dimensions();
+        let (w, h) = size;
         for _ in 0..20 {
             let cw = ((w as f64 * rng.random_range(0.7..1.0)) as u32).max(MIN_CROP_SIDE);
             let ch = ((h as f64 * rng.random_range(0.7..1.0)) as u32).max(MIN_CROP_SIDE);

@@ -8,7 +8,7 @@ use inspector_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{Dataset, Error, relative_to};
+use crate::{Dataset, Error, relative_to_canonical};
 
 /// Where the image goes in a user turn, as LLaMA-Factory and ms-swift write it.
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
@@ -48,6 +48,7 @@ pub fn conversation(annotation: &Annotation, size: (u32, u32), image: String) ->
 
 /// Every record's conversation, with image paths valid from `out_dir` (which must exist).
 pub fn build_samples(dataset: &Dataset, out_dir: &Path) -> Result<Vec<Sample>, Error> {
+    let out_dir = out_dir.canonicalize().map_err(|e| Error::io(out_dir, e))?;
     dataset
         .records
         .iter()
@@ -55,7 +56,7 @@ pub fn build_samples(dataset: &Dataset, out_dir: &Path) -> Result<Vec<Sample>, E
             Ok(conversation(
                 &r.annotation,
                 r.size,
-                relative_to(&r.path, out_dir)?,
+                relative_to_canonical(&r.path, &out_dir)?,
             ))
         })
         .collect()

@@ -220,10 +220,7 @@ fn answer_violations(
 /// refuses the import with the full list.
 pub fn import(file: &Path, format: Format, out_dir: &Path) -> Result<Vec<Annotation>, Error> {
     let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
-    let base = match file.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let base = crate::validate::base_of(file);
     let mut problems = Vec::new();
     let items = entries(file, &text, &mut problems);
     let mut out = Vec::new();

@@ -95,14 +95,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 /// `path` as seen from the folder `dir` (both must exist), for writing image references that
 /// stay valid from an output file's folder; absolute when no relative path exists.
 pub fn relative_to(path: &Path, dir: &Path) -> Result<String, Error> {
-    let abs = path.canonicalize().map_err(|e| Error::io(path, e))?;
     let dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
-    let rel = pathdiff::diff_paths(&abs, &dir).unwrap_or(abs);
+    relative_to_canonical(path, &dir)
+}
+
+/// [`relative_to`] for a folder already canonicalised (once, for many paths).
+pub(crate) fn relative_to_canonical(path: &Path, dir: &Path) -> Result<String, Error> {
+    let abs = path.canonicalize().map_err(|e| Error::io(path, e))?;
+    let rel = pathdiff::diff_paths(&abs, dir).unwrap_or(abs);
     Ok(rel.to_string_lossy().into_owned())
 }
 
-/// Serialises values as JSONL.
-pub(crate) fn jsonl<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Vec<u8> {
+/// Serialises values as JSONL, one per line.
+pub fn jsonl<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Vec<u8> {
     let mut out = Vec::new();
     for item in items {
         serde_json::to_writer(&mut out, &item).expect("plain data serialises");

@@ -110,7 +110,8 @@ pub fn load_file(path: &Path, rules: &[Rule]) -> Result<Dataset, Error> {
     })
 }
 
-fn base_of(path: &Path) -> PathBuf {
+/// The folder a file's relative paths are read from.
+pub(crate) fn base_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),

@@ -611,8 +611,9 @@ fn peft_config(v: &Value) -> Result<LoraConfig, String> {
     })
 }
 
-/// Writes through `write` into a temporary file beside `path`, then renames it over `path`.
-fn write_atomic(
+/// Writes through `write` into a temporary file beside `path`, then renames it over `path`
+/// (a reader never sees half a file; a failure leaves the old one).
+pub fn write_atomic(
     path: &Path,
     write: impl FnOnce(&Path) -> candle_core::Result<()>,
 ) -> Result<(), Error> {

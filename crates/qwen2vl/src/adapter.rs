@@ -7,7 +7,7 @@ use std::{
 };
 
 use candle_core::{DType, Device, Tensor};
-use inspector_lora::Lora;
+use inspector_lora::{Lora, write_atomic};
 
 use crate::{Error, ModelInfo, Qwen2Vl, proj::normalize_module, weights};
 
@@ -128,9 +128,7 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<Merged, Error> 
         }
         let name = file.file_name().expect("a shard file has a name");
         let path = out.join(name);
-        atomic(&path, |tmp| {
-            candle_core::safetensors::save(&merged, tmp).map_err(|e| e.to_string())
-        })?;
+        write_atomic(&path, |tmp| candle_core::safetensors::save(&merged, tmp))?;
         written.push(path);
     }
     let entries = std::fs::read_dir(model).map_err(|e| Error::io(model, e))?;
@@ -142,8 +140,8 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<Merged, Error> 
         }
         let dest = out.join(&name);
         let bytes = std::fs::read(entry.path()).map_err(|e| Error::io(&entry.path(), e))?;
-        atomic(&dest, |tmp| {
-            std::fs::write(tmp, &bytes).map_err(|e| e.to_string())
+        write_atomic(&dest, |tmp| {
+            std::fs::write(tmp, &bytes).map_err(candle_core::Error::wrap)
         })?;
         written.push(dest);
     }
@@ -151,16 +149,4 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<Merged, Error> 
         merged_layers,
         files: written,
     })
-}
-
-/// Writes through `write` into a temporary file beside `path`, then renames it into place.
-fn atomic(path: &Path, write: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), Error> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(path, e))?;
-    write(tmp.path()).map_err(|message| Error::Checkpoint {
-        path: path.to_path_buf(),
-        message,
-    })?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
 }

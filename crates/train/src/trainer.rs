@@ -290,8 +290,12 @@ impl Trainer {
         let warmup = (total as f64 * self.config.warmup_ratio).ceil() as u64;
         let vars = self.lora.vars();
         let mut window_loss = Vec::new();
+        let mut order: Option<(usize, Vec<Vec<usize>>)> = None;
         while self.state.step < total {
-            let batches = self.epoch_batches(self.state.epoch);
+            if order.as_ref().is_none_or(|(e, _)| *e != self.state.epoch) {
+                order = Some((self.state.epoch, self.epoch_batches(self.state.epoch)));
+            }
+            let batches = &order.as_ref().expect("just set").1;
             if self.state.position >= batches.len() {
                 self.state.epoch += 1;
                 self.state.position = 0;
