@@ -209,24 +209,8 @@ fn forward(
 
 /// safetensors written beside the target, then renamed over it.
 fn save_atomic(tensors: &HashMap<String, Tensor>, out: &Path) -> anyhow::Result<()> {
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let tmp = tempfile::Builder::new()
-        .suffix(".safetensors.tmp")
-        .tempfile_in(dir)
-        .with_context(|| {
-            format!(
-                "{}: cannot create a temporary file beside it",
-                out.display()
-            )
-        })?;
-    candle_core::safetensors::save(tensors, tmp.path())
-        .with_context(|| format!("{}: write failed", out.display()))?;
-    tmp.persist(out)
-        .with_context(|| format!("{}: cannot replace the file", out.display()))?;
-    Ok(())
+    inspector_lora::write_atomic(out, |tmp| candle_core::safetensors::save(tensors, tmp))
+        .with_context(|| format!("{}: write failed", out.display()))
 }
 
 fn info(dir: &Path, dtype: DType) -> anyhow::Result<ExitCode> {

@@ -22,7 +22,8 @@ use inspector_train::{
 
 use crate::rules_cmd::{DbArgs, open_with_rules};
 
-/// Fine-tune a Qwen2-VL model with LoRA on annotated photos. Other tools call this interface.
+/// Fine-tune a Qwen2-VL model on annotated photos: a LoRA adapter, or with `--full` every
+/// weight. Other tools call this interface.
 ///
 /// `--data` is an annotation file (the format `inspector dataset validate` checks); the
 /// canonical conversations are built from it with the model's chat template, and only the
@@ -38,7 +39,8 @@ pub struct TrainArgs {
     /// An eval annotation file: eval loss, and the best adapter by it.
     #[arg(long, value_name = "FILE")]
     pub eval_data: Option<PathBuf>,
-    /// Output folder: checkpoints/, best/, adapter/, metrics.jsonl.
+    /// Output folder: checkpoints/, best/, adapter/ (model/ with --full), metrics.jsonl,
+    /// loss.png.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// A TOML file with any of the training settings (`lr = 1e-4`, `grad_accum = 4`, …);
@@ -78,6 +80,14 @@ pub struct TrainArgs {
     /// Also adapt the vision tower and merger.
     #[arg(long)]
     pub lora_vision: bool,
+    /// Train every weight (vision included, f32) instead of an adapter; writes complete model
+    /// directories to OUT/model and OUT/best/model. Meant for small models.
+    #[arg(long)]
+    pub full: bool,
+    /// Base weight dtype: f32, or bf16 (LoRA weights and optimizer state stay f32)
+    /// [default: f32].
+    #[arg(long, value_name = "DTYPE")]
+    pub dtype: Option<inspector_train::trainer::Precision>,
     /// Continue from the newest checkpoint in OUT/checkpoints.
     #[arg(long)]
     pub resume: bool,
@@ -118,6 +128,14 @@ fn settings(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
         c.max_steps = args.max_steps;
     }
     c.lora_vision |= args.lora_vision;
+    c.full |= args.full;
+    if let Some(d) = args.dtype {
+        c.dtype = d;
+    }
+    anyhow::ensure!(
+        !(c.full && c.dtype != inspector_train::trainer::Precision::F32),
+        "--full trains f32 weights: drop --dtype bf16"
+    );
     anyhow::ensure!(c.lr > 0.0, "--lr must be positive");
     anyhow::ensure!(c.lora_r > 0, "--lora-r must be at least 1");
     anyhow::ensure!(
@@ -213,11 +231,19 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         let step = trainer.resume()?;
         eprintln!("resuming at step {step}");
     }
-    eprintln!(
-        "LoRA: {} trainable parameters of {} adapted layers",
-        trainer.lora.trainable_params(),
-        trainer.lora.pairs().len()
-    );
+    if trainer.config.full {
+        eprintln!(
+            "full fine-tuning: {} trainable parameters in {} tensors",
+            trainer.trainable_params(),
+            trainer.weights.len()
+        );
+    } else {
+        eprintln!(
+            "LoRA: {} trainable parameters of {} adapted layers",
+            trainer.trainable_params(),
+            trainer.lora.pairs().len()
+        );
+    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -253,9 +279,21 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     match ending {
         Ending::Finished => {
             println!(
-                "done: {} steps; adapter in {}",
+                "done: {} steps; {} in {}; loss curve in {}",
                 trainer.state.step,
-                args.out.join("adapter").display()
+                if trainer.config.full {
+                    "model"
+                } else {
+                    "adapter"
+                },
+                args.out
+                    .join(if trainer.config.full {
+                        "model"
+                    } else {
+                        "adapter"
+                    })
+                    .display(),
+                args.out.join("loss.png").display()
             );
             Ok(ExitCode::SUCCESS)
         }

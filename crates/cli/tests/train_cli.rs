@@ -357,3 +357,60 @@ fn merged_model_equals_base_plus_adapter_and_bad_adapters_are_refused() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn full_fine_tuning_writes_a_model_that_the_cli_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    data(dir.path());
+    let args = train_args("run", &["--full", "--max-steps", "3", "--save-every", "2"]);
+    let o = inspector(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        dir.path(),
+    );
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("full fine-tuning:"), "{err}");
+    let run = dir.path().join("run");
+    for f in [
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "checkpoints/step-2/model/model.safetensors",
+        "checkpoints/step-2/optimizer.safetensors",
+        "loss.png",
+        "metrics.jsonl",
+    ] {
+        assert!(run.join(f).exists(), "{f}");
+    }
+    assert!(!run.join("adapter").exists());
+    // The training pixel limits went into the written processor config.
+    let pre: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("model/preprocessor_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(pre["max_pixels"], 3136);
+    // The written model runs.
+    ok(&inspector(
+        &[
+            "model",
+            "forward",
+            "--model",
+            "run/model",
+            "--input-ids",
+            "5,6,7",
+            "--out",
+            "f.safetensors",
+        ],
+        dir.path(),
+    ));
+    image::open(run.join("loss.png")).unwrap();
+
+    // bf16 full fine-tuning is refused before anything runs.
+    let args = train_args("run2", &["--full", "--dtype", "bf16"]);
+    let o = inspector(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        dir.path(),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--full"), "{err}");
+    assert!(!dir.path().join("run2").exists());
+}

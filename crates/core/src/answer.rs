@@ -113,8 +113,8 @@ impl Answer {
         serde_json::to_string(self).expect("an answer always serialises")
     }
 
-    /// Strict parse of the canonical JSON (the tolerant parser for model output lives in the
-    /// detector).
+    /// Strict parse of the canonical JSON (model output goes through the tolerant
+    /// [`crate::reply::parse_reply`]).
     pub fn from_json(text: &str) -> Result<Answer, serde_json::Error> {
         serde_json::from_str(text)
     }

@@ -8,6 +8,7 @@
 //! - [`citation`]: turning a citation written by a person or a model into one rule;
 //! - [`answer`]: the canonical instruction ([`answer::INSTRUCTION`], versioned), the JSON answer
 //!   the model is trained to give, and the numbered Chinese list older tools write;
+//! - [`reply`]: reading what a model wrote (tolerant JSON, the numbered list, truncation);
 //! - [`Annotation`]: one annotated photo, as annotation files hold it.
 //!
 //! ```
@@ -28,6 +29,7 @@ mod annotation;
 pub mod answer;
 pub mod citation;
 pub mod numerals;
+pub mod reply;
 mod rule;
 pub mod text;
 

@@ -622,9 +622,20 @@ pub fn write_atomic(
         path: path.to_path_buf(),
         error,
     };
-    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    // 0666 less the umask, as an ordinary file (tempfile's default is 0600, which would
+    // hide adapters from other users and services).
+    let tmp = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .tempfile_in(dir)
+        .map_err(io)?;
+    let mode = tmp.as_file().metadata().map_err(io)?.permissions();
     write(tmp.path()).map_err(|e| adapter_err(path, e.to_string()))?;
-    tmp.as_file().sync_all().map_err(io)?;
+    // The writer may have replaced the file (safetensors writes a temporary file of its own
+    // and renames it, owner-only): give it back the ordinary mode.
+    std::fs::set_permissions(tmp.path(), mode).map_err(io)?;
+    std::fs::File::open(tmp.path())
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
     Ok(())
 }

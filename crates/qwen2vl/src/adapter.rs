@@ -6,8 +6,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use candle_core::{DType, Device, Tensor};
-use inspector_lora::{Lora, write_atomic};
+use candle_core::{DType, Device};
+use inspector_lora::Lora;
 
 use crate::{Error, ModelInfo, Qwen2Vl, proj::normalize_module, weights};
 
@@ -102,49 +102,20 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<Merged, Error> 
             ),
         });
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut merged_layers = 0;
-    let mut written = Vec::new();
-    for file in &files {
-        let tensors =
-            candle_core::safetensors::load(file, &device).map_err(|e| Error::Checkpoint {
-                path: file.clone(),
-                message: e.to_string(),
-            })?;
-        let mut merged: HashMap<String, Tensor> = HashMap::new();
-        for (name, t) in tensors {
-            let pair = name
-                .strip_suffix(".weight")
-                .and_then(normalize_module)
-                .and_then(|m| pairs.get(&m));
-            let t = match pair {
-                Some((a, b)) => {
-                    merged_layers += 1;
-                    inspector_lora::merge_weight(&t, a, b, scaling)?
-                }
-                None => t,
-            };
-            merged.insert(name, t);
-        }
-        let name = file.file_name().expect("a shard file has a name");
-        let path = out.join(name);
-        write_atomic(&path, |tmp| candle_core::safetensors::save(&merged, tmp))?;
-        written.push(path);
-    }
-    let entries = std::fs::read_dir(model).map_err(|e| Error::io(model, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io(model, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".safetensors") || !entry.path().is_file() {
-            continue;
-        }
-        let dest = out.join(&name);
-        let bytes = std::fs::read(entry.path()).map_err(|e| Error::io(&entry.path(), e))?;
-        write_atomic(&dest, |tmp| {
-            std::fs::write(tmp, &bytes).map_err(candle_core::Error::wrap)
-        })?;
-        written.push(dest);
-    }
+    let written = weights::rewrite(model, out, |name, t| {
+        let pair = name
+            .strip_suffix(".weight")
+            .and_then(normalize_module)
+            .and_then(|m| pairs.get(&m));
+        Ok(match pair {
+            Some((a, b)) => {
+                merged_layers += 1;
+                inspector_lora::merge_weight(&t, a, b, scaling)?
+            }
+            None => t,
+        })
+    })?;
     Ok(Merged {
         merged_layers,
         files: written,

@@ -83,6 +83,74 @@ impl ProcessorConfig {
         Ok(Self::default())
     }
 
+    /// Writes these pixel limits into the model directory `dir`'s processor config (the
+    /// file [`ProcessorConfig::from_model_dir`] reads; a `size` object gets them too), or
+    /// writes a `preprocessor_config.json` with every setting when there is none.
+    pub fn write_pixels(&self, dir: &Path) -> Result<(), Error> {
+        let set = |v: &mut Value| {
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("min_pixels".into(), self.min_pixels.into());
+                obj.insert("max_pixels".into(), self.max_pixels.into());
+                if let Some(size) = obj.get_mut("size").and_then(Value::as_object_mut) {
+                    for (key, n) in [
+                        ("min_pixels", self.min_pixels),
+                        ("shortest_edge", self.min_pixels),
+                        ("max_pixels", self.max_pixels),
+                        ("longest_edge", self.max_pixels),
+                    ] {
+                        if size.contains_key(key) {
+                            size.insert(key.into(), n.into());
+                        }
+                    }
+                }
+            }
+        };
+        let mut target = None;
+        for (name, section) in [
+            ("preprocessor_config.json", None),
+            ("processor_config.json", Some("image_processor")),
+        ] {
+            let path = dir.join(name);
+            if path.exists() {
+                target = Some((path, section));
+                break;
+            }
+        }
+        let (path, json) = match target {
+            Some((path, section)) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                let mut json: Value =
+                    serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+                        path: path.clone(),
+                        message: format!("not valid JSON: {e}"),
+                    })?;
+                match section.and_then(|s| json.get_mut(s)) {
+                    Some(inner) => set(inner),
+                    None => set(&mut json),
+                }
+                (path, json)
+            }
+            None => (
+                dir.join("preprocessor_config.json"),
+                serde_json::json!({
+                    "image_processor_type": "Qwen2VLImageProcessor",
+                    "min_pixels": self.min_pixels,
+                    "max_pixels": self.max_pixels,
+                    "patch_size": self.patch_size,
+                    "temporal_patch_size": self.temporal_patch_size,
+                    "merge_size": self.merge_size,
+                    "image_mean": self.image_mean,
+                    "image_std": self.image_std,
+                }),
+            ),
+        };
+        let bytes = serde_json::to_vec_pretty(&json).expect("JSON");
+        inspector_lora::write_atomic(&path, |tmp| {
+            std::fs::write(tmp, &bytes).map_err(candle_core::Error::wrap)
+        })?;
+        Ok(())
+    }
+
     fn from_json(v: &Value) -> Result<Self, String> {
         let mut c = Self::default();
         let num = |key: &str| -> Result<Option<usize>, String> {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_core::{DType, Device, IndexOp, Module, Tensor, Var};
 use candle_nn::{Linear, VarBuilder};
 
 use inspector_lora::Lora;
@@ -109,12 +109,44 @@ impl Qwen2Vl {
         device: &Device,
         lora: Option<&Lora>,
     ) -> Result<(Self, ModelInfo), Error> {
+        Self::load_from(dir, dtype, lora, |files| {
+            weights::load(files, dtype, device)
+        })
+    }
+
+    /// Loads for full fine-tuning: every tensor the model uses becomes a [`Var`], returned
+    /// with its checkpoint name (save them with [`weights::rewrite`]).
+    pub fn load_trainable(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Self, ModelInfo, Vec<(String, Var)>), Error> {
+        let mut vars = None;
+        let (model, info) = Self::load_from(dir, dtype, None, |files| {
+            let (vb, layout, shapes, v) = weights::load_trainable(files, dtype, device)?;
+            vars = Some(v);
+            Ok((vb, layout, shapes))
+        })?;
+        let vars = vars.expect("the loader ran");
+        let vars = std::mem::take(&mut *vars.lock().expect("not poisoned"));
+        Ok((model, info, vars))
+    }
+
+    fn load_from(
+        dir: &Path,
+        dtype: DType,
+        lora: Option<&Lora>,
+        open: impl FnOnce(
+            &[PathBuf],
+        )
+            -> Result<(VarBuilder<'static>, KeyLayout, weights::TensorShapes), Error>,
+    ) -> Result<(Self, ModelInfo), Error> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let config = Config::from_json(&text).map_err(|e| e.in_file(&config_path))?;
         let processor = ProcessorConfig::from_model_dir(dir)?;
         let files = weights::safetensors_files(dir)?;
-        let (vb, key_layout, shapes) = weights::load(&files, dtype, device)?;
+        let (vb, key_layout, shapes) = open(&files)?;
         let model =
             Self::from_var_builder_with(&config, processor, vb, key_layout, lora).map_err(|e| {
                 Error::Checkpoint {

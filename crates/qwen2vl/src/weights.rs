@@ -2,10 +2,15 @@
 
 use std::path::{Path, PathBuf};
 
-use std::{collections::HashMap, io::Read};
+use std::{
+    collections::HashMap,
+    io::Read,
+    sync::{Arc, Mutex},
+};
 
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::{VarBuilder, var_builder::SimpleBackend};
+use inspector_lora::write_atomic;
 
 use crate::Error;
 
@@ -107,6 +112,32 @@ pub fn load(
     dtype: DType,
     device: &Device,
 ) -> Result<(VarBuilder<'static>, KeyLayout, TensorShapes), Error> {
+    let (backend, layout, shapes) = open(files)?;
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    Ok((vb, layout, shapes))
+}
+
+/// The variables a [`load_trainable`] builder handed out, by checkpoint name.
+pub type Trainables = Arc<Mutex<Vec<(String, Var)>>>;
+
+/// [`load`] for full fine-tuning: every tensor the model asks for becomes a [`Var`] (one per
+/// name, however often it is asked for), listed in the returned set under its checkpoint name.
+pub fn load_trainable(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<(VarBuilder<'static>, KeyLayout, TensorShapes, Trainables), Error> {
+    let (inner, layout, shapes) = open(files)?;
+    let vars: Trainables = Arc::default();
+    let backend = TrainableReader {
+        inner,
+        vars: vars.clone(),
+    };
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    Ok((vb, layout, shapes, vars))
+}
+
+fn open(files: &[PathBuf]) -> Result<(ShardReader, KeyLayout, TensorShapes), Error> {
     let backend = ShardReader::open(files)?;
     let has = |name: &str| backend.tensors.contains_key(name);
     let layout = if has("model.language_model.embed_tokens.weight") {
@@ -124,8 +155,53 @@ pub fn load(
         .iter()
         .map(|(name, e)| (name.clone(), e.shape.clone()))
         .collect();
-    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-    Ok((vb, layout, shapes))
+    Ok((backend, layout, shapes))
+}
+
+/// Writes the model directory `out` from `base`: every shard of `base` is rewritten with the
+/// same file name, tensor names and dtypes, each tensor passed through `replace(name, tensor)`
+/// (one shard in memory at a time); every other file of `base` (config, shard index,
+/// tokenizer, processor, chat template, generation config) is copied. Each file is written
+/// atomically. Returns the files written.
+pub fn rewrite(
+    base: &Path,
+    out: &Path,
+    mut replace: impl FnMut(&str, Tensor) -> Result<Tensor, Error>,
+) -> Result<Vec<PathBuf>, Error> {
+    let files = safetensors_files(base)?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut written = Vec::new();
+    for file in &files {
+        let tensors =
+            candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| Error::Checkpoint {
+                path: file.clone(),
+                message: e.to_string(),
+            })?;
+        let mut new: HashMap<String, Tensor> = HashMap::with_capacity(tensors.len());
+        for (name, t) in tensors {
+            let t = replace(&name, t)?;
+            new.insert(name, t);
+        }
+        let name = file.file_name().expect("a shard file has a name");
+        let path = out.join(name);
+        write_atomic(&path, |tmp| candle_core::safetensors::save(&new, tmp))?;
+        written.push(path);
+    }
+    let entries = std::fs::read_dir(base).map_err(|e| Error::io(base, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(base, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors") || !entry.path().is_file() {
+            continue;
+        }
+        let dest = out.join(&name);
+        let bytes = std::fs::read(entry.path()).map_err(|e| Error::io(&entry.path(), e))?;
+        write_atomic(&dest, |tmp| {
+            std::fs::write(tmp, &bytes).map_err(candle_core::Error::wrap)
+        })?;
+        written.push(dest);
+    }
+    Ok(written)
 }
 
 /// Where one tensor lies in which shard.
@@ -260,5 +336,57 @@ impl SimpleBackend for ShardReader {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+}
+
+/// A [`ShardReader`] that hands out variables, for full fine-tuning.
+struct TrainableReader {
+    inner: ShardReader,
+    vars: Trainables,
+}
+
+impl TrainableReader {
+    fn var(
+        &self,
+        name: &str,
+        tensor: impl FnOnce() -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let mut vars = self.vars.lock().expect("not poisoned");
+        if let Some((_, v)) = vars.iter().find(|(n, _)| n == name) {
+            return Ok(v.as_tensor().clone());
+        }
+        let var = Var::from_tensor(&tensor()?)?;
+        vars.push((name.to_string(), var.clone()));
+        Ok(var.as_tensor().clone())
+    }
+}
+
+impl SimpleBackend for TrainableReader {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.var(name, || self.inner.get(s.clone(), name, init, dtype, dev))?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.var(name, || self.inner.get_unchecked(name, dtype, dev))
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
     }
 }

@@ -32,6 +32,8 @@ impl Default for AdamWConfig {
 pub struct AdamW {
     pub config: AdamWConfig,
     vars: Vec<Var>,
+    /// Whether weight decay applies, per variable.
+    decay: Vec<bool>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     /// Steps taken.
@@ -40,12 +42,27 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, config: AdamWConfig) -> candle_core::Result<Self> {
+        let decay = vec![true; vars.len()];
+        Self::grouped(vars, decay, config)
+    }
+
+    /// Two parameter groups, as Hugging Face's Trainer makes them: weight decay only where
+    /// `decay[i]` (it leaves biases and norm weights out).
+    pub fn grouped(
+        vars: Vec<Var>,
+        decay: Vec<bool>,
+        config: AdamWConfig,
+    ) -> candle_core::Result<Self> {
+        if decay.len() != vars.len() {
+            candle_core::bail!("{} decay flags for {} variables", decay.len(), vars.len());
+        }
         let zeros = |v: &Var| Tensor::zeros(v.shape(), DType::F32, v.device());
         let m = vars.iter().map(zeros).collect::<candle_core::Result<_>>()?;
         let v = vars.iter().map(zeros).collect::<candle_core::Result<_>>()?;
         Ok(AdamW {
             config,
             vars,
+            decay,
             m,
             v,
             step: 0,
@@ -64,18 +81,23 @@ impl AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
-        for ((var, m), v) in self
+        for (((var, m), v), &decay) in self
             .vars
             .iter()
             .zip(self.m.iter_mut())
             .zip(self.v.iter_mut())
+            .zip(&self.decay)
         {
             let Some(g) = grads.get(var) else { continue };
             let g = g.to_dtype(DType::F32)?;
             *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let p = var.as_tensor().to_dtype(DType::F32)?;
-            let p = (&p * (1.0 - lr * c.weight_decay))?;
+            let p = if decay {
+                (&p * (1.0 - lr * c.weight_decay))?
+            } else {
+                p
+            };
             let update = ((&*m / bc1)? / ((&*v / bc2)?.sqrt()? + c.eps)?)?;
             let p = (p - (update * lr)?)?;
             var.set(&p.to_dtype(var.dtype())?)?;

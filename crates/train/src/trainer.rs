@@ -8,7 +8,13 @@
 //! DIR/best/                 the adapter with the lowest eval loss so far
 //! DIR/adapter/              the final adapter
 //! DIR/metrics.jsonl         one line per log / eval event
+//! DIR/loss.png              the loss curves, drawn at the end
 //! ```
+//!
+//! With `full = true` every weight of the model is trained (f32) instead of an adapter, and
+//! each of those folders holds a complete Hugging Face model directory in `model/`
+//! (`checkpoints/step-N/model`, `best/model`, `DIR/model`) with the training image settings in
+//! its processor config.
 //!
 //! A checkpoint is written into a temporary folder and renamed into place, so a failure while
 //! saving leaves the previous checkpoint as it was. Data order, dropout and initialisation come
@@ -23,7 +29,7 @@ use std::{
     time::Instant,
 };
 
-use candle_core::{DType, Device, Tensor, backprop::GradStore};
+use candle_core::{DType, Device, Tensor, Var, backprop::GradStore};
 use inspector_lora::{Lora, LoraConfig};
 use inspector_qwen2vl::{Error, Qwen2Vl};
 use rand::{SeedableRng, seq::SliceRandom};
@@ -61,6 +67,39 @@ pub struct TrainConfig {
     pub use_rslora: bool,
     /// Also adapt the vision tower and merger.
     pub lora_vision: bool,
+    /// Train every weight (f32) instead of a LoRA adapter.
+    pub full: bool,
+    /// The base weights' dtype. LoRA weights and optimizer state are f32 either way.
+    pub dtype: Precision,
+}
+
+/// Base weight precision for training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!("unknown dtype `{other}` (f32 or bf16)")),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -85,6 +124,8 @@ impl Default for TrainConfig {
             lora_dropout: 0.1,
             use_rslora: false,
             lora_vision: false,
+            full: false,
+            dtype: Precision::F32,
         }
     }
 }
@@ -137,6 +178,8 @@ pub enum Event {
         loss: f64,
         lr: f64,
         grad_norm: f64,
+        /// Tokens processed in this step (every position of every sample, padding excluded).
+        tokens: usize,
         tokens_per_s: f64,
     },
     Eval {
@@ -158,17 +201,20 @@ pub enum Ending {
     Interrupted,
 }
 
-/// A model with its LoRA set, an optimizer and the data.
+/// A model with its LoRA set (or, with `full`, all its weights), an optimizer and the data.
 pub struct Trainer {
     pub model: Qwen2Vl,
+    /// The adapter being trained; with `full`, an empty set.
     pub lora: Lora,
+    /// With `full`: every weight of the model, by checkpoint name.
+    pub weights: Vec<(String, Var)>,
     pub opt: AdamW,
     pub config: TrainConfig,
     pub state: TrainerState,
     train: Vec<Example>,
     eval: Vec<Example>,
     out: PathBuf,
-    base_model: String,
+    model_dir: PathBuf,
     pad: u32,
     /// Set to make the loop fail while writing the next checkpoint (tests).
     pub fail_next_save: bool,
@@ -194,16 +240,36 @@ impl Trainer {
             return Err(Error::Input("no training examples".into()));
         }
         let device = Device::Cpu;
-        let lora = Lora::new(config.lora_config(), &device);
-        let (model, _) = Qwen2Vl::load_with(model_dir, DType::F32, &device, Some(&lora))?;
-        let opt = AdamW::new(
-            lora.vars(),
-            AdamWConfig {
-                lr: config.lr,
-                weight_decay: config.weight_decay,
-                ..Default::default()
-            },
-        )?;
+        let adamw = AdamWConfig {
+            lr: config.lr,
+            weight_decay: config.weight_decay,
+            ..Default::default()
+        };
+        let (model, lora, weights, opt) = if config.full {
+            if config.dtype != Precision::F32 {
+                return Err(Error::Input(
+                    "full fine-tuning trains f32 weights: leave dtype at f32".into(),
+                ));
+            }
+            let lora = Lora::new(
+                LoraConfig {
+                    target_modules: vec![],
+                    ..config.lora_config()
+                },
+                &device,
+            );
+            let (model, _, weights) = Qwen2Vl::load_trainable(model_dir, DType::F32, &device)?;
+            let vars = weights.iter().map(|(_, v)| v.clone()).collect();
+            let decay = weights.iter().map(|(n, _)| decays(n)).collect();
+            let opt = AdamW::grouped(vars, decay, adamw)?;
+            (model, lora, weights, opt)
+        } else {
+            let lora = Lora::new(config.lora_config(), &device);
+            let (model, _) =
+                Qwen2Vl::load_with(model_dir, config.dtype.dtype(), &device, Some(&lora))?;
+            let opt = AdamW::new(lora.vars(), adamw)?;
+            (model, lora, vec![], opt)
+        };
         let micro = train.len().div_ceil(config.batch_size.max(1));
         let per_epoch = micro.div_ceil(config.grad_accum.max(1)) as u64;
         let total_steps = config
@@ -216,6 +282,7 @@ impl Trainer {
         Ok(Trainer {
             model,
             lora,
+            weights,
             opt,
             state: TrainerState {
                 total_steps,
@@ -225,7 +292,7 @@ impl Trainer {
             train,
             eval,
             out: out.to_path_buf(),
-            base_model: model_dir.display().to_string(),
+            model_dir: model_dir.to_path_buf(),
             pad,
             fail_next_save: false,
         })
@@ -240,18 +307,22 @@ impl Trainer {
                 self.out.join("checkpoints").display()
             ))
         })?;
-        let weights = candle_core::safetensors::load(
-            dir.join(inspector_lora::ADAPTER_WEIGHTS),
-            &Device::Cpu,
-        )?;
-        for pair in self.lora.pairs() {
-            for (which, var) in [("A", &pair.a), ("B", &pair.b)] {
-                let key = format!("base_model.model.{}.lora_{which}.weight", pair.module);
-                let t = weights.get(&key).ok_or_else(|| Error::Checkpoint {
-                    path: dir.clone(),
-                    message: format!("missing {key}"),
-                })?;
-                var.set(t)?;
+        if self.config.full {
+            self.restore_weights(&dir.join("model"))?;
+        } else {
+            let weights = candle_core::safetensors::load(
+                dir.join(inspector_lora::ADAPTER_WEIGHTS),
+                &Device::Cpu,
+            )?;
+            for pair in self.lora.pairs() {
+                for (which, var) in [("A", &pair.a), ("B", &pair.b)] {
+                    let key = format!("base_model.model.{}.lora_{which}.weight", pair.module);
+                    let t = weights.get(&key).ok_or_else(|| Error::Checkpoint {
+                        path: dir.clone(),
+                        message: format!("missing {key}"),
+                    })?;
+                    var.set(t)?;
+                }
             }
         }
         let opt = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
@@ -265,6 +336,32 @@ impl Trainer {
         self.lora
             .set_rng_position(self.state.dropout_rng.parse().unwrap_or(0));
         Ok(self.state.step)
+    }
+
+    /// Sets every trained weight from the model directory `dir` (a checkpoint's `model/`).
+    fn restore_weights(&self, dir: &Path) -> Result<(), Error> {
+        let mut found: HashMap<String, Tensor> = HashMap::new();
+        for file in inspector_qwen2vl::weights::safetensors_files(dir)? {
+            found.extend(candle_core::safetensors::load(&file, &Device::Cpu)?);
+        }
+        for (name, var) in &self.weights {
+            let t = found.get(name).ok_or_else(|| Error::Checkpoint {
+                path: dir.to_path_buf(),
+                message: format!("missing {name}"),
+            })?;
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// The variables being trained.
+    pub fn trainable(&self) -> Vec<Var> {
+        self.opt.vars().to_vec()
+    }
+
+    /// The number of trained parameters.
+    pub fn trainable_params(&self) -> usize {
+        self.opt.vars().iter().map(|v| v.elem_count()).sum()
     }
 
     /// The micro-batch order of an epoch: a permutation of the examples from the seed and
@@ -288,7 +385,7 @@ impl Trainer {
     ) -> Result<Ending, Error> {
         let total = self.state.total_steps;
         let warmup = (total as f64 * self.config.warmup_ratio).ceil() as u64;
-        let vars = self.lora.vars();
+        let vars = self.trainable();
         let mut window_loss = Vec::new();
         let mut order: Option<(usize, Vec<Vec<usize>>)> = None;
         while self.state.step < total {
@@ -356,6 +453,7 @@ impl Trainer {
                 loss: loss_sum,
                 lr,
                 grad_norm,
+                tokens: seen,
                 tokens_per_s: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
             };
             on_event(&event);
@@ -374,7 +472,7 @@ impl Trainer {
                 let best = self.state.best_eval.is_none_or(|b| loss < b);
                 if best {
                     self.state.best_eval = Some(loss);
-                    self.save_adapter_dir(&self.out.join("best"))?;
+                    self.save_result(&self.out.join("best"))?;
                 }
                 self.metric(serde_json::json!({"step": step, "eval_loss": loss, "best": best}))?;
                 on_event(&Event::Eval { step, loss, best });
@@ -388,7 +486,12 @@ impl Trainer {
                 return Ok(Ending::Interrupted);
             }
         }
-        self.save_adapter_dir(&self.out.join("adapter"))?;
+        if self.config.full {
+            self.write_dir(&self.out.join("model"), |tmp| self.write_model(tmp))?;
+        } else {
+            self.save_result(&self.out.join("adapter"))?;
+        }
+        self.draw_loss_curve()?;
         Ok(Ending::Finished)
     }
 
@@ -416,23 +519,113 @@ impl Trainer {
         writeln!(f, "{value}").map_err(|e| io(&path, e))
     }
 
-    /// Writes the adapter (PEFT files + `inspector_adapter.json`) into a fresh temporary
-    /// folder beside `dir`, then swaps it in.
-    fn save_adapter_dir(&self, dir: &Path) -> Result<(), Error> {
-        self.write_dir(dir, |tmp| self.write_adapter(tmp))
+    /// Writes what is trained into `dir`: the adapter, or with `full` the model directory
+    /// `dir/model`. Built in a temporary folder beside `dir`, then swapped in.
+    fn save_result(&self, dir: &Path) -> Result<(), Error> {
+        self.write_dir(dir, |tmp| self.write_trained(tmp))
     }
 
-    fn write_adapter(&self, dir: &Path) -> Result<(), Error> {
-        self.lora.save_peft(dir, &self.base_model)?;
-        let extra = serde_json::json!({
+    fn write_trained(&self, dir: &Path) -> Result<(), Error> {
+        if self.config.full {
+            self.write_model(&dir.join("model"))
+        } else {
+            self.write_adapter(dir)
+        }
+    }
+
+    /// What a result was trained for: the prompt version and image settings.
+    fn provenance(&self) -> serde_json::Value {
+        serde_json::json!({
             "prompt_version": inspector_core::answer::PROMPT_VERSION,
             "min_pixels": self.model.processor.min_pixels,
             "max_pixels": self.model.processor.max_pixels,
-            "base_model": self.base_model,
-        });
+            "base_model": self.model_dir.display().to_string(),
+        })
+    }
+
+    fn write_adapter(&self, dir: &Path) -> Result<(), Error> {
+        self.lora
+            .save_peft(dir, &self.model_dir.display().to_string())?;
         let path = dir.join("inspector_adapter.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(&extra).expect("JSON"))
-            .map_err(|e| io(&path, e))
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(&self.provenance()).expect("JSON"),
+        )
+        .map_err(|e| io(&path, e))
+    }
+
+    /// A complete model directory: the base's files with every trained weight replaced (in
+    /// the base's dtype), the training image settings written into the processor config.
+    fn write_model(&self, dir: &Path) -> Result<(), Error> {
+        let trained: HashMap<&str, &Var> =
+            self.weights.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        inspector_qwen2vl::weights::rewrite(&self.model_dir, dir, |name, t| {
+            Ok(match trained.get(name) {
+                Some(v) => v.as_tensor().to_dtype(t.dtype())?,
+                None => t,
+            })
+        })?;
+        self.model.processor.write_pixels(dir)?;
+        let path = dir.join("inspector_model.json");
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(&self.provenance()).expect("JSON"),
+        )
+        .map_err(|e| io(&path, e))
+    }
+
+    /// Draws `DIR/loss.png` from `metrics.jsonl`: the training loss (logged means) and the
+    /// eval loss, by step. A step logged twice (a run resumed from an earlier checkpoint)
+    /// keeps its newest value. `None` when no finite loss was logged.
+    pub fn draw_loss_curve(&self) -> Result<Option<PathBuf>, Error> {
+        let metrics = self.out.join("metrics.jsonl");
+        let text = std::fs::read_to_string(&metrics).map_err(|e| io(&metrics, e))?;
+        let (mut train, mut eval) = (
+            std::collections::BTreeMap::new(),
+            std::collections::BTreeMap::new(),
+        );
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let Some(step) = v.get("step").and_then(|s| s.as_u64()) else {
+                continue;
+            };
+            if let Some(x) = v.get("loss").and_then(|x| x.as_f64()) {
+                train.insert(step, x);
+            }
+            if let Some(x) = v.get("eval_loss").and_then(|x| x.as_f64()) {
+                eval.insert(step, x);
+            }
+        }
+        let points = |m: std::collections::BTreeMap<u64, f64>| {
+            m.into_iter().map(|(s, x)| (s as f64, x)).collect()
+        };
+        let mut series = vec![inspector_charts::Series::new("train", points(train))];
+        if !eval.is_empty() {
+            series.push(inspector_charts::Series::new("eval", points(eval)).with_markers());
+        }
+        let chart = inspector_charts::Chart {
+            title: if self.config.full {
+                "Full fine-tuning loss".into()
+            } else {
+                "LoRA fine-tuning loss".into()
+            },
+            x_label: "optimizer step".into(),
+            y_label: "loss".into(),
+            log_y: true,
+            series,
+        };
+        let path = self.out.join("loss.png");
+        match chart.save_png(&path) {
+            Ok(()) => Ok(Some(path)),
+            Err(inspector_charts::Error::Empty) => Ok(None),
+            Err(inspector_charts::Error::Io(path, source)) => Err(Error::Io { path, source }),
+            Err(e) => Err(Error::Checkpoint {
+                path,
+                message: e.to_string(),
+            }),
+        }
     }
 
     /// Builds a folder in a temporary sibling and renames it over `dir` (the old one, if any,
@@ -444,8 +637,10 @@ impl Trainer {
     ) -> Result<(), Error> {
         let parent = dir.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+        // 0777 less the umask, as an ordinary folder (tempfile's default is 0700).
         let tmp = tempfile::Builder::new()
             .prefix(".tmp-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o777))
             .tempdir_in(parent)
             .map_err(|e| io(parent, e))?;
         fill(tmp.path())?;
@@ -474,7 +669,7 @@ impl Trainer {
         self.state.dropout_rng = self.lora.rng_position().to_string();
         let fail = std::mem::take(&mut self.fail_next_save);
         self.write_dir(&dir, |tmp| {
-            self.write_adapter(tmp)?;
+            self.write_trained(tmp)?;
             let state: HashMap<String, Tensor> = self.opt.state()?;
             candle_core::safetensors::save(&state, tmp.join("optimizer.safetensors"))?;
             if fail {
@@ -518,4 +713,11 @@ pub fn checkpoints(out: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
 /// The newest complete checkpoint.
 pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>, Error> {
     Ok(checkpoints(out)?.pop().map(|(_, p)| p))
+}
+
+/// Whether weight decay applies to a weight in full fine-tuning: not to biases and norm
+/// weights (Hugging Face's Trainer leaves them out too).
+fn decays(name: &str) -> bool {
+    let module = name.rsplit('.').nth(1).unwrap_or("");
+    !(name.ends_with(".bias") || module.contains("norm") || module == "ln_q")
 }

@@ -3,16 +3,22 @@
 //!
 //! Slow in the debug profile, so ignored by default:
 //! `cargo test --release -p inspector-train --test overfit -- --ignored`.
-//! With `INSPECTOR_WRITE_FIXTURES=1` it also writes the adapter to
-//! `tests/fixtures/overfit/adapter (not yet committed: see the note below)` (committed; later tests use it to get answers that parse).
+//! With `INSPECTOR_WRITE_FIXTURES=1` it also writes the adapter to `tests/fixtures/overfit/adapter`
+//! (committed; later tests use it to get answers that parse). `OVERFIT_STEPS`, `OVERFIT_LR`,
+//! `OVERFIT_N` and `OVERFIT_SIZE` change the recipe for experiments, and `OVERFIT_SAVE_TO=DIR`
+//! saves the adapter there whatever the outcome.
 
 use std::sync::atomic::AtomicBool;
 
+use candle_core::{DType, Device};
+use inspector_core::reply::{ReplyStatus, parse_reply};
+
 use common::{examples, tiny_a};
 use inspector_qwen2vl::{
-    Batch, VisionInput,
+    Batch, Qwen2Vl, VisionInput,
     generate::{GenerationConfig, generate},
 };
+use inspector_train::data::Example;
 use inspector_train::{
     loss::IGNORE,
     trainer::{Ending, Event, TrainConfig, Trainer},
@@ -35,13 +41,13 @@ fn the_tiny_model_learns_eight_samples_exactly() {
             std::env::var("OVERFIT_STEPS")
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .unwrap_or(250),
+                .unwrap_or(300),
         ),
         epochs: 1000,
         lr: std::env::var("OVERFIT_LR")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(2e-2),
+            .unwrap_or(1e-2),
         warmup_ratio: 0.05,
         weight_decay: 0.0,
         grad_accum: 1,
@@ -70,13 +76,35 @@ fn the_tiny_model_learns_eight_samples_exactly() {
         })
         .unwrap();
     assert_eq!(end, Ending::Finished);
-    assert!(last < 0.05, "final loss {last}");
+    eprintln!("final loss {last:.5}");
 
+    if let Some(dir) = std::env::var_os("OVERFIT_SAVE_TO") {
+        t.lora
+            .save_peft(
+                std::path::Path::new(&dir),
+                "crates/qwen2vl/tests/fixtures/tiny-a",
+            )
+            .unwrap();
+    }
+    let wrong = not_reproduced(&t.model, &train);
+    assert!(wrong.is_empty(), "lines not reproduced: {wrong:?}");
+    assert!(last < 0.05, "final loss {last}");
+    if std::env::var_os("INSPECTOR_WRITE_FIXTURES").is_some() {
+        let dir = common::fixtures().join("overfit/adapter");
+        t.lora
+            .save_peft(&dir, "crates/qwen2vl/tests/fixtures/tiny-a")
+            .unwrap();
+    }
+}
+
+/// Lines whose answer greedy generation does not reproduce exactly (up to `<|im_end|>`).
+fn not_reproduced(model: &Qwen2Vl, train: &[Example]) -> Vec<usize> {
     let chat =
-        inspector_qwen2vl::chat::ChatTokenizer::load(&tiny_a(), t.model.config.tokens.image_pad)
+        inspector_qwen2vl::chat::ChatTokenizer::load(&tiny_a(), model.config.tokens.image_pad)
             .unwrap();
     let im_end = chat.tokenizer.token_to_id("<|im_end|>").unwrap();
-    for e in &train {
+    let mut wrong = vec![];
+    for e in train {
         let start = e.labels.iter().position(|&l| l != IGNORE).unwrap();
         let want: Vec<u32> = e.input_ids[start..]
             .iter()
@@ -92,26 +120,45 @@ fn the_tiny_model_learns_eight_samples_exactly() {
             }),
         };
         let config = GenerationConfig::greedy(want.len() + 8, vec![im_end], 0);
-        let got = generate(&t.model, &batch, &config, |_, _| {}).unwrap();
-        eprintln!(
-            "line {}: eos {} got {:?}\n want {:?}",
-            e.line,
-            got.stopped_at_eos[0],
-            chat.tokenizer.decode(&got.tokens[0], false).unwrap(),
-            chat.decode(&want).unwrap()
-        );
-        assert!(got.stopped_at_eos[0], "line {}: no <|im_end|>", e.line);
-        assert_eq!(
+        let got = generate(model, &batch, &config, |_, _| {}).unwrap();
+        let (got_text, want_text) = (
             chat.decode(&got.tokens[0]).unwrap(),
             chat.decode(&want).unwrap(),
-            "line {}",
-            e.line
         );
+        // What later tests rely on: the answer parses, with the status and box it was taught.
+        let reply = parse_reply(&got_text);
+        let boxed = e.line % 2 == 0; // lines 2, 4, … are the photos with a violation
+        let parses = reply.status
+            == if boxed {
+                ReplyStatus::Violation
+            } else {
+                ReplyStatus::Safe
+            }
+            && reply.violations.first().and_then(|v| v.bbox).is_some() == boxed;
+        if !got.stopped_at_eos[0] || got_text != want_text || !parses {
+            eprintln!(
+                "line {}: eos {}, parses {parses}\n got  {got_text:?}\n want {want_text:?}",
+                e.line, got.stopped_at_eos[0]
+            );
+            wrong.push(e.line);
+        }
     }
-    if std::env::var_os("INSPECTOR_WRITE_FIXTURES").is_some() {
-        let dir = common::fixtures().join("overfit/adapter");
-        t.lora
-            .save_peft(&dir, "crates/qwen2vl/tests/fixtures/tiny-a")
-            .unwrap();
-    }
+    wrong
+}
+
+/// The committed adapter (written by the test above) gives the eight answers exactly: later
+/// tests use it to get answers that parse and carry boxes.
+#[test]
+fn the_committed_adapter_reproduces_the_answers() {
+    let data = tempfile::tempdir().unwrap();
+    let train = examples(data.path(), 8);
+    let (model, _, _) = inspector_qwen2vl::adapter::load(
+        &tiny_a(),
+        &common::fixtures().join("overfit/adapter"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let wrong = not_reproduced(&model, &train);
+    assert!(wrong.is_empty(), "lines not reproduced: {wrong:?}");
 }

@@ -87,14 +87,25 @@ pub fn examples(dir: &std::path::Path, n: usize) -> Vec<inspector_train::data::E
     (0..n)
         .map(|k| {
             let path = dir.join(format!("{k}.png"));
-            // Strongly distinct photos: coarse 4-px noise from a per-sample hash.
-            image::RgbImage::from_fn(56, 56, |x, y| {
-                let h = |c: u32| {
-                    let v = (x / 4 + 97 * (y / 4) + 7919 * c + 104_729 * k as u32)
-                        .wrapping_mul(2_654_435_761);
-                    (v >> 24) as u8
-                };
-                image::Rgb([h(0), h(1), h(2)])
+            // Distinct photos: a colour of its own (hues 45° apart, alternating brightness) and,
+            // for a violation, a dark object where its box is.
+            let side = size();
+            let hue = k as f32 * 45.0 % 360.0;
+            let (r, g, b) = hsv(hue, 0.8, if k / 8 % 2 == 0 { 0.9 } else { 0.55 });
+            let scale = side as f64 / 56.0;
+            let boxed = (k % 2 == 1).then(|| {
+                let [x0, y0, x1, y1] = [4.0 * k as f64, 8.0, 30.0 + 2.0 * k as f64, 50.0];
+                [x0 * scale, y0 * scale, x1 * scale, y1 * scale]
+            });
+            image::RgbImage::from_fn(side, side, |x, y| {
+                let inside = boxed.is_some_and(|[x0, y0, x1, y1]| {
+                    (x0..x1).contains(&(x as f64)) && (y0..y1).contains(&(y as f64))
+                });
+                if inside {
+                    image::Rgb([20, 20, 20])
+                } else {
+                    image::Rgb([r, g, b])
+                }
             })
             .save(&path)
             .unwrap();
@@ -106,7 +117,7 @@ pub fn examples(dir: &std::path::Path, n: usize) -> Vec<inspector_train::data::E
                     rule: format!("《安全作业规程》第3.{}条", k % 5 + 1),
                     risk: [Risk::High, Risk::Medium, Risk::Low][k % 3],
                     suggestion: None,
-                    bbox: Some([4.0 * k as f64, 8.0, 30.0 + 2.0 * k as f64, 50.0]),
+                    bbox: boxed,
                 }]
             };
             let record = inspector_dataset::Record {
@@ -116,7 +127,7 @@ pub fn examples(dir: &std::path::Path, n: usize) -> Vec<inspector_train::data::E
                     violations,
                 },
                 path: path.clone(),
-                size: (56, 56),
+                size: (side, side),
                 sha256: [k as u8; 32],
                 category: "x".into(),
                 rule_ids: vec![],
@@ -126,4 +137,28 @@ pub fn examples(dir: &std::path::Path, n: usize) -> Vec<inspector_train::data::E
                 .unwrap()
         })
         .collect()
+}
+
+/// Side of the [`examples`] photos: `OVERFIT_SIZE`, else 56.
+fn size() -> u32 {
+    std::env::var("OVERFIT_SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(56)
+}
+
+fn hsv(h: f32, s: f32, v: f32) -> (u8, u8, u8) {
+    let c = v * s;
+    let x = c * (1.0 - ((h / 60.0) % 2.0 - 1.0).abs());
+    let (r, g, b) = match (h / 60.0) as u32 {
+        0 => (c, x, 0.0),
+        1 => (x, c, 0.0),
+        2 => (0.0, c, x),
+        3 => (0.0, x, c),
+        4 => (x, 0.0, c),
+        _ => (c, 0.0, x),
+    };
+    let m = v - c;
+    let q = |u: f32| ((u + m) * 255.0).round() as u8;
+    (q(r), q(g), q(b))
 }
