@@ -13,7 +13,6 @@ Pinned: torch 2.15.0, transformers 5.24.0, peft 0.21.2; fp32; torch's default th
 Usage: python tools/bench_train_peft.py MODEL_DIR INPUTS.safetensors STEPS
 """
 import json
-import resource
 import sys
 import time
 
@@ -74,7 +73,10 @@ def main() -> None:
     for k in range(1, steps + 1):
         tokens += step(k)
     seconds = time.perf_counter() - t
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a child started by the
+    # bench would report the bench's own peak.
+    with open("/proc/self/status") as f:
+        rss_mb = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
     print(json.dumps({
         "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
         "peak_rss_mb": rss_mb, "trainable_params": sum(p.numel() for p in trainable),

@@ -50,7 +50,9 @@ def main() -> None:
         generate_s = time.perf_counter() - t
         assert generated.shape[1] == ids.shape[1] + steps + 1, generated.shape
         decode_s = generate_s - prefill[1]
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve (the bench's own peak).
+    with open("/proc/self/status") as f:
+        rss_mb = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
     print(json.dumps({"load_s": load_s, "prefill_s": prefill[1], "prefill_first_s": prefill[0],
                       "decode_tok_s": steps / decode_s, "peak_rss_mb": rss_mb, "max_abs_diff": diff,
                       "torch_threads": torch.get_num_threads(), "attention": attn}))

@@ -89,7 +89,7 @@ fn draw_err(e: impl std::fmt::Display) -> Error {
 /// A tick label: no trailing zeros, scientific only for very small or large values.
 fn tick(v: f64) -> String {
     let a = v.abs();
-    if v != 0.0 && (a < 1e-3 || a >= 1e6) {
+    if v != 0.0 && !(1e-3..1e6).contains(&a) {
         return format!("{v:.0e}");
     }
     let s = format!("{v:.4}");

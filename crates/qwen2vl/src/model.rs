@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor, Var};
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use inspector_lora::Lora;
@@ -114,13 +114,13 @@ impl Qwen2Vl {
         })
     }
 
-    /// Loads for full fine-tuning: every tensor the model uses becomes a [`Var`], returned
+    /// Loads for full fine-tuning: every tensor the model uses becomes a [`candle_core::Var`], returned
     /// with its checkpoint name (save them with [`weights::rewrite`]).
     pub fn load_trainable(
         dir: &Path,
         dtype: DType,
         device: &Device,
-    ) -> Result<(Self, ModelInfo, Vec<(String, Var)>), Error> {
+    ) -> Result<(Self, ModelInfo, weights::NamedVars), Error> {
         let mut vars = None;
         let (model, info) = Self::load_from(dir, dtype, None, |files| {
             let (vb, layout, shapes, v) = weights::load_trainable(files, dtype, device)?;

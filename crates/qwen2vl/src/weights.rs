@@ -117,8 +117,11 @@ pub fn load(
     Ok((vb, layout, shapes))
 }
 
+/// Variables with their checkpoint names.
+pub type NamedVars = Vec<(String, Var)>;
+
 /// The variables a [`load_trainable`] builder handed out, by checkpoint name.
-pub type Trainables = Arc<Mutex<Vec<(String, Var)>>>;
+pub type Trainables = Arc<Mutex<NamedVars>>;
 
 /// [`load`] for full fine-tuning: every tensor the model asks for becomes a [`Var`] (one per
 /// name, however often it is asked for), listed in the returned set under its checkpoint name.
