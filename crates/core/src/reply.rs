@@ -107,6 +107,42 @@ pub fn parse_reply(text: &str) -> Reply {
     }
 }
 
+/// Byte ranges of the complete violation objects in a JSON reply, in order (for scoring each
+/// violation by the tokens that wrote it). Empty for a reply that is not JSON.
+pub fn violation_spans(text: &str) -> Vec<std::ops::Range<usize>> {
+    let bytes = text.as_bytes();
+    let Some(list_at) = VIOLATIONS
+        .iter()
+        .filter_map(|k| text.find(&format!("\"{k}\"")))
+        .min()
+    else {
+        return vec![];
+    };
+    let Some(open) = text[list_at..].find('[') else {
+        return vec![];
+    };
+    let mut spans = Vec::new();
+    let mut pos = list_at + open + 1;
+    while let Some(off) = bytes[pos..].iter().position(|&b| b == b'{' || b == b']') {
+        let at = pos + off;
+        if bytes[at] == b']' {
+            break;
+        }
+        let Some(end) = object_end(bytes, at) else {
+            break;
+        };
+        if lenient_value(&text[at..=end])
+            .as_ref()
+            .and_then(violation)
+            .is_some()
+        {
+            spans.push(at..end + 1);
+        }
+        pos = end + 1;
+    }
+    spans
+}
+
 /// The JSON reading: the first `{` that opens an object with a status or violations.
 fn parse_json(text: &str) -> Option<Reply> {
     let bytes = text.as_bytes();

@@ -121,6 +121,28 @@ impl ChatTokenizer {
         Ok(out)
     }
 
+    /// The prompt of one user turn holding an image (of `image_tokens` tokens) and then
+    /// `instruction`, ending with the assistant's generation prompt: what a model fine-tuned on
+    /// such turns is asked.
+    pub fn image_prompt(&self, instruction: &str, image_tokens: usize) -> Result<Vec<u32>, Error> {
+        let text = self.render(
+            &Self::image_turn(instruction),
+            RenderOptions {
+                add_generation_prompt: true,
+                ..Default::default()
+            },
+        )?;
+        self.encode(&text, &[image_tokens])
+    }
+
+    /// `[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]`.
+    pub fn image_turn(instruction: &str) -> Value {
+        serde_json::json!([{"role": "user", "content": [
+            {"type": "image"},
+            {"type": "text", "text": instruction},
+        ]}])
+    }
+
     /// Decodes ids to text, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String, Error> {
         self.tokenizer

@@ -205,11 +205,51 @@ impl Sampler {
     }
 }
 
+/// How sure the model was of one generated token, from its raw next-token distribution
+/// (before repetition penalty, temperature and truncation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenStat {
+    /// Probability of the token chosen.
+    pub prob: f32,
+    /// Entropy of the distribution, in nats.
+    pub entropy: f32,
+    /// Top-1 minus top-2 probability.
+    pub margin: f32,
+}
+
+impl TokenStat {
+    /// From a row of raw logits and the token chosen.
+    pub fn of(logits: &[f32], chosen: u32) -> TokenStat {
+        let probs = softmax(logits);
+        let (mut p1, mut p2) = (0f32, 0f32);
+        let mut entropy = 0f32;
+        for &p in &probs {
+            if p > 0.0 {
+                entropy -= p * p.ln();
+            }
+            if p > p1 {
+                p2 = p1;
+                p1 = p;
+            } else if p > p2 {
+                p2 = p;
+            }
+        }
+        TokenStat {
+            prob: probs.get(chosen as usize).copied().unwrap_or(0.0),
+            entropy,
+            margin: p1 - p2,
+        }
+    }
+}
+
 /// What generation produced for each row.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Generated {
     /// New tokens per row, eos excluded.
     pub tokens: Vec<Vec<u32>>,
+    /// One per generated token of each row, eos included (so one more than `tokens` when the
+    /// row stopped at an eos).
+    pub stats: Vec<Vec<TokenStat>>,
     /// Whether each row stopped at an eos (else at `max_new_tokens`).
     pub stopped_at_eos: Vec<bool>,
 }
@@ -248,6 +288,7 @@ pub fn generate(
         .collect();
     let mut out = Generated {
         tokens: vec![Vec::new(); b],
+        stats: vec![Vec::new(); b],
         stopped_at_eos: vec![false; b],
     };
     if config.max_new_tokens == 0 {
@@ -264,7 +305,9 @@ pub fn generate(
             if done[i] {
                 continue;
             }
+            let raw = row.clone();
             let t = sampler.next(&mut row, &seen[i]);
+            out.stats[i].push(TokenStat::of(&raw, t));
             next[i] = t;
             seen[i].push(t);
             on_token(i, t);

@@ -48,6 +48,12 @@ const MIGRATIONS: &[&str] = &[
         message  TEXT NOT NULL
     );
     CREATE VIRTUAL TABLE rules_fts USING fts5(rule_id UNINDEXED, body, tokenize = 'unicode61');",
+    // 2: the inspection answer cache (key: image hash + model + adapter + prompt + decoding).
+    "CREATE TABLE answer_cache (
+        key        TEXT PRIMARY KEY,
+        answer     TEXT NOT NULL,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%S', 'now'))
+    );",
 ];
 
 /// Rules, documents and diagnostics in one SQLite file.
@@ -116,6 +122,29 @@ impl SqliteStore {
         self.conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(q("reading the schema version"))
+    }
+
+    /// The cached model answer stored under `key` (a JSON document the detector wrote).
+    pub fn cached_answer(&self, key: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row(
+                "SELECT answer FROM answer_cache WHERE key = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(q("reading the answer cache"))
+    }
+
+    /// Stores (or replaces) a model answer under `key`.
+    pub fn cache_answer(&self, key: &str, answer: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO answer_cache (key, answer) VALUES (?1, ?2)",
+                params![key, answer],
+            )
+            .map(|_| ())
+            .map_err(q("writing the answer cache"))
     }
 
     fn rules_where(&self, sql_where: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Rule>> {

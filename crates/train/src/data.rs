@@ -55,22 +55,13 @@ pub fn encode_turns(
         .tokenizer
         .token_to_id("<|im_end|>")
         .ok_or_else(|| Error::Input("the tokenizer has no <|im_end|> token".into()))?;
-    let user = json!({"role": "user", "content": [
-        {"type": "image"},
-        {"type": "text", "text": instruction},
-    ]});
-    let prompt = chat.render(
-        &Value::Array(vec![user.clone()]),
-        RenderOptions {
-            add_generation_prompt: true,
-            ..Default::default()
-        },
-    )?;
-    let full = chat.render(
-        &Value::Array(vec![user, json!({"role": "assistant", "content": answer})]),
-        RenderOptions::default(),
-    )?;
-    let prompt_ids = chat.encode(&prompt, &[image_tokens])?;
+    let mut conversation = ChatTokenizer::image_turn(instruction);
+    conversation
+        .as_array_mut()
+        .expect("an array")
+        .push(json!({"role": "assistant", "content": answer}));
+    let full = chat.render(&conversation, RenderOptions::default())?;
+    let prompt_ids = chat.image_prompt(instruction, image_tokens)?;
     let ids = chat.encode(&full, &[image_tokens])?;
     if !ids.starts_with(&prompt_ids) {
         return Err(Error::Input(

@@ -162,3 +162,30 @@ fn the_committed_adapter_reproduces_the_answers() {
     let wrong = not_reproduced(&model, &train);
     assert!(wrong.is_empty(), "lines not reproduced: {wrong:?}");
 }
+
+/// The committed photos and annotation file of the overfit set
+/// (`tests/fixtures/overfit/data`), which detection and evaluation tests run the adapter on,
+/// are the training set: same pixels, same annotations. `INSPECTOR_WRITE_FIXTURES=1` rewrites
+/// them.
+#[test]
+fn the_committed_overfit_data_is_the_training_set() {
+    let dir = common::fixtures().join("overfit/data");
+    let mut lines = Vec::new();
+    for k in 0..8 {
+        let (photo, annotation) = common::sample(k, 56);
+        let path = dir.join(&annotation.image);
+        if std::env::var_os("INSPECTOR_WRITE_FIXTURES").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            photo.save(&path).unwrap();
+        }
+        let committed = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(committed, photo, "{}", path.display());
+        lines.push(serde_json::to_string(&annotation).unwrap());
+    }
+    let text = lines.join("\n") + "\n";
+    let file = dir.join("annotations.jsonl");
+    if std::env::var_os("INSPECTOR_WRITE_FIXTURES").is_some() {
+        std::fs::write(&file, &text).unwrap();
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+}

@@ -74,58 +74,64 @@ pub fn max_abs(t: &Tensor) -> f32 {
     t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
 }
 
-/// `n` tiny training examples for tiny-a: distinct photos, half safe, half with one boxed
-/// violation each (different texts), as the training data path builds them.
-pub fn examples(dir: &std::path::Path, n: usize) -> Vec<inspector_train::data::Example> {
+/// Photo `k` of the [`examples`] set and its annotation: distinct photos (a colour of their
+/// own, hues 45° apart, alternating brightness), half safe, half with one boxed violation (a
+/// dark object where its box is; different texts).
+pub fn sample(k: usize, side: u32) -> (image::RgbImage, inspector_core::Annotation) {
     use inspector_core::{Annotation, Risk, Violation};
+    let what = ["未戴安全帽", "未穿反光背心", "通道堆放杂物", "配电柜未上锁"];
+    let hue = k as f32 * 45.0 % 360.0;
+    let (r, g, b) = hsv(hue, 0.8, if k / 8 % 2 == 0 { 0.9 } else { 0.55 });
+    let scale = side as f64 / 56.0;
+    let boxed = (k % 2 == 1).then(|| {
+        let [x0, y0, x1, y1] = [4.0 * k as f64, 8.0, 30.0 + 2.0 * k as f64, 50.0];
+        [x0 * scale, y0 * scale, x1 * scale, y1 * scale]
+    });
+    let photo = image::RgbImage::from_fn(side, side, |x, y| {
+        let inside = boxed.is_some_and(|[x0, y0, x1, y1]| {
+            (x0..x1).contains(&(x as f64)) && (y0..y1).contains(&(y as f64))
+        });
+        if inside {
+            image::Rgb([20, 20, 20])
+        } else {
+            image::Rgb([r, g, b])
+        }
+    });
+    let violations = if k % 2 == 0 {
+        vec![]
+    } else {
+        vec![Violation {
+            description: what[(k / 2) % 4].into(),
+            rule: format!("《安全作业规程》第3.{}条", k % 5 + 1),
+            risk: [Risk::High, Risk::Medium, Risk::Low][k % 3],
+            suggestion: None,
+            bbox: boxed,
+        }]
+    };
+    let annotation = Annotation {
+        image: format!("{k}.png"),
+        violations,
+    };
+    (photo, annotation)
+}
+
+/// `n` tiny training examples for tiny-a ([`sample`] 0..n), as the training data path builds
+/// them.
+pub fn examples(dir: &std::path::Path, n: usize) -> Vec<inspector_train::data::Example> {
     let (model, _) =
         inspector_qwen2vl::Qwen2Vl::load(&tiny_a(), candle_core::DType::F32, &Device::Cpu).unwrap();
     let chat =
         inspector_qwen2vl::chat::ChatTokenizer::load(&tiny_a(), model.config.tokens.image_pad)
             .unwrap();
-    let what = ["未戴安全帽", "未穿反光背心", "通道堆放杂物", "配电柜未上锁"];
+    let side = size();
     (0..n)
         .map(|k| {
             let path = dir.join(format!("{k}.png"));
-            // Distinct photos: a colour of its own (hues 45° apart, alternating brightness) and,
-            // for a violation, a dark object where its box is.
-            let side = size();
-            let hue = k as f32 * 45.0 % 360.0;
-            let (r, g, b) = hsv(hue, 0.8, if k / 8 % 2 == 0 { 0.9 } else { 0.55 });
-            let scale = side as f64 / 56.0;
-            let boxed = (k % 2 == 1).then(|| {
-                let [x0, y0, x1, y1] = [4.0 * k as f64, 8.0, 30.0 + 2.0 * k as f64, 50.0];
-                [x0 * scale, y0 * scale, x1 * scale, y1 * scale]
-            });
-            image::RgbImage::from_fn(side, side, |x, y| {
-                let inside = boxed.is_some_and(|[x0, y0, x1, y1]| {
-                    (x0..x1).contains(&(x as f64)) && (y0..y1).contains(&(y as f64))
-                });
-                if inside {
-                    image::Rgb([20, 20, 20])
-                } else {
-                    image::Rgb([r, g, b])
-                }
-            })
-            .save(&path)
-            .unwrap();
-            let violations = if k % 2 == 0 {
-                vec![]
-            } else {
-                vec![Violation {
-                    description: what[(k / 2) % 4].into(),
-                    rule: format!("《安全作业规程》第3.{}条", k % 5 + 1),
-                    risk: [Risk::High, Risk::Medium, Risk::Low][k % 3],
-                    suggestion: None,
-                    bbox: boxed,
-                }]
-            };
+            let (photo, annotation) = sample(k, side);
+            photo.save(&path).unwrap();
             let record = inspector_dataset::Record {
                 line: k + 1,
-                annotation: Annotation {
-                    image: format!("{k}.png"),
-                    violations,
-                },
+                annotation,
                 path: path.clone(),
                 size: (side, side),
                 sha256: [k as u8; 32],

@@ -1,0 +1,584 @@
+//! Inspection: a photo in, a structured finding out, every rule citation checked against the
+//! plant's rules.
+//!
+//! [`Detector`] holds a Qwen2-VL model (with an optional LoRA adapter), the decoding settings
+//! and the model's and adapter's fingerprints. It asks each photo the canonical
+//! [`INSTRUCTION`](inspector_core::answer::INSTRUCTION) (which lists no rules: the model learnt
+//! them in fine-tuning), reads the answer with the tolerant [`parse_reply`], resolves each
+//! citation against the rules (unresolvable ones are marked unverified, never dropped or
+//! guessed), turns 0–1000 boxes into pixels and scores each violation by the mean probability
+//! of the tokens that wrote it.
+//!
+//! Photos run in batches (left-padded, mixed sizes); greedy batched answers equal one-by-one
+//! answers. With a cache ([`inspector_store::SqliteStore`]) an answer is stored under the hash
+//! of the image bytes, the model and adapter fingerprints, the prompt version and the decoding
+//! settings; citations are resolved again when a cached answer is read, so a changed rules
+//! database shows.
+//!
+//! ```no_run
+//! use inspector_detect::{DetectConfig, Detector, Input};
+//!
+//! let detector = Detector::load("models/demo/base".as_ref(), None, DetectConfig::default()).unwrap();
+//! let photo = Input { name: "a.jpg".into(), bytes: std::fs::read("a.jpg").unwrap() };
+//! let rules = vec![]; // from the rules database
+//! for finding in detector.inspect(&[photo], &rules, None, 4, |_| {}) {
+//!     println!("{:?}", finding.map(|f| f.status));
+//! }
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    time::Instant,
+};
+
+use candle_core::{DType, Device, Tensor};
+use inspector_core::{
+    Risk, Rule,
+    answer::{BOX_SCALE, INSTRUCTION, PROMPT_VERSION},
+    citation::{Resolution, resolve},
+    reply::{ReplyFormat, ReplyStatus, parse_reply, violation_spans},
+};
+use inspector_qwen2vl::{
+    Batch, Qwen2Vl, VisionInput,
+    chat::ChatTokenizer,
+    generate::{GenerationConfig, generate},
+    image::{ProcessedImage, ProcessorConfig, process_rgb},
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub mod fingerprint;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Model { path: PathBuf, message: String },
+    #[error("{name}: {message}")]
+    Image { name: String, message: String },
+    #[error(transparent)]
+    Qwen(#[from] inspector_qwen2vl::Error),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Store(#[from] inspector_store::StoreError),
+}
+
+/// Decoding settings for inspection: greedy, no repetition penalty, at most 512 new tokens,
+/// whatever sampling defaults the model's `generation_config.json` carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DetectConfig {
+    pub max_new_tokens: usize,
+    pub repetition_penalty: f64,
+    /// 0 decodes greedily.
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub seed: u64,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            max_new_tokens: 512,
+            repetition_penalty: 1.0,
+            temperature: 0.0,
+            top_p: None,
+            top_k: None,
+            seed: 0,
+        }
+    }
+}
+
+/// A photo to inspect: a name for reports and its bytes.
+#[derive(Debug, Clone)]
+pub struct Input {
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+/// A rule a citation resolved to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResolvedRule {
+    pub id: String,
+    pub citation: String,
+    pub text: String,
+    pub categories: Vec<String>,
+}
+
+/// One violation found in a photo.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FoundViolation {
+    pub description: String,
+    /// The citation as the model wrote it.
+    pub rule: Option<String>,
+    /// The rule it names in the database; `None` when it names none (or several).
+    pub resolved: Option<ResolvedRule>,
+    /// `false` when the citation could not be checked against the rules.
+    pub verified: bool,
+    pub risk: Option<Risk>,
+    pub suggestion: Option<String>,
+    /// `[x1, y1, x2, y2]` in pixels of the (upright) photo.
+    #[serde(rename = "box")]
+    pub bbox: Option<[f64; 4]>,
+    /// Mean probability of the tokens that wrote this violation.
+    pub score: Option<f64>,
+}
+
+/// Violations by risk level.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub high: usize,
+    pub medium: usize,
+    pub low: usize,
+    pub unknown: usize,
+    pub total: usize,
+}
+
+/// The photo a finding is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub width: u32,
+    pub height: u32,
+    /// Hex sha256 of the file's bytes.
+    pub sha256: String,
+}
+
+/// Where the time went.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    pub decode_ms: f64,
+    pub generate_ms: f64,
+    pub total_ms: f64,
+    /// The answer came from the cache (no model work).
+    pub cached: bool,
+}
+
+/// What inspection says about one photo.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    pub status: ReplyStatus,
+    pub violations: Vec<FoundViolation>,
+    pub summary: Summary,
+    /// The model's answer, as generated.
+    pub raw: String,
+    /// The answer broke off; `violations` holds those written out completely.
+    pub truncated: bool,
+    pub format: ReplyFormat,
+    pub image: ImageInfo,
+    pub timings: Timings,
+    pub model_fingerprint: String,
+    pub adapter_fingerprint: Option<String>,
+    pub prompt_version: String,
+}
+
+/// What the model produced for one photo: the answer and each generated token's probability
+/// (eos included). This is what the cache stores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RawAnswer {
+    pub raw: String,
+    pub token_probs: Vec<f32>,
+    /// Text offsets (bytes of `raw`) where each token's text ends.
+    pub token_ends: Vec<usize>,
+}
+
+/// A model, an optional adapter and decoding settings.
+pub struct Detector {
+    pub model: Qwen2Vl,
+    chat: ChatTokenizer,
+    im_end: u32,
+    pad: u32,
+    pub model_fingerprint: String,
+    pub adapter_fingerprint: Option<String>,
+    pub config: DetectConfig,
+    generate_calls: AtomicU64,
+}
+
+/// Hex sha256 of bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Detector {
+    /// Loads `model_dir` (f32, CPU) with an optional adapter.
+    pub fn load(
+        model_dir: &Path,
+        adapter: Option<&Path>,
+        config: DetectConfig,
+    ) -> Result<Detector, Error> {
+        let (model, _) = match adapter {
+            Some(a) => {
+                let (m, info, _) =
+                    inspector_qwen2vl::adapter::load(model_dir, a, DType::F32, &Device::Cpu)?;
+                (m, info)
+            }
+            None => Qwen2Vl::load(model_dir, DType::F32, &Device::Cpu)?,
+        };
+        let chat = ChatTokenizer::load(model_dir, model.config.tokens.image_pad)?;
+        let model_fp = fingerprint::model_fingerprint(model_dir)?;
+        let adapter_fp = adapter.map(fingerprint::adapter_fingerprint).transpose()?;
+        Detector::new(model, chat, model_fp, adapter_fp, config)
+    }
+
+    /// A detector from parts already loaded.
+    pub fn new(
+        model: Qwen2Vl,
+        chat: ChatTokenizer,
+        model_fingerprint: String,
+        adapter_fingerprint: Option<String>,
+        config: DetectConfig,
+    ) -> Result<Detector, Error> {
+        let im_end = chat.tokenizer.token_to_id("<|im_end|>").ok_or_else(|| {
+            Error::Qwen(inspector_qwen2vl::Error::Input(
+                "the tokenizer has no <|im_end|> token".into(),
+            ))
+        })?;
+        let pad = model.config.tokens.pad.unwrap_or(im_end);
+        Ok(Detector {
+            model,
+            chat,
+            im_end,
+            pad,
+            model_fingerprint,
+            adapter_fingerprint,
+            config,
+            generate_calls: AtomicU64::new(0),
+        })
+    }
+
+    /// Sets the processor's pixel limits (training's settings belong here).
+    pub fn set_processor(&mut self, processor: ProcessorConfig) {
+        self.model.processor = processor;
+    }
+
+    /// Batches the model has generated for (cache hits do none).
+    pub fn generate_calls(&self) -> u64 {
+        self.generate_calls.load(Ordering::Relaxed)
+    }
+
+    /// The cache key of a photo: its bytes' hash, both fingerprints, the prompt version, the
+    /// decoding settings and the pixel limits.
+    pub fn cache_key(&self, image_sha256: &str) -> String {
+        let p = &self.model.processor;
+        let parts = serde_json::json!([
+            image_sha256,
+            self.model_fingerprint,
+            self.adapter_fingerprint,
+            PROMPT_VERSION,
+            self.config,
+            [p.min_pixels, p.max_pixels],
+        ]);
+        sha256_hex(parts.to_string().as_bytes())
+    }
+
+    /// Generates answers for processed images in one left-padded batch.
+    pub fn generate(&self, images: &[&ProcessedImage]) -> Result<Vec<RawAnswer>, Error> {
+        if images.is_empty() {
+            return Ok(vec![]);
+        }
+        self.generate_calls.fetch_add(1, Ordering::Relaxed);
+        let merge = self.model.processor.merge_size;
+        let prompts: Vec<Vec<u32>> = images
+            .iter()
+            .map(|im| self.chat.image_prompt(INSTRUCTION, im.n_tokens(merge)))
+            .collect::<Result<_, _>>()?;
+        let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let input_ids: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let mut row = vec![self.pad; len - p.len()];
+                row.extend(p);
+                row
+            })
+            .collect();
+        let attention_mask: Vec<Vec<bool>> = prompts
+            .iter()
+            .map(|p| (0..len).map(|i| i >= len - p.len()).collect())
+            .collect();
+        let pixel_values = Tensor::cat(
+            &images
+                .iter()
+                .map(|im| im.pixel_values.clone())
+                .collect::<Vec<_>>(),
+            0,
+        )?;
+        let batch = Batch {
+            input_ids,
+            attention_mask: Some(attention_mask),
+            images: Some(VisionInput {
+                pixel_values,
+                grid_thw: images.iter().map(|im| im.grid_thw).collect(),
+            }),
+        };
+        let c = &self.config;
+        let settings = GenerationConfig {
+            max_new_tokens: c.max_new_tokens,
+            do_sample: c.temperature > 0.0,
+            temperature: c.temperature,
+            top_k: c.top_k,
+            top_p: c.top_p,
+            repetition_penalty: Some(c.repetition_penalty),
+            seed: c.seed,
+            eos: vec![self.im_end],
+            pad: self.pad,
+        };
+        let out = generate(&self.model, &batch, &settings, |_, _| {})?;
+        out.tokens
+            .iter()
+            .zip(&out.stats)
+            .map(|(tokens, stats)| {
+                let raw = self.chat.decode(tokens)?;
+                // Where each token's text ends: the decoded length of each prefix.
+                let mut token_ends = Vec::with_capacity(tokens.len());
+                for i in 1..=tokens.len() {
+                    token_ends.push(self.chat.decode(&tokens[..i])?.len().min(raw.len()));
+                }
+                Ok(RawAnswer {
+                    raw,
+                    token_probs: stats.iter().map(|s| s.prob).collect(),
+                    token_ends,
+                })
+            })
+            .collect()
+    }
+
+    /// Reads an answer into a finding for a photo of `image`'s size, resolving citations
+    /// against `rules`.
+    pub fn finding(
+        &self,
+        answer: &RawAnswer,
+        image: ImageInfo,
+        rules: &[Rule],
+        timings: Timings,
+    ) -> Finding {
+        finding(
+            answer,
+            image,
+            rules,
+            timings,
+            &self.model_fingerprint,
+            self.adapter_fingerprint.as_deref(),
+        )
+    }
+
+    /// Inspects photos: decodes each (an unreadable one gets its own error and the rest go
+    /// on), answers cached photos from `cache`, runs the others in batches of `batch_size`,
+    /// stores their answers, and calls `on_done(i)` as each photo is finished.
+    pub fn inspect(
+        &self,
+        inputs: &[Input],
+        rules: &[Rule],
+        cache: Option<&inspector_store::SqliteStore>,
+        batch_size: usize,
+        mut on_done: impl FnMut(usize),
+    ) -> Vec<Result<Finding, Error>> {
+        let mut results: Vec<Option<Result<Finding, Error>>> =
+            (0..inputs.len()).map(|_| None).collect();
+        let mut pending: Vec<(usize, ProcessedImage, ImageInfo, String, f64)> = Vec::new();
+        for (i, input) in inputs.iter().enumerate() {
+            let started = Instant::now();
+            let sha = sha256_hex(&input.bytes);
+            let decoded = inspector_qwen2vl::image::decode_rgb(
+                &input.bytes,
+                self.model.processor.max_decode_pixels,
+            )
+            .map_err(|e| Error::Image {
+                name: input.name.clone(),
+                message: e.to_string(),
+            });
+            let rgb = match decoded {
+                Ok(rgb) => rgb,
+                Err(e) => {
+                    results[i] = Some(Err(e));
+                    on_done(i);
+                    continue;
+                }
+            };
+            let info = ImageInfo {
+                width: rgb.width(),
+                height: rgb.height(),
+                sha256: sha.clone(),
+            };
+            let key = self.cache_key(&sha);
+            if let Some(store) = cache {
+                match store.cached_answer(&key) {
+                    Ok(Some(json)) => {
+                        if let Ok(answer) = serde_json::from_str::<RawAnswer>(&json) {
+                            let ms = started.elapsed().as_secs_f64() * 1e3;
+                            let timings = Timings {
+                                decode_ms: ms,
+                                generate_ms: 0.0,
+                                total_ms: ms,
+                                cached: true,
+                            };
+                            results[i] = Some(Ok(self.finding(&answer, info, rules, timings)));
+                            on_done(i);
+                            continue;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        results[i] = Some(Err(e.into()));
+                        on_done(i);
+                        continue;
+                    }
+                }
+            }
+            match process_rgb(&rgb, &self.model.processor) {
+                Ok(p) => pending.push((i, p, info, key, started.elapsed().as_secs_f64() * 1e3)),
+                Err(e) => {
+                    results[i] = Some(Err(Error::Image {
+                        name: input.name.clone(),
+                        message: e.to_string(),
+                    }));
+                    on_done(i);
+                }
+            }
+        }
+        for chunk in pending.chunks(batch_size.max(1)) {
+            let started = Instant::now();
+            let images: Vec<&ProcessedImage> = chunk.iter().map(|c| &c.1).collect();
+            match self.generate(&images) {
+                Ok(answers) => {
+                    let per_image = started.elapsed().as_secs_f64() * 1e3 / chunk.len() as f64;
+                    for ((i, _, info, key, decode_ms), answer) in chunk.iter().zip(answers) {
+                        let stored = cache.map(|store| {
+                            store.cache_answer(key, &serde_json::to_string(&answer).expect("JSON"))
+                        });
+                        let timings = Timings {
+                            decode_ms: *decode_ms,
+                            generate_ms: per_image,
+                            total_ms: decode_ms + per_image,
+                            cached: false,
+                        };
+                        results[*i] = Some(match stored {
+                            Some(Err(e)) => Err(e.into()),
+                            _ => Ok(self.finding(&answer, info.clone(), rules, timings)),
+                        });
+                        on_done(*i);
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for (i, ..) in chunk {
+                        results[*i] = Some(Err(Error::Image {
+                            name: inputs[*i].name.clone(),
+                            message: format!("inspection failed: {message}"),
+                        }));
+                        on_done(*i);
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every photo gets a result"))
+            .collect()
+    }
+}
+
+/// Reads an answer into a finding (see [`Detector::finding`]).
+pub fn finding(
+    answer: &RawAnswer,
+    image: ImageInfo,
+    rules: &[Rule],
+    timings: Timings,
+    model_fingerprint: &str,
+    adapter_fingerprint: Option<&str>,
+) -> Finding {
+    let reply = parse_reply(&answer.raw);
+    let spans = violation_spans(&answer.raw);
+    let score_of = |k: usize| -> Option<f64> {
+        // Only when the spans line up one-to-one with the parsed violations.
+        let span = spans
+            .get(k)
+            .filter(|_| spans.len() == reply.violations.len())?;
+        let probs: Vec<f32> = answer
+            .token_ends
+            .iter()
+            .zip(&answer.token_probs)
+            .filter(|(end, _)| **end > span.start && **end <= span.end)
+            .map(|(_, p)| *p)
+            .collect();
+        (!probs.is_empty())
+            .then(|| probs.iter().map(|&p| p as f64).sum::<f64>() / probs.len() as f64)
+    };
+    let (w, h) = (image.width as f64, image.height as f64);
+    let violations: Vec<FoundViolation> = reply
+        .violations
+        .iter()
+        .enumerate()
+        .map(|(k, v)| {
+            let resolved = v.rule.as_deref().and_then(|c| match resolve(c, rules) {
+                Resolution::Found(r) => Some(ResolvedRule {
+                    id: r.id.clone(),
+                    citation: r.citation.clone(),
+                    text: r.text.clone(),
+                    categories: r.categories.clone(),
+                }),
+                _ => None,
+            });
+            FoundViolation {
+                description: v.description.clone(),
+                rule: v.rule.clone(),
+                verified: resolved.is_some(),
+                resolved,
+                risk: v.risk,
+                suggestion: v.suggestion.clone(),
+                bbox: v.bbox.map(|[x1, y1, x2, y2]| {
+                    let f = |v: f64, side: f64| (v / BOX_SCALE * side * 100.0).round() / 100.0;
+                    [f(x1, w), f(y1, h), f(x2, w), f(y2, h)]
+                }),
+                score: score_of(k),
+            }
+        })
+        .collect();
+    let mut summary = Summary {
+        total: violations.len(),
+        ..Default::default()
+    };
+    for v in &violations {
+        match v.risk {
+            Some(Risk::High) => summary.high += 1,
+            Some(Risk::Medium) => summary.medium += 1,
+            Some(Risk::Low) => summary.low += 1,
+            None => summary.unknown += 1,
+        }
+    }
+    Finding {
+        status: reply.status,
+        violations,
+        summary,
+        raw: answer.raw.clone(),
+        truncated: reply.truncated,
+        format: reply.format,
+        image,
+        timings,
+        model_fingerprint: model_fingerprint.to_string(),
+        adapter_fingerprint: adapter_fingerprint.map(str::to_string),
+        prompt_version: PROMPT_VERSION.to_string(),
+    }
+}
+
+/// Findings counted by status, for run summaries.
+pub fn count_by_status(findings: &[&Finding]) -> BTreeMap<&'static str, usize> {
+    let mut m = BTreeMap::new();
+    for f in findings {
+        let k = match f.status {
+            ReplyStatus::Safe => "safe",
+            ReplyStatus::Violation => "violation",
+            ReplyStatus::Unparsed => "unparsed",
+        };
+        *m.entry(k).or_insert(0) += 1;
+    }
+    m
+}

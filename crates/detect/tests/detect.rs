@@ -1,0 +1,220 @@
+//! Detection on the tiny checkpoint with the overfitted adapter of the training tests (so the
+//! answers parse and carry boxes): findings, citations, batching, the cache, bad photos.
+
+use std::path::{Path, PathBuf};
+
+use inspector_core::{Risk, Rule, reply::ReplyStatus};
+use inspector_detect::{DetectConfig, Detector, ImageInfo, Input, RawAnswer, Timings};
+use inspector_store::SqliteStore;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tiny() -> PathBuf {
+    root().join("crates/qwen2vl/tests/fixtures/tiny-a")
+}
+
+fn overfit() -> PathBuf {
+    root().join("crates/train/tests/fixtures/overfit")
+}
+
+fn detector(adapter: &Path) -> Detector {
+    Detector::load(&tiny(), Some(adapter), DetectConfig::default()).unwrap()
+}
+
+/// The bundled example regulations.
+fn rules() -> Vec<Rule> {
+    let c = inspector_rules::Categorizer::default();
+    std::fs::read_dir(root().join("examples/regulations"))
+        .unwrap()
+        .flat_map(|e| {
+            inspector_rules::extract_file(&e.unwrap().path(), &c)
+                .unwrap()
+                .rules
+        })
+        .collect()
+}
+
+/// The eight photos the adapter learnt, and the gold annotations.
+fn photos() -> (Vec<Input>, Vec<inspector_core::Annotation>) {
+    let dir = overfit().join("data");
+    let gold: Vec<inspector_core::Annotation> =
+        std::fs::read_to_string(dir.join("annotations.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let inputs = gold
+        .iter()
+        .map(|a| Input {
+            name: a.image.clone(),
+            bytes: std::fs::read(dir.join(&a.image)).unwrap(),
+        })
+        .collect();
+    (inputs, gold)
+}
+
+#[test]
+fn findings_carry_verified_citations_pixel_boxes_and_scores() {
+    let d = detector(&overfit().join("adapter"));
+    let (inputs, gold) = photos();
+    let rules = rules();
+    let findings = d.inspect(&inputs, &rules, None, 4, |_| {});
+    for (f, g) in findings.iter().zip(&gold) {
+        let f = f.as_ref().unwrap();
+        assert_eq!(f.model_fingerprint, d.model_fingerprint);
+        assert_eq!(f.adapter_fingerprint, d.adapter_fingerprint);
+        assert_eq!(f.prompt_version, "inspect-v1");
+        assert_eq!((f.image.width, f.image.height), (56, 56));
+        if g.violations.is_empty() {
+            assert_eq!(f.status, ReplyStatus::Safe, "{}: {}", g.image, f.raw);
+            assert_eq!(f.summary.total, 0);
+            continue;
+        }
+        assert_eq!(f.status, ReplyStatus::Violation, "{}: {}", g.image, f.raw);
+        let (v, want) = (&f.violations[0], &g.violations[0]);
+        assert_eq!(v.description, want.description);
+        assert!(v.verified, "{}: {:?} not verified", g.image, v.rule);
+        let resolved = v.resolved.as_ref().unwrap();
+        assert_eq!(resolved.citation, want.rule);
+        assert!(!resolved.text.is_empty());
+        assert_eq!(v.risk, Some(want.risk));
+        // Boxes come back in pixels, within the 0–1000 grid's rounding.
+        let (b, w) = (v.bbox.unwrap(), want.bbox.unwrap());
+        for i in 0..4 {
+            assert!(
+                (b[i] - w[i]).abs() <= 0.1,
+                "{}: box {b:?} vs {w:?}",
+                g.image
+            );
+        }
+        let score = v.score.unwrap();
+        assert!(score > 0.5 && score <= 1.0, "score {score}");
+        let mut want_summary = inspector_detect::Summary {
+            total: 1,
+            ..Default::default()
+        };
+        match want.risk {
+            Risk::High => want_summary.high = 1,
+            Risk::Medium => want_summary.medium = 1,
+            Risk::Low => want_summary.low = 1,
+        }
+        assert_eq!(f.summary, want_summary);
+    }
+}
+
+#[test]
+fn a_hallucinated_clause_is_kept_but_unverified() {
+    let answer = RawAnswer {
+        raw: r#"{"status":"violation","violations":[{"description":"未戴安全帽","rule":"《安全作业规程》第99.9条","risk":"高","box":[0,0,500,500]},{"description":"未穿反光背心","rule":"《安全作业规程》第3.2条","risk":"中"}]}"#.into(),
+        token_probs: vec![],
+        token_ends: vec![],
+    };
+    let image = ImageInfo {
+        width: 200,
+        height: 100,
+        sha256: "x".into(),
+    };
+    let f = inspector_detect::finding(&answer, image, &rules(), Timings::default(), "m", None);
+    assert_eq!(f.violations.len(), 2);
+    assert!(!f.violations[0].verified && f.violations[0].resolved.is_none());
+    assert_eq!(f.violations[0].bbox, Some([0.0, 0.0, 100.0, 50.0]));
+    assert!(f.violations[1].verified);
+    assert_eq!(f.summary.high + f.summary.medium, 2);
+}
+
+#[test]
+fn batched_greedy_answers_equal_one_by_one() {
+    let d = detector(&overfit().join("adapter"));
+    let (mut inputs, _) = photos();
+    // Mixed sizes: two more photos of other shapes.
+    for (k, (w, h)) in [(84u32, 56u32), (56, 112)].into_iter().enumerate() {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 3) as u8, (y * 2) as u8, 40 * k as u8])
+        });
+        let mut bytes = Vec::new();
+        img.write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+        inputs.insert(
+            3 * k + 1,
+            Input {
+                name: format!("odd{k}.png"),
+                bytes,
+            },
+        );
+    }
+    let rules = rules();
+    let one: Vec<String> = d
+        .inspect(&inputs, &rules, None, 1, |_| {})
+        .into_iter()
+        .map(|f| f.unwrap().raw)
+        .collect();
+    for batch in [3, 10] {
+        let many: Vec<String> = d
+            .inspect(&inputs, &rules, None, batch, |_| {})
+            .into_iter()
+            .map(|f| f.unwrap().raw)
+            .collect();
+        assert_eq!(many, one, "batch size {batch}");
+    }
+}
+
+#[test]
+fn the_cache_skips_model_work_and_misses_when_the_key_changes() {
+    let db = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&db.path().join("inspector.db")).unwrap();
+    let rules = rules();
+    let (inputs, _) = photos();
+    let d = detector(&overfit().join("adapter"));
+    let first = d.inspect(&inputs, &rules, Some(&store), 4, |_| {});
+    let calls = d.generate_calls();
+    assert_eq!(calls, 2, "8 photos in batches of 4");
+    let second = d.inspect(&inputs, &rules, Some(&store), 4, |_| {});
+    assert_eq!(
+        d.generate_calls(),
+        calls,
+        "the second run did no model work"
+    );
+    for (a, b) in first.iter().zip(&second) {
+        let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+        assert!(!a.timings.cached && b.timings.cached);
+        let strip = |f: &inspector_detect::Finding| {
+            let mut f = f.clone();
+            f.timings = Timings::default();
+            f
+        };
+        assert_eq!(strip(a), strip(b));
+    }
+    // Another adapter, or other decoding settings, miss.
+    let other = detector(&root().join("crates/train/tests/fixtures/peft/adapter"));
+    assert_ne!(other.adapter_fingerprint, d.adapter_fingerprint);
+    let again = other.inspect(&inputs[..2], &rules, Some(&store), 4, |_| {});
+    assert!(again.iter().all(|f| !f.as_ref().unwrap().timings.cached));
+    assert_eq!(other.generate_calls(), 1);
+    let mut shorter = detector(&overfit().join("adapter"));
+    shorter.config.max_new_tokens = 64;
+    let again = shorter.inspect(&inputs[..2], &rules, Some(&store), 4, |_| {});
+    assert!(again.iter().all(|f| !f.as_ref().unwrap().timings.cached));
+}
+
+#[test]
+fn an_unreadable_photo_gets_its_own_error_and_the_rest_go_on() {
+    let d = detector(&overfit().join("adapter"));
+    let (mut inputs, _) = photos();
+    inputs.truncate(2);
+    inputs.insert(
+        1,
+        Input {
+            name: "broken.jpg".into(),
+            bytes: b"\xff\xd8\xff\xe0 not really a jpeg".to_vec(),
+        },
+    );
+    let out = d.inspect(&inputs, &rules(), None, 4, |_| {});
+    assert!(out[0].is_ok() && out[2].is_ok());
+    let err = out[1].as_ref().unwrap_err().to_string();
+    assert!(err.contains("broken.jpg"), "{err}");
+}
