@@ -5,6 +5,8 @@ mod adapter_cmd;
 mod bundled;
 mod chat_cmd;
 mod dataset_cmd;
+mod detect_cmd;
+mod eval_cmd;
 mod model_args;
 mod model_cmd;
 mod output;
@@ -39,6 +41,10 @@ enum Command {
     Model(model_cmd::ModelCommand),
     /// Fine-tune a model with LoRA on annotated photos.
     Train(Box<train_cmd::TrainArgs>),
+    /// Inspect photos: violations, the rules they break, risk, fix and where.
+    Detect(Box<detect_cmd::DetectArgs>),
+    /// Score predictions (or a model) against gold annotations.
+    Eval(Box<eval_cmd::EvalArgs>),
     /// LoRA adapters: merge into a base model.
     #[command(subcommand)]
     Adapter(adapter_cmd::AdapterCommand),
@@ -60,6 +66,8 @@ fn main() -> ExitCode {
         Command::Dataset(cmd) => dataset_cmd::run(cmd),
         Command::Train(args) => train_cmd::run(*args),
         Command::Adapter(cmd) => adapter_cmd::run(cmd),
+        Command::Detect(args) => detect_cmd::run(*args),
+        Command::Eval(args) => eval_cmd::run(*args),
     };
     match result {
         Ok(code) => code,

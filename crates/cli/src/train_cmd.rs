@@ -149,7 +149,12 @@ fn settings(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     Ok(c)
 }
 
-fn load_data(path: &Path, rules: &[inspector_core::Rule]) -> anyhow::Result<Dataset> {
+/// Loads an annotation file, printing every problem; `refused` says what did not happen.
+pub(crate) fn load_data(
+    path: &Path,
+    rules: &[inspector_core::Rule],
+    refused: &'static str,
+) -> anyhow::Result<Dataset> {
     inspector_dataset::load_file(path, rules).map_err(|e| {
         if let inspector_dataset::Error::Invalid { file, report } = &e {
             for p in &report.errors {
@@ -162,7 +167,7 @@ fn load_data(path: &Path, rules: &[inspector_core::Rule]) -> anyhow::Result<Data
                 );
             }
         }
-        anyhow::Error::from(e).context("nothing was trained")
+        anyhow::Error::from(e).context(refused)
     })
 }
 
@@ -201,11 +206,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let store = open_with_rules(&args.db.db)?;
     let rules = store.rules(&RuleFilter::default())?;
     // Every problem of both files is listed before any training starts.
-    let train = load_data(&args.data, &rules);
+    let train = load_data(&args.data, &rules, "nothing was trained");
     let eval = args
         .eval_data
         .as_ref()
-        .map(|p| load_data(p, &rules))
+        .map(|p| load_data(p, &rules, "nothing was trained"))
         .transpose();
     let (train, eval) = (train?, eval?);
 

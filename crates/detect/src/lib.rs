@@ -50,6 +50,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub mod fingerprint;
+pub mod report;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

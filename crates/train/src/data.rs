@@ -14,7 +14,7 @@ use inspector_qwen2vl::{
     chat::{ChatTokenizer, RenderOptions},
     image::{ProcessedImage, ProcessorConfig},
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::loss::IGNORE;
 
