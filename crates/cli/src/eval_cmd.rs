@@ -144,6 +144,7 @@ fn read_predictions(
             let answer = RawAnswer {
                 raw: raw.to_string(),
                 token_probs: vec![],
+                token_margins: vec![],
                 token_ends: vec![],
             };
             let info = ImageInfo {

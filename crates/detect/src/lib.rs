@@ -49,6 +49,7 @@ use inspector_qwen2vl::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub mod active;
 pub mod fingerprint;
 pub mod report;
 
@@ -185,6 +186,9 @@ pub struct Finding {
 pub struct RawAnswer {
     pub raw: String,
     pub token_probs: Vec<f32>,
+    /// Top-1 minus top-2 probability of each generated token (active learning).
+    #[serde(default)]
+    pub token_margins: Vec<f32>,
     /// Text offsets (bytes of `raw`) where each token's text ends.
     pub token_ends: Vec<usize>,
 }
@@ -283,6 +287,15 @@ impl Detector {
 
     /// Generates answers for processed images in one left-padded batch.
     pub fn generate(&self, images: &[&ProcessedImage]) -> Result<Vec<RawAnswer>, Error> {
+        self.generate_with(images, &self.config)
+    }
+
+    /// [`Detector::generate`] with other decoding settings (sampling, for active learning).
+    pub fn generate_with(
+        &self,
+        images: &[&ProcessedImage],
+        config: &DetectConfig,
+    ) -> Result<Vec<RawAnswer>, Error> {
         if images.is_empty() {
             return Ok(vec![]);
         }
@@ -320,7 +333,7 @@ impl Detector {
                 grid_thw: images.iter().map(|im| im.grid_thw).collect(),
             }),
         };
-        let c = &self.config;
+        let c = config;
         let settings = GenerationConfig {
             max_new_tokens: c.max_new_tokens,
             do_sample: c.temperature > 0.0,
@@ -346,9 +359,103 @@ impl Detector {
                 Ok(RawAnswer {
                     raw,
                     token_probs: stats.iter().map(|s| s.prob).collect(),
+                    token_margins: stats.iter().map(|s| s.margin).collect(),
                     token_ends,
                 })
             })
+            .collect()
+    }
+
+    /// Active learning: for each photo, the greedy finding and its uncertainty (token margins
+    /// on the decisive tokens, and disagreement among `samples` answers sampled at
+    /// `temperature`). No cache: the statistics come from this run. A photo that cannot be
+    /// decoded gets its own error.
+    pub fn uncertainty(
+        &self,
+        inputs: &[Input],
+        rules: &[Rule],
+        samples: usize,
+        temperature: f64,
+        batch_size: usize,
+        mut on_done: impl FnMut(usize),
+    ) -> Vec<Result<(Finding, active::Uncertainty), Error>> {
+        let mut out: Vec<Option<Result<(Finding, active::Uncertainty), Error>>> =
+            (0..inputs.len()).map(|_| None).collect();
+        let mut ready = Vec::new();
+        for (i, input) in inputs.iter().enumerate() {
+            let processed = inspector_qwen2vl::image::decode_rgb(
+                &input.bytes,
+                self.model.processor.max_decode_pixels,
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|rgb| {
+                let info = ImageInfo {
+                    width: rgb.width(),
+                    height: rgb.height(),
+                    sha256: sha256_hex(&input.bytes),
+                };
+                process_rgb(&rgb, &self.model.processor)
+                    .map(|p| (p, info))
+                    .map_err(|e| e.to_string())
+            });
+            match processed {
+                Ok((p, info)) => ready.push((i, p, info)),
+                Err(message) => {
+                    out[i] = Some(Err(Error::Image {
+                        name: input.name.clone(),
+                        message,
+                    }));
+                    on_done(i);
+                }
+            }
+        }
+        for chunk in ready.chunks(batch_size.max(1)) {
+            let images: Vec<&ProcessedImage> = chunk.iter().map(|c| &c.1).collect();
+            let run = || -> Result<Vec<(RawAnswer, Vec<RawAnswer>)>, Error> {
+                let greedy = self.generate(&images)?;
+                let mut sampled: Vec<Vec<RawAnswer>> = vec![Vec::new(); images.len()];
+                for k in 0..samples {
+                    let config = DetectConfig {
+                        temperature,
+                        seed: self.config.seed.wrapping_add(k as u64 + 1),
+                        ..self.config.clone()
+                    };
+                    for (slot, a) in sampled
+                        .iter_mut()
+                        .zip(self.generate_with(&images, &config)?)
+                    {
+                        slot.push(a);
+                    }
+                }
+                Ok(greedy.into_iter().zip(sampled).collect())
+            };
+            match run() {
+                Ok(answers) => {
+                    for ((i, _, info), (greedy, sampled)) in chunk.iter().zip(answers) {
+                        let raws: Vec<&str> = sampled.iter().map(|a| a.raw.as_str()).collect();
+                        let u = active::Uncertainty::new(
+                            active::token_uncertainty(&greedy),
+                            (samples > 0).then(|| active::disagreement(&raws)),
+                        );
+                        let f = self.finding(&greedy, info.clone(), rules, Timings::default());
+                        out[*i] = Some(Ok((f, u)));
+                        on_done(*i);
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for (i, ..) in chunk {
+                        out[*i] = Some(Err(Error::Image {
+                            name: inputs[*i].name.clone(),
+                            message: format!("inspection failed: {message}"),
+                        }));
+                        on_done(*i);
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|r| r.expect("every photo gets a result"))
             .collect()
     }
 

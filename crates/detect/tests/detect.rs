@@ -109,6 +109,7 @@ fn a_hallucinated_clause_is_kept_but_unverified() {
     let answer = RawAnswer {
         raw: r#"{"status":"violation","violations":[{"description":"未戴安全帽","rule":"《安全作业规程》第99.9条","risk":"高","box":[0,0,500,500]},{"description":"未穿反光背心","rule":"《安全作业规程》第3.2条","risk":"中"}]}"#.into(),
         token_probs: vec![],
+        token_margins: vec![],
         token_ends: vec![],
     };
     let image = ImageInfo {
@@ -217,4 +218,58 @@ fn an_unreadable_photo_gets_its_own_error_and_the_rest_go_on() {
     assert!(out[0].is_ok() && out[2].is_ok());
     let err = out[1].as_ref().unwrap_err().to_string();
     assert!(err.contains("broken.jpg"), "{err}");
+}
+
+/// Controlled uncertainty: blends of a learnt safe photo (0.png) and a learnt violation photo
+/// (1.png). The pure photos are answered surely; somewhere between them the model must hesitate
+/// between "safe" and "violation": that blend ranks first, by its status token's margin and
+/// by the disagreement of six answers sampled at temperature 0.7.
+#[test]
+fn active_learning_ranks_ambiguous_blends_above_learnt_photos() {
+    let d = detector(&overfit().join("adapter"));
+    let dir = overfit().join("data");
+    let a = image::open(dir.join("0.png")).unwrap().to_rgb8();
+    let b = image::open(dir.join("1.png")).unwrap().to_rgb8();
+    let alphas = [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 1.0];
+    let inputs: Vec<Input> = alphas
+        .iter()
+        .map(|&t| {
+            let img = image::RgbImage::from_fn(56, 56, |x, y| {
+                let (p, q) = (a.get_pixel(x, y), b.get_pixel(x, y));
+                image::Rgb(std::array::from_fn(|c| {
+                    (p[c] as f64 * (1.0 - t) + q[c] as f64 * t).round() as u8
+                }))
+            });
+            let mut bytes = Vec::new();
+            img.write_to(
+                &mut std::io::Cursor::new(&mut bytes),
+                image::ImageFormat::Png,
+            )
+            .unwrap();
+            Input {
+                name: format!("blend{t}"),
+                bytes,
+            }
+        })
+        .collect();
+    let out = d.uncertainty(&inputs, &rules(), 6, 0.7, 7, |_| {});
+    let u: Vec<inspector_detect::active::Uncertainty> =
+        out.into_iter().map(|r| r.unwrap().1).collect();
+    for (i, x) in u.iter().enumerate() {
+        eprintln!("{}: {x:?}", inputs[i].name);
+    }
+    let order = inspector_detect::active::rank(&u, u.len());
+    let last = alphas.len() - 1;
+    let top = order[0];
+    assert!(top != 0 && top != last, "a blend ranks first: {order:?}");
+    assert!(
+        u[top].token > 10.0 * u[0].token.max(u[last].token),
+        "the top blend is far less sure than the learnt photos"
+    );
+    // Sampling agrees with itself on the learnt photos and not on the top blend.
+    assert_eq!(
+        (u[0].disagreement, u[last].disagreement),
+        (Some(0.0), Some(0.0))
+    );
+    assert!(u[top].disagreement.unwrap() > 0.0);
 }
