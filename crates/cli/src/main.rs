@@ -1,6 +1,7 @@
 //! `inspector`: the Safety Inspector command line. Parsing and wiring only; the work is done by
 //! the library crates.
 
+mod active_cmd;
 mod adapter_cmd;
 mod bundled;
 mod chat_cmd;
@@ -45,6 +46,8 @@ enum Command {
     Detect(Box<detect_cmd::DetectArgs>),
     /// Score predictions (or a model) against gold annotations.
     Eval(Box<eval_cmd::EvalArgs>),
+    /// Rank unlabelled photos by the model's uncertainty (what to annotate next).
+    Active(Box<active_cmd::ActiveArgs>),
     /// LoRA adapters: merge into a base model.
     #[command(subcommand)]
     Adapter(adapter_cmd::AdapterCommand),
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Adapter(cmd) => adapter_cmd::run(cmd),
         Command::Detect(args) => detect_cmd::run(*args),
         Command::Eval(args) => eval_cmd::run(*args),
+        Command::Active(args) => active_cmd::run(*args),
     };
     match result {
         Ok(code) => code,

@@ -250,3 +250,47 @@ fn the_html_report_renders_with_boxes_in_chromium() {
     );
     eprintln!("screenshot: {}", shot.display());
 }
+
+#[test]
+fn active_ranks_photos_and_exports_drafts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir);
+    std::fs::remove_file(dir.join("photos/broken.jpg")).unwrap();
+    let tiny = root().join("crates/qwen2vl/tests/fixtures/tiny-a");
+    let adapter = root().join("crates/train/tests/fixtures/overfit/adapter");
+    let o = inspector(
+        &[
+            "active",
+            "--images",
+            "photos",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--db",
+            "inspector.db",
+            "--budget",
+            "3",
+            "--samples",
+            "2",
+            "--export",
+            "queue/next.jsonl",
+            "--json",
+        ],
+        dir,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ranked: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ranked.len(), 3);
+    let scores: Vec<f64> = ranked
+        .iter()
+        .map(|r| r["uncertainty"]["score"].as_f64().unwrap())
+        .collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    let queue = std::fs::read_to_string(dir.join("queue/next.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(queue.lines().next().unwrap()).unwrap();
+    assert_eq!(first["draft"], true);
+    assert!(first["image"].as_str().unwrap().starts_with("../photos/"));
+    assert_eq!(queue.lines().count(), 3);
+}
