@@ -1,11 +1,7 @@
 //! `inspector active`
 
-use std::{
-    path::{Path, PathBuf},
-    process::ExitCode,
-};
+use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use inspector_detect::{DetectConfig, Input, active};
@@ -14,7 +10,7 @@ use inspector_store::{RuleFilter, RuleStore};
 use crate::{
     detect_cmd::{expand, load_detector},
     model_args::ModelArgs,
-    output::write_atomic,
+    output::{folder_of, write_atomic},
     rules_cmd::{DbArgs, open_with_rules},
 };
 
@@ -130,12 +126,7 @@ pub fn run(args: ActiveArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if let Some(file) = &args.export {
-        let dir = file
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        let dir = folder_of(file)?;
         let mut text = String::new();
         for &i in &order {
             let (p, f, u) = &scored[i];

@@ -18,7 +18,7 @@ use inspector_store::{RuleFilter, RuleStore};
 
 use crate::{
     model_args::ModelArgs,
-    output::write_atomic,
+    output::{folder_of, write_atomic},
     rules_cmd::{DbArgs, open_with_rules},
 };
 
@@ -260,12 +260,7 @@ pub fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if let Some(file) = &args.jsonl {
-        let dir = file
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        let dir = folder_of(file)?;
         let mut text = String::new();
         for d in &done {
             let image = inspector_dataset::relative_to(&d.path, dir)

@@ -294,3 +294,34 @@ fn active_ranks_photos_and_exports_drafts() {
     assert!(first["image"].as_str().unwrap().starts_with("../photos/"));
     assert_eq!(queue.lines().count(), 3);
 }
+
+#[test]
+fn eval_runs_the_model_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir);
+    let tiny = root().join("crates/qwen2vl/tests/fixtures/tiny-a");
+    let adapter = root().join("crates/train/tests/fixtures/overfit/adapter");
+    let o = inspector(
+        &[
+            "eval",
+            "--data",
+            "photos/gold.jsonl",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--db",
+            "inspector.db",
+            "--json",
+        ],
+        dir,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["images"], 8);
+    assert_eq!(r["binary"]["f1"], 1.0);
+    assert_eq!(r["citation_accuracy"], 1.0);
+    // A model run carries scores, so AP50 is computed (pycocotools gives 1 − 2⁻⁵² here).
+    assert!((r["box"]["ap50"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+}

@@ -110,19 +110,31 @@ pub fn parse_reply(text: &str) -> Reply {
 /// Byte ranges of the complete violation objects in a JSON reply, in order (for scoring each
 /// violation by the tokens that wrote it). Empty for a reply that is not JSON.
 pub fn violation_spans(text: &str) -> Vec<std::ops::Range<usize>> {
-    let bytes = text.as_bytes();
-    let Some(list_at) = VIOLATIONS
+    list_start(text)
+        .map(|at| {
+            complete_violations(text, at)
+                .into_iter()
+                .map(|(r, _)| r)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Where the violations array of a JSON reply opens (just after its `[`).
+fn list_start(text: &str) -> Option<usize> {
+    let key = VIOLATIONS
         .iter()
         .filter_map(|k| text.find(&format!("\"{k}\"")))
-        .min()
-    else {
-        return vec![];
-    };
-    let Some(open) = text[list_at..].find('[') else {
-        return vec![];
-    };
-    let mut spans = Vec::new();
-    let mut pos = list_at + open + 1;
+        .min()?;
+    text[key..].find('[').map(|open| key + open + 1)
+}
+
+/// The complete, readable violation objects of the array starting at `from`, with their
+/// byte ranges; stops at the array's end or at an object that breaks off.
+fn complete_violations(text: &str, from: usize) -> Vec<(std::ops::Range<usize>, ReplyViolation)> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut pos = from;
     while let Some(off) = bytes[pos..].iter().position(|&b| b == b'{' || b == b']') {
         let at = pos + off;
         if bytes[at] == b']' {
@@ -131,16 +143,12 @@ pub fn violation_spans(text: &str) -> Vec<std::ops::Range<usize>> {
         let Some(end) = object_end(bytes, at) else {
             break;
         };
-        if lenient_value(&text[at..=end])
-            .as_ref()
-            .and_then(violation)
-            .is_some()
-        {
-            spans.push(at..end + 1);
+        if let Some(v) = lenient_value(&text[at..=end]).as_ref().and_then(violation) {
+            out.push((at..end + 1, v));
         }
         pos = end + 1;
     }
-    spans
+    out
 }
 
 /// The JSON reading: the first `{` that opens an object with a status or violations.
@@ -361,26 +369,14 @@ fn salvage(text: &str, start: usize) -> Option<Reply> {
             None
         }
     };
-    let mut violations = Vec::new();
-    if let Some(i) = list_at
-        && let Some(open) = rest[i..].find('[')
-    {
-        let bytes = rest.as_bytes();
-        let mut pos = i + open + 1;
-        while let Some(off) = bytes[pos..].iter().position(|&b| b == b'{' || b == b']') {
-            let at = pos + off;
-            if bytes[at] == b']' {
-                break;
-            }
-            let Some(end) = object_end(bytes, at) else {
-                break;
-            };
-            if let Some(v) = lenient_value(&rest[at..=end]).as_ref().and_then(violation) {
-                violations.push(v);
-            }
-            pos = end + 1;
-        }
-    }
+    let violations: Vec<ReplyViolation> = list_start(rest)
+        .map(|at| {
+            complete_violations(rest, at)
+                .into_iter()
+                .map(|(_, v)| v)
+                .collect()
+        })
+        .unwrap_or_default();
     if violations.is_empty() && status_hint.is_none() {
         return None;
     }

@@ -49,12 +49,19 @@ fn main() {
             .unwrap();
         let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
         let n = ids.len();
-        tensors.insert(format!("ids.{i}"), Tensor::from_vec(ids, n, &Device::Cpu).unwrap());
+        tensors.insert(
+            format!("ids.{i}"),
+            Tensor::from_vec(ids, n, &Device::Cpu).unwrap(),
+        );
         tensors.insert(format!("pixels.{i}"), p.pixel_values.clone());
         let g: Vec<i64> = p.grid_thw.iter().map(|&g| g as i64).collect();
-        tensors.insert(format!("grid.{i}"), Tensor::from_vec(g, 3, &Device::Cpu).unwrap());
+        tensors.insert(
+            format!("grid.{i}"),
+            Tensor::from_vec(g, 3, &Device::Cpu).unwrap(),
+        );
     }
-    let inputs_file = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("detect-bench-inputs.safetensors");
+    let inputs_file =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("detect-bench-inputs.safetensors");
     candle_core::safetensors::save(&tensors, &inputs_file).unwrap();
 
     let mut ours = Vec::new();
@@ -65,7 +72,11 @@ fn main() {
         let s = t.elapsed().as_secs_f64();
         answers = out.into_iter().map(|f| f.unwrap().raw).collect::<Vec<_>>();
         ours.push(inputs.len() as f64 / s);
-        println!("inspector  batch {batch}: {:.2} photos/s ({} photos in {s:.2} s)", inputs.len() as f64 / s, inputs.len());
+        println!(
+            "inspector  batch {batch}: {:.2} photos/s ({} photos in {s:.2} s)",
+            inputs.len() as f64 / s,
+            inputs.len()
+        );
     }
 
     // Cache hits.

@@ -129,10 +129,10 @@ fn migrations_run_once_and_refuse_newer_databases() {
     let path = dir.path().join("inspector.db");
     {
         let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 1);
+        assert_eq!(store.schema_version().unwrap(), 2);
     }
     let store = SqliteStore::open(&path).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 1);
+    assert_eq!(store.schema_version().unwrap(), 2);
     drop(store);
     rusqlite_set_version(&path, 99);
     match SqliteStore::open(&path) {
@@ -145,4 +145,23 @@ fn migrations_run_once_and_refuse_newer_databases() {
 fn rusqlite_set_version(path: &std::path::Path, version: i64) {
     let conn = rusqlite::Connection::open(path).unwrap();
     conn.pragma_update(None, "user_version", version).unwrap();
+}
+
+#[test]
+fn the_answer_cache_stores_replaces_and_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inspector.db");
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.cached_answer("k").unwrap(), None);
+        store.cache_answer("k", "{\"raw\": 1}").unwrap();
+        store.cache_answer("k", "{\"raw\": 2}").unwrap();
+        store.cache_answer("other", "x").unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(
+        store.cached_answer("k").unwrap().as_deref(),
+        Some("{\"raw\": 2}")
+    );
+    assert_eq!(store.cached_answer("other").unwrap().as_deref(), Some("x"));
 }

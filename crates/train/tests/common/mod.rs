@@ -81,7 +81,7 @@ pub fn sample(k: usize, side: u32) -> (image::RgbImage, inspector_core::Annotati
     use inspector_core::{Annotation, Risk, Violation};
     let what = ["未戴安全帽", "未穿反光背心", "通道堆放杂物", "配电柜未上锁"];
     let hue = k as f32 * 45.0 % 360.0;
-    let (r, g, b) = hsv(hue, 0.8, if k / 8 % 2 == 0 { 0.9 } else { 0.55 });
+    let (r, g, b) = hsv(hue, 0.8, if (k / 8).is_multiple_of(2) { 0.9 } else { 0.55 });
     let scale = side as f64 / 56.0;
     let boxed = (k % 2 == 1).then(|| {
         let [x0, y0, x1, y1] = [4.0 * k as f64, 8.0, 30.0 + 2.0 * k as f64, 50.0];
@@ -97,7 +97,7 @@ pub fn sample(k: usize, side: u32) -> (image::RgbImage, inspector_core::Annotati
             image::Rgb([r, g, b])
         }
     });
-    let violations = if k % 2 == 0 {
+    let violations = if k.is_multiple_of(2) {
         vec![]
     } else {
         vec![Violation {
