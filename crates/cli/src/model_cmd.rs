@@ -47,6 +47,25 @@ pub enum ModelCommand {
         #[arg(long, value_name = "DIR")]
         adapter: Option<PathBuf>,
     },
+    /// Write a complete, randomly initialised Qwen2-VL model directory: config, weights, a
+    /// byte-level BPE tokenizer trained on the corpus with Qwen's special tokens, the chat
+    /// template, processor and generation configs. The starting point of a model trained from
+    /// scratch with `inspector train --full`.
+    Init {
+        /// A Qwen2-VL `config.json` (its `vocab_size` bounds the tokenizer; special token ids
+        /// are filled in).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// UTF-8 text files to train the tokenizer on (one sequence per line).
+        #[arg(long = "tokenizer-corpus", value_name = "FILE", required = true, num_args = 1..)]
+        corpus: Vec<PathBuf>,
+        /// The new model directory (must not exist or be empty).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Seeds the weights.
+        #[arg(long, default_value_t = 0, value_name = "S")]
+        seed: u64,
+    },
     /// Describe a checkpoint: architecture, sizes, parameter counts, dtype, key layout.
     Info {
         #[arg(long, value_name = "DIR")]
@@ -78,7 +97,52 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
             &out,
         ),
         ModelCommand::Info { model, dtype } => info(&model, dtype.into()),
+        ModelCommand::Init {
+            config,
+            corpus,
+            out,
+            seed,
+        } => init(&config, &corpus, &out, seed),
     }
+}
+
+fn init(config: &Path, corpus: &[PathBuf], out: &Path, seed: u64) -> anyhow::Result<ExitCode> {
+    let config_text = std::fs::read_to_string(config)
+        .with_context(|| format!("{}: cannot read", config.display()))?;
+    let mut lines = Vec::new();
+    for f in corpus {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("{}: cannot read as UTF-8 text", f.display()))?;
+        lines.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string),
+        );
+    }
+    anyhow::ensure!(!lines.is_empty(), "the tokenizer corpus is empty");
+    if out.exists() {
+        let empty = std::fs::read_dir(out)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        anyhow::ensure!(
+            empty,
+            "{}: exists and is not an empty folder; refusing to overwrite it",
+            out.display()
+        );
+    }
+    let cfg = inspector_qwen2vl::init::init_model_dir(&config_text, &lines, out, seed)
+        .with_context(|| config.display().to_string())?;
+    let chat = inspector_qwen2vl::chat::ChatTokenizer::load(out, cfg.tokens.image_pad)?;
+    println!(
+        "wrote {}: {} layers, hidden {}, vision depth {}; tokenizer of {} tokens from {} lines",
+        out.display(),
+        cfg.text.num_hidden_layers,
+        cfg.text.hidden_size,
+        cfg.vision.depth,
+        chat.tokenizer.get_vocab_size(true),
+        lines.len()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_ids(text: &str) -> anyhow::Result<Vec<u32>> {

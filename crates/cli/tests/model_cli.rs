@@ -188,3 +188,89 @@ fn info_describes_each_layout() {
     );
     assert!(b.contains("2 file(s)") && b.contains("410.4K total"), "{b}");
 }
+
+/// `model init` writes a directory that `model info` reads and `train --full` trains; an
+/// existing non-empty folder is refused.
+#[test]
+fn init_writes_a_model_that_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // tiny-a's shapes with a larger vocabulary.
+    let config = std::fs::read_to_string(fixtures().join("tiny-a/config.json"))
+        .unwrap()
+        .replace("\"vocab_size\": 320", "\"vocab_size\": 700");
+    std::fs::write(d.join("small.json"), config).unwrap();
+    let mut corpus = String::new();
+    for k in 0..40 {
+        corpus.push_str(&format!(
+            "{{\"status\":\"violation\",\"violations\":[{{\"description\":\"未戴安全帽\",\"rule\":\"《安全作业规程》第3.{}条\",\"risk\":\"高\",\"box\":[{},{},{},{}]}}]}}\n",
+            k % 5 + 1, k * 11, k * 7, k * 13 + 100, k * 17 + 100
+        ));
+    }
+    corpus.push_str(inspector_core::answer::INSTRUCTION);
+    std::fs::write(d.join("corpus.txt"), corpus).unwrap();
+    let path = |f: &str| d.join(f).to_str().unwrap().to_string();
+    let init = |out: &str| {
+        inspector(&[
+            "model",
+            "init",
+            "--config",
+            &path("small.json"),
+            "--tokenizer-corpus",
+            &path("corpus.txt"),
+            "--out",
+            &path(out),
+        ])
+    };
+    let o = init("m");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let info = inspector(&["model", "info", "--model", &path("m")]);
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    // Refused over an existing model.
+    let again = init("m");
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && err.contains("refusing to overwrite"),
+        "{err}"
+    );
+
+    // Two steps of full fine-tuning on one annotated photo.
+    image::RgbImage::from_fn(56, 56, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 90]))
+        .save(d.join("0.png"))
+        .unwrap();
+    std::fs::write(
+        d.join("train.jsonl"),
+        "{\"image\": \"0.png\", \"violations\": [{\"description\": \"未戴安全帽\", \"rule\": \"《安全作业规程》第3.1条\", \"risk\": \"高\", \"box\": [5, 5, 40, 50]}]}\n",
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_inspector"))
+        .args([
+            "train",
+            "--model",
+            "m",
+            "--data",
+            "train.jsonl",
+            "--out",
+            "run",
+            "--full",
+            "--max-steps",
+            "2",
+            "--grad-accum",
+            "1",
+            "--min-pixels",
+            "3136",
+            "--max-pixels",
+            "3136",
+            "--db",
+            "x.db",
+        ])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(d.join("run/model/tokenizer.json").exists());
+}

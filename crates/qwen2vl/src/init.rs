@@ -195,3 +195,194 @@ pub const QWEN2_VL_2B_CONFIG: &str = r#"{
   "rope_scaling": { "type": "mrope", "mrope_section": [16, 24, 24] },
   "vocab_size": 151936
 }"#;
+
+/// Qwen2-VL's special tokens, in the order the published tokenizer adds them after its BPE
+/// vocabulary.
+pub const SPECIAL_TOKENS: [&str; 14] = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+];
+
+/// Qwen2's pre-tokenizer split (before the byte-level mapping).
+const QWEN_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The chat template of Qwen2-VL-Instruct (images and videos as vision pads).
+pub const QWEN2_VL_CHAT_TEMPLATE: &str = "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// Trains a byte-level BPE tokenizer of `vocab_size` entries in all (special tokens included)
+/// on `corpus`, with Qwen2's pre-tokenizer and decoder and its special tokens after the BPE
+/// vocabulary.
+pub fn train_tokenizer(
+    corpus: &[String],
+    vocab_size: usize,
+) -> Result<tokenizers::Tokenizer, Error> {
+    use tokenizers::{
+        AddedToken, DecoderWrapper, PreTokenizerWrapper, Tokenizer,
+        decoders::byte_level::ByteLevel as ByteLevelDecoder,
+        models::TrainerWrapper,
+        models::{
+            ModelWrapper,
+            bpe::{BPE, BpeTrainerBuilder},
+        },
+        normalizer::SplitDelimiterBehavior,
+        pre_tokenizers::{
+            byte_level::ByteLevel, sequence::Sequence, split::Split, split::SplitPattern,
+        },
+    };
+    let err = |e: tokenizers::Error| Error::Input(format!("tokenizer training: {e}"));
+    let base = 256 + SPECIAL_TOKENS.len();
+    if vocab_size < base {
+        return Err(Error::Input(format!(
+            "vocab_size {vocab_size} is below the {base} byte and special tokens"
+        )));
+    }
+    let mut tokenizer = Tokenizer::new(ModelWrapper::BPE(BPE::default()));
+    let split = Split::new(
+        SplitPattern::Regex(QWEN_SPLIT.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(err)?;
+    tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+        PreTokenizerWrapper::Split(split),
+        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
+    ]))));
+    tokenizer.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::new(
+        false, false, false,
+    ))));
+    let mut trainer = TrainerWrapper::BpeTrainer(
+        BpeTrainerBuilder::new()
+            .vocab_size(vocab_size - SPECIAL_TOKENS.len())
+            .min_frequency(2)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .show_progress(false)
+            .build(),
+    );
+    tokenizer.train(&mut trainer, corpus.iter()).map_err(err)?;
+    let special: Vec<AddedToken> = SPECIAL_TOKENS
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
+    tokenizer.add_special_tokens(&special);
+    Ok(tokenizer)
+}
+
+/// Writes a complete, randomly initialised Qwen2-VL model directory into `out`: a tokenizer
+/// trained on `corpus` (at most `config_json`'s `vocab_size` tokens: fewer when the corpus
+/// supports fewer merges), `config.json` with the special token ids filled in from it, random weights, the chat template,
+/// the processor and generation configs. Every file is written atomically.
+pub fn init_model_dir(
+    config_json: &str,
+    corpus: &[String],
+    out: &Path,
+    seed: u64,
+) -> Result<Config, Error> {
+    let mut config: serde_json::Value =
+        serde_json::from_str(config_json).map_err(|e| Error::Input(format!("config: {e}")))?;
+    let vocab = config["vocab_size"]
+        .as_u64()
+        .ok_or_else(|| Error::Input("config: vocab_size is missing".into()))?
+        as usize;
+    let tokenizer = train_tokenizer(corpus, vocab)?;
+    let id = |t: &str| {
+        tokenizer
+            .token_to_id(t)
+            .ok_or_else(|| Error::Input(format!("the trained tokenizer lacks {t}")))
+    };
+    let size = tokenizer.get_vocab_size(true);
+    let obj = config
+        .as_object_mut()
+        .ok_or_else(|| Error::Input("config: not a JSON object".into()))?;
+    for (key, token) in [
+        ("bos_token_id", "<|endoftext|>"),
+        ("eos_token_id", "<|im_end|>"),
+        ("pad_token_id", "<|endoftext|>"),
+        ("vision_start_token_id", "<|vision_start|>"),
+        ("vision_end_token_id", "<|vision_end|>"),
+        ("vision_token_id", "<|vision_pad|>"),
+        ("image_token_id", "<|image_pad|>"),
+        ("video_token_id", "<|video_pad|>"),
+    ] {
+        obj.insert(key.into(), id(token)?.into());
+    }
+    // Like Qwen's own (151,936 rows for 151,646 tokens), the embedding may have more rows
+    // than the tokenizer has tokens when the corpus supports fewer merges.
+    if size > vocab {
+        return Err(Error::Input(format!(
+            "the tokenizer has {size} tokens, more than vocab_size {vocab}"
+        )));
+    }
+    let config_text = serde_json::to_string_pretty(&config).expect("JSON");
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let cfg = write_random_checkpoint(out, &config_text, 0.02, seed)?;
+    let write = |name: &str, text: String| -> Result<(), Error> {
+        inspector_lora::write_atomic(&out.join(name), |tmp| {
+            std::fs::write(tmp, text.as_bytes()).map_err(candle_core::Error::wrap)
+        })?;
+        Ok(())
+    };
+    write(
+        "tokenizer.json",
+        tokenizer
+            .to_string(true)
+            .map_err(|e| Error::Input(format!("tokenizer: {e}")))?,
+    )?;
+    let added: serde_json::Map<String, serde_json::Value> = SPECIAL_TOKENS
+        .iter()
+        .map(|t| {
+            (
+                id(t).expect("added above").to_string(),
+                serde_json::json!({"content": t, "lstrip": false, "normalized": false,
+                    "rstrip": false, "single_word": false, "special": true}),
+            )
+        })
+        .collect();
+    write(
+        "tokenizer_config.json",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "add_bos_token": false,
+            "add_prefix_space": false,
+            "added_tokens_decoder": added,
+            "bos_token": null,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "errors": "replace",
+            "model_max_length": cfg.text.max_position_embeddings,
+            "split_special_tokens": false,
+            "tokenizer_class": "Qwen2Tokenizer",
+            "unk_token": null,
+        }))
+        .expect("JSON"),
+    )?;
+    write(
+        "chat_template.json",
+        serde_json::to_string_pretty(&serde_json::json!({"chat_template": QWEN2_VL_CHAT_TEMPLATE}))
+            .expect("JSON"),
+    )?;
+    write(
+        "generation_config.json",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "bos_token_id": id("<|endoftext|>")?,
+            "eos_token_id": [id("<|im_end|>")?],
+            "pad_token_id": id("<|endoftext|>")?,
+            "do_sample": false,
+        }))
+        .expect("JSON"),
+    )?;
+    crate::image::ProcessorConfig::default()
+        .with_pixels(Some(56 * 56), Some(224 * 224))?
+        .write_pixels(out)?;
+    Ok(cfg)
+}
