@@ -495,6 +495,40 @@ impl Detector {
         for (i, input) in inputs.iter().enumerate() {
             let started = Instant::now();
             let sha = sha256_hex(&input.bytes);
+            let key = self.cache_key(&sha);
+            // A cache hit needs only the (EXIF-oriented) size, read from the header: a large
+            // photo is not decoded again to answer from the cache.
+            if let Some(store) = cache
+                && let Ok((width, height)) = inspector_imaging::dimensions(&input.bytes)
+            {
+                match store.cached_answer(&key) {
+                    Ok(Some(json)) => {
+                        if let Ok(answer) = serde_json::from_str::<RawAnswer>(&json) {
+                            let ms = started.elapsed().as_secs_f64() * 1e3;
+                            let timings = Timings {
+                                decode_ms: ms,
+                                generate_ms: 0.0,
+                                total_ms: ms,
+                                cached: true,
+                            };
+                            let info = ImageInfo {
+                                width,
+                                height,
+                                sha256: sha.clone(),
+                            };
+                            results[i] = Some(Ok(self.finding(&answer, info, rules, timings)));
+                            on_done(i);
+                            continue;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        results[i] = Some(Err(e.into()));
+                        on_done(i);
+                        continue;
+                    }
+                }
+            }
             let decoded = inspector_qwen2vl::image::decode_rgb(
                 &input.bytes,
                 self.model.processor.max_decode_pixels,
@@ -516,31 +550,6 @@ impl Detector {
                 height: rgb.height(),
                 sha256: sha.clone(),
             };
-            let key = self.cache_key(&sha);
-            if let Some(store) = cache {
-                match store.cached_answer(&key) {
-                    Ok(Some(json)) => {
-                        if let Ok(answer) = serde_json::from_str::<RawAnswer>(&json) {
-                            let ms = started.elapsed().as_secs_f64() * 1e3;
-                            let timings = Timings {
-                                decode_ms: ms,
-                                generate_ms: 0.0,
-                                total_ms: ms,
-                                cached: true,
-                            };
-                            results[i] = Some(Ok(self.finding(&answer, info, rules, timings)));
-                            on_done(i);
-                            continue;
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        results[i] = Some(Err(e.into()));
-                        on_done(i);
-                        continue;
-                    }
-                }
-            }
             match process_rgb(&rgb, &self.model.processor) {
                 Ok(p) => pending.push((i, p, info, key, started.elapsed().as_secs_f64() * 1e3)),
                 Err(e) => {
