@@ -87,7 +87,7 @@ fn main() {
     let hits = detector.inspect(&inputs, &rules, Some(&store), 8, |_| {});
     let per_hit_ms = t.elapsed().as_secs_f64() * 1e3 / inputs.len() as f64;
     assert!(hits.iter().all(|h| h.as_ref().unwrap().timings.cached));
-    println!("cache hit: {per_hit_ms:.2} ms per photo (hash, decode, lookup, parse, citations)");
+    println!("cache hit: {per_hit_ms:.2} ms per photo (hash, header, lookup, parse, citations)");
 
     let python = std::env::var("INSPECTOR_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = root().join("tools/bench_detect_transformers.py");
