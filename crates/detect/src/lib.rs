@@ -366,6 +366,27 @@ impl Detector {
             .collect()
     }
 
+    /// Decodes and preprocesses one photo (errors name it).
+    fn prepare(&self, input: &Input, sha256: String) -> Result<(ProcessedImage, ImageInfo), Error> {
+        let image_err = |message: String| Error::Image {
+            name: input.name.clone(),
+            message,
+        };
+        let rgb = inspector_qwen2vl::image::decode_rgb(
+            &input.bytes,
+            self.model.processor.max_decode_pixels,
+        )
+        .map_err(|e| image_err(e.to_string()))?;
+        let info = ImageInfo {
+            width: rgb.width(),
+            height: rgb.height(),
+            sha256,
+        };
+        let processed =
+            process_rgb(&rgb, &self.model.processor).map_err(|e| image_err(e.to_string()))?;
+        Ok((processed, info))
+    }
+
     /// Active learning: for each photo, the greedy finding and its uncertainty (token margins
     /// on the decisive tokens, and disagreement among `samples` answers sampled at
     /// `temperature`). No cache: the statistics come from this run. A photo that cannot be
@@ -383,28 +404,10 @@ impl Detector {
             (0..inputs.len()).map(|_| None).collect();
         let mut ready = Vec::new();
         for (i, input) in inputs.iter().enumerate() {
-            let processed = inspector_qwen2vl::image::decode_rgb(
-                &input.bytes,
-                self.model.processor.max_decode_pixels,
-            )
-            .map_err(|e| e.to_string())
-            .and_then(|rgb| {
-                let info = ImageInfo {
-                    width: rgb.width(),
-                    height: rgb.height(),
-                    sha256: sha256_hex(&input.bytes),
-                };
-                process_rgb(&rgb, &self.model.processor)
-                    .map(|p| (p, info))
-                    .map_err(|e| e.to_string())
-            });
-            match processed {
+            match self.prepare(input, sha256_hex(&input.bytes)) {
                 Ok((p, info)) => ready.push((i, p, info)),
-                Err(message) => {
-                    out[i] = Some(Err(Error::Image {
-                        name: input.name.clone(),
-                        message,
-                    }));
+                Err(e) => {
+                    out[i] = Some(Err(e));
                     on_done(i);
                 }
             }
@@ -443,12 +446,8 @@ impl Detector {
                     }
                 }
                 Err(e) => {
-                    let message = e.to_string();
                     for (i, ..) in chunk {
-                        out[*i] = Some(Err(Error::Image {
-                            name: inputs[*i].name.clone(),
-                            message: format!("inspection failed: {message}"),
-                        }));
+                        out[*i] = Some(Err(batch_failed(&inputs[*i], &e)));
                         on_done(*i);
                     }
                 }
@@ -529,34 +528,12 @@ impl Detector {
                     }
                 }
             }
-            let decoded = inspector_qwen2vl::image::decode_rgb(
-                &input.bytes,
-                self.model.processor.max_decode_pixels,
-            )
-            .map_err(|e| Error::Image {
-                name: input.name.clone(),
-                message: e.to_string(),
-            });
-            let rgb = match decoded {
-                Ok(rgb) => rgb,
+            match self.prepare(input, sha) {
+                Ok((p, info)) => {
+                    pending.push((i, p, info, key, started.elapsed().as_secs_f64() * 1e3))
+                }
                 Err(e) => {
                     results[i] = Some(Err(e));
-                    on_done(i);
-                    continue;
-                }
-            };
-            let info = ImageInfo {
-                width: rgb.width(),
-                height: rgb.height(),
-                sha256: sha.clone(),
-            };
-            match process_rgb(&rgb, &self.model.processor) {
-                Ok(p) => pending.push((i, p, info, key, started.elapsed().as_secs_f64() * 1e3)),
-                Err(e) => {
-                    results[i] = Some(Err(Error::Image {
-                        name: input.name.clone(),
-                        message: e.to_string(),
-                    }));
                     on_done(i);
                 }
             }
@@ -585,12 +562,8 @@ impl Detector {
                     }
                 }
                 Err(e) => {
-                    let message = e.to_string();
                     for (i, ..) in chunk {
-                        results[*i] = Some(Err(Error::Image {
-                            name: inputs[*i].name.clone(),
-                            message: format!("inspection failed: {message}"),
-                        }));
+                        results[*i] = Some(Err(batch_failed(&inputs[*i], &e)));
                         on_done(*i);
                     }
                 }
@@ -600,6 +573,14 @@ impl Detector {
             .into_iter()
             .map(|r| r.expect("every photo gets a result"))
             .collect()
+    }
+}
+
+/// The error of a photo whose batch failed in the model.
+fn batch_failed(input: &Input, e: &Error) -> Error {
+    Error::Image {
+        name: input.name.clone(),
+        message: format!("inspection failed: {e}"),
     }
 }
 
