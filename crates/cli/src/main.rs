@@ -54,6 +54,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    inspector_train::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("INSPECTOR_LOG")

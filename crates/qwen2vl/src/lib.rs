@@ -36,6 +36,7 @@
 pub mod adapter;
 pub mod chat;
 pub mod config;
+pub mod fused;
 pub mod generate;
 pub mod image;
 pub mod init;

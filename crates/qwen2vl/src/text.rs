@@ -193,7 +193,7 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
+        let gate = crate::ops::silu(&self.gate_proj.forward(xs)?)?;
         self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
     }
 }

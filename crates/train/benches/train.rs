@@ -166,6 +166,7 @@ fn write_inputs(examples: &[Example], path: &Path) {
 }
 
 fn main() {
+    inspector_train::keep_freed_memory();
     let dir = model_dir();
     let data = tempfile::tempdir().unwrap();
     let examples = examples(&dir, data.path());

@@ -1,0 +1,545 @@
+//! Fused CPU kernels with hand-written backward passes, for f32 tensors on the CPU.
+//!
+//! The composite versions in [`crate::ops`] (softmax, RMSNorm, LayerNorm, rotary, SiLU,
+//! QuickGELU) are differentiable but slow to train: each is five to fifteen tensor ops, and
+//! autograd walks every one of them backwards, allocating a tensor per step. Each op here is a
+//! single pass forward and a single pass backward, parallel over rows. They are used when the
+//! input is f32 on the CPU; any other dtype or device takes the composite path, so a CUDA build
+//! never reaches them. `tests/fused.rs` checks values and gradients against the composite ops.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor, bail,
+};
+use rayon::prelude::*;
+
+/// Rows per rayon task: enough work per task that scheduling costs stay small.
+fn rows_per_task(row: usize) -> usize {
+    (16_384 / row.max(1)).max(1)
+}
+
+fn f32s<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        bail!("fused {what}: expected f32")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("fused {what}: expected a contiguous tensor")
+    };
+    Ok(&data[start..end])
+}
+
+/// Whether `xs` can take the fused path.
+pub fn applies(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && xs.dtype() == DType::F32
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax over the last dimension.
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, "softmax")?;
+        let d = l.dims()[l.dims().len() - 1];
+        let mut y = vec![0f32; x.len()];
+        let chunk = d * rows_per_task(d);
+        y.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = (x - max).exp();
+                        sum += *y;
+                    }
+                    let inv = 1.0 / sum;
+                    y.iter_mut().for_each(|y| *y *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+/// `dx = y·(g − Σ g·y)` per row.
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "fused-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32s(s1, l1, "softmax backward")?;
+        let g = f32s(s2, l2, "softmax backward")?;
+        let d = l1.dims()[l1.dims().len() - 1];
+        let mut dx = vec![0f32; y.len()];
+        let chunk = d * rows_per_task(d);
+        dx.par_chunks_mut(chunk)
+            .zip(y.par_chunks(chunk).zip(g.par_chunks(chunk)))
+            .for_each(|(dx, (y, g))| {
+                for ((dx, y), g) in dx.chunks_mut(d).zip(y.chunks(d)).zip(g.chunks(d)) {
+                    let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                    for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                        *dx = y * (g - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension (f32, CPU), with a one-pass backward.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1(Softmax)
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: y = x / sqrt(mean(x²) + eps) · w.
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, "rms_norm")?;
+        let w = f32s(s2, l2, "rms_norm")?;
+        let d = w.len();
+        let mut y = vec![0f32; x.len()];
+        let chunk = d * rows_per_task(d);
+        y.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                    let r = inv_rms(x, self.eps);
+                    for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                        *y = x * r * w;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &RmsNormBwd { eps: self.eps })?;
+        let n = x.elem_count();
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, w.elem_count())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ms = x.iter().map(|x| x * x).sum::<f32>() / x.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+/// Output: `dx` (all of x's elements) then `dw` (one row), packed in one vector.
+struct RmsNormBwd {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, "rms_norm backward")?;
+        let w = f32s(s2, l2, "rms_norm backward")?;
+        let g = f32s(s3, l3, "rms_norm backward")?;
+        let d = w.len();
+        let mut out = vec![0f32; x.len() + d];
+        let (dx, dw) = out.split_at_mut(x.len());
+        let chunk = d * rows_per_task(d);
+        let partial: Vec<Vec<f32>> = dx
+            .par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+            .map(|(dx, (x, g))| {
+                let mut dw = vec![0f32; d];
+                for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                    let r = inv_rms(x, self.eps);
+                    let mut m = 0f32;
+                    for ((&x, &g), &w) in x.iter().zip(g).zip(w) {
+                        m += g * w * x * r;
+                    }
+                    m /= d as f32;
+                    for (i, dx) in dx.iter_mut().enumerate() {
+                        let n = x[i] * r;
+                        *dx = r * (g[i] * w[i] - n * m);
+                        dw[i] += g[i] * n;
+                    }
+                }
+                dw
+            })
+            .collect();
+        for p in partial {
+            dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + d)))
+    }
+}
+
+/// RMSNorm over the last dimension (x and w f32 on the CPU), with a one-pass backward for
+/// both the input and the weight.
+pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    xs.contiguous()?
+        .apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm: y = (x − mean) / sqrt(var + eps) · w + b.
+
+struct LayerNorm {
+    eps: f32,
+}
+
+fn mean_inv_std(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / d;
+    let var = x.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, "layer_norm")?;
+        let w = f32s(s2, l2, "layer_norm")?;
+        let b = f32s(s3, l3, "layer_norm")?;
+        let d = w.len();
+        let mut y = vec![0f32; x.len()];
+        let chunk = d * rows_per_task(d);
+        y.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                    let (mean, r) = mean_inv_std(x, self.eps);
+                    for (i, y) in y.iter_mut().enumerate() {
+                        *y = (x[i] - mean) * r * w[i] + b[i];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let n = x.elem_count();
+        let d = w.elem_count();
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, d)?;
+        let db = packed.narrow(0, n + d, d)?.reshape(b.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Output: `dx`, then `dw`, then `db`, packed in one vector.
+struct LayerNormBwd {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, "layer_norm backward")?;
+        let w = f32s(s2, l2, "layer_norm backward")?;
+        let g = f32s(s3, l3, "layer_norm backward")?;
+        let d = w.len();
+        let mut out = vec![0f32; x.len() + 2 * d];
+        let (dx, dwb) = out.split_at_mut(x.len());
+        let chunk = d * rows_per_task(d);
+        let partial: Vec<Vec<f32>> = dx
+            .par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+            .map(|(dx, (x, g))| {
+                let mut dwb = vec![0f32; 2 * d];
+                for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                    let (mean, r) = mean_inv_std(x, self.eps);
+                    let (mut m1, mut m2) = (0f32, 0f32);
+                    for i in 0..d {
+                        let gw = g[i] * w[i];
+                        m1 += gw;
+                        m2 += gw * (x[i] - mean) * r;
+                    }
+                    m1 /= d as f32;
+                    m2 /= d as f32;
+                    for (i, dx) in dx.iter_mut().enumerate() {
+                        let n = (x[i] - mean) * r;
+                        *dx = r * (g[i] * w[i] - m1 - n * m2);
+                        dwb[i] += g[i] * n;
+                        dwb[d + i] += g[i];
+                    }
+                }
+                dwb
+            })
+            .collect();
+        for p in partial {
+            dwb.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * d)))
+    }
+}
+
+/// LayerNorm with bias over the last dimension (f32 on the CPU), with a one-pass backward for
+/// the input, the weight and the bias.
+pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    xs.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// x·σ(αx): SiLU (α = 1) and QuickGELU (α = 1.702).
+
+struct ScaledSilu {
+    alpha: f32,
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp1 for ScaledSilu {
+    fn name(&self) -> &'static str {
+        "fused-silu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, "silu")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(16_384)
+            .zip(x.par_chunks(16_384))
+            .for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x * sigmoid(self.alpha * x);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &g.contiguous()?,
+            &ScaledSiluBwd { alpha: self.alpha },
+        )?))
+    }
+}
+
+/// `dx = g·(σ + αx·σ·(1 − σ))` with `σ = σ(αx)`.
+struct ScaledSiluBwd {
+    alpha: f32,
+}
+
+impl CustomOp2 for ScaledSiluBwd {
+    fn name(&self) -> &'static str {
+        "fused-silu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, "silu backward")?;
+        let g = f32s(s2, l2, "silu backward")?;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(16_384)
+            .zip(x.par_chunks(16_384).zip(g.par_chunks(16_384)))
+            .for_each(|(dx, (x, g))| {
+                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                    let s = sigmoid(self.alpha * x);
+                    *dx = g * (s + self.alpha * x * s * (1.0 - s));
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// `x·σ(αx)` (f32 on the CPU), with a one-pass backward.
+pub fn scaled_silu(xs: &Tensor, alpha: f64) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1(ScaledSilu {
+        alpha: alpha as f32,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding, non-interleaved: y = x·cos + rotate_half(x)·sin.
+
+/// `rows[r]` is the first element of the cos/sin row that row `r` of `x` uses.
+struct Rope {
+    rows: Vec<usize>,
+    inverse: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, "rope")?;
+        let cos = f32s(s2, l2, "rope")?;
+        let sin = f32s(s3, l3, "rope")?;
+        let d = l1.dims()[l1.dims().len() - 1];
+        let half = d / 2;
+        let mut y = vec![0f32; x.len()];
+        let per = rows_per_task(d);
+        y.par_chunks_mut(d * per)
+            .zip(x.par_chunks(d * per))
+            .enumerate()
+            .for_each(|(task, (y, x))| {
+                for (k, (y, x)) in y.chunks_mut(d).zip(x.chunks(d)).enumerate() {
+                    let at = self.rows[task * per + k];
+                    let (c, s) = (&cos[at..at + d], &sin[at..at + d]);
+                    for i in 0..half {
+                        let (a, b) = (x[i], x[i + half]);
+                        if self.inverse {
+                            y[i] = a * c[i] + b * s[i + half];
+                            y[i + half] = b * c[i + half] - a * s[i];
+                        } else {
+                            y[i] = a * c[i] - b * s[i];
+                            y[i + half] = b * c[i + half] + a * s[i + half];
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let inverse = Rope {
+            rows: self.rows.clone(),
+            inverse: !self.inverse,
+        };
+        let dx = g.contiguous()?.apply_op3_no_bwd(cos, sin, &inverse)?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Rotary embedding of `xs` (f32 on the CPU); `cos` and `sin` broadcast to `xs`'s shape and
+/// receive no gradient (they are functions of the positions).
+pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let dims = xs.dims().to_vec();
+    let d = dims[dims.len() - 1];
+    if d % 2 != 0 || cos.dim(D::Minus1)? != d {
+        bail!(
+            "fused rope: head dim {d} and cos {:?} do not fit",
+            cos.dims()
+        )
+    }
+    let cos = cos.contiguous()?;
+    let sin = sin.contiguous()?;
+    // Strides of cos broadcast to x's shape: 0 on broadcast dims.
+    let bcast = cos.broadcast_as(xs.shape())?;
+    let strides = bcast.stride().to_vec();
+    let outer = &dims[..dims.len() - 1];
+    let n_rows: usize = outer.iter().product();
+    let mut rows = Vec::with_capacity(n_rows);
+    let mut idx = vec![0usize; outer.len()];
+    for _ in 0..n_rows {
+        rows.push(idx.iter().zip(&strides).map(|(i, s)| i * s).sum());
+        for k in (0..idx.len()).rev() {
+            idx[k] += 1;
+            if idx[k] < outer[k] {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
+    xs.contiguous()?.apply_op3(
+        &cos,
+        &sin,
+        Rope {
+            rows,
+            inverse: false,
+        },
+    )
+}

@@ -1,0 +1,176 @@
+//! The fused CPU kernels against the composite, autograd-differentiated ops they replace:
+//! values and the gradients of every input within 1e-5 (relative to the largest value).
+
+use candle_core::{D, DType, Device, Result, Tensor, Var};
+use inspector_qwen2vl::fused;
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // A fixed pseudo-random fill, so that failures reproduce.
+    let n: usize = shape.iter().product();
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+fn close(what: &str, got: &Tensor, want: &Tensor) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let diff = (got - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = want
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-6);
+    assert!(
+        diff / scale <= 1e-5,
+        "{what}: max|Δ| {diff} against max|ref| {scale}"
+    );
+    assert!(scale > 1e-4, "{what}: the reference is all zeros");
+}
+
+/// Runs `f` on vars made from `inputs`, with the fused op and with the composite one, and
+/// compares outputs and the gradients of a weighted sum of the output.
+fn check(
+    what: &str,
+    inputs: &[Tensor],
+    fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+    composite: impl Fn(&[Tensor]) -> Result<Tensor>,
+) {
+    let run = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts).unwrap();
+        let weights = randn(y.dims(), 99);
+        let grads = (&y * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gs: Vec<Tensor> = vars
+            .iter()
+            .map(|v| grads.get(v).expect("a gradient for every input").clone())
+            .collect();
+        (y, gs)
+    };
+    let (y1, g1) = run(&fused);
+    let (y2, g2) = run(&composite);
+    close(&format!("{what} output"), &y1, &y2);
+    for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+        close(&format!("{what} gradient of input {i}"), a, b);
+    }
+}
+
+#[test]
+fn softmax_matches_the_composite_op() {
+    check(
+        "softmax",
+        &[randn(&[2, 3, 5, 37], 1)],
+        |t| fused::softmax_last_dim(&t[0]),
+        |t| candle_nn::ops::softmax(&t[0], D::Minus1),
+    );
+}
+
+#[test]
+fn rms_norm_matches_the_composite_op() {
+    check(
+        "rms_norm",
+        &[randn(&[2, 7, 48], 2), randn(&[48], 3)],
+        |t| fused::rms_norm(&t[0], &t[1], 1e-6),
+        |t| {
+            let var = t[0].sqr()?.mean_keepdim(D::Minus1)?;
+            t[0].broadcast_div(&(var + 1e-6)?.sqrt()?)?
+                .broadcast_mul(&t[1])
+        },
+    );
+}
+
+#[test]
+fn layer_norm_matches_the_composite_op() {
+    check(
+        "layer_norm",
+        &[randn(&[9, 40], 4), randn(&[40], 5), randn(&[40], 6)],
+        |t| fused::layer_norm(&t[0], &t[1], &t[2], 1e-6),
+        |t| {
+            let x = t[0].broadcast_sub(&t[0].mean_keepdim(D::Minus1)?)?;
+            let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+            x.broadcast_div(&(var + 1e-6)?.sqrt()?)?
+                .broadcast_mul(&t[1])?
+                .broadcast_add(&t[2])
+        },
+    );
+}
+
+#[test]
+fn silu_and_quick_gelu_match_the_composite_ops() {
+    for alpha in [1.0, 1.702] {
+        check(
+            &format!("x·σ({alpha}x)"),
+            &[randn(&[3, 50_000], 7)],
+            |t| fused::scaled_silu(&t[0], alpha),
+            |t| &t[0] * candle_nn::ops::sigmoid(&(&t[0] * alpha)?)?,
+        );
+    }
+}
+
+fn rotate_half(xs: &Tensor) -> Result<Tensor> {
+    let half = xs.dim(D::Minus1)? / 2;
+    let x1 = xs.narrow(D::Minus1, 0, half)?;
+    let x2 = xs.narrow(D::Minus1, half, half)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+#[test]
+fn rope_matches_the_composite_op_in_both_layouts() {
+    // The decoder's layout: x [B, H, S, D], cos/sin [B, 1, S, D].
+    // The vision tower's: x [N, H, D], cos/sin [N, 1, D].
+    for (x, c) in [
+        (vec![2, 3, 11, 16], vec![2, 1, 11, 16]),
+        (vec![13, 4, 8], vec![13, 1, 8]),
+    ] {
+        let angles = randn(&c, 8);
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let (cos2, sin2) = (cos.clone(), sin.clone());
+        check(
+            "rope",
+            &[randn(&x, 9)],
+            move |t| fused::rope(&t[0], &cos, &sin),
+            move |t| t[0].broadcast_mul(&cos2)? + rotate_half(&t[0])?.broadcast_mul(&sin2)?,
+        );
+    }
+}
+
+#[test]
+fn non_f32_input_is_refused_by_the_kernels_and_routed_around_by_the_ops() {
+    let x = randn(&[4, 8], 10).to_dtype(DType::BF16).unwrap();
+    assert!(!fused::applies(&x));
+    assert!(fused::softmax_last_dim(&x).is_err());
+    // The public op falls back to the composite path.
+    let y = inspector_qwen2vl::ops::softmax_f32(&x, DType::BF16).unwrap();
+    assert_eq!(y.dtype(), DType::BF16);
+}
