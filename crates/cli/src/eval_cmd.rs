@@ -39,17 +39,13 @@ pub struct EvalArgs {
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
     /// Predictions to score (JSONL).
-    #[arg(
-        long,
-        value_name = "FILE",
-        conflicts_with = "model",
-        required_unless_present = "model"
-    )]
+    #[arg(long, value_name = "FILE", conflicts_with = "model")]
     pub predictions: Option<PathBuf>,
-    /// Run this model on the gold photos instead.
+    /// Run this model on the gold photos instead (without it and without --predictions, the
+    /// bundled demo model).
     #[arg(long, value_name = "DIR|REPO")]
     pub model: Option<String>,
-    #[arg(long, value_name = "DIR", requires = "model")]
+    #[arg(long, value_name = "DIR", conflicts_with = "predictions")]
     pub adapter: Option<PathBuf>,
     #[arg(long, value_name = "N")]
     pub min_pixels: Option<usize>,
@@ -219,10 +215,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         Some(p) => read_predictions(p, &gold, &rules)?,
         None => {
             let model = ModelArgs {
-                model: args
-                    .model
-                    .clone()
-                    .expect("clap requires --model without --predictions"),
+                model: args.model.clone(),
                 dtype: DtypeArg::F32,
                 min_pixels: args.min_pixels,
                 max_pixels: args.max_pixels,

@@ -12,6 +12,7 @@ mod model_args;
 mod model_cmd;
 mod output;
 mod rules_cmd;
+mod synth_cmd;
 mod train_cmd;
 
 use std::process::ExitCode;
@@ -48,6 +49,8 @@ enum Command {
     Eval(Box<eval_cmd::EvalArgs>),
     /// Rank unlabelled photos by the model's uncertainty (what to annotate next).
     Active(Box<active_cmd::ActiveArgs>),
+    /// Procedural factory scenes with hazards and their annotations (demo and test data).
+    Synth(synth_cmd::SynthArgs),
     /// LoRA adapters: merge into a base model.
     #[command(subcommand)]
     Adapter(adapter_cmd::AdapterCommand),
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Command::Detect(args) => detect_cmd::run(*args),
         Command::Eval(args) => eval_cmd::run(*args),
         Command::Active(args) => active_cmd::run(*args),
+        Command::Synth(args) => synth_cmd::run(args),
     };
     match result {
         Ok(code) => code,

@@ -28,9 +28,10 @@ impl From<DtypeArg> for DType {
 pub struct ModelArgs {
     /// A Hugging Face model directory, or a repo id: looked up in the local Hugging Face cache
     /// (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), else downloaded there
-    /// from HF_ENDPOINT (default https://huggingface.co) unless HF_HUB_OFFLINE=1.
+    /// from HF_ENDPOINT (default https://huggingface.co) unless HF_HUB_OFFLINE=1. Without it, the
+    /// bundled demo model (models/demo: base + adapter) is used.
     #[arg(long, value_name = "DIR|REPO")]
-    pub model: String,
+    pub model: Option<String>,
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
     /// Override the processor's minimum pixels per image.
@@ -76,8 +77,26 @@ impl ModelArgs {
                 .is_some_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes")),
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         };
-        let dir = resolve::resolve_model_or_download(&self.model, &cache, &hub)?;
-        let model = match &self.adapter {
+        let (dir, adapter) = match &self.model {
+            Some(spec) => (
+                resolve::resolve_model_or_download(spec, &cache, &hub)?,
+                self.adapter.clone(),
+            ),
+            None => {
+                let demo = demo_dir().context(
+                    "no --model given and the bundled demo model was not found: pass --model DIR, \
+                     or set INSPECTOR_DEMO_MODEL to a folder holding base/ and adapter/",
+                )?;
+                let adapter = self.adapter.clone().unwrap_or_else(|| demo.join("adapter"));
+                eprintln!(
+                    "no --model given: using the bundled demo model {} with the adapter {}",
+                    demo.join("base").display(),
+                    adapter.display()
+                );
+                (demo.join("base"), Some(adapter))
+            }
+        };
+        let model = match &adapter {
             Some(adapter) => {
                 inspector_qwen2vl::adapter::load(&dir, adapter, self.dtype.into(), &Device::Cpu)
                     .with_context(|| {
@@ -105,4 +124,25 @@ impl ModelArgs {
             processor,
         })
     }
+}
+
+/// The bundled demo model's folder (holding `base/` and `adapter/`): `INSPECTOR_DEMO_MODEL`,
+/// else `models/demo` next to the binary or in a folder above it (a binary built in a clone's
+/// `target/release`), else the clone this binary was built from.
+pub fn demo_dir() -> Option<PathBuf> {
+    let usable = |d: &std::path::Path| d.join("base").join("config.json").is_file();
+    if let Some(d) = std::env::var_os("INSPECTOR_DEMO_MODEL") {
+        let d = PathBuf::from(d);
+        return usable(&d).then_some(d);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1) {
+            let d = dir.join("models").join("demo");
+            if usable(&d) {
+                return Some(d);
+            }
+        }
+    }
+    let built = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/demo"));
+    usable(&built).then_some(built)
 }

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Retrains the bundled demo model (models/demo) from scratch on this machine's CPUs, then
+# evaluates it. Every step is seeded: the same seeds give the same scenes, tokenizer and
+# initial weights; training results agree within float-summation noise across thread counts.
+#
+# Usage: tools/demo/retrain.sh [WORK_DIR] [--install]
+#   WORK_DIR   scratch folder (default /tmp/inspector-demo); about 1 GB
+#   --install  copy the result over models/demo/base and models/demo/adapter
+# Environment: STAGE1_STEPS, STAGE2_STEPS and SCALE shorten the run (the ignored test
+# `demo_retrain_shortened` uses them).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+WORK="${1:-/tmp/inspector-demo}"
+INSTALL="${2:-}"
+STAGE1_STEPS="${STAGE1_STEPS:-1080}"
+STAGE2_STEPS="${STAGE2_STEPS:-400}"
+BATCH=8
+BIN="${INSPECTOR_BIN:-$ROOT/target/release/inspector}"
+if [ ! -x "$BIN" ]; then
+  (cd "$ROOT" && cargo build --release --locked -p inspector-cli)
+fi
+mkdir -p "$WORK"
+DB="$WORK/rules.sqlite"
+PIX=(--min-pixels 3136 --max-pixels 60000)
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+
+stamp "scenes"
+# The tokenizer corpus shows every hazard (it teaches words, not what they look like).
+"$BIN" synth --n 2000 --seed 3 --size 320 --out "$WORK/corpus"
+# Stage 1 never shows the held-out hazard (stack-too-high); stage 2 teaches it.
+"$BIN" synth --n $(( STAGE1_STEPS * BATCH )) --seed 1 --size 320 --exclude stack-too-high --out "$WORK/stage1"
+"$BIN" synth --n $(( STAGE2_STEPS * BATCH )) --seed 2 --size 320 --boost stack-too-high --out "$WORK/stage2"
+
+stamp "tokenizer and initial weights"
+"$BIN" dataset build "$WORK/corpus/annotations.jsonl" --out "$WORK/corpus/conversations.jsonl" --db "$DB"
+rm -rf "$WORK/init"
+"$BIN" model init --config "$ROOT/tools/demo/config.json" \
+  --tokenizer-corpus "$WORK/corpus/conversations.jsonl" --out "$WORK/init" --seed 0
+
+stamp "stage 1: full training"
+rm -rf "$WORK/base"
+"$BIN" train --model "$WORK/init" --data "$WORK/stage1/annotations.jsonl" --out "$WORK/base" \
+  --full --lr 1e-3 --batch-size $BATCH --grad-accum 1 --max-steps "$STAGE1_STEPS" \
+  --save-every 200 --seed 1 --db "$DB" "${PIX[@]}"
+
+stamp "stage 2: LoRA for the held-out hazard"
+rm -rf "$WORK/lora"
+"$BIN" train --model "$WORK/base/model" --data "$WORK/stage2/annotations.jsonl" --out "$WORK/lora" \
+  --lora-vision --lora-r 16 --lora-alpha 32 --lora-dropout 0.05 --lr 1e-3 \
+  --batch-size $BATCH --grad-accum 1 --max-steps "$STAGE2_STEPS" \
+  --save-every 200 --seed 2 --db "$DB" "${PIX[@]}"
+stamp "training done"
+
+if [ "$INSTALL" = "--install" ]; then
+  rm -rf "$ROOT/models/demo/base" "$ROOT/models/demo/adapter"
+  mkdir -p "$ROOT/models/demo"
+  cp -r "$WORK/base/model" "$ROOT/models/demo/base"
+  cp -r "$WORK/lora/adapter" "$ROOT/models/demo/adapter"
+  stamp "installed into models/demo"
+fi
