@@ -55,7 +55,7 @@ pub fn run(args: ActiveArgs) -> anyhow::Result<ExitCode> {
     let paths = expand(&args.images)?;
     let store = open_with_rules(&args.db.db)?;
     let rules = store.rules(&RuleFilter::default())?;
-    let detector = load_detector(&args.model, DetectConfig::default())?;
+    let detector = load_detector(&args.model, DetectConfig::default(), &rules)?;
     let mut inputs = Vec::new();
     let mut kept = Vec::new();
     let mut failed = 0;

@@ -8,6 +8,7 @@ use std::{
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use inspector_core::Rule;
 use inspector_detect::{
     DetectConfig, Detector, Finding, Input,
     fingerprint::{adapter_fingerprint, model_fingerprint},
@@ -62,6 +63,10 @@ pub struct DetectArgs {
     /// At most this many new tokens per answer.
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub max_new_tokens: usize,
+    /// Decode freely instead of under the answer's grammar (by default every answer parses and
+    /// cites a rule of the database).
+    #[arg(long)]
+    pub unconstrained: bool,
     /// 1.0 is none.
     #[arg(long, default_value_t = 1.0, value_name = "R")]
     pub repetition_penalty: f64,
@@ -136,16 +141,20 @@ fn trained_pixels(dir: &Path) -> Option<(usize, usize)> {
 
 /// Loads the detector the options describe. Pixel limits: the flags, else what the adapter or
 /// model was trained with (`inspector train` records it), else the model's processor config.
-pub fn load_detector(args: &ModelArgs, config: DetectConfig) -> anyhow::Result<Detector> {
+pub fn load_detector(
+    args: &ModelArgs,
+    config: DetectConfig,
+    rules: &[Rule],
+) -> anyhow::Result<Detector> {
     let loaded = args.load()?;
     let chat = ChatTokenizer::load(&loaded.dir, loaded.model.config.tokens.image_pad)?;
     let model_fp = model_fingerprint(&loaded.dir)?;
-    let adapter_fp = args
+    let adapter_fp = loaded
         .adapter
         .as_deref()
         .map(adapter_fingerprint)
         .transpose()?;
-    let trained = args
+    let trained = loaded
         .adapter
         .as_deref()
         .and_then(trained_pixels)
@@ -160,6 +169,7 @@ pub fn load_detector(args: &ModelArgs, config: DetectConfig) -> anyhow::Result<D
     )?;
     let mut detector = Detector::new(loaded.model, chat, model_fp, adapter_fp, config)?;
     detector.set_processor(processor);
+    detector.set_citations(rules);
     Ok(detector)
 }
 
@@ -237,8 +247,9 @@ pub fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
         top_p: args.top_p,
         top_k: args.top_k,
         seed: args.seed,
+        constrained: !args.unconstrained,
     };
-    let detector = load_detector(&args.model, config)?;
+    let detector = load_detector(&args.model, config, &rules)?;
     let cache = (!args.no_cache).then_some(&store);
     let done = inspect_paths(&detector, &paths, &rules, cache, args.batch_size);
 

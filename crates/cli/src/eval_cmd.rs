@@ -222,7 +222,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
                 adapter: args.adapter.clone(),
                 threads: None,
             };
-            let detector = load_detector(&model, DetectConfig::default())?;
+            let detector = load_detector(&model, DetectConfig::default(), &rules)?;
             let paths: Vec<PathBuf> = gold.records.iter().map(|r| r.path.clone()).collect();
             let done = inspect_paths(&detector, &paths, &rules, Some(&store), args.batch_size);
             let mut out = Vec::new();

@@ -51,6 +51,8 @@ pub struct ModelArgs {
 /// A loaded model with the processor settings the options ask for.
 pub struct LoadedModel {
     pub dir: PathBuf,
+    /// The adapter applied (the demo's when no `--model` was given).
+    pub adapter: Option<PathBuf>,
     pub model: Qwen2Vl,
     pub processor: ProcessorConfig,
 }
@@ -120,6 +122,7 @@ impl ModelArgs {
             .with_pixels(self.min_pixels, self.max_pixels)?;
         Ok(LoadedModel {
             dir,
+            adapter,
             model,
             processor,
         })

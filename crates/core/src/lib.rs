@@ -28,6 +28,7 @@
 mod annotation;
 pub mod answer;
 pub mod citation;
+pub mod grammar;
 pub mod numerals;
 pub mod reply;
 mod rule;

@@ -38,12 +38,13 @@ use inspector_core::{
     Risk, Rule,
     answer::{BOX_SCALE, INSTRUCTION, PROMPT_VERSION},
     citation::{Resolution, resolve},
+    grammar::{AnswerGrammar, Viability},
     reply::{ReplyFormat, ReplyStatus, parse_reply, violation_spans},
 };
 use inspector_qwen2vl::{
     Batch, Qwen2Vl, VisionInput,
     chat::ChatTokenizer,
-    generate::{GenerationConfig, generate},
+    generate::{Constraint, GenerationConfig, generate_constrained},
     image::{ProcessedImage, ProcessorConfig, process_rgb},
 };
 use serde::{Deserialize, Serialize};
@@ -83,6 +84,14 @@ pub struct DetectConfig {
     pub top_p: Option<f64>,
     pub top_k: Option<usize>,
     pub seed: u64,
+    /// Decode under the canonical answer's grammar ([`inspector_core::grammar`]): every answer
+    /// parses, and `rule` is one of the citations given with [`Detector::set_citations`].
+    #[serde(default = "yes")]
+    pub constrained: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for DetectConfig {
@@ -94,6 +103,7 @@ impl Default for DetectConfig {
             top_p: None,
             top_k: None,
             seed: 0,
+            constrained: true,
         }
     }
 }
@@ -203,6 +213,45 @@ pub struct Detector {
     pub adapter_fingerprint: Option<String>,
     pub config: DetectConfig,
     generate_calls: AtomicU64,
+    /// The bytes of each token id (constrained decoding).
+    pieces: Vec<Option<Vec<u8>>>,
+    grammar: AnswerGrammar,
+    /// Hash of the citations the grammar allows (part of the cache key).
+    citations_fingerprint: String,
+}
+
+/// Constrained decoding: a row may only emit tokens that keep its text a prefix of a valid
+/// answer, and eos only once the answer is complete.
+struct GrammarConstraint<'a> {
+    grammar: &'a AnswerGrammar,
+    pieces: &'a [Option<Vec<u8>>],
+    eos: u32,
+    texts: Vec<Vec<u8>>,
+    complete: Vec<bool>,
+}
+
+impl Constraint for GrammarConstraint<'_> {
+    fn allows(&mut self, row: usize, token: u32) -> bool {
+        if token == self.eos {
+            return self.complete[row];
+        }
+        if self.complete[row] {
+            return false;
+        }
+        let Some(Some(piece)) = self.pieces.get(token as usize) else {
+            return false;
+        };
+        let mut text = self.texts[row].clone();
+        text.extend_from_slice(piece);
+        self.grammar.check(&text) != Viability::Invalid
+    }
+
+    fn push(&mut self, row: usize, token: u32) {
+        if let Some(Some(piece)) = self.pieces.get(token as usize) {
+            self.texts[row].extend_from_slice(piece);
+            self.complete[row] = self.grammar.check(&self.texts[row]) == Viability::Complete;
+        }
+    }
 }
 
 /// Hex sha256 of bytes.
@@ -248,6 +297,7 @@ impl Detector {
             ))
         })?;
         let pad = model.config.tokens.pad.unwrap_or(im_end);
+        let pieces = chat.token_bytes();
         Ok(Detector {
             model,
             chat,
@@ -257,7 +307,23 @@ impl Detector {
             adapter_fingerprint,
             config,
             generate_calls: AtomicU64::new(0),
+            pieces,
+            grammar: AnswerGrammar::new(Vec::new()),
+            citations_fingerprint: String::new(),
         })
+    }
+
+    /// The citations constrained decoding allows in `rule` (the database's rules, written as
+    /// `《title》第N条`); none allows any string.
+    pub fn set_citations(&mut self, rules: &[Rule]) {
+        let mut citations: Vec<String> = rules
+            .iter()
+            .map(|r| format!("《{}》第{}条", r.document, r.clause))
+            .collect();
+        citations.sort();
+        citations.dedup();
+        self.citations_fingerprint = sha256_hex(citations.join("\n").as_bytes());
+        self.grammar = AnswerGrammar::new(citations);
     }
 
     /// Sets the processor's pixel limits (training's settings belong here).
@@ -281,6 +347,7 @@ impl Detector {
             PROMPT_VERSION,
             self.config,
             [p.min_pixels, p.max_pixels],
+            self.citations_fingerprint,
         ]);
         sha256_hex(parts.to_string().as_bytes())
     }
@@ -345,7 +412,19 @@ impl Detector {
             eos: vec![self.im_end],
             pad: self.pad,
         };
-        let out = generate(&self.model, &batch, &settings, |_, _| {})?;
+        let mut grammar = GrammarConstraint {
+            grammar: &self.grammar,
+            pieces: &self.pieces,
+            eos: self.im_end,
+            texts: vec![Vec::new(); images.len()],
+            complete: vec![false; images.len()],
+        };
+        let constraint: Option<&mut dyn Constraint> = if c.constrained {
+            Some(&mut grammar)
+        } else {
+            None
+        };
+        let out = generate_constrained(&self.model, &batch, &settings, constraint, |_, _| {})?;
         out.tokens
             .iter()
             .zip(&out.stats)

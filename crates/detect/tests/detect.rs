@@ -273,3 +273,69 @@ fn active_learning_ranks_ambiguous_blends_above_learnt_photos() {
     );
     assert!(u[top].disagreement.unwrap() > 0.0);
 }
+
+/// The random checkpoint with no adapter writes junk; under the grammar every answer it writes
+/// is a prefix of a valid answer, and a finished one parses and cites only rules that exist.
+#[test]
+fn constrained_decoding_keeps_a_random_model_inside_the_answer_grammar() {
+    use inspector_core::grammar::{AnswerGrammar, Viability};
+    let rules = rules();
+    let (inputs, _) = photos();
+    let inputs = &inputs[..4];
+    let config = |constrained| DetectConfig {
+        max_new_tokens: 160,
+        constrained,
+        ..DetectConfig::default()
+    };
+    let citations: Vec<String> = rules
+        .iter()
+        .map(|r| format!("《{}》第{}条", r.document, r.clause))
+        .collect();
+    let grammar = AnswerGrammar::new(citations);
+
+    let mut free = Detector::load(&tiny(), None, config(false)).unwrap();
+    free.set_citations(&rules);
+    let junk = free.inspect(inputs, &rules, None, 4, |_| {});
+    assert!(
+        junk.iter()
+            .any(|f| grammar.check(f.as_ref().unwrap().raw.as_bytes()) == Viability::Invalid),
+        "the random model is expected to leave the grammar when free"
+    );
+
+    let mut d = Detector::load(&tiny(), None, config(true)).unwrap();
+    d.set_citations(&rules);
+    assert_ne!(d.cache_key("x"), free.cache_key("x"));
+    let mut finished = 0;
+    for f in d.inspect(inputs, &rules, None, 4, |_| {}) {
+        let f = f.unwrap();
+        match grammar.check(f.raw.as_bytes()) {
+            Viability::Complete => {
+                finished += 1;
+                assert_ne!(f.status, ReplyStatus::Unparsed, "{}", f.raw);
+                assert!(f.violations.iter().all(|v| v.verified), "{}", f.raw);
+            }
+            Viability::Prefix => assert!(f.truncated, "{}", f.raw),
+            Viability::Invalid => panic!("left the grammar: {}", f.raw),
+        }
+    }
+    eprintln!("{finished} of {} random answers finished", inputs.len());
+
+    // The adapter that learnt the eight photos finishes every answer under the grammar, with
+    // the same answers as free decoding.
+    let (all, _) = photos();
+    let mut learnt = detector(&overfit().join("adapter"));
+    learnt.set_citations(&rules);
+    let free = detector(&overfit().join("adapter"));
+    let a = learnt.inspect(&all, &rules, None, 4, |_| {});
+    let b = free.inspect(&all, &rules, None, 4, |_| {});
+    for (a, b) in a.iter().zip(&b) {
+        let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+        assert_eq!(
+            grammar.check(a.raw.as_bytes()),
+            Viability::Complete,
+            "{}",
+            a.raw
+        );
+        assert_eq!(a.raw, b.raw);
+    }
+}

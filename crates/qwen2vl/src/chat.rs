@@ -144,6 +144,23 @@ impl ChatTokenizer {
     }
 
     /// Decodes ids to text, special tokens skipped.
+    /// The bytes each token id stands for, for constrained decoding: `None` for special and
+    /// added tokens and for tokens that are not byte-level BPE pieces.
+    pub fn token_bytes(&self) -> Vec<Option<Vec<u8>>> {
+        let byte_of = byte_level_inverse();
+        let vocab = self.tokenizer.get_vocab_size(true);
+        let added = self.tokenizer.get_added_vocabulary().get_vocab();
+        (0..vocab as u32)
+            .map(|id| {
+                let piece = self.tokenizer.id_to_token(id)?;
+                if added.contains_key(&piece) {
+                    return None;
+                }
+                piece.chars().map(|c| byte_of.get(&c).copied()).collect()
+            })
+            .collect()
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String, Error> {
         self.tokenizer
             .decode(ids, true)
@@ -256,4 +273,21 @@ fn cut_after_final_message(rendered: &str, messages: &Value) -> Result<String, S
         loc + stripped.len()
     };
     Ok(rendered[..end].to_string())
+}
+
+/// GPT-2's byte-level alphabet, reversed: the character each byte is written as → the byte.
+fn byte_level_inverse() -> std::collections::HashMap<char, u8> {
+    let mut map = std::collections::HashMap::new();
+    let mut n = 0u32;
+    for b in 0..=255u8 {
+        let printable = matches!(b, 33..=126 | 161..=172 | 174..=255);
+        let c = if printable {
+            char::from(b)
+        } else {
+            n += 1;
+            char::from_u32(255 + n).expect("a valid char")
+        };
+        map.insert(c, b);
+    }
+    map
 }

@@ -254,12 +254,67 @@ pub struct Generated {
     pub stopped_at_eos: Vec<bool>,
 }
 
+/// Restricts which tokens generation may choose (constrained decoding).
+pub trait Constraint {
+    /// Whether `row` may emit `token` next.
+    fn allows(&mut self, row: usize, token: u32) -> bool;
+    /// Records that `row` emitted `token`.
+    fn push(&mut self, row: usize, token: u32);
+}
+
 /// Generates for a (left-padded) batch. `on_token(row, token)` is called for every new token
 /// (eos included) as soon as it is chosen.
 pub fn generate(
     model: &Qwen2Vl,
     batch: &Batch,
     config: &GenerationConfig,
+    on_token: impl FnMut(usize, u32),
+) -> Result<Generated, Error> {
+    generate_constrained(model, batch, config, None, on_token)
+}
+
+/// The sampler's choice among the tokens `constraint` allows: the sampler's pick is taken when
+/// allowed, else it is masked out and the sampler asked again; after 32 refusals every token is
+/// checked once. Greedy decoding thus picks the most likely allowed token.
+fn choose(
+    sampler: &mut Sampler,
+    row: &mut [f32],
+    seen: &[u32],
+    constraint: &mut dyn Constraint,
+    i: usize,
+    fallback: u32,
+) -> u32 {
+    for _ in 0..32 {
+        let mut candidate = row.to_vec();
+        let t = sampler.next(&mut candidate, seen);
+        if constraint.allows(i, t) {
+            return t;
+        }
+        row[t as usize] = f32::NEG_INFINITY;
+    }
+    let mut any = false;
+    for (t, v) in row.iter_mut().enumerate() {
+        if v.is_finite() {
+            if constraint.allows(i, t as u32) {
+                any = true;
+            } else {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+    }
+    if !any {
+        return fallback;
+    }
+    sampler.next(row, seen)
+}
+
+/// [`generate`] with every token checked by `constraint` (when given): each row only ever emits
+/// tokens the constraint allows. Token statistics are those of the unconstrained distribution.
+pub fn generate_constrained(
+    model: &Qwen2Vl,
+    batch: &Batch,
+    config: &GenerationConfig,
+    mut constraint: Option<&mut dyn Constraint>,
     mut on_token: impl FnMut(usize, u32),
 ) -> Result<Generated, Error> {
     let b = batch.input_ids.len();
@@ -306,7 +361,15 @@ pub fn generate(
                 continue;
             }
             let raw = row.clone();
-            let t = sampler.next(&mut row, &seen[i]);
+            let t = match constraint.as_deref_mut() {
+                Some(c) => {
+                    let fallback = config.eos.first().copied().unwrap_or(config.pad);
+                    let t = choose(&mut sampler, &mut row, &seen[i], c, i, fallback);
+                    c.push(i, t);
+                    t
+                }
+                None => sampler.next(&mut row, &seen[i]),
+            };
             out.stats[i].push(TokenStat::of(&raw, t));
             next[i] = t;
             seen[i].push(t);
