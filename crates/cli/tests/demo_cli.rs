@@ -73,8 +73,7 @@ fn final_loss(metrics: &Path) -> f64 {
     let text = std::fs::read_to_string(metrics).unwrap();
     let last = text
         .lines()
-        .filter(|l| l.contains("\"loss\""))
-        .last()
+        .rfind(|l| l.contains("\"loss\""))
         .expect("a logged step");
     let v: serde_json::Value = serde_json::from_str(last).unwrap();
     v["loss"].as_f64().unwrap()

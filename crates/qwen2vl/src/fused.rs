@@ -509,7 +509,7 @@ impl CustomOp3 for Rope {
 pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let dims = xs.dims().to_vec();
     let d = dims[dims.len() - 1];
-    if d % 2 != 0 || cos.dim(D::Minus1)? != d {
+    if !d.is_multiple_of(2) || cos.dim(D::Minus1)? != d {
         bail!(
             "fused rope: head dim {d} and cos {:?} do not fit",
             cos.dims()

@@ -143,7 +143,8 @@ pub fn write_random_checkpoint(
             out.insert(name.clone(), t);
         }
         let path = dir.join(&file);
-        candle_core::safetensors::save(&out, &path)?;
+        // Atomically and with ordinary permissions (safetensors' own writes are owner-only).
+        inspector_lora::write_atomic(&path, |tmp| candle_core::safetensors::save(&out, tmp))?;
     }
     let index =
         serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });

@@ -224,6 +224,7 @@ impl Canvas {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn oval(&mut self, x: f32, y: f32, w: f32, h: f32, c: Rgb, alpha: u8, t: Transform) {
         if let Some(r) = Rect::from_xywh(x, y, w.max(0.5), h.max(0.5))
             && let Some(p) = PathBuilder::from_oval(r)
@@ -934,11 +935,10 @@ pub fn render(config: &SynthConfig, seed: u64, index: u64) -> Scene {
         .collect();
     let needs_toucher = has(Hazard::CabinetNoLockout);
     let min_workers = worker_hazards.len().min(1) + needs_toucher as usize;
-    let n_workers = rng.random_range(min_workers.max(0)..=4usize.max(min_workers));
+    let n_workers = rng.random_range(min_workers..=4usize.max(min_workers));
     let mut workers: Vec<(Worker, Vec<Hazard>)> = Vec::new();
     for k in 0..n_workers {
-        let toucher = needs_toucher && k == 0
-            || (!needs_toucher && cabinet_open && k == 0 && rng.random_bool(0.5));
+        let toucher = k == 0 && (needs_toucher || (cabinet_open && rng.random_bool(0.5)));
         let (x, feet, hgt, dir, posture) = if toucher {
             let (cx0, cy, cw, ch) = cabinet_at.expect("every scene has a cabinet");
             let hgt = (horizon - cy + 0.35 * (hf - horizon)).clamp(80.0 * u, 130.0 * u);
