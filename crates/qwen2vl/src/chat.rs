@@ -143,7 +143,6 @@ impl ChatTokenizer {
         ]}])
     }
 
-    /// Decodes ids to text, special tokens skipped.
     /// The bytes each token id stands for, for constrained decoding: `None` for special and
     /// added tokens and for tokens that are not byte-level BPE pieces.
     pub fn token_bytes(&self) -> Vec<Option<Vec<u8>>> {
@@ -161,6 +160,7 @@ impl ChatTokenizer {
             .collect()
     }
 
+    /// Decodes ids to text, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String, Error> {
         self.tokenizer
             .decode(ids, true)
