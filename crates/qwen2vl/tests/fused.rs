@@ -4,6 +4,8 @@
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 use inspector_qwen2vl::fused;
 
+mod common;
+
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     // A fixed pseudo-random fill, so that failures reproduce.
     let n: usize = shape.iter().product();
@@ -23,26 +25,8 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 
 fn close(what: &str, got: &Tensor, want: &Tensor) {
     assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let diff = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = want
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1e-6);
+    let diff = common::max_diff(got, want);
+    let scale = common::max_abs(want).max(1e-6);
     assert!(
         diff / scale <= 1e-5,
         "{what}: max|Δ| {diff} against max|ref| {scale}"

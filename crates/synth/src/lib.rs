@@ -940,7 +940,7 @@ pub fn render(config: &SynthConfig, seed: u64, index: u64) -> Scene {
     for k in 0..n_workers {
         let toucher = k == 0 && (needs_toucher || (cabinet_open && rng.random_bool(0.5)));
         let (x, feet, hgt, dir, posture) = if toucher {
-            let (cx0, cy, cw, ch) = cabinet_at.expect("every scene has a cabinet");
+            let (cx0, cy, cw, _) = cabinet_at.expect("every scene has a cabinet");
             let hgt = (horizon - cy + 0.35 * (hf - horizon)).clamp(80.0 * u, 130.0 * u);
             let left = cx0 > wf / 2.0;
             let dir = if left { 1.0 } else { -1.0 };
@@ -949,7 +949,6 @@ pub fn render(config: &SynthConfig, seed: u64, index: u64) -> Scene {
             } else {
                 cx0 + cw + 0.3 * hgt
             };
-            let _ = ch;
             (
                 x,
                 horizon + 0.35 * (hf - horizon),
@@ -1037,9 +1036,7 @@ pub fn render(config: &SynthConfig, seed: u64, index: u64) -> Scene {
     {
         let touched = workers.iter().any(|(w, _)| w.posture == Posture::Reaching);
         if touched && needs_toucher {
-            let (wk, _) = &workers[0];
             let b = [x as f64, y as f64, (x + cw * 1.5) as f64, (y + ch) as f64];
-            let _ = wk;
             boxes.push((Hazard::CabinetNoLockout, b));
         } else {
             // Red padlock and yellow tag on the door.
