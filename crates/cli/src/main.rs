@@ -12,6 +12,7 @@ mod model_args;
 mod model_cmd;
 mod output;
 mod rules_cmd;
+mod serve_cmd;
 mod synth_cmd;
 mod train_cmd;
 
@@ -54,6 +55,12 @@ enum Command {
     /// LoRA adapters: merge into a base model.
     #[command(subcommand)]
     Adapter(adapter_cmd::AdapterCommand),
+    /// The HTTP service: inspection API, web page, tutorial-compatible and OpenAI-compatible
+    /// endpoints, metrics.
+    Serve(Box<serve_cmd::ServeArgs>),
+    /// API keys of the HTTP service.
+    #[command(subcommand)]
+    Keys(serve_cmd::KeysCommand),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +84,8 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval_cmd::run(*args),
         Command::Active(args) => active_cmd::run(*args),
         Command::Synth(args) => synth_cmd::run(args),
+        Command::Serve(args) => serve_cmd::serve(*args),
+        Command::Keys(cmd) => serve_cmd::keys(cmd),
     };
     match result {
         Ok(code) => code,

@@ -187,7 +187,7 @@ pub fn run(cmd: RulesCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn open(path: &Path) -> anyhow::Result<SqliteStore> {
+pub fn open(path: &Path) -> anyhow::Result<SqliteStore> {
     if path.is_dir() {
         bail!("{}: is a directory, not a database file", path.display());
     }

@@ -203,6 +203,16 @@ pub struct RawAnswer {
     pub token_ends: Vec<usize>,
 }
 
+/// The answer of [`Detector::chat`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatAnswer {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// False when the answer stopped at the token limit.
+    pub stopped_at_eos: bool,
+}
+
 /// A model, an optional adapter and decoding settings.
 pub struct Detector {
     pub model: Qwen2Vl,
@@ -443,6 +453,72 @@ impl Detector {
                 })
             })
             .collect()
+    }
+
+    /// A free chat turn (OpenAI-compatible serving): `messages` in transformers' form, where
+    /// each `{"type": "image"}` part is one of `images` in order. Greedy when `temperature` is
+    /// 0; no answer grammar.
+    pub fn chat(
+        &self,
+        messages: &serde_json::Value,
+        images: &[Input],
+        max_new_tokens: usize,
+        temperature: f64,
+        seed: u64,
+    ) -> Result<ChatAnswer, Error> {
+        let processed: Vec<ProcessedImage> = images
+            .iter()
+            .map(|input| self.prepare(input, String::new()).map(|(p, _)| p))
+            .collect::<Result<_, _>>()?;
+        let text = self.chat.render(
+            messages,
+            inspector_qwen2vl::chat::RenderOptions {
+                add_generation_prompt: true,
+                ..Default::default()
+            },
+        )?;
+        let merge = self.model.processor.merge_size;
+        let counts: Vec<usize> = processed.iter().map(|p| p.n_tokens(merge)).collect();
+        let input_ids = self.chat.encode(&text, &counts)?;
+        let prompt_tokens = input_ids.len();
+        let images = if processed.is_empty() {
+            None
+        } else {
+            Some(VisionInput {
+                pixel_values: Tensor::cat(
+                    &processed
+                        .iter()
+                        .map(|p| p.pixel_values.clone())
+                        .collect::<Vec<_>>(),
+                    0,
+                )?,
+                grid_thw: processed.iter().map(|p| p.grid_thw).collect(),
+            })
+        };
+        let batch = Batch {
+            input_ids: vec![input_ids],
+            attention_mask: None,
+            images,
+        };
+        let settings = GenerationConfig {
+            max_new_tokens,
+            do_sample: temperature > 0.0,
+            temperature,
+            top_k: None,
+            top_p: None,
+            repetition_penalty: None,
+            seed,
+            eos: vec![self.im_end],
+            pad: self.pad,
+        };
+        self.generate_calls.fetch_add(1, Ordering::Relaxed);
+        let out = inspector_qwen2vl::generate::generate(&self.model, &batch, &settings, |_, _| {})?;
+        Ok(ChatAnswer {
+            text: self.chat.decode(&out.tokens[0])?,
+            prompt_tokens,
+            completion_tokens: out.stats[0].len(),
+            stopped_at_eos: out.stopped_at_eos[0],
+        })
     }
 
     /// Decodes and preprocesses one photo (errors name it).

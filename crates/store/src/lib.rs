@@ -1,7 +1,8 @@
 //! The Safety Inspector database.
 //!
 //! Regulation documents and their rules live in one SQLite file (`inspector.db` by default),
-//! created and migrated on open. Everything goes through the small [`RuleStore`] trait, so a
+//! created and migrated on open, beside the inspection answer cache, the inspections the server
+//! answered and its API keys (hashes only). Everything goes through the small [`RuleStore`] trait, so a
 //! PostgreSQL store can sit beside [`SqliteStore`] later without touching callers.
 //!
 //! Full-text search works for Chinese: CJK runs are indexed as overlapping character bigrams
@@ -97,6 +98,69 @@ pub struct RuleFilter {
     pub category: Option<String>,
     /// Rules of this document (exact title, 《》 optional).
     pub document: Option<String>,
+}
+
+/// An answered inspection, as the server stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewInspection {
+    /// Public id (time-ordered, random).
+    pub id: String,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: i64,
+    /// The name the client gave the photo; metadata only, never a path.
+    pub filename: Option<String>,
+    /// Where the photo came from (a camera or place the client names); metadata only.
+    pub source: Option<String>,
+    pub image_sha256: String,
+    /// Where the photo is, relative to the server's data dir (derived from its hash).
+    pub image_file: String,
+    /// `safe`, `violation` or `unparsed`.
+    pub status: String,
+    /// The finding as JSON.
+    pub finding: String,
+    pub model_fingerprint: String,
+    pub adapter_fingerprint: Option<String>,
+}
+
+/// A stored inspection and its position (for cursors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InspectionRow {
+    pub seq: i64,
+    pub inspection: NewInspection,
+}
+
+/// One violation of an inspection, as indexed for filtering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InspectionViolation {
+    pub rule_id: Option<String>,
+    pub citation: Option<String>,
+    /// 高, 中 or 低.
+    pub risk: Option<String>,
+}
+
+/// Which inspections to list (newest first). Empty fields select everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InspectionFilter {
+    pub status: Option<String>,
+    /// Inspections with at least one violation of this risk.
+    pub risk: Option<String>,
+    /// Inspections citing this rule (by id or by citation).
+    pub rule: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    /// Only inspections stored before this position (the cursor).
+    pub before_seq: Option<i64>,
+    pub limit: usize,
+}
+
+/// An API key's record (the key itself is never stored, only its hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub id: String,
+    pub name: String,
+    pub admin: bool,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
 }
 
 /// The operations every store offers.

@@ -6,7 +6,8 @@ use inspector_core::{Diagnostic, DiagnosticKind, Rule, SourceSpan};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
-    DocumentRecord, DocumentSummary, ReplaceOutcome, Result, RuleFilter, RuleStore, StoreError, fts,
+    ApiKey, DocumentRecord, DocumentSummary, InspectionFilter, InspectionRow, InspectionViolation,
+    NewInspection, ReplaceOutcome, Result, RuleFilter, RuleStore, StoreError, fts,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. Append
@@ -53,6 +54,36 @@ const MIGRATIONS: &[&str] = &[
         key        TEXT PRIMARY KEY,
         answer     TEXT NOT NULL,
         created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%S', 'now'))
+    );",
+    // 3: inspections answered by the server, with their violations for filtering, and API keys.
+    "CREATE TABLE inspections (
+        seq                 INTEGER PRIMARY KEY AUTOINCREMENT,
+        id                  TEXT NOT NULL UNIQUE,
+        created_ms          INTEGER NOT NULL,
+        filename            TEXT,
+        source              TEXT,
+        image_sha256        TEXT NOT NULL,
+        image_file          TEXT NOT NULL,
+        status              TEXT NOT NULL,
+        finding             TEXT NOT NULL,
+        model_fingerprint   TEXT NOT NULL,
+        adapter_fingerprint TEXT
+    );
+    CREATE INDEX inspections_by_time ON inspections(created_ms);
+    CREATE TABLE inspection_violations (
+        inspection_seq INTEGER NOT NULL REFERENCES inspections(seq) ON DELETE CASCADE,
+        rule_id        TEXT,
+        citation       TEXT,
+        risk           TEXT
+    );
+    CREATE INDEX inspection_violations_by_seq ON inspection_violations(inspection_seq);
+    CREATE TABLE api_keys (
+        id         TEXT PRIMARY KEY,
+        name       TEXT NOT NULL,
+        hash       TEXT NOT NULL UNIQUE,
+        admin      INTEGER NOT NULL,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%S', 'now')),
+        revoked_at TEXT
     );",
 ];
 
@@ -115,6 +146,17 @@ impl SqliteStore {
             tx.commit().map_err(open_err)?;
         }
         Ok(SqliteStore { conn })
+    }
+
+    /// Write-ahead logging with a full sync at every commit: readers never wait for the writer,
+    /// and a committed transaction survives a killed process and a power cut. For the server.
+    pub fn enable_wal(&self) -> Result<()> {
+        self.conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))
+            .map_err(q("switching to write-ahead logging"))?;
+        self.conn
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(q("setting synchronous=FULL"))
     }
 
     /// The schema version this database is at.
@@ -187,6 +229,198 @@ impl SqliteStore {
             rules.push(rule);
         }
         Ok(rules)
+    }
+}
+
+const INSPECTION_COLUMNS: &str = "seq, id, created_ms, filename, source, image_sha256, \
+     image_file, status, finding, model_fingerprint, adapter_fingerprint";
+
+fn inspection_row(row: &rusqlite::Row) -> rusqlite::Result<InspectionRow> {
+    Ok(InspectionRow {
+        seq: row.get(0)?,
+        inspection: NewInspection {
+            id: row.get(1)?,
+            created_ms: row.get(2)?,
+            filename: row.get(3)?,
+            source: row.get(4)?,
+            image_sha256: row.get(5)?,
+            image_file: row.get(6)?,
+            status: row.get(7)?,
+            finding: row.get(8)?,
+            model_fingerprint: row.get(9)?,
+            adapter_fingerprint: row.get(10)?,
+        },
+    })
+}
+
+fn api_key_row(row: &rusqlite::Row) -> rusqlite::Result<ApiKey> {
+    Ok(ApiKey {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        admin: row.get(2)?,
+        created_at: row.get(3)?,
+        revoked_at: row.get(4)?,
+    })
+}
+
+impl SqliteStore {
+    /// Stores an answered inspection and its violations in one transaction.
+    pub fn insert_inspection(
+        &mut self,
+        inspection: &NewInspection,
+        violations: &[InspectionViolation],
+    ) -> Result<i64> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(q("storing an inspection"))?;
+        tx.execute(
+            "INSERT INTO inspections (id, created_ms, filename, source, image_sha256, image_file,
+                                      status, finding, model_fingerprint, adapter_fingerprint)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                inspection.id,
+                inspection.created_ms,
+                inspection.filename,
+                inspection.source,
+                inspection.image_sha256,
+                inspection.image_file,
+                inspection.status,
+                inspection.finding,
+                inspection.model_fingerprint,
+                inspection.adapter_fingerprint,
+            ],
+        )
+        .map_err(q("storing an inspection"))?;
+        let seq = tx.last_insert_rowid();
+        for v in violations {
+            tx.execute(
+                "INSERT INTO inspection_violations (inspection_seq, rule_id, citation, risk)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![seq, v.rule_id, v.citation, v.risk],
+            )
+            .map_err(q("storing an inspection's violations"))?;
+        }
+        tx.commit().map_err(q("storing an inspection"))?;
+        Ok(seq)
+    }
+
+    /// The inspection with this id.
+    pub fn inspection(&self, id: &str) -> Result<Option<InspectionRow>> {
+        self.conn
+            .query_row(
+                &format!("SELECT {INSPECTION_COLUMNS} FROM inspections WHERE id = ?1"),
+                [id],
+                inspection_row,
+            )
+            .optional()
+            .map_err(q("reading an inspection"))
+    }
+
+    /// Inspections matching `filter`, newest first, at most `filter.limit`.
+    pub fn inspections(&self, filter: &InspectionFilter) -> Result<Vec<InspectionRow>> {
+        let mut clauses: Vec<&str> = Vec::new();
+        let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        if let Some(s) = &filter.status {
+            clauses.push("status = ?");
+            args.push(Box::new(s.clone()));
+        }
+        if let Some(r) = &filter.risk {
+            clauses.push(
+                "EXISTS (SELECT 1 FROM inspection_violations v
+                         WHERE v.inspection_seq = inspections.seq AND v.risk = ?)",
+            );
+            args.push(Box::new(r.clone()));
+        }
+        if let Some(r) = &filter.rule {
+            clauses.push(
+                "EXISTS (SELECT 1 FROM inspection_violations v
+                         WHERE v.inspection_seq = inspections.seq
+                           AND (v.rule_id = ? OR v.citation = ?))",
+            );
+            args.push(Box::new(r.clone()));
+            args.push(Box::new(r.clone()));
+        }
+        if let Some(t) = filter.since_ms {
+            clauses.push("created_ms >= ?");
+            args.push(Box::new(t));
+        }
+        if let Some(t) = filter.until_ms {
+            clauses.push("created_ms < ?");
+            args.push(Box::new(t));
+        }
+        if let Some(seq) = filter.before_seq {
+            clauses.push("seq < ?");
+            args.push(Box::new(seq));
+        }
+        let sql_where = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", clauses.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {INSPECTION_COLUMNS} FROM inspections{sql_where} ORDER BY seq DESC LIMIT {}",
+            filter.limit.clamp(1, 1000)
+        );
+        let mut stmt = self.conn.prepare(&sql).map_err(q("listing inspections"))?;
+        let refs: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a.as_ref()).collect();
+        let rows = stmt
+            .query_map(refs.as_slice(), inspection_row)
+            .map_err(q("listing inspections"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(q("listing inspections"))
+    }
+
+    /// Stores a new API key under its hash (the key itself is never stored).
+    pub fn create_api_key(&self, id: &str, name: &str, hash: &str, admin: bool) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO api_keys (id, name, hash, admin) VALUES (?1, ?2, ?3, ?4)",
+                params![id, name, hash, admin],
+            )
+            .map(|_| ())
+            .map_err(q("storing an API key"))
+    }
+
+    /// The live (not revoked) key with this hash.
+    pub fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>> {
+        self.conn
+            .query_row(
+                "SELECT id, name, admin, created_at, revoked_at FROM api_keys
+                 WHERE hash = ?1 AND revoked_at IS NULL",
+                [hash],
+                api_key_row,
+            )
+            .optional()
+            .map_err(q("checking an API key"))
+    }
+
+    /// Every key, revoked ones included, oldest first.
+    pub fn api_keys(&self) -> Result<Vec<ApiKey>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, name, admin, created_at, revoked_at FROM api_keys
+                 ORDER BY created_at, id",
+            )
+            .map_err(q("listing API keys"))?;
+        let rows = stmt
+            .query_map([], api_key_row)
+            .map_err(q("listing API keys"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(q("listing API keys"))
+    }
+
+    /// Revokes a key; false when no live key has this id.
+    pub fn revoke_api_key(&self, id: &str) -> Result<bool> {
+        self.conn
+            .execute(
+                "UPDATE api_keys SET revoked_at = strftime('%Y-%m-%d %H:%M:%S', 'now')
+                 WHERE id = ?1 AND revoked_at IS NULL",
+                [id],
+            )
+            .map(|n| n > 0)
+            .map_err(q("revoking an API key"))
     }
 }
 

@@ -129,10 +129,10 @@ fn migrations_run_once_and_refuse_newer_databases() {
     let path = dir.path().join("inspector.db");
     {
         let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 2);
+        assert_eq!(store.schema_version().unwrap(), 3);
     }
     let store = SqliteStore::open(&path).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 2);
+    assert_eq!(store.schema_version().unwrap(), 3);
     drop(store);
     rusqlite_set_version(&path, 99);
     match SqliteStore::open(&path) {
@@ -164,4 +164,145 @@ fn the_answer_cache_stores_replaces_and_survives_reopening() {
         Some("{\"raw\": 2}")
     );
     assert_eq!(store.cached_answer("other").unwrap().as_deref(), Some("x"));
+}
+
+fn inspection(id: &str, ms: i64, status: &str) -> inspector_store::NewInspection {
+    inspector_store::NewInspection {
+        id: id.into(),
+        created_ms: ms,
+        filename: Some("../../etc/passwd".into()),
+        source: Some("camera 3".into()),
+        image_sha256: "ab".repeat(32),
+        image_file: format!("images/ab/{}.jpg", "ab".repeat(32)),
+        status: status.into(),
+        finding: "{}".into(),
+        model_fingerprint: "m".into(),
+        adapter_fingerprint: None,
+    }
+}
+
+#[test]
+fn inspections_filter_page_and_survive_reopening() {
+    use inspector_store::{InspectionFilter, InspectionViolation};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inspector.db");
+    {
+        let mut store = SqliteStore::open(&path).unwrap();
+        store.enable_wal().unwrap();
+        let v = |rule: &str, risk: &str| InspectionViolation {
+            rule_id: Some(rule.into()),
+            citation: Some(format!("《规程》第{rule}条")),
+            risk: Some(risk.into()),
+        };
+        store
+            .insert_inspection(&inspection("a", 1_000, "violation"), &[v("r1", "高")])
+            .unwrap();
+        store
+            .insert_inspection(&inspection("b", 2_000, "safe"), &[])
+            .unwrap();
+        store
+            .insert_inspection(
+                &inspection("c", 3_000, "violation"),
+                &[v("r2", "低"), v("r1", "中")],
+            )
+            .unwrap();
+        // Ids are unique.
+        assert!(
+            store
+                .insert_inspection(&inspection("c", 4_000, "safe"), &[])
+                .is_err()
+        );
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let ids = |f: InspectionFilter| -> Vec<String> {
+        store
+            .inspections(&InspectionFilter { limit: 10, ..f })
+            .unwrap()
+            .into_iter()
+            .map(|r| r.inspection.id)
+            .collect()
+    };
+    assert_eq!(ids(InspectionFilter::default()), ["c", "b", "a"]);
+    let status = Some("violation".to_string());
+    assert_eq!(
+        ids(InspectionFilter {
+            status,
+            ..Default::default()
+        }),
+        ["c", "a"]
+    );
+    let risk = Some("高".to_string());
+    assert_eq!(
+        ids(InspectionFilter {
+            risk,
+            ..Default::default()
+        }),
+        ["a"]
+    );
+    let rule = Some("r1".to_string());
+    assert_eq!(
+        ids(InspectionFilter {
+            rule,
+            ..Default::default()
+        }),
+        ["c", "a"]
+    );
+    let rule = Some("《规程》第2条".to_string());
+    assert_eq!(
+        ids(InspectionFilter {
+            rule,
+            ..Default::default()
+        }),
+        [] as [&str; 0]
+    );
+    let rule = Some("《规程》第r2条".to_string());
+    assert_eq!(
+        ids(InspectionFilter {
+            rule,
+            ..Default::default()
+        }),
+        ["c"]
+    );
+    let window = InspectionFilter {
+        since_ms: Some(2_000),
+        until_ms: Some(3_000),
+        ..Default::default()
+    };
+    assert_eq!(ids(window), ["b"]);
+    // Paging: two at a time, then the rest from the cursor.
+    let first = store
+        .inspections(&InspectionFilter {
+            limit: 2,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(first.len(), 2);
+    let before_seq = Some(first[1].seq);
+    assert_eq!(
+        ids(InspectionFilter {
+            before_seq,
+            ..Default::default()
+        }),
+        ["a"]
+    );
+    let a = store.inspection("a").unwrap().unwrap();
+    assert_eq!(a.inspection, inspection("a", 1_000, "violation"));
+    assert!(store.inspection("nope").unwrap().is_none());
+}
+
+#[test]
+fn api_keys_are_found_by_hash_listed_and_revoked() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    store.create_api_key("k1", "camera 3", "h1", false).unwrap();
+    store.create_api_key("k2", "admin", "h2", true).unwrap();
+    assert!(store.create_api_key("k3", "dup", "h1", false).is_err());
+    let k = store.api_key_by_hash("h2").unwrap().unwrap();
+    assert_eq!((k.id.as_str(), k.admin), ("k2", true));
+    assert!(store.api_key_by_hash("nope").unwrap().is_none());
+    assert!(store.revoke_api_key("k1").unwrap());
+    assert!(!store.revoke_api_key("k1").unwrap());
+    assert!(store.api_key_by_hash("h1").unwrap().is_none());
+    let keys = store.api_keys().unwrap();
+    assert_eq!(keys.len(), 2);
+    assert!(keys.iter().any(|k| k.id == "k1" && k.revoked_at.is_some()));
 }

@@ -1,0 +1,215 @@
+//! `inspector serve` and `inspector keys`.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use inspector_detect::DetectConfig;
+use inspector_server::{Server, ServerConfig, worker::BatchConfig};
+use inspector_store::{RuleFilter, RuleStore};
+
+use crate::{
+    detect_cmd::load_detector,
+    model_args::ModelArgs,
+    rules_cmd::{DbArgs, open, open_with_rules},
+};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on. Off loopback, every request needs an API key.
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
+    pub addr: SocketAddr,
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Where photos are stored (by content hash).
+    #[arg(long, default_value = "data", value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Require API keys on loopback too.
+    #[arg(long)]
+    pub require_keys: bool,
+    /// Largest request body in MiB.
+    #[arg(long, default_value_t = 48, value_name = "MIB")]
+    pub max_body_mib: usize,
+    /// Largest photo in megapixels (read from the header; larger ones are refused).
+    #[arg(long, default_value_t = 100.0, value_name = "MP")]
+    pub max_megapixels: f64,
+    /// Jobs that may wait for the model; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub queue: usize,
+    /// Photos per model batch (micro-batching of concurrent requests).
+    #[arg(long, default_value_t = 8, value_name = "B")]
+    pub max_batch: usize,
+    /// How long the worker waits for more photos to fill a batch, ms.
+    #[arg(long, default_value_t = 10, value_name = "MS")]
+    pub batch_wait_ms: u64,
+    /// How long a request may wait for its answer, s.
+    #[arg(long, default_value_t = 120, value_name = "S")]
+    pub timeout_s: u64,
+    /// Requests per minute per API key (anonymous: per address); 0 turns limits off.
+    #[arg(long, default_value_t = 600, value_name = "N")]
+    pub rate_limit: u32,
+    /// Do not answer repeated photos from the answer cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Allow this origin by CORS (repeatable); CORS is off without it.
+    #[arg(long, value_name = "URL")]
+    pub cors_origin: Vec<String>,
+    /// Largest answer, in tokens.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub max_new_tokens: usize,
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
+    anyhow::ensure!(args.queue >= 1, "--queue must be at least 1");
+    anyhow::ensure!(
+        args.max_megapixels > 0.0,
+        "--max-megapixels must be positive"
+    );
+    anyhow::ensure!(args.timeout_s >= 1, "--timeout-s must be at least 1");
+    // The bundled example regulations on a fresh database, as `detect` does.
+    drop(open_with_rules(&args.db.db)?);
+    let mut config = ServerConfig::new(args.addr, args.db.db.clone(), args.data_dir.clone());
+    config.require_keys |= args.require_keys;
+    config.max_body = args.max_body_mib << 20;
+    config.max_pixels = (args.max_megapixels * 1e6) as u64;
+    config.queue = args.queue;
+    config.batch = BatchConfig {
+        max_batch: args.max_batch,
+        batch_wait: Duration::from_millis(args.batch_wait_ms),
+    };
+    config.request_timeout = Duration::from_secs(args.timeout_s);
+    config.rate_per_minute = args.rate_limit;
+    config.cache = !args.no_cache;
+    config.cors_origins = args.cors_origin.clone();
+    if config.require_keys {
+        let keys = open(&args.db.db)?.api_keys()?;
+        if !keys.iter().any(|k| k.revoked_at.is_none()) {
+            eprintln!(
+                "warning: API keys are required on {} and {} holds none: create one with \
+                 `inspector keys create --db {}`",
+                args.addr,
+                args.db.db.display(),
+                args.db.db.display()
+            );
+        }
+    }
+    let detect = DetectConfig {
+        max_new_tokens: args.max_new_tokens,
+        ..Default::default()
+    };
+    let model = args.model.clone();
+    let db = args.db.db.clone();
+    let load = move || {
+        let rules = open(&db)?.rules(&RuleFilter::default())?;
+        load_detector(&model, detect, &rules)
+    };
+    let server = Server::start(config, load)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .with_context(|| format!("listening on {}", args.addr))?;
+        eprintln!(
+            "serving on http://{} (database {}, photos in {}); the model is loading",
+            listener.local_addr()?,
+            args.db.db.display(),
+            args.data_dir.display()
+        );
+        server.serve(listener, shutdown_signal()).await
+    })?;
+    eprintln!("stopped: every in-flight inspection was answered and stored");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("shutting down: finishing the requests in flight");
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create an API key; it is printed once and only its hash is stored.
+    Create {
+        /// Admin keys may also upload regulation documents.
+        #[arg(long)]
+        admin: bool,
+        /// What the key is for (a camera, a script, a person).
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// List keys (ids, names, roles; never the keys).
+    List {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+pub fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        KeysCommand::Create { admin, name, db } => {
+            let store = open(&db.db)?;
+            let (id, key) = inspector_server::auth::create_key(&store, &name, admin)?;
+            eprintln!(
+                "created {} key {id}; it is shown once, store it now:",
+                if admin { "an admin" } else { "a" }
+            );
+            println!("{key}");
+        }
+        KeysCommand::List { db } => {
+            let store = open(&db.db)?;
+            let keys = store.api_keys()?;
+            if keys.is_empty() {
+                eprintln!("no API keys in {}", db.db.display());
+            }
+            for k in keys {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    k.id,
+                    if k.admin { "admin" } else { "user" },
+                    k.created_at,
+                    k.revoked_at
+                        .map(|t| format!("revoked {t}"))
+                        .unwrap_or_else(|| "active".into()),
+                    k.name
+                );
+            }
+        }
+        KeysCommand::Revoke { id, db } => {
+            let store = open(&db.db)?;
+            if !store.revoke_api_key(&id)? {
+                anyhow::bail!("no active key with id `{id}` in {}", db.db.display());
+            }
+            eprintln!("revoked {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,636 @@
+//! `inspector serve` as a real process on loopback: the bad-input battery, `kill -9`
+//! durability, graceful shutdown on SIGTERM, keys, and (with chromium) the web page.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn photo_path(i: usize) -> PathBuf {
+    root().join(format!("crates/train/tests/fixtures/overfit/data/{i}.png"))
+}
+
+fn photo(i: usize) -> Vec<u8> {
+    std::fs::read(photo_path(i)).unwrap()
+}
+
+struct Running {
+    child: Child,
+    base: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Running {
+    /// Starts `inspector serve` on a free loopback port over `dir` (database and data dir) and
+    /// waits until the model is loaded.
+    fn start(dir: &Path, extra: &[&str]) -> Running {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_inspector"))
+            .arg("serve")
+            .arg("--model")
+            .arg(root().join("crates/qwen2vl/tests/fixtures/tiny-a"))
+            .arg("--adapter")
+            .arg(root().join("crates/train/tests/fixtures/overfit/adapter"))
+            .args(["--addr", "127.0.0.1:0", "--max-new-tokens", "160"])
+            .arg("--db")
+            .arg(dir.join("inspector.db"))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(extra)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("serving on http://") {
+                    let addr = rest.split_whitespace().next().unwrap().to_string();
+                    let _ = tx.send(addr);
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("the server did not start: {:?}", log.lock().unwrap()));
+        let running = Running {
+            child,
+            base: format!("http://{addr}"),
+            log,
+        };
+        let started = Instant::now();
+        while get(&running.url("/ready")).0 != 200 {
+            assert!(started.elapsed() < Duration::from_secs(60), "not ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        running
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(120))
+        .build()
+}
+
+fn answer(r: Result<ureq::Response, ureq::Error>) -> (u16, String) {
+    match r {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+fn get(url: &str) -> (u16, String) {
+    answer(agent().get(url).call())
+}
+
+fn post(url: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    answer(
+        agent()
+            .post(url)
+            .set("Content-Type", content_type)
+            .send_bytes(body),
+    )
+}
+
+fn multipart(field: &str, filename: &str, bytes: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "----serve-cli-test-boundary";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n\
+         Content-Type: image/png\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+fn inspect(server: &Running, i: usize) -> (u16, String) {
+    let (ct, body) = multipart("image", &format!("{i}.png"), &photo(i));
+    post(&server.url("/api/v1/inspections"), &ct, &body)
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// Every file under `dir`, relative.
+fn files(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                out.push(p.strip_prefix(base).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// A small PNG declaring `w`×`h`: a valid IHDR, one tiny IDAT and IEND.
+fn png_declaring(w: u32, h: u32) -> Vec<u8> {
+    let crc32 = |bytes: &[u8]| {
+        let mut crc = 0xffff_ffffu32;
+        for &b in bytes {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    };
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    for (kind, data) in [
+        (b"IHDR", ihdr),
+        (
+            b"IDAT",
+            vec![0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        ),
+        (b"IEND", vec![]),
+    ] {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut chunk = kind.to_vec();
+        chunk.extend_from_slice(&data);
+        out.extend_from_slice(&chunk);
+        out.extend_from_slice(&crc32(&chunk).to_be_bytes());
+    }
+    out
+}
+
+#[test]
+fn the_bad_input_battery_gets_4xx_json_and_the_server_stays_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let s = Running::start(dir, &[]);
+    let inspections = s.url("/api/v1/inspections");
+    let mut jpeg = Vec::new();
+    image::RgbImage::from_pixel(64, 64, image::Rgb([120, 30, 30]))
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    let cut = jpeg[..jpeg.len() * 2 / 3].to_vec();
+    let forty_mb: Vec<u8> = (0..40_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let b64 = |b: &[u8]| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(b)
+    };
+    type Case = (
+        &'static str,
+        Box<dyn Fn() -> (u16, String)>,
+        u16,
+        &'static str,
+    );
+    let url = inspections.clone();
+    let mp = move |field: &'static str, name: &'static str, bytes: Vec<u8>| {
+        let url = url.clone();
+        Box::new(move || {
+            let (ct, body) = multipart(field, name, &bytes);
+            post(&url, &ct, &body)
+        }) as Box<dyn Fn() -> (u16, String)>
+    };
+    let url = inspections.clone();
+    let js = move |body: String| {
+        let url = url.clone();
+        Box::new(move || post(&url, "application/json", body.as_bytes()))
+            as Box<dyn Fn() -> (u16, String)>
+    };
+    let base = s.base.clone();
+    let cases: Vec<Case> = vec![
+        (
+            "a corrupt JPEG",
+            mp("image", "a.jpg", cut),
+            422,
+            "corrupt_image",
+        ),
+        (
+            "a PNG declaring 50000×50000",
+            mp("image", "big.png", png_declaring(50_000, 50_000)),
+            413,
+            "image_too_large",
+        ),
+        (
+            "text sent as image/png",
+            mp("image", "a.png", b"GET / HTTP/1.1 this is text".to_vec()),
+            415,
+            "unsupported_image",
+        ),
+        (
+            "bad base64",
+            js(r#"{"image_base64": "!!! not base64 ???"}"#.into()),
+            400,
+            "invalid_base64",
+        ),
+        (
+            "a 40 MB body",
+            mp("image", "big.bin", forty_mb),
+            415,
+            "unsupported_image",
+        ),
+        (
+            "a path-traversal file name (accepted, name kept as metadata only)",
+            mp("image", "../../../../../tmp/inspector-evil.png", photo(0)),
+            201,
+            "",
+        ),
+        (
+            "a missing field",
+            mp("photo", "a.png", photo(0)),
+            422,
+            "missing_field",
+        ),
+        (
+            "wrong JSON types",
+            js(format!(r#"{{"image_base64": ["{}"]}}"#, b64(&photo(0)))),
+            422,
+            "invalid_fields",
+        ),
+        (
+            "truncated JSON",
+            js(format!(r#"{{"image_base64": "{}"#, b64(&photo(0)))),
+            400,
+            "invalid_json",
+        ),
+        (
+            "an unknown id",
+            Box::new(move || get(&format!("{base}/api/v1/inspections/0000deadbeef"))),
+            404,
+            "not_found",
+        ),
+    ];
+    for (what, run, status, code) in &cases {
+        let (got, body) = run();
+        assert_eq!(got, *status, "{what}: {body}");
+        if !code.is_empty() {
+            let j = json(&body);
+            assert_eq!(j["error"]["code"], *code, "{what}: {body}");
+            assert!(
+                j["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+            );
+        }
+        assert_eq!(
+            get(&s.url("/health")).0,
+            200,
+            "the server fell over after {what}"
+        );
+    }
+    // A wrong API key, even on loopback.
+    let (code, body) = answer(
+        agent()
+            .get(&s.url("/api/v1/inspections"))
+            .set("Authorization", "Bearer si_not-a-key")
+            .call(),
+    );
+    assert_eq!(code, 401, "{body}");
+    assert_eq!(json(&body)["error"]["code"], "unauthorized");
+    // Nothing appeared outside the data dir: the database and hash-named photos only.
+    assert!(!Path::new("/tmp/inspector-evil.png").exists());
+    for f in files(dir) {
+        let ok = f.starts_with("inspector.db")
+            || (f.starts_with("data/images/")
+                && f.ends_with(".png")
+                && f.len() == "data/images/ab/".len() + 68);
+        assert!(ok, "unexpected file {f}");
+    }
+    assert!(s.log().contains("serving on"), "{}", s.log());
+}
+
+#[test]
+fn kill_9_under_load_loses_no_answered_inspection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut s = Running::start(dir, &["--no-cache"]);
+    let answered = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = s.url("/api/v1/inspections");
+    let clients: Vec<_> = (0..6)
+        .map(|c| {
+            let (answered, stop, url) = (answered.clone(), stop.clone(), url.clone());
+            std::thread::spawn(move || {
+                let mut i = c;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let (ct, body) = multipart("image", "x.png", &photo(i % 8));
+                    let (code, text) = post(&url, &ct, &body);
+                    if code == 201 {
+                        answered
+                            .lock()
+                            .unwrap()
+                            .push(json(&text)["id"].as_str().unwrap().to_string());
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    while answered.lock().unwrap().len() < 12 {
+        assert!(started.elapsed() < Duration::from_secs(120), "too slow");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SIGKILL while requests are in flight.
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let ids = answered.lock().unwrap().clone();
+    assert!(ids.len() >= 12);
+    let s = Running::start(dir, &[]);
+    for id in &ids {
+        let (code, body) = get(&s.url(&format!("/api/v1/inspections/{id}")));
+        assert_eq!(
+            code, 200,
+            "answered inspection {id} lost after kill -9: {body}"
+        );
+        assert_eq!(
+            get(&s.url(&format!("/api/v1/inspections/{id}/image"))).0,
+            200
+        );
+    }
+    eprintln!("{} answered inspections all survived kill -9", ids.len());
+}
+
+#[test]
+fn sigterm_drains_the_requests_in_flight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut s = Running::start(
+        dir,
+        &["--no-cache", "--max-batch", "1", "--batch-wait-ms", "0"],
+    );
+    let url = s.url("/api/v1/inspections");
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let (ct, body) = multipart("image", "x.png", &photo(i));
+                post(&url, &ct, &body)
+            })
+        })
+        .collect();
+    // Wait until every request has reached the server (queued, or already answered) with some
+    // still queued behind the model, then ask the server to stop.
+    let started = Instant::now();
+    loop {
+        let (_, m) = get(&s.url("/metrics"));
+        let sum = |prefix: &str| -> f64 {
+            m.lines()
+                .filter(|l| l.starts_with(prefix))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        let (queued, stored) = (
+            sum("inspector_queue_depth "),
+            sum("inspector_inspections_total"),
+        );
+        if queued >= 1.0 && queued + stored >= 5.0 {
+            eprintln!("SIGTERM with {queued} queued and {stored} answered");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no queue formed: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let pid = s.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut ids = Vec::new();
+    for c in clients {
+        let (code, body) = c.join().unwrap();
+        assert_eq!(code, 201, "an in-flight request was not finished: {body}");
+        ids.push(json(&body)["id"].as_str().unwrap().to_string());
+    }
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "exit {status:?}: {}", s.log());
+    assert!(s.log().contains("shutting down"), "{}", s.log());
+    let s = Running::start(dir, &[]);
+    for id in &ids {
+        assert_eq!(get(&s.url(&format!("/api/v1/inspections/{id}"))).0, 200);
+    }
+}
+
+#[test]
+fn keys_are_created_listed_revoked_and_enforced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let db = dir.join("inspector.db");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_inspector"))
+            .args(args)
+            .arg("--db")
+            .arg(&db)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["keys", "create", "--name", "gate camera"]);
+    assert!(o.status.success());
+    let key = String::from_utf8(o.stdout).unwrap().trim().to_string();
+    assert!(key.starts_with("si_") && key.len() == 43, "{key}");
+    let listed = String::from_utf8(run(&["keys", "list"]).stdout).unwrap();
+    assert!(
+        listed.contains("gate camera") && listed.contains("active"),
+        "{listed}"
+    );
+    assert!(!listed.contains(&key), "the key itself must not be listed");
+    // The database holds only the hash.
+    let raw = std::fs::read(&db).unwrap();
+    assert!(!raw.windows(key.len()).any(|w| w == key.as_bytes()));
+
+    let s = Running::start(dir, &["--require-keys"]);
+    assert_eq!(get(&s.url("/api/v1/rules")).0, 401);
+    let with = |k: &str| {
+        answer(
+            agent()
+                .get(&s.url("/api/v1/rules"))
+                .set("X-API-Key", k)
+                .call(),
+        )
+        .0
+    };
+    assert_eq!(with(&key), 200);
+    let id = listed.split_whitespace().next().unwrap();
+    assert!(run(&["keys", "revoke", id]).status.success());
+    assert_eq!(with(&key), 401);
+    assert!(!run(&["keys", "revoke", "nope"]).status.success());
+    // Anonymous inspections are refused too.
+    assert_eq!(inspect(&s, 0).0, 401);
+}
+
+/// Drives the web page in headless Chromium through chromedriver (Debian's `chromium` and
+/// `chromium-driver`; `.ci/run` installs them): uploads a photo with the page's file input and
+/// waits for the result card with its boxes. The screenshot is kept in
+/// `target/test-artifacts/serve-page.png`.
+/// Run: `cargo test -p inspector-cli --test serve_cli -- --ignored`.
+#[test]
+#[ignore = "needs chromium and chromedriver (installed by .ci/run)"]
+fn the_web_page_uploads_a_photo_and_shows_its_boxes_in_chromium() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Running::start(tmp.path(), &[]);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut driver = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver runs");
+    let wd = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    while get(&format!("{wd}/status")).0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "chromedriver did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let call = |method: &str, path: &str, body: serde_json::Value| -> serde_json::Value {
+        let url = format!("{wd}{path}");
+        let r = match method {
+            "GET" => agent().get(&url).call(),
+            "DELETE" => agent().delete(&url).call(),
+            _ => agent().post(&url).send_json(body),
+        };
+        let (code, text) = answer(r);
+        assert_eq!(code, 200, "{method} {path}: {text}");
+        json(&text)["value"].clone()
+    };
+    let profile = tempfile::tempdir().unwrap();
+    let session = call(
+        "POST",
+        "/session",
+        serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                         "--no-first-run", "--disable-background-networking",
+                         "--disable-component-update", "--disable-sync",
+                         "--window-size=1200,1100",
+                         format!("--user-data-dir={}", profile.path().display())],
+            },
+        }}}),
+    );
+    let sid = session["sessionId"].as_str().unwrap().to_string();
+    let p = |rest: &str| format!("/session/{sid}{rest}");
+    call("POST", &p("/url"), serde_json::json!({"url": s.url("/")}));
+    let find = |css: &str| -> Option<String> {
+        let url = format!("{wd}{}", p("/elements"));
+        let (_, text) = answer(
+            agent()
+                .post(&url)
+                .send_json(serde_json::json!({"using": "css selector", "value": css})),
+        );
+        json(&text)["value"]
+            .as_array()
+            .and_then(|a| a.first().cloned())
+            .and_then(|e| e.as_object().and_then(|o| o.values().next().cloned()))
+            .and_then(|v| v.as_str().map(str::to_string))
+    };
+    let input = find("#file-input").expect("the page has a file input");
+    let photo = photo_path(3).canonicalize().unwrap();
+    call(
+        "POST",
+        &p(&format!("/element/{input}/value")),
+        serde_json::json!({"text": photo.display().to_string()}),
+    );
+    let started = Instant::now();
+    while find(".result.done svg rect.box").is_none() {
+        assert!(
+            find(".result.failed").is_none(),
+            "the upload failed on the page"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no result with boxes"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The rule text opens on click.
+    let rule = find(".result.done button.rule-link").expect("a cited rule");
+    call(
+        "POST",
+        &p(&format!("/element/{rule}/click")),
+        serde_json::json!({}),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let shot = call("GET", &p("/screenshot"), serde_json::json!({}));
+    let png = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(shot.as_str().unwrap())
+            .unwrap()
+    };
+    let artifacts = root().join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let path = artifacts.join("serve-page.png");
+    std::fs::write(&path, &png).unwrap();
+    call("DELETE", &p(""), serde_json::json!({}));
+    let _ = driver.kill();
+    let _ = driver.wait();
+    // Photo 3's violation is high risk: its red (#d32f2f) box is on the screenshot.
+    let img = image::load_from_memory(&png).unwrap().to_rgb8();
+    let red = img
+        .pixels()
+        .filter(|p| {
+            (p[0] as i32 - 0xd3).abs() < 20
+                && (p[1] as i32 - 0x2f).abs() < 20
+                && (p[2] as i32 - 0x2f).abs() < 20
+        })
+        .count();
+    assert!(red > 100, "red box pixels on the screenshot: {red}");
+    eprintln!("screenshot: {}", path.display());
+}

@@ -1,0 +1,319 @@
+//! The inference worker: one model on one thread behind a bounded queue.
+//!
+//! Inspections that arrive together run as one batch: the worker takes the first job, then
+//! whatever else arrives within `batch_wait`, up to `max_batch` photos. A job whose client has
+//! gone (disconnected or timed out) before its batch starts is dropped unrun. Every answered
+//! inspection is stored (photo file, then database row) before its reply is sent, so a 2xx
+//! answer means the inspection is on disk. When the queue's last sender is dropped the worker
+//! finishes what is queued and exits.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{Receiver, RecvTimeoutError},
+    },
+    time::{Duration, Instant},
+};
+
+use inspector_core::{Risk, Rule};
+use inspector_detect::{ChatAnswer, Detector, Finding, Input};
+use inspector_store::{InspectionViolation, NewInspection, SqliteStore};
+use tokio::sync::oneshot;
+
+use crate::{
+    error::ApiError,
+    images::{self, Probe},
+    metrics::{Metrics, RiskLabels, StatusLabels},
+    record::InspectionRecord,
+};
+
+/// A photo to inspect.
+pub struct InspectJob {
+    pub bytes: Vec<u8>,
+    pub probe: Probe,
+    pub filename: Option<String>,
+    pub source: Option<String>,
+    pub reply: oneshot::Sender<Result<InspectionRecord, ApiError>>,
+}
+
+/// A free chat turn (OpenAI-compatible endpoint).
+pub struct ChatJob {
+    pub messages: serde_json::Value,
+    pub images: Vec<Vec<u8>>,
+    pub max_tokens: usize,
+    pub temperature: f64,
+    pub seed: u64,
+    pub reply: oneshot::Sender<Result<ChatAnswer, ApiError>>,
+}
+
+pub enum Job {
+    Inspect(InspectJob),
+    Chat(ChatJob),
+}
+
+impl Job {
+    fn is_abandoned(&self) -> bool {
+        match self {
+            Job::Inspect(j) => j.reply.is_closed(),
+            Job::Chat(j) => j.reply.is_closed(),
+        }
+    }
+}
+
+/// Batching settings.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    pub max_batch: usize,
+    pub batch_wait: Duration,
+}
+
+/// The rules citations are checked against; replaced when an admin uploads a document.
+#[derive(Default)]
+pub struct SharedRules {
+    pub rules: RwLock<Arc<Vec<Rule>>>,
+    pub version: AtomicU64,
+}
+
+impl SharedRules {
+    pub fn set(&self, rules: Vec<Rule>) {
+        *self.rules.write().expect("rules lock") = Arc::new(rules);
+        self.version.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn get(&self) -> Arc<Vec<Rule>> {
+        self.rules.read().expect("rules lock").clone()
+    }
+}
+
+/// What the worker needs besides its queue.
+pub struct WorkerContext {
+    pub store: SqliteStore,
+    pub use_cache: bool,
+    pub data_dir: PathBuf,
+    pub max_pixels: u64,
+    pub batch: BatchConfig,
+    pub metrics: Arc<Metrics>,
+    pub rules: Arc<SharedRules>,
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Runs the worker until the queue closes: loads the model with `load`, then answers jobs.
+pub fn run(
+    rx: Receiver<Job>,
+    load: impl FnOnce() -> anyhow::Result<Detector>,
+    mut ctx: WorkerContext,
+    loaded: std::sync::mpsc::Sender<Result<(), String>>,
+) {
+    let mut detector = match load() {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = loaded.send(Err(format!("{e:#}")));
+            return;
+        }
+    };
+    detector.model.processor.max_decode_pixels = ctx.max_pixels;
+    let mut rules_version = u64::MAX;
+    let mut rules = Arc::new(Vec::new());
+    ctx.ready.store(true, Ordering::SeqCst);
+    let _ = loaded.send(Ok(()));
+    let mut held: Option<Job> = None;
+    loop {
+        let job = match held.take() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => {
+                    ctx.metrics.queue_depth.dec();
+                    j
+                }
+                Err(_) => break,
+            },
+        };
+        let version = ctx.rules.version.load(Ordering::SeqCst);
+        if version != rules_version {
+            rules = ctx.rules.get();
+            detector.set_citations(&rules);
+            rules_version = version;
+        }
+        match job {
+            Job::Chat(job) => {
+                if job.reply.is_closed() {
+                    ctx.metrics.cancelled.inc();
+                    continue;
+                }
+                let inputs: Vec<Input> = job
+                    .images
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, bytes)| Input {
+                        name: format!("image {}", i + 1),
+                        bytes,
+                    })
+                    .collect();
+                let answer = detector
+                    .chat(
+                        &job.messages,
+                        &inputs,
+                        job.max_tokens,
+                        job.temperature,
+                        job.seed,
+                    )
+                    .map_err(|e| match e {
+                        inspector_detect::Error::Image { .. } => {
+                            ApiError::unprocessable("corrupt_image", e.to_string())
+                        }
+                        inspector_detect::Error::Qwen(inspector_qwen2vl_error) => {
+                            ApiError::unprocessable(
+                                "invalid_messages",
+                                inspector_qwen2vl_error.to_string(),
+                            )
+                        }
+                        other => ApiError::internal(other.to_string()),
+                    });
+                let _ = job.reply.send(answer);
+            }
+            Job::Inspect(first) => {
+                let mut batch = vec![first];
+                let deadline = Instant::now() + ctx.batch.batch_wait;
+                while batch.len() < ctx.batch.max_batch {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let next = if left.is_zero() {
+                        rx.try_recv().map_err(|_| RecvTimeoutError::Timeout)
+                    } else {
+                        rx.recv_timeout(left)
+                    };
+                    match next {
+                        Ok(job) => {
+                            ctx.metrics.queue_depth.dec();
+                            match job {
+                                Job::Inspect(j) => batch.push(j),
+                                other => {
+                                    held = Some(other);
+                                    break;
+                                }
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let before = batch.len();
+                batch.retain(|j| !j.reply.is_closed());
+                ctx.metrics.cancelled.inc_by((before - batch.len()) as u64);
+                if !batch.is_empty() {
+                    inspect_batch(&detector, &rules, &mut ctx, batch);
+                }
+            }
+        }
+        if held.as_ref().is_some_and(Job::is_abandoned) {
+            held = None;
+            ctx.metrics.cancelled.inc();
+        }
+    }
+}
+
+fn inspect_batch(
+    detector: &Detector,
+    rules: &[Rule],
+    ctx: &mut WorkerContext,
+    mut batch: Vec<InspectJob>,
+) {
+    ctx.metrics.batch_size.observe(batch.len() as f64);
+    let inputs: Vec<Input> = batch
+        .iter_mut()
+        .map(|j| Input {
+            name: j.filename.clone().unwrap_or_else(|| "image".into()),
+            bytes: std::mem::take(&mut j.bytes),
+        })
+        .collect();
+    let cache = ctx.use_cache.then_some(&ctx.store);
+    let results = detector.inspect(&inputs, rules, cache, batch.len(), |_| {});
+    for ((job, input), result) in batch.into_iter().zip(inputs).zip(results) {
+        let reply = match result {
+            Ok(finding) => persist(ctx, &job, &input.bytes, finding, detector),
+            Err(inspector_detect::Error::Image { message, .. }) => Err(ApiError::unprocessable(
+                "corrupt_image",
+                format!("the image could not be inspected: {message}"),
+            )),
+            Err(e) => Err(ApiError::internal(format!("inspection failed: {e}"))),
+        };
+        let _ = job.reply.send(reply);
+    }
+}
+
+/// A new inspection id: milliseconds then randomness, in hex (time-ordered, unguessable).
+pub fn new_id(now_ms: i64) -> String {
+    format!("{now_ms:012x}{:016x}", rand::random::<u64>())
+}
+
+fn persist(
+    ctx: &mut WorkerContext,
+    job: &InspectJob,
+    bytes: &[u8],
+    finding: Finding,
+    detector: &Detector,
+) -> Result<InspectionRecord, ApiError> {
+    if finding.timings.cached {
+        ctx.metrics.cache_hits.inc();
+    }
+    let relative = images::relative_path(&finding.image.sha256, &job.probe)?;
+    images::store(&ctx.data_dir, &relative, bytes)
+        .map_err(|e| ApiError::internal(format!("storing the image: {e}")))?;
+    let now = chrono::Utc::now();
+    let created_ms = now.timestamp_millis();
+    let id = new_id(created_ms);
+    let status = serde_json::to_value(finding.status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let violations: Vec<InspectionViolation> = finding
+        .violations
+        .iter()
+        .map(|v| InspectionViolation {
+            rule_id: v.resolved.as_ref().map(|r| r.id.clone()),
+            citation: v.rule.clone(),
+            risk: v.risk.map(risk_name),
+        })
+        .collect();
+    let row = NewInspection {
+        id: id.clone(),
+        created_ms,
+        filename: job.filename.clone(),
+        source: job.source.clone(),
+        image_sha256: finding.image.sha256.clone(),
+        image_file: relative,
+        status: status.clone(),
+        finding: serde_json::to_string(&finding).expect("a finding is JSON"),
+        model_fingerprint: detector.model_fingerprint.clone(),
+        adapter_fingerprint: detector.adapter_fingerprint.clone(),
+    };
+    ctx.store.insert_inspection(&row, &violations)?;
+    ctx.metrics
+        .inspections
+        .get_or_create(&StatusLabels { status })
+        .inc();
+    for v in &finding.violations {
+        let risk = v.risk.map(risk_name).unwrap_or_else(|| "unknown".into());
+        ctx.metrics
+            .violations
+            .get_or_create(&RiskLabels { risk })
+            .inc();
+    }
+    Ok(InspectionRecord::new(
+        id,
+        created_ms,
+        job.filename.clone(),
+        job.source.clone(),
+        finding,
+    ))
+}
+
+/// 高, 中 or 低.
+pub fn risk_name(r: Risk) -> String {
+    match r {
+        Risk::High => "高",
+        Risk::Medium => "中",
+        Risk::Low => "低",
+    }
+    .to_string()
+}

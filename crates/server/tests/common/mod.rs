@@ -1,0 +1,255 @@
+//! A server on the tiny checkpoint with the overfitted adapter of the training tests (its
+//! answers parse and carry boxes), over a fresh database holding the example regulations.
+
+#![allow(dead_code)]
+
+use std::{
+    path::PathBuf,
+    sync::mpsc::{Receiver, channel},
+};
+
+use axum::{
+    Router,
+    body::Body,
+    http::{HeaderMap, Request, StatusCode},
+};
+use http_body_util::BodyExt;
+use inspector_detect::{DetectConfig, Detector};
+use inspector_server::{Server, ServerConfig};
+use inspector_store::{DocumentRecord, RuleStore, SqliteStore};
+use tower::ServiceExt;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn photo(i: usize) -> Vec<u8> {
+    std::fs::read(root().join(format!("crates/train/tests/fixtures/overfit/data/{i}.png"))).unwrap()
+}
+
+pub fn load_detector() -> anyhow::Result<Detector> {
+    let tiny = root().join("crates/qwen2vl/tests/fixtures/tiny-a");
+    let adapter = root().join("crates/train/tests/fixtures/overfit/adapter");
+    let config = DetectConfig {
+        max_new_tokens: 160,
+        ..Default::default()
+    };
+    Ok(Detector::load(&tiny, Some(&adapter), config)?)
+}
+
+/// Fills a database with the bundled example regulations.
+pub fn seed_rules(db: &std::path::Path) {
+    let mut store = SqliteStore::open(db).unwrap();
+    let c = inspector_rules::Categorizer::default();
+    for e in std::fs::read_dir(root().join("examples/regulations")).unwrap() {
+        let doc = inspector_rules::extract_file(&e.unwrap().path(), &c).unwrap();
+        let record = DocumentRecord {
+            title: doc.title.clone(),
+            file: doc.file.clone(),
+            sha256: doc.sha256.clone(),
+        };
+        store
+            .replace_document(&record, &doc.rules, &doc.diagnostics)
+            .unwrap();
+    }
+}
+
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub server: Server,
+    pub app: Router,
+}
+
+impl TestServer {
+    pub fn config(dir: &tempfile::TempDir) -> ServerConfig {
+        ServerConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            dir.path().join("inspector.db"),
+            dir.path().join("data"),
+        )
+    }
+
+    /// A loaded server with `config` adjusted by `tweak`.
+    pub fn start(tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Self::config(&dir);
+        tweak(&mut config);
+        seed_rules(&config.db);
+        let server = Server::start(config, load_detector).unwrap();
+        server.wait_until_loaded().unwrap();
+        let app = inspector_server::router(server.state());
+        TestServer { dir, server, app }
+    }
+
+    /// A server whose model load waits until the returned sender is used.
+    pub fn start_gated(
+        tweak: impl FnOnce(&mut ServerConfig),
+    ) -> (TestServer, std::sync::mpsc::Sender<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Self::config(&dir);
+        tweak(&mut config);
+        seed_rules(&config.db);
+        let (go, wait): (_, Receiver<()>) = channel();
+        let server = Server::start(config, move || {
+            wait.recv().ok();
+            load_detector()
+        })
+        .unwrap();
+        let app = inspector_server::router(server.state());
+        (TestServer { dir, server, app }, go)
+    }
+
+    pub async fn call(&self, req: Request<Body>) -> Reply {
+        let response = self.app.clone().oneshot(req).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, uri: &str) -> Reply {
+        self.call(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+    }
+
+    pub async fn post_json(&self, uri: &str, json: &str) -> Reply {
+        self.call(
+            Request::post(uri)
+                .header("content-type", "application/json")
+                .body(Body::from(json.to_string()))
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn post_multipart(&self, uri: &str, parts: &[Part<'_>]) -> Reply {
+        let (content_type, body) = multipart(parts);
+        self.call(
+            Request::post(uri)
+                .header("content-type", content_type)
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await
+    }
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}), status {}: {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// Asserts an error answer: this status and a JSON body `{"error": {"code", "message"}}`.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        let j = self.json();
+        assert_eq!(self.status.as_u16(), status, "{j}");
+        assert_eq!(j["error"]["code"], code, "{j}");
+        assert!(!j["error"]["message"].as_str().unwrap().is_empty());
+    }
+}
+
+/// A multipart field: name, file name, bytes.
+pub type Part<'a> = (&'a str, Option<&'a str>, &'a [u8]);
+
+pub fn multipart(parts: &[Part<'_>]) -> (String, Vec<u8>) {
+    let boundary = "----inspector-test-boundary-7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    for (name, file, bytes) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        match file {
+            Some(f) => body.extend_from_slice(
+                format!(
+                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n\
+                     Content-Type: application/octet-stream\r\n\r\n"
+                )
+                .as_bytes(),
+            ),
+            None => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+            ),
+        }
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A small PNG declaring `w`×`h`: a valid IHDR, one tiny IDAT and IEND (a decompression
+/// bomb's shape: a huge canvas in a few bytes).
+pub fn png_declaring(w: u32, h: u32) -> Vec<u8> {
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    for (kind, data) in [
+        (b"IHDR", ihdr),
+        (
+            b"IDAT",
+            vec![0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        ),
+        (b"IEND", vec![]),
+    ] {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut chunk = kind.to_vec();
+        chunk.extend_from_slice(&data);
+        out.extend_from_slice(&chunk);
+        out.extend_from_slice(&crc32(&chunk).to_be_bytes());
+    }
+    out
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A JPEG whose scan is cut off (valid header, no end).
+pub fn corrupt_jpeg() -> Vec<u8> {
+    let mut jpeg = Vec::new();
+    image::RgbImage::from_pixel(64, 64, image::Rgb([120, 30, 30]))
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    jpeg.truncate(jpeg.len() * 2 / 3);
+    jpeg
+}
