@@ -462,6 +462,30 @@ fn sigterm_drains_the_requests_in_flight() {
 }
 
 #[test]
+fn a_model_that_fails_to_load_stops_the_server_with_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir(dir.join("not-a-model")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_inspector"))
+        .arg("serve")
+        .arg("--model")
+        .arg(dir.join("not-a-model"))
+        .args(["--addr", "127.0.0.1:0"])
+        .arg("--db")
+        .arg(dir.join("inspector.db"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("loading the model") && err.contains("not-a-model"),
+        "{err}"
+    );
+}
+
+#[test]
 fn keys_are_created_listed_revoked_and_enforced() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();

@@ -88,6 +88,7 @@ fn is_public(path: &str) -> bool {
 /// Per-key (or per-address) request limits.
 pub struct Limiter {
     limiter: Option<DefaultKeyedRateLimiter<String>>,
+    checks: std::sync::atomic::AtomicU64,
 }
 
 impl Limiter {
@@ -96,6 +97,7 @@ impl Limiter {
         Limiter {
             limiter: NonZeroU32::new(per_minute)
                 .map(|n| RateLimiter::keyed(Quota::per_minute(n).allow_burst(n))),
+            checks: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -103,6 +105,16 @@ impl Limiter {
         let Some(l) = &self.limiter else {
             return Ok(());
         };
+        // Forget callers whose allowance is full again, now and then, so that many addresses
+        // cannot grow the table without bound.
+        if self
+            .checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(4096)
+        {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
         l.check_key(&who.to_string()).map_err(|not_until| {
             let wait = not_until
                 .wait_time_from(governor::clock::Clock::now(

@@ -644,3 +644,60 @@ async fn a_request_that_times_out_is_not_run() {
     let list = s.get("/api/v1/inspections").await.json();
     assert_eq!(list["items"].as_array().unwrap().len(), 0);
 }
+
+#[tokio::test]
+async fn a_client_that_disconnects_is_not_inspected() {
+    use tokio::io::AsyncWriteExt;
+    let (s, go) = TestServer::start_gated(|_| {});
+    let state = s.server.state();
+    state.mark_ready_for_tests();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let TestServer {
+        dir: _dir,
+        server,
+        app: _,
+    } = s;
+    let serving = tokio::spawn(server.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    // A request whose client hangs up while it waits in the queue.
+    let body = serde_json::json!({"image_base64": b64(&photo(1))}).to_string();
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /api/v1/inspections HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let metric = |name: &'static str| {
+        let state = state.clone();
+        async move {
+            let text = state.inner.metrics.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        }
+    };
+    for _ in 0..500 {
+        if metric("inspector_queue_depth ").await >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(metric("inspector_queue_depth ").await, 1.0);
+    drop(conn);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    go.send(()).unwrap();
+    for _ in 0..500 {
+        if metric("inspector_cancelled_jobs_total ").await >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(metric("inspector_cancelled_jobs_total ").await, 1.0);
+    assert_eq!(metric("inspector_batch_size_count ").await, 0.0);
+    stop.send(()).unwrap();
+    serving.await.unwrap().unwrap();
+}
