@@ -6,7 +6,6 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use inspector_detect::DetectConfig;
 use inspector_server::{Server, ServerConfig, worker::BatchConfig};
-use inspector_store::{RuleFilter, RuleStore};
 
 use crate::{
     detect_cmd::load_detector,
@@ -101,11 +100,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     let model = args.model.clone();
-    let db = args.db.db.clone();
-    let load = move || {
-        let rules = open(&db)?.rules(&RuleFilter::default())?;
-        load_detector(&model, detect, &rules)
-    };
+    // The worker gives the detector the database's citations before its first job.
+    let load = move || load_detector(&model, detect, &[]);
     let server = Server::start(config, load)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

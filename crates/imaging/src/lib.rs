@@ -32,7 +32,8 @@ pub struct DecodeError(pub String);
 /// The default pixel budget: 100 megapixels, above any phone camera.
 pub const DEFAULT_MAX_DECODE_PIXELS: u64 = 100_000_000;
 
-const ALLOWED: [ImageFormat; 6] = [
+/// The formats accepted, sniffed from the bytes.
+pub const ALLOWED_FORMATS: [ImageFormat; 6] = [
     ImageFormat::Jpeg,
     ImageFormat::Png,
     ImageFormat::WebP,
@@ -53,7 +54,7 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError
     let format = reader
         .format()
         .ok_or_else(|| DecodeError("not an image (unknown format)".into()))?;
-    if !ALLOWED.contains(&format) {
+    if !ALLOWED_FORMATS.contains(&format) {
         return Err(DecodeError(format!("format {format:?} is not accepted")));
     }
     if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
@@ -99,7 +100,7 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError
 /// True when the last scan of a JPEG (`FF DA`) is followed by an end-of-image marker
 /// (`FF D9`). Inside entropy-coded data 0xFF is always stuffed, so the pair cannot occur by
 /// chance; an EXIF thumbnail's own marker comes before the main scan and does not count.
-fn jpeg_is_complete(bytes: &[u8]) -> bool {
+pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
     let last = |marker: u8| {
         bytes
             .windows(2)

@@ -60,6 +60,13 @@ fn check_name(what: &str, name: Option<String>) -> Result<Option<String>, ApiErr
     }
 }
 
+/// [`decode_base64`] on the blocking pool (bodies reach 48 MiB).
+async fn decode_base64_blocking(field: &'static str, text: String) -> Result<Vec<u8>, ApiError> {
+    tokio::task::spawn_blocking(move || decode_base64(field, &text))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
 fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
     let text = text.trim();
     let payload = match text.strip_prefix("data:") {
@@ -185,7 +192,7 @@ async fn read_upload(
         Ok((bytes, filename, options.source))
     } else {
         let Json(body): Json<InspectJson> = Json::from_request(req, state).await?;
-        let bytes = decode_base64("image_base64", &body.image_base64)?;
+        let bytes = decode_base64_blocking("image_base64", body.image_base64).await?;
         Ok((bytes, body.filename, body.options.and_then(|o| o.source)))
     }
 }
@@ -198,12 +205,10 @@ pub async fn get_inspection(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<InspectionRecord>, ApiError> {
-    let row = state
-        .read(move |s| s.inspection(&id).map(|r| (id, r)))
-        .await?;
-    match row {
-        (_, Some(row)) => Ok(Json(InspectionRecord::from_row(&row)?)),
-        (id, None) => Err(ApiError::not_found(format!("no inspection with id `{id}`"))),
+    let wanted = id.clone();
+    match state.read(move |s| s.inspection(&wanted)).await? {
+        Some(row) => Ok(Json(InspectionRecord::from_row(&row)?)),
+        None => Err(ApiError::not_found(format!("no inspection with id `{id}`"))),
     }
 }
 
@@ -233,6 +238,18 @@ pub async fn get_image(
     let path = state.inner.config.data_dir.join(&relative);
     let max_pixels = state.inner.config.max_pixels;
     let boxes = query.boxes.unwrap_or(0) != 0;
+    let _permit = if boxes {
+        Some(
+            state
+                .inner
+                .drawing
+                .acquire()
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))?,
+        )
+    } else {
+        None
+    };
     let (bytes, content_type) = tokio::task::spawn_blocking(move || {
         let bytes = std::fs::read(&path)
             .map_err(|e| ApiError::internal(format!("the stored image is unreadable: {e}")))?;
@@ -327,12 +344,14 @@ pub async fn list_inspections(
         .risk
         .as_deref()
         .map(|r| {
-            Risk::parse(r).map(crate::worker::risk_name).ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_query",
-                    "`risk` must be 高, 中 or 低 (high, medium, low)",
-                )
-            })
+            Risk::parse(r)
+                .map(|r| r.as_str().to_string())
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_query",
+                        "`risk` must be 高, 中 or 低 (high, medium, low)",
+                    )
+                })
         })
         .transpose()?;
     let limit = q.limit.unwrap_or(50);
@@ -429,19 +448,29 @@ pub async fn list_rules(
                 document: q.document.clone(),
             };
             match q.q.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
-                Some(text) => s.search(text, 200).map(|found| {
-                    found
-                        .into_iter()
-                        .filter(|r| {
-                            filter.document.as_deref().is_none_or(|d| {
-                                r.document == d.trim_start_matches('《').trim_end_matches('》')
-                            }) && filter
-                                .category
-                                .as_ref()
-                                .is_none_or(|c| r.categories.contains(c))
-                        })
-                        .collect()
-                }),
+                // Filters apply to the hits, so take many of them when there are filters.
+                Some(text) => s
+                    .search(
+                        text,
+                        if filter == RuleFilter::default() {
+                            200
+                        } else {
+                            5000
+                        },
+                    )
+                    .map(|found| {
+                        found
+                            .into_iter()
+                            .filter(|r| {
+                                filter.document.as_deref().is_none_or(|d| {
+                                    r.document == d.trim_start_matches('《').trim_end_matches('》')
+                                }) && filter
+                                    .category
+                                    .as_ref()
+                                    .is_none_or(|c| r.categories.contains(c))
+                            })
+                            .collect()
+                    }),
                 None => s.rules(&filter),
             }
         })
@@ -515,49 +544,35 @@ pub async fn upload_document(
         Some(e) => format!("upload.{e}"),
         None => "upload".to_string(),
     };
-    let sha = inspector_detect::sha256_hex(&bytes);
-    let rules_state = state.inner.clone();
+    // Extraction (which may take a while on a long PDF) runs without holding the database.
+    let (doc, sha) = tokio::task::spawn_blocking(move || {
+        let sha = inspector_detect::sha256_hex(&bytes);
+        inspector_rules::extract_bytes(&name, &bytes, &inspector_rules::Categorizer::default())
+            .map(|doc| (doc, sha))
+            .map_err(|e| ApiError::unprocessable("unreadable_document", e.kind.to_string()))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
+    let shared = state.inner.clone();
     let uploaded = state
-        .write(
-            move |s| -> Result<
-                Result<(DocumentUploaded, Vec<Rule>), ApiError>,
-                inspector_store::StoreError,
-            > {
-                let doc = match inspector_rules::extract_bytes(
-                    &name,
-                    &bytes,
-                    &inspector_rules::Categorizer::default(),
-                ) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        return Ok(Err(ApiError::unprocessable(
-                            "unreadable_document",
-                            e.kind.to_string(),
-                        )));
-                    }
-                };
-                let record = inspector_store::DocumentRecord {
-                    title: doc.title.clone(),
-                    file: format!("(uploaded, sha256 {})", &sha[..12]),
-                    sha256: sha,
-                };
-                let outcome = s.replace_document(&record, &doc.rules, &doc.diagnostics)?;
-                let all = s.rules(&RuleFilter::default())?;
-                Ok(Ok((
-                    DocumentUploaded {
-                        title: doc.title,
-                        rules: doc.rules.len(),
-                        diagnostics: doc.diagnostics.len(),
-                        replaced: outcome.removed,
-                        unchanged: outcome.unchanged,
-                    },
-                    all,
-                )))
-            },
-        )
-        .await??;
-    let (uploaded, all) = uploaded;
-    rules_state.rules.set(all);
+        .write(move |s| {
+            let record = inspector_store::DocumentRecord {
+                title: doc.title.clone(),
+                file: format!("(uploaded, sha256 {})", &sha[..12]),
+                sha256: sha,
+            };
+            let outcome = s.replace_document(&record, &doc.rules, &doc.diagnostics)?;
+            // Under the same lock, so concurrent uploads publish their rules in order.
+            shared.rules.set(s.rules(&RuleFilter::default())?);
+            Ok(DocumentUploaded {
+                title: doc.title,
+                rules: doc.rules.len(),
+                diagnostics: doc.diagnostics.len(),
+                replaced: outcome.removed,
+                unchanged: outcome.unchanged,
+            })
+        })
+        .await?;
     Ok((StatusCode::CREATED, Json(uploaded)))
 }
 
@@ -602,7 +617,7 @@ pub async fn tutorial_detect(
 ) -> Response {
     let run = async {
         let Json(body) = body?;
-        let bytes = decode_base64("image", &body.image)?;
+        let bytes = decode_base64_blocking("image", body.image).await?;
         inspect_bytes(&state, bytes, body.filename, None).await
     };
     tutorial(run.await)
@@ -626,7 +641,7 @@ pub async fn tutorial_api_detect(
                 "`options` must be an object",
             ));
         }
-        let bytes = decode_base64("image", &body.image)?;
+        let bytes = decode_base64_blocking("image", body.image).await?;
         inspect_bytes(&state, bytes, None, None).await
     };
     tutorial(run.await)

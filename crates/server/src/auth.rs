@@ -18,7 +18,6 @@ use axum::{
 };
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use inspector_store::{ApiKey, SqliteStore};
-use sha2::{Digest, Sha256};
 
 use crate::{AppState, error::ApiError};
 
@@ -44,10 +43,7 @@ pub fn generate_key() -> (String, String, String) {
 }
 
 pub fn hash_key(key: &str) -> String {
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    inspector_detect::sha256_hex(key.as_bytes())
 }
 
 /// Creates a key in the database and returns `(id, key)`; the key is shown once.

@@ -162,7 +162,8 @@ impl From<axum::extract::multipart::MultipartRejection> for ApiError {
 
 impl From<inspector_store::StoreError> for ApiError {
     fn from(e: inspector_store::StoreError) -> Self {
+        // The details go to the log, not to the client.
         tracing::error!("database: {e}");
-        ApiError::internal(format!("database error: {e}"))
+        ApiError::internal("database error")
     }
 }

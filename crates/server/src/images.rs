@@ -19,36 +19,15 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// The file extension photos of this format are stored with.
+    /// The file extension photos of this format are stored with (`jpg`, `png`, …).
     pub fn extension(&self) -> &'static str {
-        extension(self.format)
+        self.format.extensions_str()[0]
     }
 }
 
-fn extension(format: ImageFormat) -> &'static str {
-    match format {
-        ImageFormat::Jpeg => "jpg",
-        ImageFormat::Png => "png",
-        ImageFormat::WebP => "webp",
-        ImageFormat::Bmp => "bmp",
-        ImageFormat::Gif => "gif",
-        ImageFormat::Tiff => "tiff",
-        _ => "bin",
-    }
-}
-
-/// The formats accepted, sniffed from the bytes (the Content-Type is not trusted).
-const ALLOWED: [ImageFormat; 6] = [
-    ImageFormat::Jpeg,
-    ImageFormat::Png,
-    ImageFormat::WebP,
-    ImageFormat::Bmp,
-    ImageFormat::Gif,
-    ImageFormat::Tiff,
-];
-
-/// Checks a photo from its header alone: an allowed format (by its bytes), a readable header,
-/// at most `max_pixels` pixels and both sides at least 28 px. Nothing is decoded.
+/// Checks a photo from its header alone: an allowed format (sniffed from the bytes; the
+/// Content-Type is not trusted), a readable header, at most `max_pixels` pixels, both sides at
+/// least 28 px, and a JPEG's end marker. Nothing is decoded.
 pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<Probe, ApiError> {
     if bytes.is_empty() {
         return Err(ApiError::bad_request("empty_image", "the image is empty"));
@@ -63,7 +42,7 @@ pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<Probe, ApiError> {
     let format = image::guess_format(bytes).map_err(|_| {
         unsupported("not an image: accepted formats are JPEG, PNG, WebP, BMP, GIF and TIFF".into())
     })?;
-    if !ALLOWED.contains(&format) {
+    if !inspector_imaging::ALLOWED_FORMATS.contains(&format) {
         return Err(unsupported(format!(
             "{format:?} images are not accepted: use JPEG, PNG, WebP, BMP, GIF or TIFF"
         )));
@@ -71,6 +50,12 @@ pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<Probe, ApiError> {
     let (width, height) = inspector_imaging::dimensions(bytes).map_err(|e| {
         ApiError::unprocessable("corrupt_image", format!("corrupt {format:?} image: {e}"))
     })?;
+    if format == ImageFormat::Jpeg && !inspector_imaging::jpeg_is_complete(bytes) {
+        return Err(ApiError::unprocessable(
+            "corrupt_image",
+            "truncated JPEG image: no end-of-image marker after the last scan",
+        ));
+    }
     let pixels = width as u64 * height as u64;
     if pixels > max_pixels {
         return Err(ApiError::too_large(
@@ -109,30 +94,39 @@ pub fn relative_path(sha256: &str, probe: &Probe) -> Result<String, ApiError> {
     ))
 }
 
-/// Stores a photo under the data dir (atomically; kept when already there).
+/// Stores a photo under the data dir (atomically; kept when already there). The file and the
+/// directory entries leading to it are synced, so a committed row never outlives its photo.
 pub fn store(data_dir: &Path, relative: &str, bytes: &[u8]) -> Result<PathBuf, String> {
     let path = data_dir.join(relative);
     if path.is_file() {
         return Ok(path);
     }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-    }
+    let parent = path.parent().ok_or("a stored photo has no folder")?;
+    let created = !parent.is_dir();
+    std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     inspector_dataset::write_atomic(&path, bytes).map_err(|e| e.to_string())?;
+    let sync = |dir: &Path| {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("syncing {}: {e}", dir.display()))
+    };
+    sync(parent)?;
+    if created {
+        for dir in parent.ancestors().skip(1).take(2) {
+            sync(dir)?;
+        }
+    }
     Ok(path)
 }
 
 /// The content type of a stored photo, from the extension we gave it.
 pub fn content_type(relative: &str) -> &'static str {
-    match relative.rsplit('.').next() {
-        Some("jpg") => "image/jpeg",
-        Some("png") => "image/png",
-        Some("webp") => "image/webp",
-        Some("bmp") => "image/bmp",
-        Some("gif") => "image/gif",
-        Some("tiff") => "image/tiff",
-        _ => "application/octet-stream",
-    }
+    relative
+        .rsplit('.')
+        .next()
+        .and_then(ImageFormat::from_extension)
+        .map(|f| f.to_mime_type())
+        .unwrap_or("application/octet-stream")
 }
 
 /// The colour of a risk level: 高 red, 中 orange, 低 gold, unknown grey.

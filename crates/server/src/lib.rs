@@ -58,7 +58,9 @@ use axum::{
 use inspector_detect::Detector;
 use inspector_store::{RuleFilter, RuleStore, SqliteStore};
 use tokio::sync::oneshot;
-use tower_http::{cors::CorsLayer, set_header::SetResponseHeaderLayer};
+use tower_http::{
+    cors::CorsLayer, set_header::SetResponseHeaderLayer, timeout::RequestBodyTimeoutLayer,
+};
 use utoipa::OpenApi;
 
 use crate::{
@@ -67,6 +69,9 @@ use crate::{
     metrics::{Metrics, RequestLabels, RouteLabels},
     worker::{BatchConfig, Job, SharedRules, WorkerContext},
 };
+
+/// How long a request body may take to arrive.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Settings of a server.
 #[derive(Debug, Clone)]
@@ -128,6 +133,8 @@ pub struct Inner {
     pub rules: Arc<SharedRules>,
     ready: Arc<AtomicBool>,
     pub model_name: String,
+    /// Drawing boxes decodes a whole photo (up to 100 MP): two at a time.
+    pub drawing: tokio::sync::Semaphore,
 }
 
 /// The handlers' state.
@@ -275,7 +282,15 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    // A fixed set: invented methods must not create series.
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+    .to_string();
     let started = Instant::now();
     let response = next.run(req).await;
     let m = &state.inner.metrics;
@@ -340,7 +355,9 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::authenticate,
         ))
-        .layer(DefaultBodyLimit::max(config.max_body));
+        .layer(DefaultBodyLimit::max(config.max_body))
+        // A client that trickles its body cannot hold a connection (and a shutdown) forever.
+        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT));
     for (name, value) in security_headers {
         app = app.layer(SetResponseHeaderLayer::overriding(
             name,
@@ -417,6 +434,7 @@ impl Server {
             inner: Arc::new(Inner {
                 limiter: Limiter::new(config.rate_per_minute),
                 model_name: "safety-inspector".into(),
+                drawing: tokio::sync::Semaphore::new(2),
                 config,
                 reader: Mutex::new(reader),
                 queue: Mutex::new(Some(tx)),
@@ -462,6 +480,13 @@ impl Server {
             worker,
             loaded,
         } = self;
+        let local = listener
+            .local_addr()
+            .context("reading the listening address")?;
+        anyhow::ensure!(
+            state.inner.config.require_keys || local.ip().is_loopback(),
+            "{local} is not a loopback address: API keys must be required"
+        );
         let app = router(state.clone());
         // A model that fails to load stops the server.
         let (failed_tx, failed_rx) = oneshot::channel::<String>();
@@ -471,24 +496,33 @@ impl Server {
             }
         });
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let stopping = Arc::new(tokio::sync::Notify::new());
         let load_error = Arc::new(Mutex::new(None));
-        let load_error2 = load_error.clone();
+        let (load_error2, stopping2) = (load_error.clone(), stopping.clone());
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown => {}
                 Ok(e) = failed_rx => { *load_error2.lock().expect("lock") = Some(e); }
             }
+            stopping2.notify_one();
             let _ = stop_tx.send(());
         });
-        axum::serve(
+        let serving = axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(async {
             let _ = stop_rx.await;
-        })
-        .await
-        .context("serving")?;
+        });
+        // Requests in flight get their full timeout (and a body its own) to finish; a client
+        // that holds its connection longer does not hold the shutdown.
+        let grace = state.inner.config.request_timeout + BODY_TIMEOUT;
+        tokio::select! {
+            served = serving => served.context("serving")?,
+            _ = async { stopping.notified().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("connections still open {} s after shutdown began; closing", grace.as_secs());
+            }
+        }
         // Every connection has finished: close the queue and let the worker drain it.
         state.inner.queue.lock().expect("queue lock").take();
         tokio::task::spawn_blocking(move || worker.join())

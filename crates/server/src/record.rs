@@ -5,7 +5,7 @@ use inspector_detect::Finding;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::{error::ApiError, worker::risk_name};
+use crate::error::ApiError;
 
 /// A stored inspection.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -79,7 +79,7 @@ impl InspectionRecord {
                     "rule_id": v.resolved.as_ref().map(|r| &r.id),
                     "rule_text": v.resolved.as_ref().map(|r| &r.text),
                     "verified": v.verified,
-                    "risk_level": v.risk.map(|r| format!("{}风险", risk_name(r))),
+                    "risk_level": v.risk.map(|r| format!("{}风险", r.as_str())),
                     "suggestion": v.suggestion,
                     "box": v.bbox,
                 })

@@ -8,6 +8,7 @@
 //! finishes what is queued and exits.
 
 use std::{
+    panic::{AssertUnwindSafe, catch_unwind},
     path::PathBuf,
     sync::{
         Arc, RwLock,
@@ -17,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use inspector_core::{Risk, Rule};
+use inspector_core::{Risk, Rule, reply::ReplyStatus};
 use inspector_detect::{ChatAnswer, Detector, Finding, Input};
 use inspector_store::{InspectionViolation, NewInspection, SqliteStore};
 use tokio::sync::oneshot;
@@ -151,26 +152,33 @@ pub fn run(
                         bytes,
                     })
                     .collect();
-                let answer = detector
-                    .chat(
+                let answer = catch_unwind(AssertUnwindSafe(|| {
+                    detector.chat(
                         &job.messages,
                         &inputs,
                         job.max_tokens,
                         job.temperature,
                         job.seed,
                     )
-                    .map_err(|e| match e {
-                        inspector_detect::Error::Image { .. } => {
-                            ApiError::unprocessable("corrupt_image", e.to_string())
-                        }
-                        inspector_detect::Error::Qwen(inspector_qwen2vl_error) => {
-                            ApiError::unprocessable(
-                                "invalid_messages",
-                                inspector_qwen2vl_error.to_string(),
-                            )
-                        }
-                        other => ApiError::internal(other.to_string()),
-                    });
+                }))
+                .unwrap_or_else(|_| {
+                    Err(inspector_detect::Error::Model {
+                        path: PathBuf::new(),
+                        message: "the model failed on this request".into(),
+                    })
+                })
+                .map_err(|e| match e {
+                    inspector_detect::Error::Image { .. } => {
+                        ApiError::unprocessable("corrupt_image", e.to_string())
+                    }
+                    inspector_detect::Error::Qwen(inspector_qwen2vl_error) => {
+                        ApiError::unprocessable(
+                            "invalid_messages",
+                            inspector_qwen2vl_error.to_string(),
+                        )
+                    }
+                    other => ApiError::internal(other.to_string()),
+                });
                 let _ = job.reply.send(answer);
             }
             Job::Inspect(first) => {
@@ -227,7 +235,21 @@ fn inspect_batch(
         })
         .collect();
     let cache = ctx.use_cache.then_some(&ctx.store);
-    let results = detector.inspect(&inputs, rules, cache, batch.len(), |_| {});
+    // A panic in the model answers this batch with 500s; the worker goes on.
+    let results = match catch_unwind(AssertUnwindSafe(|| {
+        detector.inspect(&inputs, rules, cache, batch.len(), |_| {})
+    })) {
+        Ok(results) => results,
+        Err(_) => {
+            tracing::error!("the model panicked on a batch of {}", batch.len());
+            for job in batch {
+                let _ = job
+                    .reply
+                    .send(Err(ApiError::internal("the model failed on this photo")));
+            }
+            return;
+        }
+    };
     for ((job, input), result) in batch.into_iter().zip(inputs).zip(results) {
         let reply = match result {
             Ok(finding) => persist(ctx, &job, &input.bytes, finding, detector),
@@ -262,17 +284,19 @@ fn persist(
     let now = chrono::Utc::now();
     let created_ms = now.timestamp_millis();
     let id = new_id(created_ms);
-    let status = serde_json::to_value(finding.status)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let status = match finding.status {
+        ReplyStatus::Safe => "safe",
+        ReplyStatus::Violation => "violation",
+        ReplyStatus::Unparsed => "unparsed",
+    }
+    .to_string();
     let violations: Vec<InspectionViolation> = finding
         .violations
         .iter()
         .map(|v| InspectionViolation {
             rule_id: v.resolved.as_ref().map(|r| r.id.clone()),
             citation: v.rule.clone(),
-            risk: v.risk.map(risk_name),
+            risk: v.risk.map(|r| r.as_str().to_string()),
         })
         .collect();
     let row = NewInspection {
@@ -293,7 +317,7 @@ fn persist(
         .get_or_create(&StatusLabels { status })
         .inc();
     for v in &finding.violations {
-        let risk = v.risk.map(risk_name).unwrap_or_else(|| "unknown".into());
+        let risk = v.risk.map_or("unknown", Risk::as_str).to_string();
         ctx.metrics
             .violations
             .get_or_create(&RiskLabels { risk })
@@ -306,14 +330,4 @@ fn persist(
         job.source.clone(),
         finding,
     ))
-}
-
-/// 高, 中 or 低.
-pub fn risk_name(r: Risk) -> String {
-    match r {
-        Risk::High => "高",
-        Risk::Medium => "中",
-        Risk::Low => "低",
-    }
-    .to_string()
 }
