@@ -642,6 +642,26 @@ fn the_web_page_uploads_a_photo_and_shows_its_boxes_in_chromium() {
     std::fs::create_dir_all(&artifacts).unwrap();
     let path = artifacts.join("serve-page.png");
     std::fs::write(&path, &png).unwrap();
+    // Chinese by default; the toggle switches the page to English.
+    let text = |css: &str| -> String {
+        let id = find(css).unwrap_or_else(|| panic!("no {css}"));
+        call(
+            "GET",
+            &p(&format!("/element/{id}/text")),
+            serde_json::json!({}),
+        )
+        .as_str()
+        .unwrap()
+        .to_string()
+    };
+    assert_eq!(text("#tab-inspect"), "检测");
+    let toggle = find("#lang-toggle").expect("a language toggle");
+    call(
+        "POST",
+        &p(&format!("/element/{toggle}/click")),
+        serde_json::json!({}),
+    );
+    assert_eq!(text("#tab-inspect"), "Inspect");
     call("DELETE", &p(""), serde_json::json!({}));
     let _ = driver.kill();
     let _ = driver.wait();
