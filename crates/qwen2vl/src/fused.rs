@@ -543,3 +543,322 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         },
     )
 }
+
+// ---------------------------------------------------------------------------------------------
+// Attention: softmax(scale · Q Kᵀ + mask) V, skipping the keys a block of queries cannot see.
+
+/// Query rows per block.
+const ATTN_BLOCK: usize = 64;
+
+/// `mask` is the additive mask `[B, 1, S, T]` (0 or a large negative), `limits[b·S + r]` the
+/// number of leading keys row `r` of batch `b` may see beyond which it sees none (T for a row
+/// that sees nothing, so that it averages every key as the composite does).
+struct Attention {
+    scale: f32,
+    mask: std::sync::Arc<Vec<f32>>,
+    limits: std::sync::Arc<Vec<usize>>,
+    heads: usize,
+}
+
+/// `C[m×n] = alpha·C + beta·A·B` on row-major slices given by strides (gemm crate, one thread:
+/// the callers are already parallel over heads).
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    (c_rs, c_cs): (usize, usize),
+    accumulate: bool,
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    beta: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    debug_assert!(c.len() > (m - 1) * c_rs + (n - 1) * c_cs);
+    debug_assert!(k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    debug_assert!(k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    // SAFETY: the slices cover every element the strides address (checked above in debug
+    // builds, and by construction in the callers).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            c_cs as isize,
+            c_rs as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+impl Attention {
+    /// Probabilities of query rows `r0..r0+rows` of head slice `(q, k)` in batch `b` over the
+    /// first `kend` keys, into `p` (`rows × kend`).
+    #[allow(clippy::too_many_arguments)]
+    fn probs(
+        &self,
+        b: usize,
+        r0: usize,
+        rows: usize,
+        kend: usize,
+        (s, t, d): (usize, usize, usize),
+        q: &[f32],
+        k: &[f32],
+        p: &mut [f32],
+    ) {
+        gemm_f32(
+            rows,
+            kend,
+            d,
+            p,
+            (kend, 1),
+            false,
+            &q[r0 * d..],
+            (d, 1),
+            k,
+            (1, d),
+            self.scale,
+        );
+        for i in 0..rows {
+            let mrow = &self.mask[(b * s + r0 + i) * t..][..kend];
+            let row = &mut p[i * kend..(i + 1) * kend];
+            let mut max = f32::NEG_INFINITY;
+            for (x, m) in row.iter_mut().zip(mrow) {
+                *x += m;
+                max = max.max(*x);
+            }
+            let mut sum = 0f32;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+
+    /// The keys a block of rows needs: the largest limit among them.
+    fn kend(&self, b: usize, s: usize, r0: usize, rows: usize) -> usize {
+        self.limits[b * s + r0..b * s + r0 + rows]
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = f32s(s1, l1, "attention")?;
+        let k = f32s(s2, l2, "attention")?;
+        let v = f32s(s3, l3, "attention")?;
+        let (_, h, s, d) = l1.shape().dims4()?;
+        let t = l2.dims()[2];
+        let mut out = vec![0f32; q.len()];
+        out.par_chunks_mut(s * d)
+            .enumerate()
+            .for_each(|(bh, o)| {
+                let b = bh / h;
+                let (q, k, v) = (
+                    &q[bh * s * d..][..s * d],
+                    &k[bh * t * d..][..t * d],
+                    &v[bh * t * d..][..t * d],
+                );
+                let mut p = vec![0f32; ATTN_BLOCK * t];
+                for r0 in (0..s).step_by(ATTN_BLOCK) {
+                    let rows = ATTN_BLOCK.min(s - r0);
+                    let kend = self.kend(b, s, r0, rows);
+                    self.probs(b, r0, rows, kend, (s, t, d), q, k, &mut p);
+                    gemm_f32(
+                        rows,
+                        d,
+                        kend,
+                        &mut o[r0 * d..],
+                        (d, 1),
+                        false,
+                        &p,
+                        (kend, 1),
+                        v,
+                        (d, 1),
+                        1.0,
+                    );
+                }
+            });
+        debug_assert_eq!(self.heads, h);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (bsz, h, s, d) = q.dims4()?;
+        let t = k.dim(2)?;
+        let flat = |x: &Tensor| -> Result<Vec<f32>> { x.flatten_all()?.to_vec1::<f32>() };
+        let (qv, kv, vv, ov, gv) = (flat(q)?, flat(k)?, flat(v)?, flat(o)?, flat(g)?);
+        let mut dq = vec![0f32; qv.len()];
+        let mut dk = vec![0f32; kv.len()];
+        let mut dv = vec![0f32; vv.len()];
+        dq.par_chunks_mut(s * d)
+            .zip(dk.par_chunks_mut(t * d))
+            .zip(dv.par_chunks_mut(t * d))
+            .enumerate()
+            .for_each(|(bh, ((dq, dk), dv))| {
+                let b = bh / h;
+                let (q, k, v) = (
+                    &qv[bh * s * d..][..s * d],
+                    &kv[bh * t * d..][..t * d],
+                    &vv[bh * t * d..][..t * d],
+                );
+                let (o, g) = (&ov[bh * s * d..][..s * d], &gv[bh * s * d..][..s * d]);
+                let mut p = vec![0f32; ATTN_BLOCK * t];
+                let mut dp = vec![0f32; ATTN_BLOCK * t];
+                for r0 in (0..s).step_by(ATTN_BLOCK) {
+                    let rows = ATTN_BLOCK.min(s - r0);
+                    let kend = self.kend(b, s, r0, rows);
+                    self.probs(b, r0, rows, kend, (s, t, d), q, k, &mut p);
+                    let g_blk = &g[r0 * d..(r0 + rows) * d];
+                    // dP = dO Vᵀ
+                    gemm_f32(
+                        rows,
+                        kend,
+                        d,
+                        &mut dp,
+                        (kend, 1),
+                        false,
+                        g_blk,
+                        (d, 1),
+                        v,
+                        (1, d),
+                        1.0,
+                    );
+                    // dS = scale · P ⊙ (dP − rowsum(dO ⊙ O))
+                    for i in 0..rows {
+                        let r = r0 + i;
+                        let delta: f32 = g[r * d..(r + 1) * d]
+                            .iter()
+                            .zip(&o[r * d..(r + 1) * d])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        let (pr, dpr) = (&p[i * kend..][..kend], &mut dp[i * kend..][..kend]);
+                        for (x, y) in dpr.iter_mut().zip(pr) {
+                            *x = self.scale * y * (*x - delta);
+                        }
+                    }
+                    // dQ = dS K
+                    gemm_f32(
+                        rows,
+                        d,
+                        kend,
+                        &mut dq[r0 * d..],
+                        (d, 1),
+                        false,
+                        &dp,
+                        (kend, 1),
+                        k,
+                        (d, 1),
+                        1.0,
+                    );
+                    // dK += dSᵀ Q, dV += Pᵀ dO
+                    gemm_f32(
+                        kend,
+                        d,
+                        rows,
+                        dk,
+                        (d, 1),
+                        true,
+                        &dp,
+                        (1, kend),
+                        &q[r0 * d..],
+                        (d, 1),
+                        1.0,
+                    );
+                    gemm_f32(
+                        kend,
+                        d,
+                        rows,
+                        dv,
+                        (d, 1),
+                        true,
+                        &p,
+                        (1, kend),
+                        g_blk,
+                        (d, 1),
+                        1.0,
+                    );
+                }
+            });
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, (bsz, h, s, d), dev)?),
+            Some(Tensor::from_vec(dk, (bsz, h, t, d), dev)?),
+            Some(Tensor::from_vec(dv, (bsz, h, t, d), dev)?),
+        ))
+    }
+}
+
+/// `softmax(scale · q kᵀ + mask) v` for `q` `[B, H, S, D]`, `k`, `v` `[B, H, T, D]` (f32, CPU)
+/// and the additive mask `[B, 1, S, T]`, which gets no gradient. Keys that every query of a
+/// block masks are skipped (the upper triangle of a causal mask), and the probabilities are
+/// recomputed in the backward pass instead of kept.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, s, _) = q.dims4()?;
+    let t = k.dim(2)?;
+    if mask.dims() != [b, 1, s, t] {
+        bail!("fused attention: mask {:?} for q {:?}, k {:?}", mask.dims(), q.dims(), k.dims())
+    }
+    let mask = mask.flatten_all()?.to_vec1::<f32>()?;
+    // A row sees keys up to its last unmasked one; a row that sees none takes them all.
+    let visible = f32::MIN / 2.0;
+    let limits = mask
+        .chunks(t)
+        .map(|row| match row.iter().rposition(|&m| m > visible) {
+            Some(j) => j + 1,
+            None => t,
+        })
+        .collect();
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Attention {
+            scale: scale as f32,
+            mask: std::sync::Arc::new(mask),
+            limits: std::sync::Arc::new(limits),
+            heads: h,
+        },
+    )
+}

@@ -9,6 +9,7 @@ use crate::proj::Ctx;
 
 use crate::{
     config::TextConfig,
+    fused,
     ops::{RmsNorm, apply_rotary, softmax_f32},
 };
 
@@ -153,10 +154,15 @@ impl Attention {
         let k = repeat_kv(&k.to_dtype(DType::F32)?, groups)?;
         let v = repeat_kv(&v.to_dtype(DType::F32)?, groups)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = scores.broadcast_add(mask)?;
-        let probs = softmax_f32(&scores, DType::F32)?;
-        let out = probs.matmul(&v)?; // [B, heads, S, hd]
+        let out = if fused::applies(&q) && fused::applies(mask) {
+            // One op forward and backward that skips masked key blocks.
+            fused::attention(&q, &k, &v, mask, scale)?
+        } else {
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let scores = scores.broadcast_add(mask)?;
+            let probs = softmax_f32(&scores, DType::F32)?;
+            probs.matmul(&v)?
+        }; // [B, heads, S, hd]
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.num_heads * self.head_dim))?;

@@ -158,3 +158,42 @@ fn non_f32_input_is_refused_by_the_kernels_and_routed_around_by_the_ops() {
     let y = inspector_qwen2vl::ops::softmax_f32(&x, DType::BF16).unwrap();
     assert_eq!(y.dtype(), DType::BF16);
 }
+
+/// A causal mask with left padding `[B, 1, S, T]` (T = past + S), as the decoder builds it.
+fn causal_mask(pads: &[usize], s: usize, past: usize) -> Tensor {
+    let t = past + s;
+    let mut m = Vec::with_capacity(pads.len() * s * t);
+    for &pad in pads {
+        for i in 0..s {
+            for j in 0..t {
+                let visible = j <= past + i && j >= pad;
+                m.push(if visible { 0.0 } else { f32::MIN });
+            }
+        }
+    }
+    Tensor::from_vec(m, (pads.len(), 1, s, t), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn attention_matches_the_composite_op() {
+    // 150 queries: three blocks of 64, the last one short; batch row 1 is left-padded, so its
+    // first 7 queries see nothing (the composite averages every key there; so must we).
+    for (s, past) in [(150, 0), (5, 40), (1, 77)] {
+        let t = past + s;
+        let mask = causal_mask(&[0, 7], s, past);
+        let scale = 1.0 / (24f64).sqrt();
+        check(
+            &format!("attention S={s} past={past}"),
+            &[
+                randn(&[2, 3, s, 24], 11),
+                randn(&[2, 3, t, 24], 12),
+                randn(&[2, 3, t, 24], 13),
+            ],
+            |x| fused::attention(&x[0], &x[1], &x[2], &mask, scale),
+            |x| {
+                let scores = (x[0].matmul(&x[1].t()?)? * scale)?.broadcast_add(&mask)?;
+                candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&x[2])
+            },
+        );
+    }
+}
