@@ -685,35 +685,33 @@ impl CustomOp3 for Attention {
         let (_, h, s, d) = l1.shape().dims4()?;
         let t = l2.dims()[2];
         let mut out = vec![0f32; q.len()];
-        out.par_chunks_mut(s * d)
-            .enumerate()
-            .for_each(|(bh, o)| {
-                let b = bh / h;
-                let (q, k, v) = (
-                    &q[bh * s * d..][..s * d],
-                    &k[bh * t * d..][..t * d],
-                    &v[bh * t * d..][..t * d],
+        out.par_chunks_mut(s * d).enumerate().for_each(|(bh, o)| {
+            let b = bh / h;
+            let (q, k, v) = (
+                &q[bh * s * d..][..s * d],
+                &k[bh * t * d..][..t * d],
+                &v[bh * t * d..][..t * d],
+            );
+            let mut p = vec![0f32; ATTN_BLOCK * t];
+            for r0 in (0..s).step_by(ATTN_BLOCK) {
+                let rows = ATTN_BLOCK.min(s - r0);
+                let kend = self.kend(b, s, r0, rows);
+                self.probs(b, r0, rows, kend, (s, t, d), q, k, &mut p);
+                gemm_f32(
+                    rows,
+                    d,
+                    kend,
+                    &mut o[r0 * d..],
+                    (d, 1),
+                    false,
+                    &p,
+                    (kend, 1),
+                    v,
+                    (d, 1),
+                    1.0,
                 );
-                let mut p = vec![0f32; ATTN_BLOCK * t];
-                for r0 in (0..s).step_by(ATTN_BLOCK) {
-                    let rows = ATTN_BLOCK.min(s - r0);
-                    let kend = self.kend(b, s, r0, rows);
-                    self.probs(b, r0, rows, kend, (s, t, d), q, k, &mut p);
-                    gemm_f32(
-                        rows,
-                        d,
-                        kend,
-                        &mut o[r0 * d..],
-                        (d, 1),
-                        false,
-                        &p,
-                        (kend, 1),
-                        v,
-                        (d, 1),
-                        1.0,
-                    );
-                }
-            });
+            }
+        });
         debug_assert_eq!(self.heads, h);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -839,7 +837,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
     let (b, h, s, _) = q.dims4()?;
     let t = k.dim(2)?;
     if mask.dims() != [b, 1, s, t] {
-        bail!("fused attention: mask {:?} for q {:?}, k {:?}", mask.dims(), q.dims(), k.dims())
+        bail!(
+            "fused attention: mask {:?} for q {:?}, k {:?}",
+            mask.dims(),
+            q.dims(),
+            k.dims()
+        )
     }
     let mask = mask.flatten_all()?.to_vec1::<f32>()?;
     // A row sees keys up to its last unmasked one; a row that sees none takes them all.
