@@ -555,9 +555,21 @@ const ATTN_BLOCK: usize = 64;
 /// that sees nothing, so that it averages every key as the composite does).
 struct Attention {
     scale: f32,
-    mask: std::sync::Arc<Vec<f32>>,
-    limits: std::sync::Arc<Vec<usize>>,
+    mask: Tensor,
+    limits: Vec<usize>,
     heads: usize,
+}
+
+/// The data of a contiguous f32 CPU tensor's storage (borrowed, not copied).
+fn storage_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(cpu) => f32s(cpu, layout, what),
+        _ => bail!("fused {what}: expected a CPU tensor"),
+    }
 }
 
 /// `C[m×n] = alpha·C + beta·A·B` on row-major slices given by strides (gemm crate, one thread:
@@ -622,6 +634,7 @@ impl Attention {
         (s, t, d): (usize, usize, usize),
         q: &[f32],
         k: &[f32],
+        mask: &[f32],
         p: &mut [f32],
     ) {
         gemm_f32(
@@ -638,7 +651,7 @@ impl Attention {
             self.scale,
         );
         for i in 0..rows {
-            let mrow = &self.mask[(b * s + r0 + i) * t..][..kend];
+            let mrow = &mask[(b * s + r0 + i) * t..][..kend];
             let row = &mut p[i * kend..(i + 1) * kend];
             let mut max = f32::NEG_INFINITY;
             for (x, m) in row.iter_mut().zip(mrow) {
@@ -684,6 +697,8 @@ impl CustomOp3 for Attention {
         let v = f32s(s3, l3, "attention")?;
         let (_, h, s, d) = l1.shape().dims4()?;
         let t = l2.dims()[2];
+        let (ms, ml) = self.mask.storage_and_layout();
+        let mask = storage_f32(&ms, ml, "attention mask")?;
         let mut out = vec![0f32; q.len()];
         out.par_chunks_mut(s * d).enumerate().for_each(|(bh, o)| {
             let b = bh / h;
@@ -696,7 +711,7 @@ impl CustomOp3 for Attention {
             for r0 in (0..s).step_by(ATTN_BLOCK) {
                 let rows = ATTN_BLOCK.min(s - r0);
                 let kend = self.kend(b, s, r0, rows);
-                self.probs(b, r0, rows, kend, (s, t, d), q, k, &mut p);
+                self.probs(b, r0, rows, kend, (s, t, d), q, k, mask, &mut p);
                 gemm_f32(
                     rows,
                     d,
@@ -726,8 +741,21 @@ impl CustomOp3 for Attention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (bsz, h, s, d) = q.dims4()?;
         let t = k.dim(2)?;
-        let flat = |x: &Tensor| -> Result<Vec<f32>> { x.flatten_all()?.to_vec1::<f32>() };
-        let (qv, kv, vv, ov, gv) = (flat(q)?, flat(k)?, flat(v)?, flat(o)?, flat(g)?);
+        let g = g.contiguous()?;
+        let w = "attention backward";
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (os, ol) = o.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (ms, ml) = self.mask.storage_and_layout();
+        let (qv, kv, vv) = (
+            storage_f32(&qs, ql, w)?,
+            storage_f32(&ks, kl, w)?,
+            storage_f32(&vs, vl, w)?,
+        );
+        let (ov, gv) = (storage_f32(&os, ol, w)?, storage_f32(&gs, gl, w)?);
+        let mask = storage_f32(&ms, ml, w)?;
         let mut dq = vec![0f32; qv.len()];
         let mut dk = vec![0f32; kv.len()];
         let mut dv = vec![0f32; vv.len()];
@@ -748,7 +776,7 @@ impl CustomOp3 for Attention {
                 for r0 in (0..s).step_by(ATTN_BLOCK) {
                     let rows = ATTN_BLOCK.min(s - r0);
                     let kend = self.kend(b, s, r0, rows);
-                    self.probs(b, r0, rows, kend, (s, t, d), q, k, &mut p);
+                    self.probs(b, r0, rows, kend, (s, t, d), q, k, mask, &mut p);
                     let g_blk = &g[r0 * d..(r0 + rows) * d];
                     // dP = dO Vᵀ
                     gemm_f32(
@@ -844,23 +872,26 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
             k.dims()
         )
     }
-    let mask = mask.flatten_all()?.to_vec1::<f32>()?;
+    let mask = mask.contiguous()?;
     // A row sees keys up to its last unmasked one; a row that sees none takes them all.
     let visible = f32::MIN / 2.0;
-    let limits = mask
-        .chunks(t)
-        .map(|row| match row.iter().rposition(|&m| m > visible) {
-            Some(j) => j + 1,
-            None => t,
-        })
-        .collect();
+    let limits: Vec<usize> = {
+        let (ms, ml) = mask.storage_and_layout();
+        storage_f32(&ms, ml, "attention mask")?
+            .chunks(t)
+            .map(|row| match row.iter().rposition(|&m| m > visible) {
+                Some(j) => j + 1,
+                None => t,
+            })
+            .collect()
+    };
     q.contiguous()?.apply_op3(
         &k.contiguous()?,
         &v.contiguous()?,
         Attention {
             scale: scale as f32,
-            mask: std::sync::Arc::new(mask),
-            limits: std::sync::Arc::new(limits),
+            mask,
+            limits,
             heads: h,
         },
     )
