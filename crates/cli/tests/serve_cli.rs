@@ -120,16 +120,12 @@ fn post(url: &str, content_type: &str, body: &[u8]) -> (u16, String) {
     )
 }
 
+#[path = "../../server/tests/common/multipart.rs"]
+mod multipart_body;
+
+/// A multipart body with one file field.
 fn multipart(field: &str, filename: &str, bytes: &[u8]) -> (String, Vec<u8>) {
-    let boundary = "----serve-cli-test-boundary";
-    let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n\
-         Content-Type: image/png\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(bytes);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
+    multipart_body::multipart(&[(field, Some(filename), bytes)])
 }
 
 fn inspect(server: &Running, i: usize) -> (u16, String) {
@@ -159,42 +155,9 @@ fn files(dir: &Path) -> Vec<String> {
     out
 }
 
-/// A small PNG declaring `w`×`h`: a valid IHDR, one tiny IDAT and IEND.
-fn png_declaring(w: u32, h: u32) -> Vec<u8> {
-    let crc32 = |bytes: &[u8]| {
-        let mut crc = 0xffff_ffffu32;
-        for &b in bytes {
-            crc ^= b as u32;
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xedb8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    };
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut ihdr = w.to_be_bytes().to_vec();
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    for (kind, data) in [
-        (b"IHDR", ihdr),
-        (
-            b"IDAT",
-            vec![0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
-        ),
-        (b"IEND", vec![]),
-    ] {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let mut chunk = kind.to_vec();
-        chunk.extend_from_slice(&data);
-        out.extend_from_slice(&chunk);
-        out.extend_from_slice(&crc32(&chunk).to_be_bytes());
-    }
-    out
-}
+#[path = "../../imaging/tests/support/png_bomb.rs"]
+mod png_bomb;
+use png_bomb::png_declaring;
 
 #[test]
 fn the_bad_input_battery_gets_4xx_json_and_the_server_stays_up() {

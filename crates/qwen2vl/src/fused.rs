@@ -557,7 +557,6 @@ struct Attention {
     scale: f32,
     mask: Tensor,
     limits: Vec<usize>,
-    heads: usize,
 }
 
 /// The data of a contiguous f32 CPU tensor's storage (borrowed, not copied).
@@ -727,7 +726,6 @@ impl CustomOp3 for Attention {
                 );
             }
         });
-        debug_assert_eq!(self.heads, h);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -862,7 +860,7 @@ impl CustomOp3 for Attention {
 /// block masks are skipped (the upper triangle of a causal mask), and the probabilities are
 /// recomputed in the backward pass instead of kept.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, s, _) = q.dims4()?;
+    let (b, _, s, _) = q.dims4()?;
     let t = k.dim(2)?;
     if mask.dims() != [b, 1, s, t] {
         bail!(
@@ -892,7 +890,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
             scale: scale as f32,
             mask,
             limits,
-            heads: h,
         },
     )
 }

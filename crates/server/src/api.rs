@@ -805,7 +805,7 @@ pub async fn chat_completions(
         "id": format!("chatcmpl-{}", crate::worker::new_id(created * 1000)),
         "object": "chat.completion",
         "created": created,
-        "model": req.model.unwrap_or_else(|| state.inner.model_name.clone()),
+        "model": req.model.unwrap_or_else(|| crate::MODEL_NAME.to_string()),
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": answer.text},
@@ -836,7 +836,7 @@ pub async fn health() -> Json<serde_json::Value> {
     responses((status = 200), (status = 503, body = ErrorBody)))]
 pub async fn ready(State(state): State<AppState>) -> Response {
     if state.is_ready() {
-        Json(serde_json::json!({"ready": true, "model": state.inner.model_name})).into_response()
+        Json(serde_json::json!({"ready": true, "model": crate::MODEL_NAME})).into_response()
     } else {
         ApiError::unavailable("not_ready", "the model is loading", 5).into_response()
     }

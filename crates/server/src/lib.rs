@@ -70,6 +70,9 @@ use crate::{
     worker::{BatchConfig, Job, SharedRules, WorkerContext},
 };
 
+/// The model name `/ready` and chat completions report.
+pub const MODEL_NAME: &str = "safety-inspector";
+
 /// How long a request body may take to arrive.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -132,7 +135,6 @@ pub struct Inner {
     pub limiter: Limiter,
     pub rules: Arc<SharedRules>,
     ready: Arc<AtomicBool>,
-    pub model_name: String,
     /// Drawing boxes decodes a whole photo (up to 100 MP): two at a time.
     pub drawing: tokio::sync::Semaphore,
 }
@@ -433,7 +435,6 @@ impl Server {
         let state = AppState {
             inner: Arc::new(Inner {
                 limiter: Limiter::new(config.rate_per_minute),
-                model_name: "safety-inspector".into(),
                 drawing: tokio::sync::Semaphore::new(2),
                 config,
                 reader: Mutex::new(reader),
