@@ -208,9 +208,12 @@ impl Module for Linear {
         let xf = x.to_dtype(DType::F32)?;
         let xf = br.lora.dropout(&xf)?;
         let down = candle_nn::Linear::new(br.a.as_tensor().clone(), None).forward(&xf)?;
+        // Scaling the r-wide product instead of the output saves a pass over `[.., out]`
+        // forward and backward.
+        let down = (down * br.scaling)?;
         let up = candle_nn::Linear::new(br.b.as_tensor().clone(), None).forward(&down)?;
         let dtype = y.dtype();
-        y + (up * br.scaling)?.to_dtype(dtype)?
+        y + up.to_dtype(dtype)?
     }
 }
 
@@ -346,12 +349,21 @@ impl Lora {
         }
         let n = x.elem_count();
         let keep = 1.0 / (1.0 - p);
-        let mask: Vec<f32> = {
-            let mut rng = self.shared.rng.lock().expect("lock");
-            (0..n)
-                .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
-                .collect()
-        };
+        // One 32-bit word per element, drawn in bulk; each decides as `rng.random::<f32>() < p`
+        // would (its top 24 bits, scaled to [0, 1)), so the stream and the masks are those of
+        // drawing one float per element.
+        let mut words = vec![0u32; n];
+        self.shared.rng.lock().expect("lock").fill(&mut words[..]);
+        let mask: Vec<f32> = words
+            .iter()
+            .map(|&w| {
+                if ((w >> 8) as f32) * (1.0 / 16_777_216.0) < p {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
         x * Tensor::from_vec(mask, x.shape(), x.device())?
     }
 

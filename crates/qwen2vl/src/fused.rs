@@ -12,6 +12,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::vmath;
+
 /// Rows per rayon task: enough work per task that scheduling costs stay small.
 fn rows_per_task(row: usize) -> usize {
     (16_384 / row.max(1)).max(1)
@@ -51,13 +53,8 @@ impl CustomOp1 for Softmax {
             .zip(x.par_chunks(chunk))
             .for_each(|(y, x)| {
                 for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = (x - max).exp();
-                        sum += *y;
-                    }
-                    let inv = 1.0 / sum;
+                    let max = vmath::max(x);
+                    let inv = 1.0 / vmath::exp_sub_sum_into(y, x, max);
                     y.iter_mut().for_each(|y| *y *= inv);
                 }
             });
@@ -366,10 +363,6 @@ struct ScaledSilu {
     alpha: f32,
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 impl CustomOp1 for ScaledSilu {
     fn name(&self) -> &'static str {
         "fused-silu"
@@ -381,9 +374,7 @@ impl CustomOp1 for ScaledSilu {
         y.par_chunks_mut(16_384)
             .zip(x.par_chunks(16_384))
             .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = x * sigmoid(self.alpha * x);
-                }
+                vmath::silu_into(y, x, self.alpha);
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -419,10 +410,7 @@ impl CustomOp2 for ScaledSiluBwd {
         dx.par_chunks_mut(16_384)
             .zip(x.par_chunks(16_384).zip(g.par_chunks(16_384)))
             .for_each(|(dx, (x, g))| {
-                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                    let s = sigmoid(self.alpha * x);
-                    *dx = g * (s + self.alpha * x * s * (1.0 - s));
-                }
+                vmath::silu_bwd_into(dx, x, g, self.alpha);
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
@@ -652,17 +640,8 @@ impl Attention {
         for i in 0..rows {
             let mrow = &mask[(b * s + r0 + i) * t..][..kend];
             let row = &mut p[i * kend..(i + 1) * kend];
-            let mut max = f32::NEG_INFINITY;
-            for (x, m) in row.iter_mut().zip(mrow) {
-                *x += m;
-                max = max.max(*x);
-            }
-            let mut sum = 0f32;
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
+            let max = vmath::add_max(row, mrow);
+            let inv = 1.0 / vmath::exp_sub_sum(row, max);
             row.iter_mut().for_each(|x| *x *= inv);
         }
     }

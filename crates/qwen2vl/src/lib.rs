@@ -47,6 +47,7 @@ mod proj;
 pub mod resolve;
 pub mod text;
 pub mod vision;
+pub mod vmath;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
