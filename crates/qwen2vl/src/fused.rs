@@ -541,11 +541,19 @@ const ATTN_BLOCK: usize = 64;
 /// `mask` is the additive mask `[B, 1, S, T]` (0 or a large negative), `limits[b·S + r]` the
 /// number of leading keys row `r` of batch `b` may see beyond which it sees none (T for a row
 /// that sees nothing, so that it averages every key as the composite does).
+/// When the op's inputs need gradients and the probabilities fit in [`ATTN_KEEP_BYTES`], the
+/// forward pass keeps them (`[B·H][S·T]`, block `r0` at `r0·T` with row stride `kend`) for the
+/// backward pass, which otherwise recomputes them.
 struct Attention {
     scale: f32,
     mask: Tensor,
     limits: Vec<usize>,
+    keep: Option<std::sync::Mutex<Vec<f32>>>,
 }
+
+/// The most probability memory one attention op keeps for its backward pass (per layer).
+/// Beyond it (long sequences, many heads) the backward pass recomputes them.
+pub const ATTN_KEEP_BYTES: usize = 128 << 20;
 
 /// The data of a contiguous f32 CPU tensor's storage (borrowed, not copied).
 fn storage_f32<'a>(
@@ -678,18 +686,38 @@ impl CustomOp3 for Attention {
         let (ms, ml) = self.mask.storage_and_layout();
         let mask = storage_f32(&ms, ml, "attention mask")?;
         let mut out = vec![0f32; q.len()];
-        out.par_chunks_mut(s * d).enumerate().for_each(|(bh, o)| {
+        let mut kept = self.keep.as_ref().map(|k| k.lock().expect("lock"));
+        if let Some(kept) = kept.as_mut() {
+            kept.resize(q.len() / d * t, 0.0);
+        }
+        let mut scratch: Vec<&mut [f32]> = match kept.as_mut() {
+            Some(kept) => kept.chunks_mut(s * t).collect(),
+            None => Vec::new(),
+        };
+        let forward_head = |bh: usize, o: &mut [f32], keep: Option<&mut [f32]>| {
             let b = bh / h;
             let (q, k, v) = (
                 &q[bh * s * d..][..s * d],
                 &k[bh * t * d..][..t * d],
                 &v[bh * t * d..][..t * d],
             );
-            let mut p = vec![0f32; ATTN_BLOCK * t];
+            let mut own = Vec::new();
+            let (buf, kept) = match keep {
+                Some(buf) => (buf, true),
+                None => {
+                    own.resize(ATTN_BLOCK * t, 0f32);
+                    (&mut own[..], false)
+                }
+            };
             for r0 in (0..s).step_by(ATTN_BLOCK) {
                 let rows = ATTN_BLOCK.min(s - r0);
                 let kend = self.kend(b, s, r0, rows);
-                self.probs(b, r0, rows, kend, (s, t, d), q, k, mask, &mut p);
+                let p = if kept {
+                    &mut buf[r0 * t..]
+                } else {
+                    &mut buf[..]
+                };
+                self.probs(b, r0, rows, kend, (s, t, d), q, k, mask, p);
                 gemm_f32(
                     rows,
                     d,
@@ -697,14 +725,24 @@ impl CustomOp3 for Attention {
                     &mut o[r0 * d..],
                     (d, 1),
                     false,
-                    &p,
+                    p,
                     (kend, 1),
                     v,
                     (d, 1),
                     1.0,
                 );
             }
-        });
+        };
+        if scratch.is_empty() {
+            out.par_chunks_mut(s * d)
+                .enumerate()
+                .for_each(|(bh, o)| forward_head(bh, o, None));
+        } else {
+            out.par_chunks_mut(s * d)
+                .zip(scratch.par_iter_mut())
+                .enumerate()
+                .for_each(|(bh, (o, keep))| forward_head(bh, o, Some(keep)));
+        }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -733,6 +771,11 @@ impl CustomOp3 for Attention {
         );
         let (ov, gv) = (storage_f32(&os, ol, w)?, storage_f32(&gs, gl, w)?);
         let mask = storage_f32(&ms, ml, w)?;
+        let kept = self
+            .keep
+            .as_ref()
+            .map(|k| std::mem::take(&mut *k.lock().expect("lock")))
+            .filter(|k| k.len() == qv.len() / d * t);
         let mut dq = vec![0f32; qv.len()];
         let mut dk = vec![0f32; kv.len()];
         let mut dv = vec![0f32; vv.len()];
@@ -748,12 +791,19 @@ impl CustomOp3 for Attention {
                     &vv[bh * t * d..][..t * d],
                 );
                 let (o, g) = (&ov[bh * s * d..][..s * d], &gv[bh * s * d..][..s * d]);
-                let mut p = vec![0f32; ATTN_BLOCK * t];
+                let mut own = Vec::new();
                 let mut dp = vec![0f32; ATTN_BLOCK * t];
                 for r0 in (0..s).step_by(ATTN_BLOCK) {
                     let rows = ATTN_BLOCK.min(s - r0);
                     let kend = self.kend(b, s, r0, rows);
-                    self.probs(b, r0, rows, kend, (s, t, d), q, k, mask, &mut p);
+                    let p: &[f32] = match &kept {
+                        Some(kept) => &kept[bh * s * t + r0 * t..][..rows * kend],
+                        None => {
+                            own.resize(ATTN_BLOCK * t, 0f32);
+                            self.probs(b, r0, rows, kend, (s, t, d), q, k, mask, &mut own);
+                            &own
+                        }
+                    };
                     let g_blk = &g[r0 * d..(r0 + rows) * d];
                     // dP = dO Vᵀ
                     gemm_f32(
@@ -817,7 +867,7 @@ impl CustomOp3 for Attention {
                         dv,
                         (d, 1),
                         true,
-                        &p,
+                        p,
                         (1, kend),
                         g_blk,
                         (d, 1),
@@ -836,9 +886,22 @@ impl CustomOp3 for Attention {
 
 /// `softmax(scale · q kᵀ + mask) v` for `q` `[B, H, S, D]`, `k`, `v` `[B, H, T, D]` (f32, CPU)
 /// and the additive mask `[B, 1, S, T]`, which gets no gradient. Keys that every query of a
-/// block masks are skipped (the upper triangle of a causal mask), and the probabilities are
-/// recomputed in the backward pass instead of kept.
+/// block masks are skipped (the upper triangle of a causal mask). When the inputs need
+/// gradients, the probabilities are kept for the backward pass if they take at most
+/// [`ATTN_KEEP_BYTES`] (128 MiB), and recomputed there otherwise.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_keeping(q, k, v, mask, scale, ATTN_KEEP_BYTES)
+}
+
+/// [`attention`] with the memory limit for kept probabilities given (0: always recompute).
+pub fn attention_keeping(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    keep_bytes: usize,
+) -> Result<Tensor> {
     let (b, _, s, _) = q.dims4()?;
     let t = k.dim(2)?;
     if mask.dims() != [b, 1, s, t] {
@@ -862,6 +925,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
             })
             .collect()
     };
+    let (b, h, s, _) = q.dims4()?;
+    let needs_grad = q.track_op() || k.track_op() || v.track_op();
+    let keep =
+        (needs_grad && b * h * s * t * 4 <= keep_bytes).then(|| std::sync::Mutex::new(Vec::new()));
     q.contiguous()?.apply_op3(
         &k.contiguous()?,
         &v.contiguous()?,
@@ -869,6 +936,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
             scale: scale as f32,
             mask,
             limits,
+            keep,
         },
     )
 }

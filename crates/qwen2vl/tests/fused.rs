@@ -178,18 +178,25 @@ fn causal_mask(pads: &[usize], s: usize, past: usize) -> Tensor {
 fn attention_matches_the_composite_op() {
     // 150 queries: three blocks of 64, the last one short; batch row 1 is left-padded, so its
     // first 7 queries see nothing (the composite averages every key there; so must we).
-    for (s, past) in [(150, 0), (5, 40), (1, 77)] {
+    // Both backward paths: probabilities kept from the forward pass, and recomputed.
+    for (s, past, keep) in [
+        (150, 0, usize::MAX),
+        (150, 0, 0),
+        (5, 40, usize::MAX),
+        (5, 40, 0),
+        (1, 77, usize::MAX),
+    ] {
         let t = past + s;
         let mask = causal_mask(&[0, 7], s, past);
         let scale = 1.0 / (24f64).sqrt();
         check(
-            &format!("attention S={s} past={past}"),
+            &format!("attention S={s} past={past} keep={keep}"),
             &[
                 randn(&[2, 3, s, 24], 11),
                 randn(&[2, 3, t, 24], 12),
                 randn(&[2, 3, t, 24], 13),
             ],
-            |x| fused::attention(&x[0], &x[1], &x[2], &mask, scale),
+            |x| fused::attention_keeping(&x[0], &x[1], &x[2], &mask, scale, keep),
             |x| {
                 let scores = (x[0].matmul(&x[1].t()?)? * scale)?.broadcast_add(&mask)?;
                 candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&x[2])
