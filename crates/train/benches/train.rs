@@ -9,7 +9,9 @@
 //! 0.01), clipping at 1.0, batch 2, no accumulation; f32 on CPU.
 //!
 //! Both sides run one warm-up step, then `STEPS` timed steps (forward, backward, clip, AdamW),
-//! and report tokens/s (every position of every sample) and peak RSS.
+//! and report tokens/s (every position of every sample) and peak RSS. The two sides alternate
+//! for `ROUNDS` rounds (each round a fresh trainer and a fresh Python process) and the ratio
+//! is of the median tokens/s: this machine's speed drifts by ±10 % from minute to minute.
 //!
 //! Run: `INSPECTOR_PYTHON=/path/to/venv/bin/python cargo bench -p inspector-train --bench train`
 //! (the venv needs torch, transformers and peft; without it only our side is measured).
@@ -31,6 +33,9 @@ use inspector_train::{
 };
 
 const STEPS: u64 = 10;
+/// Rounds of (ours, theirs), alternating, so that both sides see the same drift in the
+/// machine's speed; the ratio is of the medians.
+const ROUNDS: usize = 3;
 const SAMPLES: usize = 8;
 const SIDE: u32 = 224;
 
@@ -183,7 +188,69 @@ fn main() {
         examples[0].answer_tokens()
     );
 
-    // Ours: the real trainer, timed from the end of the warm-up step to the end of the last.
+    let python = std::env::var("INSPECTOR_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    let mut their_rss = 0f64;
+    for round in 1..=ROUNDS {
+        let (tps, tokens, seconds, params) = run_ours(&dir, examples.clone());
+        println!(
+            "round {round}: inspector (candle):  {tps:8.1} tokens/s  ({tokens} tokens in {seconds:.2} s), {params} LoRA parameters"
+        );
+        ours.push(tps);
+        if let Some(v) = run_theirs(&python, &dir, &inputs) {
+            let tps = v["tokens_per_s"].as_f64().unwrap();
+            their_rss = their_rss.max(v["peak_rss_mb"].as_f64().unwrap());
+            println!(
+                "round {round}: PyTorch + PEFT:      {tps:8.1} tokens/s  ({} tokens in {:.2} s), peak RSS {:.0} MB, {} LoRA parameters; torch {}, transformers {}, peft {}, {} threads",
+                v["tokens"],
+                v["seconds"].as_f64().unwrap(),
+                v["peak_rss_mb"].as_f64().unwrap(),
+                v["trainable_params"],
+                v["torch"],
+                v["transformers"],
+                v["peft"],
+                v["threads"]
+            );
+            println!("round {round}: ratio {:.2}", ours[ours.len() - 1] / tps);
+            theirs.push(tps);
+        }
+    }
+    let ours_rss = peak_rss_mb();
+    let med_ours = median(&ours);
+    println!("inspector (candle):  median {med_ours:8.1} tokens/s over {ROUNDS} rounds, peak RSS {ours_rss:.0} MB");
+    if theirs.is_empty() {
+        println!(
+            "(set INSPECTOR_PYTHON to a venv with torch, transformers and peft for the ratio)"
+        );
+        return;
+    }
+    let med_theirs = median(&theirs);
+    println!(
+        "PyTorch + PEFT:      median {med_theirs:8.1} tokens/s over {} rounds, peak RSS {their_rss:.0} MB",
+        theirs.len()
+    );
+    println!(
+        "ratio inspector / PyTorch: {:.2} (median tokens/s); peak RSS {:.2}×",
+        med_ours / med_theirs,
+        ours_rss / their_rss
+    );
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Our side: the real trainer, timed from the end of the warm-up step to the end of the last.
+/// Returns tokens/s, tokens, seconds and the trainable parameter count.
+fn run_ours(dir: &Path, examples: Vec<Example>) -> (f64, usize, f64, usize) {
     let out = tempfile::tempdir().unwrap();
     let config = TrainConfig {
         max_steps: Some(STEPS + 1),
@@ -196,7 +263,7 @@ fn main() {
         log_every: 1_000_000,
         ..Default::default()
     };
-    let mut trainer = Trainer::new(&dir, examples, vec![], config, out.path()).unwrap();
+    let mut trainer = Trainer::new(dir, examples, vec![], config, out.path()).unwrap();
     let mut start = None;
     let mut tokens = 0usize;
     let mut end = Instant::now();
@@ -216,22 +283,24 @@ fn main() {
         })
         .unwrap();
     let seconds = (end - start.unwrap()).as_secs_f64();
-    let ours = tokens as f64 / seconds;
-    let ours_rss = peak_rss_mb();
-    println!(
-        "inspector (candle):  {ours:8.1} tokens/s  ({tokens} tokens in {seconds:.2} s), peak RSS {ours_rss:.0} MB, {} LoRA parameters",
-        trainer.trainable_params()
-    );
+    (
+        tokens as f64 / seconds,
+        tokens,
+        seconds,
+        trainer.trainable_params(),
+    )
+}
 
-    let python = std::env::var("INSPECTOR_PYTHON").unwrap_or_else(|_| "python3".into());
+/// The reference side (`tools/bench_train_peft.py`), or `None` when it cannot run.
+fn run_theirs(python: &str, dir: &Path, inputs: &Path) -> Option<serde_json::Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench_train_peft.py");
-    let run = Command::new(&python)
+    let run = Command::new(python)
         .arg(&script)
-        .arg(&dir)
-        .arg(&inputs)
+        .arg(dir)
+        .arg(inputs)
         .arg(STEPS.to_string())
         .output();
-    let theirs: Option<serde_json::Value> = match run {
+    match run {
         Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).ok(),
         Ok(o) => {
             eprintln!("reference failed:\n{}", String::from_utf8_lossy(&o.stderr));
@@ -241,29 +310,5 @@ fn main() {
             eprintln!("reference not run ({python}: {e})");
             None
         }
-    };
-    match theirs {
-        Some(v) => {
-            let tps = v["tokens_per_s"].as_f64().unwrap();
-            println!(
-                "PyTorch + PEFT:      {tps:8.1} tokens/s  ({} tokens in {:.2} s), peak RSS {:.0} MB, {} LoRA parameters; torch {}, transformers {}, peft {}, {} threads",
-                v["tokens"],
-                v["seconds"].as_f64().unwrap(),
-                v["peak_rss_mb"].as_f64().unwrap(),
-                v["trainable_params"],
-                v["torch"],
-                v["transformers"],
-                v["peft"],
-                v["threads"]
-            );
-            println!(
-                "ratio inspector / PyTorch: {:.2} (tokens/s); peak RSS {:.2}×",
-                ours / tps,
-                ours_rss / v["peak_rss_mb"].as_f64().unwrap()
-            );
-        }
-        None => println!(
-            "(set INSPECTOR_PYTHON to a venv with torch, transformers and peft for the ratio)"
-        ),
     }
 }
