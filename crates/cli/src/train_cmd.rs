@@ -183,11 +183,23 @@ fn examples(
             .expect("valid template"),
     );
     let mut out = Vec::new();
+    let mut in_memory = 0usize;
+    let mut on_disk = 0usize;
     for r in &dataset.records {
         match example(chat, processor, r, max_len)
             .with_context(|| format!("{}:{}", dataset.file.display(), r.line))?
         {
-            Ok(e) => out.push(e),
+            Ok(mut e) => {
+                // Pixels beyond the cache are read again from the photo for each batch.
+                let bytes = e.image.bytes_in_memory();
+                if in_memory + bytes > PIXEL_CACHE_BYTES {
+                    e.unload(&r.path, processor);
+                    on_disk += 1;
+                } else {
+                    in_memory += bytes;
+                }
+                out.push(e)
+            }
             Err(skipped) => eprintln!(
                 "{}:{}: skipped: {}",
                 dataset.file.display(),
@@ -198,8 +210,18 @@ fn examples(
         bar.inc(1);
     }
     bar.finish_and_clear();
+    if on_disk > 0 {
+        eprintln!(
+            "{what}: the pixels of {on_disk} of {} samples do not fit the {} MiB cache; they are read again from disk for each batch",
+            out.len(),
+            PIXEL_CACHE_BYTES >> 20
+        );
+    }
     Ok(out)
 }
+
+/// Memory for processed photos kept between epochs (about 1,600 photos of 320×240).
+const PIXEL_CACHE_BYTES: usize = 2 << 30;
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let config = settings(&args)?;

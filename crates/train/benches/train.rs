@@ -144,13 +144,10 @@ fn write_inputs(examples: &[Example], path: &Path) {
         .flat_map(|e| e.input_ids.iter().map(|&t| t as i64))
         .collect();
     let labels: Vec<i64> = examples.iter().flat_map(|e| e.labels.clone()).collect();
-    let pixels: Vec<Tensor> = examples
-        .iter()
-        .map(|e| e.image.pixel_values.clone())
-        .collect();
+    let pixels: Vec<Tensor> = examples.iter().map(|e| e.image.pixels().unwrap()).collect();
     let grid: Vec<i64> = examples
         .iter()
-        .flat_map(|e| e.image.grid_thw.map(|g| g as i64))
+        .flat_map(|e| e.image.grid_thw().map(|g| g as i64))
         .collect();
     let d = Device::Cpu;
     let mut map = HashMap::new();
@@ -218,7 +215,9 @@ fn main() {
     }
     let ours_rss = peak_rss_mb();
     let med_ours = median(&ours);
-    println!("inspector (candle):  median {med_ours:8.1} tokens/s over {ROUNDS} rounds, peak RSS {ours_rss:.0} MB");
+    println!(
+        "inspector (candle):  median {med_ours:8.1} tokens/s over {ROUNDS} rounds, peak RSS {ours_rss:.0} MB"
+    );
     if theirs.is_empty() {
         println!(
             "(set INSPECTOR_PYTHON to a venv with torch, transformers and peft for the ratio)"

@@ -7,6 +7,8 @@
 //! closes it, everything else `-100`. A sample whose answer would be cut by the maximum length
 //! is reported and left out — never trained on half an answer.
 
+use std::path::{Path, PathBuf};
+
 use candle_core::Tensor;
 use inspector_dataset::{IMAGE_PLACEHOLDER, Record};
 use inspector_qwen2vl::{
@@ -25,13 +27,86 @@ pub struct Example {
     pub line: usize,
     pub input_ids: Vec<u32>,
     pub labels: Vec<i64>,
-    pub image: ProcessedImage,
+    pub image: ExampleImage,
+}
+
+/// An example's photo: its pixel patches in memory, or where to read them again. A 320×240
+/// photo is 1.3 MB of f32 patches, so a dataset of tens of thousands cannot keep them all;
+/// [`Example::unload`] trades memory for re-reading each photo when its batch comes.
+#[derive(Debug, Clone)]
+pub enum ExampleImage {
+    Loaded(ProcessedImage),
+    OnDisk {
+        path: PathBuf,
+        processor: Box<ProcessorConfig>,
+        grid_thw: [usize; 3],
+    },
+}
+
+impl ExampleImage {
+    /// (grid_t, grid_h, grid_w) in patches.
+    pub fn grid_thw(&self) -> [usize; 3] {
+        match self {
+            ExampleImage::Loaded(p) => p.grid_thw,
+            ExampleImage::OnDisk { grid_thw, .. } => *grid_thw,
+        }
+    }
+
+    /// How many `<|image_pad|>` tokens the photo takes.
+    pub fn n_tokens(&self, merge_size: usize) -> usize {
+        self.grid_thw().iter().product::<usize>() / (merge_size * merge_size)
+    }
+
+    /// The pixel patches, read and processed again when not in memory. A photo that changed
+    /// on disk since the example was built (another patch grid) is an error, not a silent
+    /// mismatch with the tokens.
+    pub fn pixels(&self) -> Result<Tensor, Error> {
+        match self {
+            ExampleImage::Loaded(p) => Ok(p.pixel_values.clone()),
+            ExampleImage::OnDisk {
+                path,
+                processor,
+                grid_thw,
+            } => {
+                let p = inspector_qwen2vl::image::process_file(path, processor)?;
+                if p.grid_thw != *grid_thw {
+                    return Err(Error::Input(format!(
+                        "{}: the photo changed since training started (patch grid {:?}, was {:?})",
+                        path.display(),
+                        p.grid_thw,
+                        grid_thw
+                    )));
+                }
+                Ok(p.pixel_values)
+            }
+        }
+    }
+
+    /// Bytes of pixel patches held in memory.
+    pub fn bytes_in_memory(&self) -> usize {
+        match self {
+            ExampleImage::Loaded(p) => {
+                p.pixel_values.elem_count() * p.pixel_values.dtype().size_in_bytes()
+            }
+            ExampleImage::OnDisk { .. } => 0,
+        }
+    }
 }
 
 impl Example {
     /// Tokens that count in the loss.
     pub fn answer_tokens(&self) -> usize {
         self.labels.iter().filter(|&&l| l != IGNORE).count()
+    }
+
+    /// Drops the pixel patches from memory; they are read again from `path` (the photo this
+    /// example was built from, processed with `processor`) each time a batch needs them.
+    pub fn unload(&mut self, path: &Path, processor: &ProcessorConfig) {
+        self.image = ExampleImage::OnDisk {
+            path: path.to_path_buf(),
+            processor: Box::new(processor.clone()),
+            grid_thw: self.image.grid_thw(),
+        };
     }
 }
 
@@ -117,7 +192,7 @@ pub fn example(
         line: record.line,
         input_ids: input_ids[..keep].to_vec(),
         labels: labels[..keep].to_vec(),
-        image,
+        image: ExampleImage::Loaded(image),
     }))
 }
 
@@ -149,19 +224,17 @@ pub fn collate(examples: &[&Example], pad: u32) -> Result<(Batch, Vec<Vec<i64>>)
                 .collect(),
         );
     }
-    let pixel_values = Tensor::cat(
-        &examples
-            .iter()
-            .map(|e| &e.image.pixel_values)
-            .collect::<Vec<_>>(),
-        0,
-    )?;
+    let pixels = examples
+        .iter()
+        .map(|e| e.image.pixels())
+        .collect::<Result<Vec<_>, _>>()?;
+    let pixel_values = Tensor::cat(&pixels, 0)?;
     let batch = Batch {
         input_ids: ids,
         attention_mask: Some(mask),
         images: Some(VisionInput {
             pixel_values,
-            grid_thw: examples.iter().map(|e| e.image.grid_thw).collect(),
+            grid_thw: examples.iter().map(|e| e.image.grid_thw()).collect(),
         }),
     };
     Ok((batch, labels))

@@ -114,3 +114,40 @@ fn padding_and_prompt_are_not_scored_and_cut_answers_are_left_out() {
     // Exactly enough room is fine.
     assert!(example(&chat, &model.processor, &a, total).unwrap().is_ok());
 }
+
+/// An example whose pixels were dropped from memory batches exactly as before, read again from
+/// its photo; a photo replaced by one of another size since is an error, not a mismatch.
+#[test]
+fn unloaded_examples_reread_their_photos() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = Qwen2Vl::load(&tiny_a(), DType::F32, &Device::Cpu).unwrap();
+    let chat = ChatTokenizer::load(&tiny_a(), model.config.tokens.image_pad).unwrap();
+    let a = record(dir.path(), 1, vec![]);
+    let b = record(dir.path(), 2, vec![]);
+    let ea = example(&chat, &model.processor, &a, 4096).unwrap().unwrap();
+    let eb = example(&chat, &model.processor, &b, 4096).unwrap().unwrap();
+    let pad = model.config.tokens.pad.unwrap_or(0);
+    let (loaded, _) = collate(&[&ea, &eb], pad).unwrap();
+
+    let mut ub = eb.clone();
+    ub.unload(&b.path, &model.processor);
+    assert_eq!(ub.image.bytes_in_memory(), 0);
+    assert!(eb.image.bytes_in_memory() > 0);
+    let (reread, _) = collate(&[&ea, &ub], pad).unwrap();
+    let (l, r) = (loaded.images.unwrap(), reread.images.unwrap());
+    assert_eq!(l.grid_thw, r.grid_thw);
+    let diff = (l.pixel_values - r.pixel_values)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+
+    // The photo replaced by a larger one: refused, naming the file.
+    image::RgbImage::new(200, 120).save(&b.path).unwrap();
+    let err = collate(&[&ea, &ub], pad).unwrap_err().to_string();
+    assert!(err.contains("2.png") && err.contains("changed"), "{err}");
+}

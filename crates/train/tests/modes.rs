@@ -76,8 +76,8 @@ fn logits(model: &Qwen2Vl, e: &Example) -> Tensor {
         input_ids: vec![e.input_ids.clone()],
         attention_mask: None,
         images: Some(VisionInput {
-            pixel_values: e.image.pixel_values.clone(),
-            grid_thw: vec![e.image.grid_thw],
+            pixel_values: e.image.pixels().unwrap(),
+            grid_thw: vec![e.image.grid_thw()],
         }),
     };
     model.forward(&batch, Logits::All).unwrap().logits

@@ -115,8 +115,8 @@ fn not_reproduced(model: &Qwen2Vl, train: &[Example]) -> Vec<usize> {
             input_ids: vec![e.input_ids[..start].to_vec()],
             attention_mask: None,
             images: Some(VisionInput {
-                pixel_values: e.image.pixel_values.clone(),
-                grid_thw: vec![e.image.grid_thw],
+                pixel_values: e.image.pixels().unwrap(),
+                grid_thw: vec![e.image.grid_thw()],
             }),
         };
         let config = GenerationConfig::greedy(want.len() + 8, vec![im_end], 0);
