@@ -26,11 +26,19 @@ Mode ``check-merged DIR`` loads ``DIR/merged`` -- a model directory written by
 compares its logits on batch.safetensors with ``DIR/our_logits.safetensors``; writes
 ``DIR/merged_check.json``.
 
+Mode ``full`` writes ``crates/train/tests/fixtures/full/grads.safetensors``: the base model
+(no adapter, every weight trainable, as ``inspector train --full`` trains it) on
+batch.safetensors, its loss and the gradient of every weight after one backward pass, under
+the checkpoint's own names (``visual.…``, ``model.…``, ``lm_head.…``). It checks the vision
+tower's and merger's backward passes end to end, which the LoRA fixture (language model only)
+does not reach.
+
 Float32, CPU, one thread, eager attention: two runs give identical bytes.
 
     /work/venv/bin/python tools/make_lora_fixtures.py
     /work/venv/bin/python tools/make_lora_fixtures.py check-ours crates/train/tests/fixtures/overfit
     /work/venv/bin/python tools/make_lora_fixtures.py check-merged crates/train/tests/fixtures/overfit
+    /work/venv/bin/python tools/make_lora_fixtures.py full
 """
 from __future__ import annotations
 
@@ -174,8 +182,39 @@ def check_merged(d: Path):
     print(json.dumps(result))
 
 
+def checkpoint_name(name: str) -> str:
+    """transformers' parameter name -> tiny-a's checkpoint key (the pre-4.52 layout)."""
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    return name
+
+
+def make_full():
+    out = ROOT / "crates/train/tests/fixtures/full"
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_base()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    b = {k: v for k, v in safetensors.torch.load_file(OUT / "batch.safetensors").items()}
+    loss = forward(model, b).loss
+    loss.backward()
+    tensors = {"loss": loss.detach().reshape(1)}
+    for name, p in model.named_parameters():
+        tensors["grad." + checkpoint_name(name)] = p.grad.detach().contiguous()
+    safetensors.torch.save_file(tensors, out / "grads.safetensors")
+    meta = dict(torch=torch.__version__, transformers=transformers.__version__,
+                base="crates/qwen2vl/tests/fixtures/tiny-a", loss=float(loss),
+                tensors=len(tensors) - 1)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(json.dumps(meta))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "check-ours":
+    if len(sys.argv) > 1 and sys.argv[1] == "full":
+        make_full()
+    elif len(sys.argv) > 2 and sys.argv[1] == "check-ours":
         check_ours(Path(sys.argv[2]))
     elif len(sys.argv) > 2 and sys.argv[1] == "check-merged":
         check_merged(Path(sys.argv[2]))

@@ -1,4 +1,5 @@
-//! Full fine-tuning (every weight trains, complete model directories come out, resume is exact)
+//! Full fine-tuning (every weight trains with transformers' gradient, complete model directories
+//! come out, resume is exact)
 //! and bf16 base weights under f32 LoRA weights; both draw the loss curve.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,18 +30,45 @@ fn every_weight_receives_a_gradient_in_full_fine_tuning() {
     );
     let (loss, _) = causal_lm_loss(&model, &r.batch, &r.labels).unwrap();
     // Without an adapter this is the base model's loss, which the PEFT fixture also records.
+    // And it equals transformers' (tools/make_lora_fixtures.py full), as does every weight's
+    // gradient, the vision tower's and merger's included.
+    let full = candle_core::safetensors::load(
+        common::fixtures().join("full/grads.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ours = loss.to_scalar::<f32>().unwrap();
+    let theirs = full["loss"].to_vec1::<f32>().unwrap()[0];
+    assert!(
+        (ours - theirs).abs() <= 1e-5,
+        "loss {ours} vs transformers {theirs}"
+    );
     let grads = loss.backward().unwrap();
     let mut vision = 0;
+    let mut worst = (0f32, String::new());
     for (name, var) in &weights {
         let g = grads
             .get(var)
             .unwrap_or_else(|| panic!("{name}: no gradient reached it"));
         assert!(max_abs(g) > 0.0, "{name}: zero gradient");
+        let reference = full
+            .get(&format!("grad.{name}"))
+            .unwrap_or_else(|| panic!("{name}: not in the transformers fixture"));
+        let rel = max_abs(&(g - reference).unwrap()) / max_abs(reference);
+        assert!(rel <= 1e-4, "{name}: max |Δ| / max |ref| = {rel:e}");
+        if rel > worst.0 {
+            worst = (rel, name.clone());
+        }
         vision += name.starts_with("visual.") as usize;
     }
+    assert_eq!(full.len() - 1, weights.len(), "one reference per weight");
     assert!(
         vision > 10,
         "the vision tower trains too ({vision} tensors)"
+    );
+    eprintln!(
+        "full fine-tuning gradients vs transformers: worst max|Δ|/max|ref| = {:e} ({})",
+        worst.0, worst.1
     );
 }
 
