@@ -12,7 +12,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 WORK="${1:-/tmp/inspector-demo}"
 INSTALL="${2:-}"
-STAGE1_STEPS="${STAGE1_STEPS:-2500}"
+STAGE1_STEPS="${STAGE1_STEPS:-1080}"
 STAGE2_STEPS="${STAGE2_STEPS:-400}"
 BATCH=8
 BIN="${INSPECTOR_BIN:-$ROOT/target/release/inspector}"
