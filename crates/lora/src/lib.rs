@@ -356,13 +356,7 @@ impl Lora {
         self.shared.rng.lock().expect("lock").fill(&mut words[..]);
         let mask: Vec<f32> = words
             .iter()
-            .map(|&w| {
-                if ((w >> 8) as f32) * (1.0 / 16_777_216.0) < p {
-                    0.0
-                } else {
-                    keep
-                }
-            })
+            .map(|&w| if unit_f32(w) < p { 0.0 } else { keep })
             .collect();
         x * Tensor::from_vec(mask, x.shape(), x.device())?
     }
@@ -661,4 +655,31 @@ pub fn merge_weight(
 ) -> candle_core::Result<Tensor> {
     let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scaling)?;
     (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())
+}
+
+/// The float in [0, 1) that `rng.random::<f32>()` makes of the 32-bit word it draws (its top
+/// 24 bits, scaled).
+fn unit_f32(word: u32) -> f32 {
+    ((word >> 8) as f32) * (1.0 / 16_777_216.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dropout draws its words in bulk; that must be the very stream, and the very floats, of
+    /// one `random::<f32>()` per element (masks of runs before the change, exact resume).
+    #[test]
+    fn bulk_words_are_the_per_element_floats() {
+        let mut one = ChaCha8Rng::seed_from_u64(5);
+        let mut bulk = one.clone();
+        one.random::<u32>(); // start mid-block
+        bulk.random::<u32>();
+        let floats: Vec<f32> = (0..1001).map(|_| one.random::<f32>()).collect();
+        let mut words = vec![0u32; 1001];
+        bulk.fill(&mut words[..]);
+        let from_words: Vec<f32> = words.iter().map(|&w| unit_f32(w)).collect();
+        assert_eq!(floats, from_words);
+        assert_eq!(one.get_word_pos(), bulk.get_word_pos());
+    }
 }

@@ -902,7 +902,7 @@ pub fn attention_keeping(
     scale: f64,
     keep_bytes: usize,
 ) -> Result<Tensor> {
-    let (b, _, s, _) = q.dims4()?;
+    let (b, h, s, _) = q.dims4()?;
     let t = k.dim(2)?;
     if mask.dims() != [b, 1, s, t] {
         bail!(
@@ -925,7 +925,6 @@ pub fn attention_keeping(
             })
             .collect()
     };
-    let (b, h, s, _) = q.dims4()?;
     let needs_grad = q.track_op() || k.track_op() || v.track_op();
     let keep =
         (needs_grad && b * h * s * t * 4 <= keep_bytes).then(|| std::sync::Mutex::new(Vec::new()));
