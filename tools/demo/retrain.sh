@@ -6,14 +6,15 @@
 # Usage: tools/demo/retrain.sh [WORK_DIR] [--install]
 #   WORK_DIR   scratch folder (default /tmp/inspector-demo); about 1 GB
 #   --install  copy the result over models/demo/base and models/demo/adapter
-# Environment: STAGE1_STEPS, STAGE2_STEPS and SCALE shorten the run (the ignored test
+# Environment: STAGE0_STEPS, STAGE1_STEPS and STAGE2_STEPS shorten the run (the ignored test
 # `demo_retrain_shortened` uses them).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 WORK="${1:-/tmp/inspector-demo}"
 INSTALL="${2:-}"
-STAGE1_STEPS="${STAGE1_STEPS:-1080}"
-STAGE2_STEPS="${STAGE2_STEPS:-400}"
+STAGE0_STEPS="${STAGE0_STEPS:-1500}"
+STAGE1_STEPS="${STAGE1_STEPS:-2400}"
+STAGE2_STEPS="${STAGE2_STEPS:-300}"
 BATCH=8
 BIN="${INSPECTOR_BIN:-$ROOT/target/release/inspector}"
 if [ ! -x "$BIN" ]; then
@@ -36,11 +37,17 @@ stamp "tokenizer and initial weights"
 "$BIN" dataset build "$WORK/corpus/annotations.jsonl" --out "$WORK/corpus/conversations.jsonl" --db "$DB"
 rm -rf "$WORK/init"
 "$BIN" model init --config "$ROOT/tools/demo/config.json" \
-  --tokenizer-corpus "$WORK/corpus/conversations.jsonl" --out "$WORK/init" --seed 0
+  --tokenizer-corpus "$WORK/corpus/conversations.jsonl" --out "$WORK/init" --seed 0 --prompt brief
+
+stamp "stage 0: vision tower pretrained on the boxes"
+rm -rf "$WORK/vision"
+"$BIN" pretrain-vision --model "$WORK/init" --data "$WORK/stage1/annotations.jsonl" \
+  --out "$WORK/vision" --steps "$STAGE0_STEPS" --batch-size 16 --lr 2e-3 --seed 0 \
+  --db "$DB" "${PIX[@]}"
 
 stamp "stage 1: full training"
 rm -rf "$WORK/base"
-"$BIN" train --model "$WORK/init" --data "$WORK/stage1/annotations.jsonl" --out "$WORK/base" \
+"$BIN" train --model "$WORK/vision/model" --data "$WORK/stage1/annotations.jsonl" --out "$WORK/base" \
   --full --lr 1e-3 --batch-size $BATCH --grad-accum 1 --max-steps "$STAGE1_STEPS" \
   --save-every 200 --seed 1 --db "$DB" "${PIX[@]}"
 

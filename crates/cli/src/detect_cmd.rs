@@ -167,7 +167,9 @@ pub fn load_detector(
         Some(args.min_pixels.unwrap_or(trained.0)),
         Some(args.max_pixels.unwrap_or(trained.1)),
     )?;
+    let prompt = inspector_detect::trained_prompt(&loaded.dir, loaded.adapter.as_deref())?;
     let mut detector = Detector::new(loaded.model, chat, model_fp, adapter_fp, config)?;
+    detector.set_prompt(prompt);
     detector.set_processor(processor);
     detector.set_citations(rules);
     Ok(detector)

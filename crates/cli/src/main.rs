@@ -11,6 +11,7 @@ mod eval_cmd;
 mod model_args;
 mod model_cmd;
 mod output;
+mod pretrain_cmd;
 mod rules_cmd;
 mod serve_cmd;
 mod synth_cmd;
@@ -44,6 +45,8 @@ enum Command {
     Model(model_cmd::ModelCommand),
     /// Fine-tune a model with LoRA on annotated photos.
     Train(Box<train_cmd::TrainArgs>),
+    /// Pretrain a new model's vision tower on annotated photos' boxes (before `train --full`).
+    PretrainVision(Box<pretrain_cmd::PretrainArgs>),
     /// Inspect photos: violations, the rules they break, risk, fix and where.
     Detect(Box<detect_cmd::DetectArgs>),
     /// Score predictions (or a model) against gold annotations.
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => chat_cmd::run(args),
         Command::Dataset(cmd) => dataset_cmd::run(cmd),
         Command::Train(args) => train_cmd::run(*args),
+        Command::PretrainVision(args) => pretrain_cmd::run(*args),
         Command::Adapter(cmd) => adapter_cmd::run(cmd),
         Command::Detect(args) => detect_cmd::run(*args),
         Command::Eval(args) => eval_cmd::run(*args),

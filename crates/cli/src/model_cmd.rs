@@ -9,6 +9,7 @@ use std::{
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 use clap::Subcommand;
+use inspector_core::answer::Prompt;
 use inspector_qwen2vl::{Batch, ConfigLayout, KeyLayout, Logits, Qwen2Vl, VisionInput, image};
 
 use crate::model_args::DtypeArg;
@@ -65,6 +66,11 @@ pub enum ModelCommand {
         /// Seeds the weights.
         #[arg(long, default_value_t = 0, value_name = "S")]
         seed: u64,
+        /// The instruction the model will be trained and asked with: `full` (the canonical
+        /// one) or `brief` (one line, for small models trained from scratch). Recorded in
+        /// `inspector_model.json`; training and inspection keep to it.
+        #[arg(long, value_enum, default_value = "full")]
+        prompt: PromptArg,
     },
     /// Describe a checkpoint: architecture, sizes, parameter counts, dtype, key layout.
     Info {
@@ -102,11 +108,34 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
             corpus,
             out,
             seed,
-        } => init(&config, &corpus, &out, seed),
+            prompt,
+        } => init(&config, &corpus, &out, seed, prompt.into()),
     }
 }
 
-fn init(config: &Path, corpus: &[PathBuf], out: &Path, seed: u64) -> anyhow::Result<ExitCode> {
+/// `--prompt`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum PromptArg {
+    Full,
+    Brief,
+}
+
+impl From<PromptArg> for Prompt {
+    fn from(p: PromptArg) -> Prompt {
+        match p {
+            PromptArg::Full => Prompt::Full,
+            PromptArg::Brief => Prompt::Brief,
+        }
+    }
+}
+
+fn init(
+    config: &Path,
+    corpus: &[PathBuf],
+    out: &Path,
+    seed: u64,
+    prompt: Prompt,
+) -> anyhow::Result<ExitCode> {
     let config_text = std::fs::read_to_string(config)
         .with_context(|| format!("{}: cannot read", config.display()))?;
     let mut lines = Vec::new();
@@ -133,14 +162,20 @@ fn init(config: &Path, corpus: &[PathBuf], out: &Path, seed: u64) -> anyhow::Res
     let cfg = inspector_qwen2vl::init::init_model_dir(&config_text, &lines, out, seed)
         .with_context(|| config.display().to_string())?;
     let chat = inspector_qwen2vl::chat::ChatTokenizer::load(out, cfg.tokens.image_pad)?;
+    let record = serde_json::json!({ "prompt_version": prompt.version() });
+    crate::output::write_atomic(
+        &out.join("inspector_model.json"),
+        &serde_json::to_vec_pretty(&record).expect("JSON"),
+    )?;
     println!(
-        "wrote {}: {} layers, hidden {}, vision depth {}; tokenizer of {} tokens from {} lines",
+        "wrote {}: {} layers, hidden {}, vision depth {}; tokenizer of {} tokens from {} lines; prompt {}",
         out.display(),
         cfg.text.num_hidden_layers,
         cfg.text.hidden_size,
         cfg.vision.depth,
         chat.tokenizer.get_vocab_size(true),
-        lines.len()
+        lines.len(),
+        prompt.version()
     );
     Ok(ExitCode::SUCCESS)
 }

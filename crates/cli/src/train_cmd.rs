@@ -16,7 +16,7 @@ use inspector_dataset::Dataset;
 use inspector_qwen2vl::{Config, chat::ChatTokenizer, image::ProcessorConfig};
 use inspector_store::{RuleFilter, RuleStore};
 use inspector_train::{
-    data::{Example, example},
+    data::{Example, example_with, model_prompt},
     trainer::{Ending, Event, TrainConfig, Trainer},
 };
 
@@ -172,6 +172,7 @@ pub(crate) fn load_data(
 }
 
 fn examples(
+    prompt: inspector_core::answer::Prompt,
     dataset: &Dataset,
     chat: &ChatTokenizer,
     processor: &ProcessorConfig,
@@ -186,7 +187,7 @@ fn examples(
     let mut in_memory = 0usize;
     let mut on_disk = 0usize;
     for r in &dataset.records {
-        match example(chat, processor, r, max_len)
+        match example_with(prompt, chat, processor, r, max_len)
             .with_context(|| format!("{}:{}", dataset.file.display(), r.line))?
         {
             Ok(mut e) => {
@@ -245,9 +246,30 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let chat = ChatTokenizer::load(&args.model, model_config.tokens.image_pad)?;
     let processor = ProcessorConfig::from_model_dir(&args.model)?
         .with_pixels(Some(args.min_pixels), Some(args.max_pixels))?;
-    let train = examples(&train, &chat, &processor, config.max_len, "tokenising")?;
+    let prompt = model_prompt(&args.model)?;
+    if prompt != inspector_core::answer::Prompt::Full {
+        eprintln!(
+            "the model was trained with the prompt {}: training keeps to it",
+            prompt.version()
+        );
+    }
+    let train = examples(
+        prompt,
+        &train,
+        &chat,
+        &processor,
+        config.max_len,
+        "tokenising",
+    )?;
     let eval = match &eval {
-        Some(e) => examples(e, &chat, &processor, config.max_len, "tokenising eval")?,
+        Some(e) => examples(
+            prompt,
+            e,
+            &chat,
+            &processor,
+            config.max_len,
+            "tokenising eval",
+        )?,
         None => Vec::new(),
     };
     anyhow::ensure!(!train.is_empty(), "no training sample is left");

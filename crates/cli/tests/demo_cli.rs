@@ -79,9 +79,9 @@ fn final_loss(metrics: &Path) -> f64 {
     v["loss"].as_f64().unwrap()
 }
 
-/// `tools/demo/retrain.sh` with 30 + 10 steps instead of 1080 + 400, run twice: every stage
-/// runs, the outputs load, and the second run's losses equal the first's (same seeds) within
-/// 1e-4 relative. Run: `cargo test --release -p inspector-cli --test demo_cli -- --ignored`.
+/// `tools/demo/retrain.sh` with 20 + 30 + 10 steps instead of 1,500 + 2,400 + 300, run twice:
+/// every stage runs, the outputs load, and the second run's losses (the vision pretraining's
+/// too) equal the first's (same seeds) within 1e-4 relative. Run: `cargo test --release -p inspector-cli --test demo_cli -- --ignored`.
 #[test]
 #[ignore = "trains twice for a few minutes"]
 fn demo_retrain_shortened_runs_end_to_end_and_reproduces() {
@@ -92,6 +92,7 @@ fn demo_retrain_shortened_runs_end_to_end_and_reproduces() {
             .arg(root().join("tools/demo/retrain.sh"))
             .arg(work.path())
             .env("INSPECTOR_BIN", env!("CARGO_BIN_EXE_inspector"))
+            .env("STAGE0_STEPS", "20")
             .env("STAGE1_STEPS", "30")
             .env("STAGE2_STEPS", "10")
             .output()
@@ -120,14 +121,18 @@ fn demo_retrain_shortened_runs_end_to_end_and_reproduces() {
             work.path(),
         );
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-        losses.push((
+        // The model trained and asked with the brief prompt.
+        let recorded = std::fs::read_to_string(base.join("inspector_model.json")).unwrap();
+        assert!(recorded.contains("inspect-brief-v1"), "{recorded}");
+        losses.push([
+            final_loss(&work.path().join("vision/metrics.jsonl")),
             final_loss(&work.path().join("base/metrics.jsonl")),
             final_loss(&work.path().join("lora/metrics.jsonl")),
-        ));
+        ]);
     }
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * a.abs().max(1.0);
     assert!(
-        close(losses[0].0, losses[1].0) && close(losses[0].1, losses[1].1),
+        (0..3).all(|k| close(losses[0][k], losses[1][k])),
         "{losses:?}"
     );
 }

@@ -190,7 +190,8 @@ fn info_describes_each_layout() {
 }
 
 /// `model init` writes a directory that `model info` reads and `train --full` trains; an
-/// existing non-empty folder is refused.
+/// existing non-empty folder is refused. The prompt chosen at init (`--prompt brief`) is
+/// recorded, kept by training and recorded again in what training writes.
 #[test]
 fn init_writes_a_model_that_trains() {
     let dir = tempfile::tempdir().unwrap();
@@ -210,18 +211,22 @@ fn init_writes_a_model_that_trains() {
     corpus.push_str(inspector_core::answer::INSTRUCTION);
     std::fs::write(d.join("corpus.txt"), corpus).unwrap();
     let path = |f: &str| d.join(f).to_str().unwrap().to_string();
-    let init = |out: &str| {
-        inspector(&[
-            "model",
-            "init",
-            "--config",
-            &path("small.json"),
-            "--tokenizer-corpus",
-            &path("corpus.txt"),
-            "--out",
-            &path(out),
-        ])
+    let init_with = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "model".to_string(),
+            "init".into(),
+            "--config".into(),
+            path("small.json"),
+            "--tokenizer-corpus".into(),
+            path("corpus.txt"),
+            "--out".into(),
+            path(out),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        inspector(&args)
     };
+    let init = |out: &str| init_with(out, &[]);
     let o = init("m");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let info = inspector(&["model", "info", "--model", &path("m")]);
@@ -247,30 +252,162 @@ fn init_writes_a_model_that_trains() {
         "{\"image\": \"0.png\", \"violations\": [{\"description\": \"未戴安全帽\", \"rule\": \"《安全作业规程》第3.1条\", \"risk\": \"高\", \"box\": [5, 5, 40, 50]}]}\n",
     )
     .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_inspector"))
-        .args([
-            "train",
-            "--model",
-            "m",
-            "--data",
-            "train.jsonl",
-            "--out",
-            "run",
-            "--full",
-            "--max-steps",
-            "2",
-            "--grad-accum",
-            "1",
-            "--min-pixels",
-            "3136",
-            "--max-pixels",
-            "3136",
-            "--db",
-            "x.db",
-        ])
-        .current_dir(d)
-        .output()
-        .unwrap();
+    let train = |model: &str, out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_inspector"))
+            .args([
+                "train",
+                "--model",
+                model,
+                "--data",
+                "train.jsonl",
+                "--out",
+                out,
+                "--full",
+                "--max-steps",
+                "2",
+                "--grad-accum",
+                "1",
+                "--min-pixels",
+                "3136",
+                "--max-pixels",
+                "3136",
+                "--db",
+                "x.db",
+            ])
+            .current_dir(d)
+            .output()
+            .unwrap()
+    };
+    let o = train("m", "run");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(d.join("run/model/tokenizer.json").exists());
+    let prompt_of = |f: &str| {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join(f)).unwrap()).unwrap();
+        v["prompt_version"].as_str().unwrap().to_string()
+    };
+    assert_eq!(prompt_of("m/inspector_model.json"), "inspect-v1");
+    assert_eq!(prompt_of("run/model/inspector_model.json"), "inspect-v1");
+
+    // The brief prompt: recorded at init, kept and recorded by training.
+    let o = init_with("b", &["--prompt", "brief"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(prompt_of("b/inspector_model.json"), "inspect-brief-v1");
+    let o = train("b", "run-b");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("prompt inspect-brief-v1"), "{err}");
+    assert_eq!(
+        prompt_of("run-b/model/inspector_model.json"),
+        "inspect-brief-v1"
+    );
+
+    // A version this build does not know is refused, naming the file.
+    std::fs::write(
+        d.join("b/inspector_model.json"),
+        r#"{"prompt_version": "inspect-v0"}"#,
+    )
+    .unwrap();
+    let o = train("b", "run-c");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("inspector_model.json") && err.contains("inspect-v0"),
+        "{err}"
+    );
+}
+
+/// `pretrain-vision` writes a complete model directory whose vision tower changed and whose
+/// language model did not; a violation without a box, or an existing output, is refused
+/// with the file and line named.
+#[test]
+fn pretrain_vision_trains_the_tower_and_refuses_boxless_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for k in 0..4u32 {
+        image::RgbImage::from_fn(56, 56, |x, y| {
+            if x / 28 == k % 2 && y / 28 == k / 2 {
+                image::Rgb([230, 40, 40])
+            } else {
+                image::Rgb([100, 100, 100])
+            }
+        })
+        .save(d.join(format!("{k}.png")))
+        .unwrap();
+    }
+    let line = |k: u32, with_box: bool| {
+        let (x, y) = ((k % 2) * 28, (k / 2) * 28);
+        let b = if with_box {
+            format!(", \"box\": [{x}, {y}, {}, {}]", x + 28, y + 28)
+        } else {
+            String::new()
+        };
+        format!(
+            "{{\"image\": \"{k}.png\", \"violations\": [{{\"description\": \"未戴安全帽\", \"rule\": \"《安全作业规程》第3.1条\", \"risk\": \"高\"{b}}}]}}\n"
+        )
+    };
+    let good: String = (0..4).map(|k| line(k, true)).collect();
+    std::fs::write(d.join("good.jsonl"), good).unwrap();
+    let bad: String = (0..4).map(|k| line(k, k != 2)).collect();
+    std::fs::write(d.join("bad.jsonl"), bad).unwrap();
+    let run = |data: &str, out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_inspector"))
+            .args(["pretrain-vision", "--model"])
+            .arg(fixtures().join("tiny-a"))
+            .args([
+                "--data",
+                data,
+                "--out",
+                out,
+                "--steps",
+                "3",
+                "--batch-size",
+                "2",
+                "--min-pixels",
+                "3136",
+                "--max-pixels",
+                "3136",
+                "--db",
+                "x.db",
+            ])
+            .current_dir(d)
+            .output()
+            .unwrap()
+    };
+    let o = run("bad.jsonl", "bad");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("bad.jsonl:3") && err.contains("no box"),
+        "{err}"
+    );
+    assert!(!d.join("bad/model").exists());
+
+    let o = run("good.jsonl", "run");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let weights = |dir: PathBuf| {
+        let (_, _, w) =
+            inspector_qwen2vl::Qwen2Vl::load_trainable(&dir, DType::F32, &Device::Cpu).unwrap();
+        w.into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let (before, after) = (
+        weights(fixtures().join("tiny-a")),
+        weights(d.join("run/model")),
+    );
+    let changed: Vec<&String> = before
+        .keys()
+        .filter(|n| max_diff(&before[*n], &after[*n]) > 0.0)
+        .collect();
+    assert!(!changed.is_empty());
+    assert!(changed.iter().all(|n| n.contains("visual.")), "{changed:?}");
+    let metrics = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"step\":3"), "{metrics}");
+
+    // An existing model is not overwritten.
+    let o = run("good.jsonl", "run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("refusing to overwrite"),
+        "{err}"
+    );
 }

@@ -5,6 +5,12 @@
 //! inspection sends the same [`INSTRUCTION`] and parses the same answer. Changing the
 //! instruction or the answer schema means bumping [`PROMPT_VERSION`]: cached inspections and
 //! adapters are keyed by it, and a test pins the instruction's hash to the version.
+//!
+//! A model is trained with one [`Prompt`]: the full [`INSTRUCTION`] (the default, and what a
+//! pretrained instruction-following model needs), or the one-line [`INSTRUCTION_BRIEF`] for
+//! small models trained from scratch, for which the full instruction's 105 tokens are only cost.
+//! Both ask for the same answer schema. The model directory records which one it learnt
+//! (`inspector_model.json`, `prompt_version`), and inspection sends that one.
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +27,80 @@ pub const INSTRUCTION: &str = "你是工厂安全巡检员。请检查这张现�
 \"rule\": \"违反的规章条款，如《安全作业规程》第3.1条\", \"risk\": \"高、中或低\", \"suggestion\": \"改进建议\", \
 \"box\": [x1, y1, x2, y2]}]}，其中box为违规位置在图中的坐标，按0到1000归一化。\
 未发现违规行为时输出{\"status\": \"safe\", \"violations\": []}。";
+
+/// Version of [`INSTRUCTION_BRIEF`] (same answer schema as [`PROMPT_VERSION`]).
+pub const PROMPT_VERSION_BRIEF: &str = "inspect-brief-v1";
+
+/// The one-line instruction of models trained from scratch on this task (the bundled demo
+/// model): the answer format is learnt from the answers, not read from the prompt.
+pub const INSTRUCTION_BRIEF: &str = "安全巡检：找出照片中的违规，输出JSON。";
+
+/// Which instruction a model was trained with, and so is asked with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Prompt {
+    /// [`INSTRUCTION`], version [`PROMPT_VERSION`].
+    #[default]
+    Full,
+    /// [`INSTRUCTION_BRIEF`], version [`PROMPT_VERSION_BRIEF`].
+    Brief,
+}
+
+impl Prompt {
+    pub const ALL: [Prompt; 2] = [Prompt::Full, Prompt::Brief];
+
+    /// The version string recorded with models, adapters, findings and cache keys.
+    pub fn version(self) -> &'static str {
+        match self {
+            Prompt::Full => PROMPT_VERSION,
+            Prompt::Brief => PROMPT_VERSION_BRIEF,
+        }
+    }
+
+    /// The instruction text.
+    pub fn instruction(self) -> &'static str {
+        match self {
+            Prompt::Full => INSTRUCTION,
+            Prompt::Brief => INSTRUCTION_BRIEF,
+        }
+    }
+
+    /// The prompt of a recorded version; `None` for a version this build does not know.
+    pub fn from_version(version: &str) -> Option<Prompt> {
+        Prompt::ALL.into_iter().find(|p| p.version() == version)
+    }
+
+    /// The prompt a model or adapter directory records in `inspector_model.json` or
+    /// `inspector_adapter.json` (`prompt_version`); `Ok(None)` when neither file says, as in a
+    /// model published by others. An unreadable file or an unknown version is an error that
+    /// names the file.
+    pub fn recorded_in(dir: &std::path::Path) -> Result<Option<Prompt>, String> {
+        for name in ["inspector_adapter.json", "inspector_model.json"] {
+            let path = dir.join(name);
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            };
+            let value: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+            return match value.get("prompt_version") {
+                None => Ok(None),
+                Some(v) => v
+                    .as_str()
+                    .and_then(Prompt::from_version)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        format!(
+                            "{}: prompt_version {v} is not one this build knows ({})",
+                            path.display(),
+                            Prompt::ALL.map(Prompt::version).join(", ")
+                        )
+                    }),
+            };
+        }
+        Ok(None)
+    }
+}
 
 /// The side of the normalised coordinate square Qwen2-VL grounds boxes in.
 pub const BOX_SCALE: f64 = 1000.0;
@@ -300,6 +380,47 @@ mod tests {
             ("inspect-v1", "b8967390394ce20a"),
             "the instruction changed: bump PROMPT_VERSION"
         );
+        let hash = hex(&Sha256::digest(INSTRUCTION_BRIEF.as_bytes())[..8]);
+        assert_eq!(
+            (PROMPT_VERSION_BRIEF, hash.as_str()),
+            ("inspect-brief-v1", "1a0837d9a94613c7"),
+            "the brief instruction changed: bump PROMPT_VERSION_BRIEF"
+        );
+        for p in Prompt::ALL {
+            assert_eq!(Prompt::from_version(p.version()), Some(p));
+        }
+        assert_eq!(Prompt::from_version("inspect-v0"), None);
+    }
+
+    /// What a model or adapter directory records picks the prompt; an unknown version or a
+    /// broken file is an error naming the file, never a silent fall-back to the full prompt.
+    #[test]
+    fn the_recorded_prompt_is_read_and_bad_records_are_refused() {
+        let dir = std::env::temp_dir().join(format!("inspector-prompt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(Prompt::recorded_in(&dir), Ok(None));
+        let model = dir.join("inspector_model.json");
+        std::fs::write(&model, r#"{"min_pixels": 3136}"#).unwrap();
+        assert_eq!(Prompt::recorded_in(&dir), Ok(None));
+        std::fs::write(&model, r#"{"prompt_version": "inspect-brief-v1"}"#).unwrap();
+        assert_eq!(Prompt::recorded_in(&dir), Ok(Some(Prompt::Brief)));
+        // The adapter's record is read first.
+        let adapter = dir.join("inspector_adapter.json");
+        std::fs::write(&adapter, r#"{"prompt_version": "inspect-v1"}"#).unwrap();
+        assert_eq!(Prompt::recorded_in(&dir), Ok(Some(Prompt::Full)));
+        std::fs::write(&adapter, r#"{"prompt_version": "inspect-v9"}"#).unwrap();
+        let e = Prompt::recorded_in(&dir).unwrap_err();
+        assert!(
+            e.contains("inspector_adapter.json") && e.contains("inspect-v9"),
+            "{e}"
+        );
+        std::fs::write(&adapter, "{not json").unwrap();
+        let e = Prompt::recorded_in(&dir).unwrap_err();
+        assert!(
+            e.contains("inspector_adapter.json") && e.contains("not JSON"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn hex(bytes: &[u8]) -> String {

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use inspector_core::{
     Annotation,
-    answer::{Answer, INSTRUCTION},
+    answer::{Answer, Prompt},
 };
 use serde::{Deserialize, Serialize};
 
@@ -28,14 +28,25 @@ pub struct Sample {
 }
 
 /// The conversation a record teaches: the canonical instruction with the image, and the
-/// canonical JSON answer (boxes on the 0–1000 scale of an image of `size`). Training and
-/// `dataset build` both call this.
+/// canonical JSON answer (boxes on the 0–1000 scale of an image of `size`). `dataset build`
+/// and the exports call this.
 pub fn conversation(annotation: &Annotation, size: (u32, u32), image: String) -> Sample {
+    conversation_with(Prompt::Full, annotation, size, image)
+}
+
+/// [`conversation`] with the instruction of `prompt`. Training calls this with the prompt the
+/// model directory records.
+pub fn conversation_with(
+    prompt: Prompt,
+    annotation: &Annotation,
+    size: (u32, u32),
+    image: String,
+) -> Sample {
     Sample {
         messages: vec![
             Message {
                 role: "user".into(),
-                content: format!("{IMAGE_PLACEHOLDER}{INSTRUCTION}"),
+                content: format!("{IMAGE_PLACEHOLDER}{}", prompt.instruction()),
             },
             Message {
                 role: "assistant".into(),

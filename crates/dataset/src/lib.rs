@@ -38,7 +38,9 @@ mod stats;
 mod validate;
 
 pub use augment::{AugmentOptions, AugmentSummary, augment};
-pub use build::{IMAGE_PLACEHOLDER, Message, Sample, build_samples, conversation};
+pub use build::{
+    IMAGE_PLACEHOLDER, Message, Sample, build_samples, conversation, conversation_with,
+};
 pub use split::{Split, split};
 pub use stats::{Stats, stats};
 pub use validate::{

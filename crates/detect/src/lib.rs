@@ -2,9 +2,10 @@
 //! plant's rules.
 //!
 //! [`Detector`] holds a Qwen2-VL model (with an optional LoRA adapter), the decoding settings
-//! and the model's and adapter's fingerprints. It asks each photo the canonical
-//! [`INSTRUCTION`](inspector_core::answer::INSTRUCTION) (which lists no rules: the model learnt
-//! them in fine-tuning), reads the answer with the tolerant [`parse_reply`], resolves each
+//! and the model's and adapter's fingerprints. It asks each photo the instruction the model was
+//! trained with ([`Prompt`](inspector_core::answer::Prompt): the canonical
+//! [`INSTRUCTION`](inspector_core::answer::INSTRUCTION) unless the model directory records the
+//! brief one); neither lists rules, as the model learnt them in fine-tuning. It reads the answer with the tolerant [`parse_reply`], resolves each
 //! citation against the rules (unresolvable ones are marked unverified, never dropped or
 //! guessed), turns 0–1000 boxes into pixels and scores each violation by the mean probability
 //! of the tokens that wrote it.
@@ -36,7 +37,7 @@ use std::{
 use candle_core::{DType, Device, Tensor};
 use inspector_core::{
     Risk, Rule,
-    answer::{BOX_SCALE, INSTRUCTION, PROMPT_VERSION},
+    answer::{BOX_SCALE, PROMPT_VERSION, Prompt},
     citation::{Resolution, resolve},
     grammar::{AnswerGrammar, Viability},
     reply::{ReplyFormat, ReplyStatus, parse_reply, violation_spans},
@@ -228,6 +229,8 @@ pub struct Detector {
     grammar: AnswerGrammar,
     /// Hash of the citations the grammar allows (part of the cache key).
     citations_fingerprint: String,
+    /// The instruction the model was trained with.
+    prompt: Prompt,
 }
 
 /// Constrained decoding: a row may only emit tokens that keep its text a prefix of a valid
@@ -264,6 +267,18 @@ impl Constraint for GrammarConstraint<'_> {
     }
 }
 
+/// The prompt a model, or the adapter on it, was trained with: the adapter's record first, then
+/// the model's, else [`Prompt::Full`].
+pub fn trained_prompt(model_dir: &Path, adapter: Option<&Path>) -> Result<Prompt, Error> {
+    let recorded = |dir: &Path| {
+        Prompt::recorded_in(dir).map_err(|e| Error::Qwen(inspector_qwen2vl::Error::Input(e)))
+    };
+    if let Some(p) = adapter.map(recorded).transpose()?.flatten() {
+        return Ok(p);
+    }
+    Ok(recorded(model_dir)?.unwrap_or_default())
+}
+
 /// Hex sha256 of bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
@@ -290,7 +305,9 @@ impl Detector {
         let chat = ChatTokenizer::load(model_dir, model.config.tokens.image_pad)?;
         let model_fp = fingerprint::model_fingerprint(model_dir)?;
         let adapter_fp = adapter.map(fingerprint::adapter_fingerprint).transpose()?;
-        Detector::new(model, chat, model_fp, adapter_fp, config)
+        let mut detector = Detector::new(model, chat, model_fp, adapter_fp, config)?;
+        detector.set_prompt(trained_prompt(model_dir, adapter)?);
+        Ok(detector)
     }
 
     /// A detector from parts already loaded.
@@ -320,7 +337,19 @@ impl Detector {
             pieces,
             grammar: AnswerGrammar::new(Vec::new()),
             citations_fingerprint: String::new(),
+            prompt: Prompt::Full,
         })
+    }
+
+    /// Asks with the instruction of `prompt` (the one the model or adapter was trained with,
+    /// [`Prompt::recorded_in`]); [`Prompt::Full`] until set.
+    pub fn set_prompt(&mut self, prompt: Prompt) {
+        self.prompt = prompt;
+    }
+
+    /// The instruction the detector asks with.
+    pub fn prompt(&self) -> Prompt {
+        self.prompt
     }
 
     /// The citations constrained decoding allows in `rule` (the database's rules, written as
@@ -354,7 +383,7 @@ impl Detector {
             image_sha256,
             self.model_fingerprint,
             self.adapter_fingerprint,
-            PROMPT_VERSION,
+            self.prompt.version(),
             self.config,
             [p.min_pixels, p.max_pixels],
             self.citations_fingerprint,
@@ -380,7 +409,10 @@ impl Detector {
         let merge = self.model.processor.merge_size;
         let prompts: Vec<Vec<u32>> = images
             .iter()
-            .map(|im| self.chat.image_prompt(INSTRUCTION, im.n_tokens(merge)))
+            .map(|im| {
+                self.chat
+                    .image_prompt(self.prompt.instruction(), im.n_tokens(merge))
+            })
             .collect::<Result<_, _>>()?;
         let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let input_ids: Vec<Vec<u32>> = prompts
@@ -622,14 +654,16 @@ impl Detector {
         rules: &[Rule],
         timings: Timings,
     ) -> Finding {
-        finding(
+        let mut f = finding(
             answer,
             image,
             rules,
             timings,
             &self.model_fingerprint,
             self.adapter_fingerprint.as_deref(),
-        )
+        );
+        f.prompt_version = self.prompt.version().to_string();
+        f
     }
 
     /// Inspects photos: decodes each (an unreadable one gets its own error and the rest go

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use inspector_core::{Risk, Rule, reply::ReplyStatus};
+use inspector_core::{Risk, Rule, answer::Prompt, reply::ReplyStatus};
 use inspector_detect::{DetectConfig, Detector, ImageInfo, Input, RawAnswer, Timings};
 use inspector_store::SqliteStore;
 
@@ -200,6 +200,47 @@ fn the_cache_skips_model_work_and_misses_when_the_key_changes() {
     shorter.config.max_new_tokens = 64;
     let again = shorter.inspect(&inputs[..2], &rules, Some(&store), 4, |_| {});
     assert!(again.iter().all(|f| !f.as_ref().unwrap().timings.cached));
+}
+
+/// A model or adapter that records the brief prompt is asked with it: its findings carry that
+/// version, and its cache entries are not those of the full prompt. An unknown version is
+/// refused, naming the file.
+#[test]
+fn the_recorded_prompt_is_the_one_asked_and_cached() {
+    let full = detector(&overfit().join("adapter"));
+    assert_eq!(full.prompt(), Prompt::Full);
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(overfit().join("adapter")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("inspector_adapter.json"),
+        r#"{"prompt_version": "inspect-brief-v1"}"#,
+    )
+    .unwrap();
+    let brief = detector(dir.path());
+    assert_eq!(brief.prompt(), Prompt::Brief);
+    let mut full_asked_brief = detector(&overfit().join("adapter"));
+    full_asked_brief.set_prompt(Prompt::Brief);
+    assert_ne!(full.cache_key("x"), full_asked_brief.cache_key("x"));
+    let (inputs, _) = photos();
+    let f = brief.inspect(&inputs[..1], &rules(), None, 1, |_| {});
+    assert_eq!(f[0].as_ref().unwrap().prompt_version, "inspect-brief-v1");
+
+    std::fs::write(
+        dir.path().join("inspector_adapter.json"),
+        r#"{"prompt_version": "inspect-v0"}"#,
+    )
+    .unwrap();
+    let e = Detector::load(&tiny(), Some(dir.path()), DetectConfig::default())
+        .err()
+        .expect("an unknown prompt version is refused")
+        .to_string();
+    assert!(
+        e.contains("inspector_adapter.json") && e.contains("inspect-v0"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
+use inspector_core::answer::Prompt;
 use inspector_dataset::{IMAGE_PLACEHOLDER, Record};
 use inspector_qwen2vl::{
     Batch, Error, VisionInput,
@@ -156,15 +157,39 @@ pub fn encode_turns(
     Ok((ids, labels))
 }
 
-/// Builds the training example of one validated record. `Ok(Err(skipped))` when it does not
-/// fit in `max_len` tokens with its whole answer.
+/// The prompt a model directory was trained with (`inspector_model.json`), [`Prompt::Full`]
+/// when it does not say. Training keeps to it, and records it with what it writes.
+pub fn model_prompt(dir: &Path) -> Result<Prompt, Error> {
+    Ok(Prompt::recorded_in(dir)
+        .map_err(Error::Input)?
+        .unwrap_or_default())
+}
+
+/// Builds the training example of one validated record, with the full instruction.
+/// `Ok(Err(skipped))` when it does not fit in `max_len` tokens with its whole answer.
 pub fn example(
     chat: &ChatTokenizer,
     processor: &ProcessorConfig,
     record: &Record,
     max_len: usize,
 ) -> Result<Result<Example, Skipped>, Error> {
-    let sample = inspector_dataset::conversation(&record.annotation, record.size, String::new());
+    example_with(Prompt::Full, chat, processor, record, max_len)
+}
+
+/// [`example`] with the instruction of `prompt` (the one the model directory records).
+pub fn example_with(
+    prompt: Prompt,
+    chat: &ChatTokenizer,
+    processor: &ProcessorConfig,
+    record: &Record,
+    max_len: usize,
+) -> Result<Result<Example, Skipped>, Error> {
+    let sample = inspector_dataset::conversation_with(
+        prompt,
+        &record.annotation,
+        record.size,
+        String::new(),
+    );
     let instruction = sample.messages[0]
         .content
         .strip_prefix(IMAGE_PLACEHOLDER)

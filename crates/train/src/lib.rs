@@ -4,6 +4,9 @@
 //!   equal to transformers' causal-LM loss; only scored positions go through the LM head.
 //! - [`optim`]: AdamW with PyTorch's semantics and a saveable state, global-norm gradient
 //!   clipping, the cosine schedule with warmup.
+//! - [`trainer`]: LoRA or full fine-tuning runs: batches, accumulation, checkpoints, resume.
+//! - [`vision_pretrain`]: stage 0 of a model trained from scratch, the vision tower pretrained
+//!   on the photos' boxes (each image token learns which hazard covers it).
 //!
 //! Every LoRA tensor receives a real gradient: the model is built from differentiable ops only
 //! (see the `qwen2vl` crate), which `tests/gradients.rs` checks against PEFT.
@@ -20,6 +23,7 @@ pub mod data;
 pub mod loss;
 pub mod optim;
 pub mod trainer;
+pub mod vision_pretrain;
 
 /// Tells glibc's allocator to keep freed memory in the process instead of handing it back to the
 /// kernel. Training and inference allocate and free tensors of the same few sizes (a few MB to

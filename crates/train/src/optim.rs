@@ -89,7 +89,10 @@ impl AdamW {
             .zip(&self.decay)
         {
             let Some(g) = grads.get(var) else { continue };
-            let g = g.to_dtype(DType::F32)?;
+            // A variable's gradient can carry the graph it was computed from (candle detaches
+            // only the gradients of intermediate nodes); the moments must not keep it alive
+            // from one step to the next.
+            let g = g.detach().to_dtype(DType::F32)?;
             *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let p = var.as_tensor().to_dtype(DType::F32)?;
@@ -183,4 +186,34 @@ pub fn cosine_lr(base: f64, step: u64, warmup: u64, total: u64) -> f64 {
     }
     let progress = (step - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
     base * (0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())).max(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::*;
+
+    /// candle's stock `matmul` gives a variable a gradient that still carries the forward
+    /// graph; the moments must hold plain values, or every step's activations stay alive.
+    #[test]
+    fn moments_do_not_keep_the_graph_alive() {
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::ones((3, 4), DType::F32, &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::ones((4, 2), DType::F32, &dev).unwrap()).unwrap();
+        let mut opt = AdamW::new(vec![a.clone(), w.clone()], AdamWConfig::default()).unwrap();
+        for _ in 0..2 {
+            let hidden = (a.as_tensor() * 2.0).unwrap();
+            let loss = hidden.matmul(w.as_tensor()).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            assert!(
+                grads.get(&w).unwrap().track_op(),
+                "candle's gradient keeps its graph"
+            );
+            opt.step(&grads, 1e-3).unwrap();
+            for (name, t) in opt.state().unwrap() {
+                assert!(!t.track_op(), "{name} keeps a graph");
+            }
+        }
+    }
 }

@@ -215,6 +215,8 @@ pub struct Trainer {
     eval: Vec<Example>,
     out: PathBuf,
     model_dir: PathBuf,
+    /// The instruction the examples were built with ([`crate::data::model_prompt`]).
+    prompt: inspector_core::answer::Prompt,
     pad: u32,
     /// Set to make the loop fail while writing the next checkpoint (tests).
     pub fail_next_save: bool,
@@ -278,6 +280,7 @@ impl Trainer {
             .min(per_epoch * config.epochs as u64)
             .max(1);
         let pad = model.config.tokens.pad.unwrap_or(0);
+        let prompt = crate::data::model_prompt(model_dir)?;
         std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
         Ok(Trainer {
             model,
@@ -293,6 +296,7 @@ impl Trainer {
             eval,
             out: out.to_path_buf(),
             model_dir: model_dir.to_path_buf(),
+            prompt,
             pad,
             fail_next_save: false,
         })
@@ -536,7 +540,7 @@ impl Trainer {
     /// What a result was trained for: the prompt version and image settings.
     fn provenance(&self) -> serde_json::Value {
         serde_json::json!({
-            "prompt_version": inspector_core::answer::PROMPT_VERSION,
+            "prompt_version": self.prompt.version(),
             "min_pixels": self.model.processor.min_pixels,
             "max_pixels": self.model.processor.max_pixels,
             "base_model": self.model_dir.display().to_string(),
@@ -717,7 +721,7 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>, Error> {
 
 /// Whether weight decay applies to a weight in full fine-tuning: not to biases and norm
 /// weights (Hugging Face's Trainer leaves them out too).
-fn decays(name: &str) -> bool {
+pub(crate) fn decays(name: &str) -> bool {
     let module = name.rsplit('.').nth(1).unwrap_or("");
     !(name.ends_with(".bias") || module.contains("norm") || module == "ln_q")
 }

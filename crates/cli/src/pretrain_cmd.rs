@@ -1,0 +1,199 @@
+//! `inspector pretrain-vision`
+
+use std::{collections::BTreeSet, io::Write, path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use inspector_qwen2vl::image::{ProcessorConfig, process_file};
+use inspector_store::{RuleFilter, RuleStore};
+use inspector_train::vision_pretrain::{
+    PretrainSample, VisionPretrainConfig, VisionPretrainer, token_targets,
+};
+use rand::{SeedableRng, seq::SliceRandom};
+
+use crate::{
+    rules_cmd::{DbArgs, open_with_rules},
+    train_cmd::load_data,
+};
+
+/// Pretrain a model's vision tower on annotated photos' boxes (stage 0 of a model trained from
+/// scratch, before `train --full`).
+///
+/// Every image token learns, for each rule cited in the data, whether a box citing it covers
+/// the token's cell. Only the vision tower and merger change; the result is a complete model
+/// directory `OUT/model`. Every violation needs a box.
+#[derive(Debug, Args)]
+pub struct PretrainArgs {
+    /// The model directory (from `inspector model init`).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// The annotation file (JSONL).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Output folder: model/ (must not exist yet), metrics.jsonl, classes.json.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Optimizer steps (one batch each); the data is cycled, reshuffled each pass.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub steps: u64,
+    #[arg(long, default_value_t = 16, value_name = "B")]
+    pub batch_size: usize,
+    /// Peak learning rate (linear warmup over 5 % of the steps, then cosine).
+    #[arg(long, default_value_t = 2e-3, value_name = "X")]
+    pub lr: f64,
+    /// Seeds the head and the data order.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub seed: u64,
+    #[arg(long, default_value_t = inspector_core::DEFAULT_MIN_PIXELS)]
+    pub min_pixels: usize,
+    #[arg(long, default_value_t = inspector_core::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: usize,
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    anyhow::ensure!(args.lr > 0.0, "--lr must be positive");
+    let model_out = args.out.join("model");
+    anyhow::ensure!(
+        !model_out.exists(),
+        "{}: exists; refusing to overwrite it",
+        model_out.display()
+    );
+    let store = open_with_rules(&args.db.db)?;
+    let rules = store.rules(&RuleFilter::default())?;
+    let data = load_data(&args.data, &rules, "nothing was trained")?;
+    let classes: Vec<String> = data
+        .records
+        .iter()
+        .flat_map(|r| r.annotation.violations.iter().map(|v| v.rule.clone()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    anyhow::ensure!(
+        !classes.is_empty(),
+        "{}: no violation to learn from",
+        args.data.display()
+    );
+    let mut boxes = Vec::with_capacity(data.records.len());
+    for r in &data.records {
+        let mut b = Vec::new();
+        for (k, v) in r.annotation.violations.iter().enumerate() {
+            let bbox = v.bbox.with_context(|| {
+                format!(
+                    "{}:{}: violation {} has no box; vision pretraining needs every violation's box",
+                    data.file.display(),
+                    r.line,
+                    k + 1
+                )
+            })?;
+            let class = classes.binary_search(&v.rule).expect("collected above");
+            b.push((class, bbox));
+        }
+        boxes.push(b);
+    }
+
+    let processor = ProcessorConfig::from_model_dir(&args.model)?
+        .with_pixels(Some(args.min_pixels), Some(args.max_pixels))?;
+    let config = VisionPretrainConfig {
+        lr: args.lr,
+        steps: args.steps,
+        seed: args.seed,
+        ..Default::default()
+    };
+    let mut trainer = VisionPretrainer::new(&args.model, classes.len(), config)?;
+    trainer.model.processor = processor.clone();
+    let merge = processor.merge_size;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("{}: cannot create", args.out.display()))?;
+    crate::output::write_atomic(
+        &args.out.join("classes.json"),
+        &serde_json::to_vec_pretty(&classes).expect("JSON"),
+    )?;
+    let metrics_path = args.out.join("metrics.jsonl");
+    let mut metrics = std::fs::File::create(&metrics_path)
+        .with_context(|| format!("{}: cannot create", metrics_path.display()))?;
+    eprintln!(
+        "pretraining the vision tower: {} weights, {} photos, {} classes",
+        trainer.weights.len(),
+        data.records.len(),
+        classes.len()
+    );
+
+    let bar = ProgressBar::new(args.steps).with_style(
+        ProgressStyle::with_template("vision {bar:30} {pos}/{len} steps  {msg}  eta {eta}")
+            .expect("valid template"),
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let mut order: Vec<usize> = Vec::new();
+    let (mut window_loss, mut window_right, mut window_n) = (0.0, 0.0, 0usize);
+    for step in 0..args.steps {
+        let mut picked = Vec::with_capacity(args.batch_size);
+        while picked.len() < args.batch_size {
+            if order.is_empty() {
+                order = (0..data.records.len()).collect();
+                order.shuffle(&mut rng);
+            }
+            picked.push(order.pop().expect("refilled"));
+        }
+        let mut images = Vec::with_capacity(picked.len());
+        let mut targets = Vec::with_capacity(picked.len());
+        for &i in &picked {
+            let r = &data.records[i];
+            let image = process_file(&r.path, &processor)?;
+            targets.push(token_targets(
+                r.size,
+                image.grid_thw,
+                merge,
+                &boxes[i],
+                classes.len(),
+            ));
+            images.push(image);
+        }
+        let batch: Vec<PretrainSample> = images
+            .iter()
+            .zip(&targets)
+            .map(|(image, targets)| PretrainSample { image, targets })
+            .collect();
+        let (loss, right, norm) = trainer.train_step(&batch)?;
+        anyhow::ensure!(loss.is_finite(), "the loss is {loss} at step {}", step + 1);
+        (window_loss, window_right, window_n) =
+            (window_loss + loss, window_right + right, window_n + 1);
+        if (step + 1) % 10 == 0 || step + 1 == args.steps {
+            let n = window_n as f64;
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::json!({
+                    "step": step + 1,
+                    "loss": window_loss / n,
+                    "cell_accuracy": window_right / n,
+                    "grad_norm": norm,
+                })
+            )
+            .with_context(|| metrics_path.display().to_string())?;
+            bar.set_message(format!("loss {:.4}", window_loss / n));
+            (window_loss, window_right, window_n) = (0.0, 0.0, 0);
+        }
+        bar.inc(1);
+    }
+    bar.finish();
+    // The whole directory appears at once.
+    let tmp = args.out.join(".model.tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("{}: cannot clear", tmp.display()))?;
+    }
+    trainer.save(&args.model, &tmp)?;
+    std::fs::rename(&tmp, &model_out)
+        .with_context(|| format!("{}: cannot move into place", model_out.display()))?;
+    println!(
+        "done: {} steps; model with the pretrained vision tower in {}",
+        args.steps,
+        model_out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,253 @@
+//! Stage 0 for models trained from scratch: pretraining the vision tower on the photos' boxes.
+//!
+//! Real vision-language models start from a pretrained vision encoder. A model made by
+//! `inspector model init` has none, and a language loss alone teaches its vision tower slowly:
+//! the language model first learns the answers' distribution and ignores the image. This stage
+//! gives the tower a direct, dense task instead. Each image token (one 2×2 block of patches, the
+//! unit the merger hands to the language model) is asked, for every hazard class, whether a box
+//! of that class covers it. A linear head on the merger's output reads the answer; the head is
+//! thrown away afterwards, and only the tower's and merger's weights change, so the result is
+//! the same Qwen2-VL model directory with a trained tower.
+//!
+//! The loss is binary cross-entropy on the logits, positives weighted
+//! ([`VisionPretrainConfig::pos_weight`]), written with differentiable ops only
+//! (`max(x, 0) − x·y + log(1 + e^−|x|)`).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use inspector_core::BBox;
+use inspector_qwen2vl::{Error, Qwen2Vl, VisionInput, image::ProcessedImage};
+use rand::{Rng, SeedableRng};
+
+use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, cosine_lr};
+
+/// Settings of a pretraining run.
+#[derive(Debug, Clone)]
+pub struct VisionPretrainConfig {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup_ratio: f64,
+    pub max_grad_norm: f64,
+    /// The weight of a positive target in the loss. A hazard covers a few of a photo's tokens,
+    /// so unweighted, "nothing anywhere" is right for 98 % of the targets and learnt first.
+    pub pos_weight: f64,
+    /// Optimizer steps (one batch each).
+    pub steps: u64,
+    pub seed: u64,
+}
+
+impl Default for VisionPretrainConfig {
+    fn default() -> Self {
+        VisionPretrainConfig {
+            lr: 2e-3,
+            weight_decay: 0.01,
+            warmup_ratio: 0.05,
+            max_grad_norm: 1.0,
+            pos_weight: 8.0,
+            steps: 1000,
+            seed: 0,
+        }
+    }
+}
+
+/// The targets of one image: `[tokens · classes]` row-major, 1 where a box of the class covers
+/// the token's cell. A cell is covered when the box overlaps at least a quarter of it, or holds
+/// the box's centre (so the smallest box still marks one cell).
+///
+/// `size` is the photo's (width, height) that `boxes` refer to; `grid_thw` and `merge` give the
+/// token grid of the processed image, which spans the whole photo.
+pub fn token_targets(
+    size: (u32, u32),
+    grid_thw: [usize; 3],
+    merge: usize,
+    boxes: &[(usize, BBox)],
+    n_classes: usize,
+) -> Vec<f32> {
+    let [t, gh, gw] = grid_thw;
+    let (rows, cols) = (gh / merge, gw / merge);
+    let (cw, ch) = (size.0 as f64 / cols as f64, size.1 as f64 / rows as f64);
+    let mut out = vec![0f32; t * rows * cols * n_classes];
+    for &(class, b) in boxes {
+        let centre = ((b[0] + b[2]) / 2.0, (b[1] + b[3]) / 2.0);
+        for r in 0..rows {
+            for c in 0..cols {
+                let cell = [
+                    c as f64 * cw,
+                    r as f64 * ch,
+                    (c + 1) as f64 * cw,
+                    (r + 1) as f64 * ch,
+                ];
+                let iw = (b[2].min(cell[2]) - b[0].max(cell[0])).max(0.0);
+                let ih = (b[3].min(cell[3]) - b[1].max(cell[1])).max(0.0);
+                let holds_centre = (cell[0]..cell[2]).contains(&centre.0)
+                    && (cell[1]..cell[3]).contains(&centre.1);
+                if iw * ih >= 0.25 * cw * ch || holds_centre {
+                    for f in 0..t {
+                        out[((f * rows + r) * cols + c) * n_classes + class] = 1.0;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One image and its targets ([`token_targets`]).
+pub struct PretrainSample<'a> {
+    pub image: &'a ProcessedImage,
+    pub targets: &'a [f32],
+}
+
+/// The vision tower, its trainable weights and the throw-away head.
+pub struct VisionPretrainer {
+    pub model: Qwen2Vl,
+    /// The tower's and merger's weights, by checkpoint name.
+    pub weights: Vec<(String, Var)>,
+    /// `[hidden, classes]` and `[classes]`.
+    pub head: (Var, Var),
+    opt: AdamW,
+    pub config: VisionPretrainConfig,
+    pub step: u64,
+    n_classes: usize,
+}
+
+/// Whether a checkpoint name is part of the vision tower (either key layout).
+fn is_vision(name: &str) -> bool {
+    name.starts_with("visual.") || name.contains(".visual.")
+}
+
+impl VisionPretrainer {
+    /// Loads `model_dir` (f32, CPU) with its vision weights trainable, and a new head for
+    /// `n_classes` classes.
+    pub fn new(
+        model_dir: &Path,
+        n_classes: usize,
+        config: VisionPretrainConfig,
+    ) -> Result<VisionPretrainer, Error> {
+        if n_classes == 0 {
+            return Err(Error::Input("no hazard class to pretrain on".into()));
+        }
+        let device = Device::Cpu;
+        let (model, _, weights) = Qwen2Vl::load_trainable(model_dir, DType::F32, &device)?;
+        let weights: Vec<(String, Var)> =
+            weights.into_iter().filter(|(n, _)| is_vision(n)).collect();
+        if weights.is_empty() {
+            return Err(Error::Input(format!(
+                "{}: no vision weights found",
+                model_dir.display()
+            )));
+        }
+        let hidden = model.config.text.hidden_size;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
+        let bound = 1.0 / (hidden as f32).sqrt();
+        let w: Vec<f32> = (0..hidden * n_classes)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let head = (
+            Var::from_tensor(&Tensor::from_vec(w, (hidden, n_classes), &device)?)?,
+            Var::from_tensor(&Tensor::zeros(n_classes, DType::F32, &device)?)?,
+        );
+        let mut vars: Vec<Var> = weights.iter().map(|(_, v)| v.clone()).collect();
+        let mut decay: Vec<bool> = weights
+            .iter()
+            .map(|(n, _)| crate::trainer::decays(n))
+            .collect();
+        vars.extend([head.0.clone(), head.1.clone()]);
+        decay.extend([true, false]);
+        let opt = AdamW::grouped(
+            vars,
+            decay,
+            AdamWConfig {
+                lr: config.lr,
+                weight_decay: config.weight_decay,
+                ..Default::default()
+            },
+        )?;
+        Ok(VisionPretrainer {
+            model,
+            weights,
+            head,
+            opt,
+            config,
+            step: 0,
+            n_classes,
+        })
+    }
+
+    /// The mean (positives weighted) binary cross-entropy of a batch, and the share of targets
+    /// classified right.
+    pub fn loss(&self, batch: &[PretrainSample]) -> Result<(Tensor, f64), Error> {
+        if batch.is_empty() {
+            return Err(Error::Input("an empty batch".into()));
+        }
+        let pixel_values = Tensor::cat(
+            &batch
+                .iter()
+                .map(|s| &s.image.pixel_values)
+                .collect::<Vec<_>>(),
+            0,
+        )?;
+        let input = VisionInput {
+            pixel_values,
+            grid_thw: batch.iter().map(|s| s.image.grid_thw).collect(),
+        };
+        let embeds = self.model.image_embeds(&input)?;
+        let n = embeds.dim(0)?;
+        let targets: Vec<f32> = batch
+            .iter()
+            .flat_map(|s| s.targets.iter().copied())
+            .collect();
+        if targets.len() != n * self.n_classes {
+            return Err(Error::Input(format!(
+                "{} targets for {n} image tokens of {} classes",
+                targets.len(),
+                self.n_classes
+            )));
+        }
+        let y = Tensor::from_vec(targets, (n, self.n_classes), embeds.device())?;
+        let x = embeds
+            .matmul(self.head.0.as_tensor())?
+            .broadcast_add(self.head.1.as_tensor())?;
+        // max(x, 0) − x·y + log(1 + e^−|x|), every op differentiable.
+        let bce = (x.relu()? - (&x * &y)? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+        let weight = ((&y * (self.config.pos_weight - 1.0))? + 1.0)?;
+        let loss = (bce * weight)?.mean_all()?;
+        let right = x
+            .ge(0.0)?
+            .to_dtype(DType::F32)?
+            .eq(&y)?
+            .to_dtype(DType::F32)?
+            .mean_all()?
+            .to_scalar::<f32>()? as f64;
+        Ok((loss, right))
+    }
+
+    /// One optimizer step on a batch; returns (loss, cell accuracy, gradient norm).
+    pub fn train_step(&mut self, batch: &[PretrainSample]) -> Result<(f64, f64, f64), Error> {
+        let (loss, right) = self.loss(batch)?;
+        let mut grads = loss.backward()?;
+        let vars = self.opt.vars().to_vec();
+        let norm = clip_grad_norm(&vars, &mut grads, self.config.max_grad_norm)?;
+        let total = self.config.steps.max(1);
+        let warmup = (total as f64 * self.config.warmup_ratio).ceil() as u64;
+        let lr = cosine_lr(self.config.lr, self.step, warmup, total);
+        self.opt.step(&grads, lr)?;
+        self.step += 1;
+        Ok((loss.to_scalar::<f32>()? as f64, right, norm))
+    }
+
+    /// Writes the complete model directory `out` from `base`: its files, with the trained
+    /// vision weights (each file atomically). The head is not written.
+    pub fn save(&self, base: &Path, out: &Path) -> Result<(), Error> {
+        let trained: std::collections::HashMap<&str, &Var> =
+            self.weights.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        inspector_qwen2vl::weights::rewrite(base, out, |name, t| {
+            Ok(match trained.get(name) {
+                Some(v) => v.as_tensor().to_dtype(t.dtype())?,
+                None => t,
+            })
+        })?;
+        self.model.processor.write_pixels(out)
+    }
+}
