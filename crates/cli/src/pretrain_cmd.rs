@@ -31,7 +31,7 @@ pub struct PretrainArgs {
     /// The annotation file (JSONL).
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
-    /// Output folder: model/ (must not exist yet), metrics.jsonl, classes.json.
+    /// Output folder: model/ (must not exist yet), metrics.jsonl, loss.png, classes.json.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Optimizer steps (one batch each); the data is cycled, reshuffled each pass.
@@ -129,6 +129,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let mut order: Vec<usize> = Vec::new();
+    let mut curve: Vec<(f64, f64)> = Vec::new();
     let (mut window_loss, mut window_right, mut window_n) = (0.0, 0.0, 0usize);
     for step in 0..args.steps {
         let mut picked = Vec::with_capacity(args.batch_size);
@@ -176,11 +177,22 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
             )
             .with_context(|| metrics_path.display().to_string())?;
             bar.set_message(format!("loss {:.4}", window_loss / n));
+            curve.push(((step + 1) as f64, window_loss / n));
             (window_loss, window_right, window_n) = (0.0, 0.0, 0);
         }
         bar.inc(1);
     }
     bar.finish();
+    let chart = inspector_charts::Chart {
+        title: "Vision pretraining loss".into(),
+        x_label: "optimizer step".into(),
+        y_label: "loss (positives weighted)".into(),
+        log_y: true,
+        series: vec![inspector_charts::Series::new("train", curve)],
+    };
+    chart
+        .save_png(&args.out.join("loss.png"))
+        .with_context(|| args.out.join("loss.png").display().to_string())?;
     // The whole directory appears at once.
     let tmp = args.out.join(".model.tmp");
     if tmp.exists() {

@@ -402,6 +402,7 @@ fn pretrain_vision_trains_the_tower_and_refuses_boxless_data() {
     assert!(changed.iter().all(|n| n.contains("visual.")), "{changed:?}");
     let metrics = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap();
     assert!(metrics.contains("\"step\":3"), "{metrics}");
+    assert!(d.join("run/loss.png").is_file());
 
     // An existing model is not overwritten.
     let o = run("good.jsonl", "run");
