@@ -5,10 +5,10 @@
 //! and the model's and adapter's fingerprints. It asks each photo the instruction the model was
 //! trained with ([`Prompt`](inspector_core::answer::Prompt): the canonical
 //! [`INSTRUCTION`](inspector_core::answer::INSTRUCTION) unless the model directory records the
-//! brief one); neither lists rules, as the model learnt them in fine-tuning. It reads the answer with the tolerant [`parse_reply`], resolves each
-//! citation against the rules (unresolvable ones are marked unverified, never dropped or
-//! guessed), turns 0–1000 boxes into pixels and scores each violation by the mean probability
-//! of the tokens that wrote it.
+//! brief one); neither lists rules, as the model learnt them in fine-tuning. It reads the
+//! answer with the tolerant [`parse_reply`], resolves each citation against the rules
+//! (unresolvable ones are marked unverified, never dropped or guessed), turns 0–1000 boxes into
+//! pixels and scores each violation by the mean probability of the tokens that wrote it.
 //!
 //! Photos run in batches (left-padded, mixed sizes); greedy batched answers equal one-by-one
 //! answers. With a cache ([`inspector_store::SqliteStore`]) an answer is stored under the hash
