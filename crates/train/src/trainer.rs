@@ -561,15 +561,7 @@ impl Trainer {
     /// A complete model directory: the base's files with every trained weight replaced (in
     /// the base's dtype), the training image settings written into the processor config.
     fn write_model(&self, dir: &Path) -> Result<(), Error> {
-        let trained: HashMap<&str, &Var> =
-            self.weights.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        inspector_qwen2vl::weights::rewrite(&self.model_dir, dir, |name, t| {
-            Ok(match trained.get(name) {
-                Some(v) => v.as_tensor().to_dtype(t.dtype())?,
-                None => t,
-            })
-        })?;
-        self.model.processor.write_pixels(dir)?;
+        write_weights(&self.model_dir, dir, &self.weights, &self.model.processor)?;
         let path = dir.join("inspector_model.json");
         std::fs::write(
             &path,
@@ -721,6 +713,25 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>, Error> {
 
 /// Whether weight decay applies to a weight in full fine-tuning: not to biases and norm
 /// weights (Hugging Face's Trainer leaves them out too).
+/// Writes the model directory `out` from `base`: its files, with `weights` (by checkpoint name)
+/// replacing the base's tensors in the base's dtype, and `processor`'s pixel limits in the
+/// processor config. Full fine-tuning and vision pretraining both save through this.
+pub(crate) fn write_weights(
+    base: &Path,
+    out: &Path,
+    weights: &[(String, Var)],
+    processor: &inspector_qwen2vl::image::ProcessorConfig,
+) -> Result<(), Error> {
+    let trained: HashMap<&str, &Var> = weights.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    inspector_qwen2vl::weights::rewrite(base, out, |name, t| {
+        Ok(match trained.get(name) {
+            Some(v) => v.as_tensor().to_dtype(t.dtype())?,
+            None => t,
+        })
+    })?;
+    processor.write_pixels(out)
+}
+
 pub(crate) fn decays(name: &str) -> bool {
     let module = name.rsplit('.').nth(1).unwrap_or("");
     !(name.ends_with(".bias") || module.contains("norm") || module == "ln_q")

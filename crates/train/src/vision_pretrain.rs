@@ -240,14 +240,6 @@ impl VisionPretrainer {
     /// Writes the complete model directory `out` from `base`: its files, with the trained
     /// vision weights (each file atomically). The head is not written.
     pub fn save(&self, base: &Path, out: &Path) -> Result<(), Error> {
-        let trained: std::collections::HashMap<&str, &Var> =
-            self.weights.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        inspector_qwen2vl::weights::rewrite(base, out, |name, t| {
-            Ok(match trained.get(name) {
-                Some(v) => v.as_tensor().to_dtype(t.dtype())?,
-                None => t,
-            })
-        })?;
-        self.model.processor.write_pixels(out)
+        crate::trainer::write_weights(base, out, &self.weights, &self.model.processor)
     }
 }
