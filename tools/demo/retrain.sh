@@ -6,15 +6,16 @@
 # Usage: tools/demo/retrain.sh [WORK_DIR] [--install]
 #   WORK_DIR   scratch folder (default /tmp/inspector-demo); about 1 GB
 #   --install  copy the result over models/demo/base and models/demo/adapter
-# Environment: STAGE0_STEPS, STAGE1_STEPS and STAGE2_STEPS shorten the run (the ignored test
-# `demo_retrain_shortened` uses them).
+# Environment: STAGE0_STEPS, STAGE1_STEPS, STAGE2A_STEPS and STAGE2_STEPS shorten the run (the
+# ignored test `demo_retrain_shortened` uses them).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 WORK="${1:-/tmp/inspector-demo}"
 INSTALL="${2:-}"
-STAGE0_STEPS="${STAGE0_STEPS:-1500}"
-STAGE1_STEPS="${STAGE1_STEPS:-2400}"
-STAGE2_STEPS="${STAGE2_STEPS:-300}"
+STAGE0_STEPS="${STAGE0_STEPS:-1200}"
+STAGE1_STEPS="${STAGE1_STEPS:-2000}"
+STAGE2A_STEPS="${STAGE2A_STEPS:-150}"
+STAGE2_STEPS="${STAGE2_STEPS:-900}"
 BATCH=8
 BIN="${INSPECTOR_BIN:-$ROOT/target/release/inspector}"
 if [ ! -x "$BIN" ]; then
@@ -31,7 +32,8 @@ stamp "scenes"
 "$BIN" synth --n 2000 --seed 3 --size 320 --out "$WORK/corpus"
 # Stage 1 never shows the held-out hazard (stack-too-high); stage 2 teaches it.
 "$BIN" synth --n $(( STAGE1_STEPS * BATCH )) --seed 1 --size 320 --exclude stack-too-high --out "$WORK/stage1"
-"$BIN" synth --n $(( STAGE2_STEPS * BATCH )) --seed 2 --size 320 --boost stack-too-high --out "$WORK/stage2"
+# Stage 2 goes over its scenes three times.
+"$BIN" synth --n $(( STAGE2_STEPS * BATCH / 3 )) --seed 2 --size 320 --boost stack-too-high --out "$WORK/stage2"
 
 stamp "tokenizer and initial weights"
 "$BIN" dataset build "$WORK/corpus/annotations.jsonl" --out "$WORK/corpus/conversations.jsonl" --db "$DB"
@@ -51,10 +53,19 @@ rm -rf "$WORK/base"
   --full --lr 1e-3 --batch-size $BATCH --grad-accum 1 --max-steps "$STAGE1_STEPS" \
   --save-every 200 --seed 1 --db "$DB" "${PIX[@]}"
 
-stamp "stage 2: LoRA for the held-out hazard"
+# Stage 2 teaches the held-out hazard without changing the base: first a vision adapter learns
+# the new hazard's boxes (the tower itself stays frozen), then the language model's adapter is
+# trained on top of it, continuing the vision adapter.
+stamp "stage 2a: vision adapter on the boxes"
+rm -rf "$WORK/vision2"
+"$BIN" pretrain-vision --model "$WORK/base/model" --data "$WORK/stage2/annotations.jsonl" \
+  --out "$WORK/vision2" --steps "$STAGE2A_STEPS" --batch-size 16 --lr 3e-3 --seed 2 \
+  --lora-r 16 --lora-alpha 32 --db "$DB" "${PIX[@]}"
+
+stamp "stage 2b: LoRA for the held-out hazard"
 rm -rf "$WORK/lora"
 "$BIN" train --model "$WORK/base/model" --data "$WORK/stage2/annotations.jsonl" --out "$WORK/lora" \
-  --lora-vision --lora-r 16 --lora-alpha 32 --lora-dropout 0.05 --lr 1e-3 \
+  --init-adapter "$WORK/vision2/adapter" --lora-vision --lora-r 16 --lora-alpha 32 --lora-dropout 0.05 --lr 2e-3 \
   --batch-size $BATCH --grad-accum 1 --max-steps "$STAGE2_STEPS" \
   --save-every 200 --seed 2 --db "$DB" "${PIX[@]}"
 stamp "training done"

@@ -45,6 +45,7 @@ pub struct EvalArgs {
     /// bundled demo model).
     #[arg(long, value_name = "DIR|REPO")]
     pub model: Option<String>,
+    /// A PEFT LoRA adapter directory to apply on `--model`.
     #[arg(long, value_name = "DIR", conflicts_with = "predictions")]
     pub adapter: Option<PathBuf>,
     #[arg(long, value_name = "N")]

@@ -7,8 +7,9 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use inspector_qwen2vl::image::{ProcessorConfig, process_file};
 use inspector_store::{RuleFilter, RuleStore};
+use inspector_lora::LoraConfig;
 use inspector_train::vision_pretrain::{
-    PretrainSample, VisionPretrainConfig, VisionPretrainer, token_targets,
+    PretrainSample, Tally, VisionPretrainConfig, VisionPretrainer, token_targets,
 };
 use rand::{SeedableRng, seq::SliceRandom};
 
@@ -22,7 +23,9 @@ use crate::{
 ///
 /// Every image token learns, for each rule cited in the data, whether a box citing it covers
 /// the token's cell. Only the vision tower and merger change; the result is a complete model
-/// directory `OUT/model`. Every violation needs a box.
+/// directory `OUT/model`. With `--lora-r` the tower stays frozen and an adapter on its layers
+/// learns instead, written to `OUT/adapter`: continue from it with
+/// `train --init-adapter OUT/adapter` (same rank and alpha). Every violation needs a box.
 #[derive(Debug, Args)]
 pub struct PretrainArgs {
     /// The model directory (from `inspector model init`).
@@ -31,7 +34,8 @@ pub struct PretrainArgs {
     /// The annotation file (JSONL).
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
-    /// Output folder: model/ (must not exist yet), metrics.jsonl, loss.png, classes.json.
+    /// Output folder: model/ (adapter/ with --lora-r; must not exist yet), metrics.jsonl,
+    /// loss.png, classes.json.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Optimizer steps (one batch each); the data is cycled, reshuffled each pass.
@@ -45,6 +49,16 @@ pub struct PretrainArgs {
     /// Seeds the head and the data order.
     #[arg(long, default_value_t = 0, value_name = "S")]
     pub seed: u64,
+    /// Train a LoRA adapter of this rank on the vision tower and merger instead of their
+    /// weights.
+    #[arg(long, value_name = "R")]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha (with --lora-r).
+    #[arg(long, default_value_t = 32.0, value_name = "A", requires = "lora_r")]
+    pub lora_alpha: f64,
+    /// LoRA dropout (with --lora-r).
+    #[arg(long, default_value_t = 0.05, value_name = "D", requires = "lora_r")]
+    pub lora_dropout: f32,
     #[arg(long, default_value_t = inspector_core::DEFAULT_MIN_PIXELS)]
     pub min_pixels: usize,
     #[arg(long, default_value_t = inspector_core::DEFAULT_MAX_PIXELS)]
@@ -57,7 +71,16 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     anyhow::ensure!(args.lr > 0.0, "--lr must be positive");
-    let model_out = args.out.join("model");
+    if let Some(r) = args.lora_r {
+        anyhow::ensure!(r > 0, "--lora-r must be at least 1");
+        anyhow::ensure!(
+            (0.0..1.0).contains(&args.lora_dropout),
+            "--lora-dropout must be in [0, 1)"
+        );
+    }
+    let model_out = args
+        .out
+        .join(if args.lora_r.is_some() { "adapter" } else { "model" });
     anyhow::ensure!(
         !model_out.exists(),
         "{}: exists; refusing to overwrite it",
@@ -104,7 +127,21 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         ..Default::default()
     };
-    let mut trainer = VisionPretrainer::new(&args.model, classes.len(), config)?;
+    let mut trainer = match args.lora_r {
+        None => VisionPretrainer::new(&args.model, classes.len(), config)?,
+        Some(r) => VisionPretrainer::with_lora(
+            &args.model,
+            classes.len(),
+            config,
+            LoraConfig {
+                r,
+                alpha: args.lora_alpha,
+                dropout: args.lora_dropout,
+                seed: args.seed,
+                ..Default::default()
+            },
+        )?,
+    };
     trainer.model.processor = processor.clone();
     let merge = processor.merge_size;
     std::fs::create_dir_all(&args.out)
@@ -116,12 +153,21 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     let metrics_path = args.out.join("metrics.jsonl");
     let mut metrics = std::fs::File::create(&metrics_path)
         .with_context(|| format!("{}: cannot create", metrics_path.display()))?;
-    eprintln!(
-        "pretraining the vision tower: {} weights, {} photos, {} classes",
-        trainer.weights.len(),
-        data.records.len(),
-        classes.len()
-    );
+    match &trainer.lora {
+        None => eprintln!(
+            "pretraining the vision tower: {} weights, {} photos, {} classes",
+            trainer.weights.len(),
+            data.records.len(),
+            classes.len()
+        ),
+        Some(l) => eprintln!(
+            "pretraining a vision adapter: {} layers, {} parameters, {} photos, {} classes",
+            l.pairs().len(),
+            l.trainable_params(),
+            data.records.len(),
+            classes.len()
+        ),
+    }
 
     let bar = ProgressBar::new(args.steps).with_style(
         ProgressStyle::with_template("vision {bar:30} {pos}/{len} steps  {msg}  eta {eta}")
@@ -130,7 +176,11 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let mut order: Vec<usize> = Vec::new();
     let mut curve: Vec<(f64, f64)> = Vec::new();
-    let (mut window_loss, mut window_right, mut window_n) = (0.0, 0.0, 0usize);
+    let (mut window_loss, mut window_n) = (0.0, 0usize);
+    let mut window = Tally::default();
+    // The last tenth of the run: what the tower sees at the end, per class.
+    let mut end = Tally::default();
+    let end_from = args.steps - args.steps.div_ceil(10);
     for step in 0..args.steps {
         let mut picked = Vec::with_capacity(args.batch_size);
         while picked.len() < args.batch_size {
@@ -159,30 +209,46 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
             .zip(&targets)
             .map(|(image, targets)| PretrainSample { image, targets })
             .collect();
-        let (loss, right, norm) = trainer.train_step(&batch)?;
+        let (loss, tally, norm) = trainer.train_step(&batch)?;
         anyhow::ensure!(loss.is_finite(), "the loss is {loss} at step {}", step + 1);
-        (window_loss, window_right, window_n) =
-            (window_loss + loss, window_right + right, window_n + 1);
+        (window_loss, window_n) = (window_loss + loss, window_n + 1);
+        window.add(&tally);
+        if step >= end_from {
+            end.add(&tally);
+        }
         if (step + 1) % 10 == 0 || step + 1 == args.steps {
             let n = window_n as f64;
+            let (precision, recall): (Vec<_>, Vec<_>) =
+                window.precision_recall().into_iter().unzip();
             writeln!(
                 metrics,
                 "{}",
                 serde_json::json!({
                     "step": step + 1,
                     "loss": window_loss / n,
-                    "cell_accuracy": window_right / n,
+                    "cell_accuracy": window.accuracy(),
+                    "precision": precision,
+                    "recall": recall,
                     "grad_norm": norm,
                 })
             )
             .with_context(|| metrics_path.display().to_string())?;
             bar.set_message(format!("loss {:.4}", window_loss / n));
             curve.push(((step + 1) as f64, window_loss / n));
-            (window_loss, window_right, window_n) = (0.0, 0.0, 0);
+            (window_loss, window_n) = (0.0, 0);
+            window = Tally::default();
         }
         bar.inc(1);
     }
     bar.finish();
+    eprintln!(
+        "covered tokens found in the last {} steps (precision / recall):",
+        args.steps - end_from
+    );
+    let pct = |x: Option<f64>| x.map_or("—".to_string(), |x| format!("{:.1} %", 100.0 * x));
+    for (rule, (p, r)) in classes.iter().zip(end.precision_recall()) {
+        eprintln!("  {rule}: {} / {}", pct(p), pct(r));
+    }
     let chart = inspector_charts::Chart {
         title: "Vision pretraining loss".into(),
         x_label: "optimizer step".into(),
@@ -194,7 +260,11 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         .save_png(&args.out.join("loss.png"))
         .with_context(|| args.out.join("loss.png").display().to_string())?;
     // The whole directory appears at once.
-    let tmp = args.out.join(".model.tmp");
+    let tmp = args.out.join(if args.lora_r.is_some() {
+        ".adapter.tmp"
+    } else {
+        ".model.tmp"
+    });
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
             .with_context(|| format!("{}: cannot clear", tmp.display()))?;
@@ -202,10 +272,17 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     trainer.save(&args.model, &tmp)?;
     std::fs::rename(&tmp, &model_out)
         .with_context(|| format!("{}: cannot move into place", model_out.display()))?;
-    println!(
-        "done: {} steps; model with the pretrained vision tower in {}",
-        args.steps,
-        model_out.display()
-    );
+    match args.lora_r {
+        None => println!(
+            "done: {} steps; model with the pretrained vision tower in {}",
+            args.steps,
+            model_out.display()
+        ),
+        Some(_) => println!(
+            "done: {} steps; vision adapter in {} (continue with train --init-adapter)",
+            args.steps,
+            model_out.display()
+        ),
+    }
     Ok(ExitCode::SUCCESS)
 }

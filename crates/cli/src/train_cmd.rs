@@ -88,6 +88,11 @@ pub struct TrainArgs {
     /// [default: f32].
     #[arg(long, value_name = "DTYPE")]
     pub dtype: Option<inspector_train::trainer::Precision>,
+    /// Start the adapter from this PEFT adapter directory (same --lora-r and --lora-alpha),
+    /// e.g. the vision adapter of `pretrain-vision --lora-r`; other targeted layers start
+    /// fresh.
+    #[arg(long, value_name = "DIR", conflicts_with = "full")]
+    pub init_adapter: Option<PathBuf>,
     /// Continue from the newest checkpoint in OUT/checkpoints.
     #[arg(long)]
     pub resume: bool,
@@ -126,6 +131,9 @@ fn settings(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     );
     if args.max_steps.is_some() {
         c.max_steps = args.max_steps;
+    }
+    if args.init_adapter.is_some() {
+        c.init_adapter = args.init_adapter.clone();
     }
     c.lora_vision |= args.lora_vision;
     c.full |= args.full;

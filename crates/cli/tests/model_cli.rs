@@ -411,4 +411,99 @@ fn pretrain_vision_trains_the_tower_and_refuses_boxless_data() {
         !o.status.success() && err.contains("refusing to overwrite"),
         "{err}"
     );
+
+    // With --lora-r the tower is frozen and a vision adapter comes out; `train` continues
+    // from it with the language model's layers added.
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_inspector"))
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap()
+    };
+    let tiny = fixtures().join("tiny-a");
+    let tiny = tiny.to_str().unwrap();
+    let pixels = ["--min-pixels", "3136", "--max-pixels", "3136", "--db", "x.db"];
+    let o = cli(&[
+        &[
+            "pretrain-vision",
+            "--model",
+            tiny,
+            "--data",
+            "good.jsonl",
+            "--out",
+            "vl",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+        ][..],
+        &pixels,
+    ]
+    .concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("《安全作业规程》第3.1条:"), "per-class summary: {err}");
+    assert!(!d.join("vl/model").exists());
+    let modules = |dir: &str| {
+        let v: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(d.join(dir).join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let mut m: Vec<String> = v["target_modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect();
+        m.sort();
+        m
+    };
+    let vision = modules("vl/adapter");
+    assert!(
+        vision.iter().all(|m| inspector_lora::VISION_TARGETS.contains(&m.as_str())),
+        "{vision:?}"
+    );
+    let metrics = std::fs::read_to_string(d.join("vl/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"recall\""), "{metrics}");
+    let train = |r: &str, out: &str| {
+        cli(&[
+            &[
+                "train",
+                "--model",
+                tiny,
+                "--data",
+                "good.jsonl",
+                "--out",
+                out,
+                "--init-adapter",
+                "vl/adapter",
+                "--lora-r",
+                r,
+                "--lora-alpha",
+                "8",
+                "--lora-vision",
+                "--max-steps",
+                "1",
+                "--grad-accum",
+                "1",
+            ][..],
+            &pixels,
+        ]
+        .concat())
+    };
+    let o = train("4", "lm");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let both = modules("lm/adapter");
+    assert!(both.contains(&"q_proj".to_string()) && vision.iter().all(|m| both.contains(m)));
+    let o = train("8", "lm8");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("vl/adapter/adapter_config.json") && err.contains("r 4"),
+        "{err}"
+    );
 }

@@ -107,6 +107,10 @@ pub const DEFAULT_TARGETS: [&str; 7] = [
     "down_proj",
 ];
 
+/// The vision tower's and merger's linear layers of Qwen2-VL (attention, MLP, merger MLP): the
+/// extra targets of an adapter that also adapts the vision side.
+pub const VISION_TARGETS: [&str; 6] = ["qkv", "attn.proj", "fc1", "fc2", "mlp.0", "mlp.2"];
+
 impl Default for LoraConfig {
     /// r 16, α 32, dropout 0.1, the language model's projections.
     fn default() -> Self {
@@ -537,6 +541,45 @@ impl Lora {
         let lora = Lora::new(config, device);
         *lora.shared.pending.lock().expect("lock") = pending;
         lora.shared.from_file.store(true, Ordering::Relaxed);
+        Ok(lora)
+    }
+}
+
+impl Lora {
+    /// A new set for training by `config` that starts from an adapter read from files
+    /// ([`Lora::from_peft`]): the adapter's modules keep their weights, and every other module
+    /// that `config` targets starts fresh. This continues a run in a later stage, e.g. a vision
+    /// adapter pretrained on boxes before the language model's adapter is trained with it.
+    ///
+    /// The adapter must have been trained with the same rank, alpha and scaling rule, or its
+    /// branches would be scaled differently from how they were trained. `dir` names the
+    /// adapter in errors. After building the model, check [`Lora::unclaimed`].
+    pub fn starting_from(
+        config: LoraConfig,
+        from: &Lora,
+        dir: &Path,
+        device: &Device,
+    ) -> Result<Lora, Error> {
+        let theirs = from.config();
+        if theirs.r != config.r
+            || theirs.alpha != config.alpha
+            || theirs.use_rslora != config.use_rslora
+        {
+            return Err(adapter_err(
+                &dir.join(ADAPTER_CONFIG),
+                format!(
+                    "r {} alpha {} (rslora {}), but this run uses r {} alpha {} (rslora {}); continue with the same values",
+                    theirs.r,
+                    theirs.alpha,
+                    theirs.use_rslora,
+                    config.r,
+                    config.alpha,
+                    config.use_rslora
+                ),
+            ));
+        }
+        let lora = Lora::new(config, device);
+        *lora.shared.pending.lock().expect("lock") = from.pending();
         Ok(lora)
     }
 }

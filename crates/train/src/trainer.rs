@@ -71,6 +71,10 @@ pub struct TrainConfig {
     pub full: bool,
     /// The base weights' dtype. LoRA weights and optimizer state are f32 either way.
     pub dtype: Precision,
+    /// Start the adapter from this PEFT adapter (same rank and alpha): its modules keep their
+    /// weights, other targeted modules start fresh. E.g. the vision adapter that
+    /// `inspector pretrain-vision --lora-r` trained on the boxes.
+    pub init_adapter: Option<PathBuf>,
 }
 
 /// Base weight precision for training.
@@ -126,6 +130,7 @@ impl Default for TrainConfig {
             lora_vision: false,
             full: false,
             dtype: Precision::F32,
+            init_adapter: None,
         }
     }
 }
@@ -137,11 +142,7 @@ impl TrainConfig {
             .map(|s| s.to_string())
             .collect();
         if self.lora_vision {
-            targets.extend(
-                ["qkv", "attn.proj", "fc1", "fc2", "mlp.0", "mlp.2"]
-                    .iter()
-                    .map(|s| s.to_string()),
-            );
+            targets.extend(inspector_lora::VISION_TARGETS.iter().map(|s| s.to_string()));
         }
         LoraConfig {
             r: self.lora_r,
@@ -248,6 +249,12 @@ impl Trainer {
             ..Default::default()
         };
         let (model, lora, weights, opt) = if config.full {
+            if config.init_adapter.is_some() {
+                return Err(Error::Input(
+                    "full fine-tuning trains the weights themselves: an initial adapter does not apply"
+                        .into(),
+                ));
+            }
             if config.dtype != Precision::F32 {
                 return Err(Error::Input(
                     "full fine-tuning trains f32 weights: leave dtype at f32".into(),
@@ -266,9 +273,28 @@ impl Trainer {
             let opt = AdamW::grouped(vars, decay, adamw)?;
             (model, lora, weights, opt)
         } else {
-            let lora = Lora::new(config.lora_config(), &device);
+            let lora = match &config.init_adapter {
+                Some(dir) => {
+                    let file = inspector_qwen2vl::adapter::read(dir, &device)?;
+                    Lora::starting_from(config.lora_config(), &file, dir, &device)?
+                }
+                None => Lora::new(config.lora_config(), &device),
+            };
             let (model, _) =
                 Qwen2Vl::load_with(model_dir, config.dtype.dtype(), &device, Some(&lora))?;
+            if let Some(dir) = &config.init_adapter {
+                let unclaimed = lora.unclaimed();
+                if !unclaimed.is_empty() {
+                    return Err(Error::Checkpoint {
+                        path: dir.clone(),
+                        message: format!(
+                            "names modules that {} does not have: {}",
+                            model_dir.display(),
+                            unclaimed.join(", ")
+                        ),
+                    });
+                }
+            }
             let opt = AdamW::new(lora.vars(), adamw)?;
             (model, lora, vec![], opt)
         };
@@ -539,23 +565,17 @@ impl Trainer {
 
     /// What a result was trained for: the prompt version and image settings.
     fn provenance(&self) -> serde_json::Value {
-        serde_json::json!({
-            "prompt_version": self.prompt.version(),
-            "min_pixels": self.model.processor.min_pixels,
-            "max_pixels": self.model.processor.max_pixels,
-            "base_model": self.model_dir.display().to_string(),
-        })
+        provenance(&self.prompt, &self.model.processor, &self.model_dir)
     }
 
     fn write_adapter(&self, dir: &Path) -> Result<(), Error> {
-        self.lora
-            .save_peft(dir, &self.model_dir.display().to_string())?;
-        let path = dir.join("inspector_adapter.json");
-        std::fs::write(
-            &path,
-            serde_json::to_vec_pretty(&self.provenance()).expect("JSON"),
+        write_adapter(
+            &self.lora,
+            dir,
+            &self.model_dir,
+            &self.prompt,
+            &self.model.processor,
         )
-        .map_err(|e| io(&path, e))
     }
 
     /// A complete model directory: the base's files with every trained weight replaced (in
@@ -711,8 +731,38 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>, Error> {
     Ok(checkpoints(out)?.pop().map(|(_, p)| p))
 }
 
-/// Whether weight decay applies to a weight in full fine-tuning: not to biases and norm
-/// weights (Hugging Face's Trainer leaves them out too).
+/// What a result was trained for: the prompt version and image settings.
+fn provenance(
+    prompt: &inspector_core::answer::Prompt,
+    processor: &inspector_qwen2vl::image::ProcessorConfig,
+    model_dir: &Path,
+) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_version": prompt.version(),
+        "min_pixels": processor.min_pixels,
+        "max_pixels": processor.max_pixels,
+        "base_model": model_dir.display().to_string(),
+    })
+}
+
+/// Writes an adapter directory: PEFT's two files and `inspector_adapter.json` (the prompt
+/// and image settings it was trained for), for the base model `model_dir`.
+pub(crate) fn write_adapter(
+    lora: &Lora,
+    dir: &Path,
+    model_dir: &Path,
+    prompt: &inspector_core::answer::Prompt,
+    processor: &inspector_qwen2vl::image::ProcessorConfig,
+) -> Result<(), Error> {
+    lora.save_peft(dir, &model_dir.display().to_string())?;
+    let path = dir.join("inspector_adapter.json");
+    let bytes = serde_json::to_vec_pretty(&provenance(prompt, processor, model_dir)).expect("JSON");
+    inspector_lora::write_atomic(&path, |p| {
+        std::fs::write(p, &bytes).map_err(candle_core::Error::wrap)
+    })?;
+    Ok(())
+}
+
 /// Writes the model directory `out` from `base`: its files, with `weights` (by checkpoint name)
 /// replacing the base's tensors in the base's dtype, and `processor`'s pixel limits in the
 /// processor config. Full fine-tuning and vision pretraining both save through this.
@@ -732,6 +782,8 @@ pub(crate) fn write_weights(
     processor.write_pixels(out)
 }
 
+/// Whether weight decay applies to a weight in full fine-tuning: not to biases and norm
+/// weights (Hugging Face's Trainer leaves them out too).
 pub(crate) fn decays(name: &str) -> bool {
     let module = name.rsplit('.').nth(1).unwrap_or("");
     !(name.ends_with(".bias") || module.contains("norm") || module == "ln_q")

@@ -9,6 +9,11 @@
 //! thrown away afterwards, and only the tower's and merger's weights change, so the result is
 //! the same Qwen2-VL model directory with a trained tower.
 //!
+//! With a LoRA configuration ([`VisionPretrainer::with_lora`]) the tower itself stays frozen and
+//! an adapter on its layers learns instead: the way to teach a trained model a new hazard's
+//! look without changing its base weights. `inspector train --init-adapter` then trains the
+//! language model's adapter on top of it.
+//!
 //! The loss is binary cross-entropy on the logits, positives weighted
 //! ([`VisionPretrainConfig::pos_weight`]), written with differentiable ops only
 //! (`max(x, 0) − x·y + log(1 + e^−|x|)`).
@@ -17,6 +22,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use inspector_core::BBox;
+use inspector_lora::{Lora, LoraConfig};
 use inspector_qwen2vl::{Error, Qwen2Vl, VisionInput, image::ProcessedImage};
 use rand::{Rng, SeedableRng};
 
@@ -99,11 +105,66 @@ pub struct PretrainSample<'a> {
     pub targets: &'a [f32],
 }
 
+/// How a batch's token × class answers compare with the targets (logit ≥ 0 means "covered").
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tally {
+    /// Token × class targets answered right, of all.
+    pub right: u64,
+    pub total: u64,
+    /// Per class: targets that are 1 and answered 1, answered 1 where 0, and 1 but answered 0.
+    pub true_pos: Vec<u64>,
+    pub false_pos: Vec<u64>,
+    pub false_neg: Vec<u64>,
+}
+
+impl Tally {
+    /// The share of token × class targets answered right.
+    pub fn accuracy(&self) -> f64 {
+        self.right as f64 / self.total.max(1) as f64
+    }
+
+    /// Adds another batch's counts.
+    pub fn add(&mut self, other: &Tally) {
+        if self.true_pos.is_empty() {
+            *self = other.clone();
+            return;
+        }
+        self.right += other.right;
+        self.total += other.total;
+        for (a, b) in [
+            (&mut self.true_pos, &other.true_pos),
+            (&mut self.false_pos, &other.false_pos),
+            (&mut self.false_neg, &other.false_neg),
+        ] {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        }
+    }
+
+    /// Per class: (precision, recall) of the covered tokens; `None` where undefined.
+    pub fn precision_recall(&self) -> Vec<(Option<f64>, Option<f64>)> {
+        (0..self.true_pos.len())
+            .map(|c| {
+                let tp = self.true_pos[c] as f64;
+                let ratio = |d: u64| (d > 0).then(|| tp / d as f64);
+                (
+                    ratio(self.true_pos[c] + self.false_pos[c]),
+                    ratio(self.true_pos[c] + self.false_neg[c]),
+                )
+            })
+            .collect()
+    }
+}
+
 /// The vision tower, its trainable weights and the throw-away head.
 pub struct VisionPretrainer {
     pub model: Qwen2Vl,
-    /// The tower's and merger's weights, by checkpoint name.
+    /// The tower's and merger's weights, by checkpoint name (empty with an adapter).
     pub weights: Vec<(String, Var)>,
+    /// The adapter on the tower's layers, when the tower itself is frozen.
+    pub lora: Option<Lora>,
+    model_dir: std::path::PathBuf,
     /// `[hidden, classes]` and `[classes]`.
     pub head: (Var, Var),
     opt: AdamW,
@@ -125,14 +186,61 @@ impl VisionPretrainer {
         n_classes: usize,
         config: VisionPretrainConfig,
     ) -> Result<VisionPretrainer, Error> {
+        Self::build(model_dir, n_classes, config, None)
+    }
+
+    /// Loads `model_dir` (f32, CPU) frozen, with a new LoRA adapter on the vision tower's and
+    /// merger's layers ([`inspector_lora::VISION_TARGETS`]; `lora.target_modules` is replaced)
+    /// and a new head for `n_classes` classes.
+    pub fn with_lora(
+        model_dir: &Path,
+        n_classes: usize,
+        config: VisionPretrainConfig,
+        lora: LoraConfig,
+    ) -> Result<VisionPretrainer, Error> {
+        Self::build(model_dir, n_classes, config, Some(lora))
+    }
+
+    fn build(
+        model_dir: &Path,
+        n_classes: usize,
+        config: VisionPretrainConfig,
+        lora: Option<LoraConfig>,
+    ) -> Result<VisionPretrainer, Error> {
         if n_classes == 0 {
             return Err(Error::Input("no hazard class to pretrain on".into()));
         }
         let device = Device::Cpu;
-        let (model, _, weights) = Qwen2Vl::load_trainable(model_dir, DType::F32, &device)?;
-        let weights: Vec<(String, Var)> =
-            weights.into_iter().filter(|(n, _)| is_vision(n)).collect();
-        if weights.is_empty() {
+        let (model, weights, lora) = match lora {
+            None => {
+                let (model, _, weights) = Qwen2Vl::load_trainable(model_dir, DType::F32, &device)?;
+                let weights: Vec<(String, Var)> =
+                    weights.into_iter().filter(|(n, _)| is_vision(n)).collect();
+                (model, weights, None)
+            }
+            Some(cfg) => {
+                let lora = Lora::new(
+                    LoraConfig {
+                        target_modules: inspector_lora::VISION_TARGETS
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect(),
+                        ..cfg
+                    },
+                    &device,
+                );
+                let (model, _) = Qwen2Vl::load_with(model_dir, DType::F32, &device, Some(&lora))?;
+                (model, vec![], Some(lora))
+            }
+        };
+        let trained: Vec<(Var, bool)> = match &lora {
+            None => weights
+                .iter()
+                .map(|(n, v)| (v.clone(), crate::trainer::decays(n)))
+                .collect(),
+            Some(l) => l.vars().into_iter().map(|v| (v, true)).collect(),
+        };
+        if trained.is_empty() {
             return Err(Error::Input(format!(
                 "{}: no vision weights found",
                 model_dir.display()
@@ -148,11 +256,7 @@ impl VisionPretrainer {
             Var::from_tensor(&Tensor::from_vec(w, (hidden, n_classes), &device)?)?,
             Var::from_tensor(&Tensor::zeros(n_classes, DType::F32, &device)?)?,
         );
-        let mut vars: Vec<Var> = weights.iter().map(|(_, v)| v.clone()).collect();
-        let mut decay: Vec<bool> = weights
-            .iter()
-            .map(|(n, _)| crate::trainer::decays(n))
-            .collect();
+        let (mut vars, mut decay): (Vec<Var>, Vec<bool>) = trained.into_iter().unzip();
         vars.extend([head.0.clone(), head.1.clone()]);
         decay.extend([true, false]);
         let opt = AdamW::grouped(
@@ -167,6 +271,8 @@ impl VisionPretrainer {
         Ok(VisionPretrainer {
             model,
             weights,
+            lora,
+            model_dir: model_dir.to_path_buf(),
             head,
             opt,
             config,
@@ -175,9 +281,9 @@ impl VisionPretrainer {
         })
     }
 
-    /// The mean (positives weighted) binary cross-entropy of a batch, and the share of targets
-    /// classified right.
-    pub fn loss(&self, batch: &[PretrainSample]) -> Result<(Tensor, f64), Error> {
+    /// The mean (positives weighted) binary cross-entropy of a batch, and how the answers
+    /// compare with the targets.
+    pub fn loss(&self, batch: &[PretrainSample]) -> Result<(Tensor, Tally), Error> {
         if batch.is_empty() {
             return Err(Error::Input("an empty batch".into()));
         }
@@ -213,19 +319,39 @@ impl VisionPretrainer {
         let bce = (x.relu()? - (&x * &y)? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
         let weight = ((&y * (self.config.pos_weight - 1.0))? + 1.0)?;
         let loss = (bce * weight)?.mean_all()?;
-        let right = x
-            .ge(0.0)?
-            .to_dtype(DType::F32)?
-            .eq(&y)?
-            .to_dtype(DType::F32)?
-            .mean_all()?
-            .to_scalar::<f32>()? as f64;
-        Ok((loss, right))
+        let said: Vec<Vec<f32>> = x.ge(0.0)?.to_dtype(DType::F32)?.to_vec2()?;
+        let truth: Vec<Vec<f32>> = y.to_vec2()?;
+        let mut tally = Tally {
+            right: 0,
+            total: (n * self.n_classes) as u64,
+            true_pos: vec![0; self.n_classes],
+            false_pos: vec![0; self.n_classes],
+            false_neg: vec![0; self.n_classes],
+        };
+        for (s_row, t_row) in said.iter().zip(&truth) {
+            for (c, (&s, &t)) in s_row.iter().zip(t_row).enumerate() {
+                match (s > 0.5, t > 0.5) {
+                    (true, true) => tally.true_pos[c] += 1,
+                    (true, false) => tally.false_pos[c] += 1,
+                    (false, true) => tally.false_neg[c] += 1,
+                    (false, false) => {}
+                }
+                tally.right += u64::from((s > 0.5) == (t > 0.5));
+            }
+        }
+        Ok((loss, tally))
     }
 
-    /// One optimizer step on a batch; returns (loss, cell accuracy, gradient norm).
-    pub fn train_step(&mut self, batch: &[PretrainSample]) -> Result<(f64, f64, f64), Error> {
-        let (loss, right) = self.loss(batch)?;
+    /// One optimizer step on a batch; returns (loss, tally, gradient norm).
+    pub fn train_step(&mut self, batch: &[PretrainSample]) -> Result<(f64, Tally, f64), Error> {
+        if let Some(l) = &self.lora {
+            l.set_training(true);
+        }
+        let result = self.loss(batch);
+        if let Some(l) = &self.lora {
+            l.set_training(false);
+        }
+        let (loss, right) = result?;
         let mut grads = loss.backward()?;
         let vars = self.opt.vars().to_vec();
         let norm = clip_grad_norm(&vars, &mut grads, self.config.max_grad_norm)?;
@@ -237,9 +363,20 @@ impl VisionPretrainer {
         Ok((loss.to_scalar::<f32>()? as f64, right, norm))
     }
 
-    /// Writes the complete model directory `out` from `base`: its files, with the trained
-    /// vision weights (each file atomically). The head is not written.
+    /// Writes the result into `out`: without an adapter, the complete model directory from
+    /// `base`'s files with the trained vision weights; with one, the adapter (PEFT's files and
+    /// `inspector_adapter.json`) for the loaded model. Each file is written atomically; the
+    /// head is not written.
     pub fn save(&self, base: &Path, out: &Path) -> Result<(), Error> {
-        crate::trainer::write_weights(base, out, &self.weights, &self.model.processor)
+        match &self.lora {
+            None => crate::trainer::write_weights(base, out, &self.weights, &self.model.processor),
+            Some(lora) => crate::trainer::write_adapter(
+                lora,
+                out,
+                &self.model_dir,
+                &crate::data::model_prompt(&self.model_dir)?,
+                &self.model.processor,
+            ),
+        }
     }
 }

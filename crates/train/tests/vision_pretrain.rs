@@ -2,13 +2,14 @@
 //! tower learns where a drawn object is, and the saved directory changes only the tower.
 
 use candle_core::{DType, Device};
-use common::{max_abs, tiny_a};
+use common::{examples, max_abs, tiny_a};
 use inspector_qwen2vl::{
     Qwen2Vl,
     image::{ProcessedImage, ProcessorConfig, process_bytes},
 };
-use inspector_train::vision_pretrain::{
-    PretrainSample, VisionPretrainConfig, VisionPretrainer, token_targets,
+use inspector_train::{
+    trainer::{TrainConfig, Trainer},
+    vision_pretrain::{PretrainSample, Tally, VisionPretrainConfig, VisionPretrainer, token_targets},
 };
 
 mod common;
@@ -133,10 +134,19 @@ fn the_tower_learns_where_the_object_is_and_only_the_tower_is_saved() {
     let mut p = VisionPretrainer::new(&tiny_a(), 1, config).unwrap();
     let (first, _, _) = p.train_step(&batch).unwrap();
     let mut last = (first, 0.0);
+    let mut end = Tally::default();
     for _ in 1..60 {
-        let (loss, right, _) = p.train_step(&batch).unwrap();
-        last = (loss, right);
+        let (loss, tally, _) = p.train_step(&batch).unwrap();
+        last = (loss, tally.accuracy());
+        end = tally;
     }
+    let [(precision, recall)] = end.precision_recall()[..] else {
+        panic!("one class")
+    };
+    assert!(
+        precision >= Some(0.9) && recall >= Some(0.9),
+        "{precision:?} {recall:?}"
+    );
     eprintln!("loss {first:.4} → {:.4}, cells right {:.3}", last.0, last.1);
     assert!(last.0 < 0.3 * first, "loss {first} → {}", last.0);
     assert!(last.1 >= 0.97, "cells classified right: {}", last.1);
@@ -160,4 +170,132 @@ fn the_tower_learns_where_the_object_is_and_only_the_tower_is_saved() {
         }
     }
     assert!(out.path().join("tokenizer.json").exists());
+}
+
+#[test]
+fn a_vision_adapter_learns_with_the_tower_frozen_and_the_language_adapter_starts_from_it() {
+    let photos: Vec<_> = [(4, 4), (68, 8), (10, 66), (60, 60), (36, 36), (70, 40)]
+        .into_iter()
+        .map(|(x, y)| photo(x, y))
+        .collect();
+    let targets: Vec<Vec<f32>> = photos
+        .iter()
+        .map(|(p, b)| token_targets((112, 112), p.grid_thw, 2, &[(0, *b)], 1))
+        .collect();
+    let batch: Vec<PretrainSample> = photos
+        .iter()
+        .zip(&targets)
+        .map(|((image, _), targets)| PretrainSample { image, targets })
+        .collect();
+    let config = VisionPretrainConfig {
+        steps: 60,
+        lr: 1e-2,
+        ..Default::default()
+    };
+    let lora_config = inspector_lora::LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        seed: 3,
+        ..Default::default()
+    };
+    let mut p = VisionPretrainer::with_lora(&tiny_a(), 1, config, lora_config).unwrap();
+    assert!(p.weights.is_empty(), "the tower itself is frozen");
+    let lora = p.lora.clone().unwrap();
+    let pairs = lora.pairs();
+    assert!(!pairs.is_empty());
+    assert!(
+        pairs.iter().all(|q| q.module.contains("visual.")),
+        "only the vision side is adapted: {:?}",
+        pairs.iter().map(|q| &q.module).collect::<Vec<_>>()
+    );
+    // B starts at zero and the first step's learning rate is zero (warmup), so after two
+    // steps every A and B gets a gradient.
+    let (first, _, _) = p.train_step(&batch).unwrap();
+    p.train_step(&batch).unwrap();
+    let (loss, _) = p.loss(&batch).unwrap();
+    let grads = loss.backward().unwrap();
+    for q in &pairs {
+        for (which, var) in [("A", &q.a), ("B", &q.b)] {
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{}.{which}: no gradient", q.module));
+            assert!(max_abs(g) > 0.0, "{}.{which}: zero gradient", q.module);
+        }
+    }
+    let mut last = first;
+    for _ in 2..60 {
+        last = p.train_step(&batch).unwrap().0;
+    }
+    eprintln!("vision adapter: loss {first:.4} → {last:.4}");
+    assert!(last < 0.5 * first, "loss {first} → {last}");
+
+    // Saved as a PEFT adapter, it loads onto the base and gives the same image embeddings.
+    let out = tempfile::tempdir().unwrap();
+    p.save(&tiny_a(), out.path()).unwrap();
+    let (loaded, _, _) =
+        inspector_qwen2vl::adapter::load(&tiny_a(), out.path(), DType::F32, &Device::Cpu).unwrap();
+    let input = inspector_qwen2vl::VisionInput {
+        pixel_values: photos[0].0.pixel_values.clone(),
+        grid_thw: vec![photos[0].0.grid_thw],
+    };
+    let ours = p.model.image_embeds(&input).unwrap();
+    let plain = Qwen2Vl::load(&tiny_a(), DType::F32, &Device::Cpu)
+        .unwrap()
+        .0
+        .image_embeds(&input)
+        .unwrap();
+    let theirs = loaded.image_embeds(&input).unwrap();
+    assert!(max_abs(&(&ours - &theirs).unwrap()) < 1e-5);
+    assert!(
+        max_abs(&(&ours - &plain).unwrap()) > 1e-3,
+        "the adapter changes the tower's output"
+    );
+
+    // The language model's adapter starts from it: its vision layers keep the trained
+    // weights, the language model's layers start fresh (B = 0).
+    let data = tempfile::tempdir().unwrap();
+    let train = TrainConfig {
+        lora_r: 8,
+        lora_alpha: 16.0,
+        lora_vision: true,
+        init_adapter: Some(out.path().to_path_buf()),
+        ..Default::default()
+    };
+    let run = tempfile::tempdir().unwrap();
+    let t = Trainer::new(&tiny_a(), examples(data.path(), 1), vec![], train.clone(), run.path())
+        .unwrap();
+    let started: std::collections::HashMap<String, _> = t
+        .lora
+        .pairs()
+        .into_iter()
+        .map(|q| (q.module.clone(), q))
+        .collect();
+    for q in &pairs {
+        let s = &started[&q.module];
+        assert_eq!(max_abs(&(q.b.as_tensor() - s.b.as_tensor()).unwrap()), 0.0);
+        assert_eq!(max_abs(&(q.a.as_tensor() - s.a.as_tensor()).unwrap()), 0.0);
+    }
+    let text: Vec<_> = started
+        .values()
+        .filter(|q| !q.module.contains("visual."))
+        .collect();
+    assert!(!text.is_empty());
+    assert!(text.iter().all(|q| max_abs(q.b.as_tensor()) == 0.0));
+
+    // Another rank would scale the branches differently: refused, naming the file.
+    let err = Trainer::new(
+        &tiny_a(),
+        examples(data.path(), 1),
+        vec![],
+        TrainConfig {
+            lora_r: 4,
+            ..train
+        },
+        run.path(),
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(err.contains("adapter_config.json") && err.contains("r 8"), "{err}");
 }
