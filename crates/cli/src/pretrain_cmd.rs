@@ -5,9 +5,9 @@ use std::{collections::BTreeSet, io::Write, path::PathBuf, process::ExitCode};
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use inspector_lora::LoraConfig;
 use inspector_qwen2vl::image::{ProcessorConfig, process_file};
 use inspector_store::{RuleFilter, RuleStore};
-use inspector_lora::LoraConfig;
 use inspector_train::vision_pretrain::{
     PretrainSample, Tally, VisionPretrainConfig, VisionPretrainer, token_targets,
 };
@@ -74,13 +74,19 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(r) = args.lora_r {
         anyhow::ensure!(r > 0, "--lora-r must be at least 1");
         anyhow::ensure!(
+            args.lora_alpha.is_finite() && args.lora_alpha > 0.0,
+            "--lora-alpha must be positive"
+        );
+        anyhow::ensure!(
             (0.0..1.0).contains(&args.lora_dropout),
             "--lora-dropout must be in [0, 1)"
         );
     }
-    let model_out = args
-        .out
-        .join(if args.lora_r.is_some() { "adapter" } else { "model" });
+    let model_out = args.out.join(if args.lora_r.is_some() {
+        "adapter"
+    } else {
+        "model"
+    });
     anyhow::ensure!(
         !model_out.exists(),
         "{}: exists; refusing to overwrite it",

@@ -147,6 +147,10 @@ fn settings(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     anyhow::ensure!(c.lr > 0.0, "--lr must be positive");
     anyhow::ensure!(c.lora_r > 0, "--lora-r must be at least 1");
     anyhow::ensure!(
+        c.lora_alpha.is_finite() && c.lora_alpha > 0.0,
+        "--lora-alpha must be positive"
+    );
+    anyhow::ensure!(
         (0.0..1.0).contains(&c.lora_dropout),
         "--lora-dropout must be in [0, 1)"
     );

@@ -423,7 +423,14 @@ fn pretrain_vision_trains_the_tower_and_refuses_boxless_data() {
     };
     let tiny = fixtures().join("tiny-a");
     let tiny = tiny.to_str().unwrap();
-    let pixels = ["--min-pixels", "3136", "--max-pixels", "3136", "--db", "x.db"];
+    let pixels = [
+        "--min-pixels",
+        "3136",
+        "--max-pixels",
+        "3136",
+        "--db",
+        "x.db",
+    ];
     let o = cli(&[
         &[
             "pretrain-vision",
@@ -447,7 +454,10 @@ fn pretrain_vision_trains_the_tower_and_refuses_boxless_data() {
     .concat());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("《安全作业规程》第3.1条:"), "per-class summary: {err}");
+    assert!(
+        err.contains("《安全作业规程》第3.1条:"),
+        "per-class summary: {err}"
+    );
     assert!(!d.join("vl/model").exists());
     let modules = |dir: &str| {
         let v: serde_json::Value = serde_json::from_slice(
@@ -465,7 +475,9 @@ fn pretrain_vision_trains_the_tower_and_refuses_boxless_data() {
     };
     let vision = modules("vl/adapter");
     assert!(
-        vision.iter().all(|m| inspector_lora::VISION_TARGETS.contains(&m.as_str())),
+        vision
+            .iter()
+            .all(|m| inspector_lora::VISION_TARGETS.contains(&m.as_str())),
         "{vision:?}"
     );
     let metrics = std::fs::read_to_string(d.join("vl/metrics.jsonl")).unwrap();
@@ -500,10 +512,68 @@ fn pretrain_vision_trains_the_tower_and_refuses_boxless_data() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let both = modules("lm/adapter");
     assert!(both.contains(&"q_proj".to_string()) && vision.iter().all(|m| both.contains(m)));
+    // Without --lora-vision the vision layers still continue, and PEFT's config names them.
+    let o = cli(&[
+        &[
+            "train",
+            "--model",
+            tiny,
+            "--data",
+            "good.jsonl",
+            "--out",
+            "lm-text",
+            "--init-adapter",
+            "vl/adapter",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--max-steps",
+            "2",
+            "--save-every",
+            "1",
+            "--grad-accum",
+            "1",
+        ][..],
+        &pixels,
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(modules("lm-text/adapter"), both);
+    // Resuming without the settings the run started with is refused, not mis-loaded.
+    let o = cli(&[
+        &[
+            "train",
+            "--model",
+            tiny,
+            "--data",
+            "good.jsonl",
+            "--out",
+            "lm-text",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--max-steps",
+            "3",
+            "--grad-accum",
+            "1",
+            "--resume",
+        ][..],
+        &pixels,
+    ]
+    .concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--init-adapter") && err.contains("step-2"),
+        "{err}"
+    );
     let o = train("8", "lm8");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && err.contains("vl/adapter/adapter_config.json") && err.contains("r 4"),
+        !o.status.success()
+            && err.contains("vl/adapter/adapter_config.json")
+            && err.contains("r 4"),
         "{err}"
     );
 }

@@ -578,6 +578,14 @@ impl Lora {
                 ),
             ));
         }
+        // The adapter's layers keep their branches, so its target patterns are this set's too
+        // (PEFT's config must name them for the saved adapter to load elsewhere).
+        let mut config = config;
+        for t in &theirs.target_modules {
+            if !config.target_modules.contains(t) {
+                config.target_modules.push(t.clone());
+            }
+        }
         let lora = Lora::new(config, device);
         *lora.shared.pending.lock().expect("lock") = from.pending();
         Ok(lora)

@@ -251,7 +251,7 @@ impl Trainer {
         let (model, lora, weights, opt) = if config.full {
             if config.init_adapter.is_some() {
                 return Err(Error::Input(
-                    "full fine-tuning trains the weights themselves: an initial adapter does not apply"
+                    "full fine-tuning (`full`, --full) trains the weights themselves: an initial adapter (`init_adapter`, --init-adapter) does not apply"
                         .into(),
                 ));
             }
@@ -281,7 +281,19 @@ impl Trainer {
                 None => Lora::new(config.lora_config(), &device),
             };
             let (model, _) =
-                Qwen2Vl::load_with(model_dir, config.dtype.dtype(), &device, Some(&lora))?;
+                Qwen2Vl::load_with(model_dir, config.dtype.dtype(), &device, Some(&lora)).map_err(
+                    |e| match (e, &config.init_adapter) {
+                        (Error::Checkpoint { message, .. }, Some(dir))
+                            if message.contains("adapter weights") =>
+                        {
+                            Error::Checkpoint {
+                                path: dir.clone(),
+                                message: format!("does not fit {}: {message}", model_dir.display()),
+                            }
+                        }
+                        (other, _) => other,
+                    },
+                )?;
             if let Some(dir) = &config.init_adapter {
                 let unclaimed = lora.unclaimed();
                 if !unclaimed.is_empty() {
@@ -344,7 +356,26 @@ impl Trainer {
                 dir.join(inspector_lora::ADAPTER_WEIGHTS),
                 &Device::Cpu,
             )?;
-            for pair in self.lora.pairs() {
+            let pairs = self.lora.pairs();
+            if weights.len() != 2 * pairs.len() {
+                let ours: std::collections::HashSet<String> = pairs
+                    .iter()
+                    .flat_map(|p| {
+                        ["A", "B"].map(|w| format!("base_model.model.{}.lora_{w}.weight", p.module))
+                    })
+                    .collect();
+                let extra = weights.keys().find(|k| !ours.contains(*k));
+                return Err(Error::Checkpoint {
+                    path: dir.join(inspector_lora::ADAPTER_WEIGHTS),
+                    message: format!(
+                        "holds {} LoRA tensors but this run adapts {} layers{}; resume with the settings the run started with (--lora-vision, --init-adapter)",
+                        weights.len(),
+                        pairs.len(),
+                        extra.map_or(String::new(), |k| format!(" (e.g. {k} is not one of them)"))
+                    ),
+                });
+            }
+            for pair in pairs {
                 for (which, var) in [("A", &pair.a), ("B", &pair.b)] {
                     let key = format!("base_model.model.{}.lora_{which}.weight", pair.module);
                     let t = weights.get(&key).ok_or_else(|| Error::Checkpoint {
@@ -565,17 +596,15 @@ impl Trainer {
 
     /// What a result was trained for: the prompt version and image settings.
     fn provenance(&self) -> serde_json::Value {
-        provenance(&self.prompt, &self.model.processor, &self.model_dir)
+        let mut v = provenance(&self.prompt, &self.model.processor, &self.model_dir);
+        if let Some(dir) = &self.config.init_adapter {
+            v["init_adapter"] = dir.display().to_string().into();
+        }
+        v
     }
 
     fn write_adapter(&self, dir: &Path) -> Result<(), Error> {
-        write_adapter(
-            &self.lora,
-            dir,
-            &self.model_dir,
-            &self.prompt,
-            &self.model.processor,
-        )
+        write_adapter(&self.lora, dir, &self.model_dir, &self.provenance())
     }
 
     /// A complete model directory: the base's files with every trained weight replaced (in
@@ -732,7 +761,7 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>, Error> {
 }
 
 /// What a result was trained for: the prompt version and image settings.
-fn provenance(
+pub(crate) fn provenance(
     prompt: &inspector_core::answer::Prompt,
     processor: &inspector_qwen2vl::image::ProcessorConfig,
     model_dir: &Path,
@@ -745,18 +774,17 @@ fn provenance(
     })
 }
 
-/// Writes an adapter directory: PEFT's two files and `inspector_adapter.json` (the prompt
-/// and image settings it was trained for), for the base model `model_dir`.
+/// Writes an adapter directory: PEFT's two files and `inspector_adapter.json` (`provenance`:
+/// the prompt and image settings it was trained for), for the base model `model_dir`.
 pub(crate) fn write_adapter(
     lora: &Lora,
     dir: &Path,
     model_dir: &Path,
-    prompt: &inspector_core::answer::Prompt,
-    processor: &inspector_qwen2vl::image::ProcessorConfig,
+    provenance: &serde_json::Value,
 ) -> Result<(), Error> {
     lora.save_peft(dir, &model_dir.display().to_string())?;
     let path = dir.join("inspector_adapter.json");
-    let bytes = serde_json::to_vec_pretty(&provenance(prompt, processor, model_dir)).expect("JSON");
+    let bytes = serde_json::to_vec_pretty(provenance).expect("JSON");
     inspector_lora::write_atomic(&path, |p| {
         std::fs::write(p, &bytes).map_err(candle_core::Error::wrap)
     })?;

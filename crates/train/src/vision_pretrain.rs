@@ -374,8 +374,11 @@ impl VisionPretrainer {
                 lora,
                 out,
                 &self.model_dir,
-                &crate::data::model_prompt(&self.model_dir)?,
-                &self.model.processor,
+                &crate::trainer::provenance(
+                    &crate::data::model_prompt(&self.model_dir)?,
+                    &self.model.processor,
+                    &self.model_dir,
+                ),
             ),
         }
     }

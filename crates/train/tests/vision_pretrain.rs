@@ -9,7 +9,9 @@ use inspector_qwen2vl::{
 };
 use inspector_train::{
     trainer::{TrainConfig, Trainer},
-    vision_pretrain::{PretrainSample, Tally, VisionPretrainConfig, VisionPretrainer, token_targets},
+    vision_pretrain::{
+        PretrainSample, Tally, VisionPretrainConfig, VisionPretrainer, token_targets,
+    },
 };
 
 mod common;
@@ -263,8 +265,14 @@ fn a_vision_adapter_learns_with_the_tower_frozen_and_the_language_adapter_starts
         ..Default::default()
     };
     let run = tempfile::tempdir().unwrap();
-    let t = Trainer::new(&tiny_a(), examples(data.path(), 1), vec![], train.clone(), run.path())
-        .unwrap();
+    let t = Trainer::new(
+        &tiny_a(),
+        examples(data.path(), 1),
+        vec![],
+        train.clone(),
+        run.path(),
+    )
+    .unwrap();
     let started: std::collections::HashMap<String, _> = t
         .lora
         .pairs()
@@ -288,14 +296,14 @@ fn a_vision_adapter_learns_with_the_tower_frozen_and_the_language_adapter_starts
         &tiny_a(),
         examples(data.path(), 1),
         vec![],
-        TrainConfig {
-            lora_r: 4,
-            ..train
-        },
+        TrainConfig { lora_r: 4, ..train },
         run.path(),
     )
     .err()
     .expect("refused")
     .to_string();
-    assert!(err.contains("adapter_config.json") && err.contains("r 8"), "{err}");
+    assert!(
+        err.contains("adapter_config.json") && err.contains("r 8"),
+        "{err}"
+    );
 }
