@@ -12,9 +12,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 WORK="${1:-/tmp/inspector-demo}"
 INSTALL="${2:-}"
-STAGE0_STEPS="${STAGE0_STEPS:-1200}"
-STAGE1_STEPS="${STAGE1_STEPS:-2000}"
-STAGE2A_STEPS="${STAGE2A_STEPS:-150}"
+STAGE0_STEPS="${STAGE0_STEPS:-1500}"
+STAGE1_STEPS="${STAGE1_STEPS:-2400}"
+STAGE2A_STEPS="${STAGE2A_STEPS:-300}"
 STAGE2_STEPS="${STAGE2_STEPS:-900}"
 BATCH=8
 BIN="${INSPECTOR_BIN:-$ROOT/target/release/inspector}"

@@ -79,7 +79,7 @@ fn final_loss(metrics: &Path) -> f64 {
     v["loss"].as_f64().unwrap()
 }
 
-/// `tools/demo/retrain.sh` with 20 + 30 + 5 + 12 steps instead of 1,200 + 2,000 + 150 + 900,
+/// `tools/demo/retrain.sh` with 20 + 30 + 5 + 12 steps instead of 1,500 + 2,400 + 300 + 900,
 /// run twice: every stage runs, the outputs load, the final adapter holds both the vision and
 /// the language model's layers, and the second run's losses (both vision pretrainings' too)
 /// equal the first's (same seeds) within 1e-4 relative. Run: `cargo test --release -p inspector-cli --test demo_cli -- --ignored`.
