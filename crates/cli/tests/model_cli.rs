@@ -482,98 +482,64 @@ fn pretrain_vision_trains_the_tower_and_refuses_boxless_data() {
     );
     let metrics = std::fs::read_to_string(d.join("vl/metrics.jsonl")).unwrap();
     assert!(metrics.contains("\"recall\""), "{metrics}");
-    let train = |r: &str, out: &str| {
-        cli(&[
-            &[
-                "train",
-                "--model",
-                tiny,
-                "--data",
-                "good.jsonl",
-                "--out",
-                out,
-                "--init-adapter",
-                "vl/adapter",
-                "--lora-r",
-                r,
-                "--lora-alpha",
-                "8",
-                "--lora-vision",
-                "--max-steps",
-                "1",
-                "--grad-accum",
-                "1",
-            ][..],
-            &pixels,
-        ]
-        .concat())
+    let train = |out: &str, extra: &[&str]| {
+        let common = [
+            "train",
+            "--model",
+            tiny,
+            "--data",
+            "good.jsonl",
+            "--out",
+            out,
+            "--lora-alpha",
+            "8",
+            "--grad-accum",
+            "1",
+        ];
+        cli(&[&common[..], extra, &pixels].concat())
     };
-    let o = train("4", "lm");
+    let init = ["--init-adapter", "vl/adapter"];
+    let o = train(
+        "lm",
+        &[
+            &init[..],
+            &["--lora-r", "4", "--lora-vision", "--max-steps", "1"],
+        ]
+        .concat(),
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let both = modules("lm/adapter");
     assert!(both.contains(&"q_proj".to_string()) && vision.iter().all(|m| both.contains(m)));
-    // Without --lora-vision the vision layers still continue, and PEFT's config names them.
-    let o = cli(&[
-        &[
-            "train",
-            "--model",
-            tiny,
-            "--data",
-            "good.jsonl",
-            "--out",
-            "lm-text",
-            "--init-adapter",
-            "vl/adapter",
-            "--lora-r",
-            "4",
-            "--lora-alpha",
-            "8",
-            "--max-steps",
-            "2",
-            "--save-every",
-            "1",
-            "--grad-accum",
-            "1",
-        ][..],
-        &pixels,
-    ]
-    .concat());
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(modules("lm-text/adapter"), both);
-    // Resuming without the settings the run started with is refused, not mis-loaded.
-    let o = cli(&[
-        &[
-            "train",
-            "--model",
-            tiny,
-            "--data",
-            "good.jsonl",
-            "--out",
-            "lm-text",
-            "--lora-r",
-            "4",
-            "--lora-alpha",
-            "8",
-            "--max-steps",
-            "3",
-            "--grad-accum",
-            "1",
-            "--resume",
-        ][..],
-        &pixels,
-    ]
-    .concat());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("--init-adapter") && err.contains("step-2"),
-        "{err}"
+    let o = train(
+        "lm8",
+        &[&init[..], &["--lora-r", "8", "--max-steps", "1"]].concat(),
     );
-    let o = train("8", "lm8");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success()
             && err.contains("vl/adapter/adapter_config.json")
             && err.contains("r 4"),
+        "{err}"
+    );
+    // Without --lora-vision the vision layers still continue, and PEFT's config names them.
+    let o = train(
+        "lm-text",
+        &[
+            &init[..],
+            &["--lora-r", "4", "--max-steps", "2", "--save-every", "1"],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(modules("lm-text/adapter"), both);
+    // Resuming without the settings the run started with is refused, not mis-loaded.
+    let o = train(
+        "lm-text",
+        &["--lora-r", "4", "--max-steps", "3", "--resume"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--init-adapter") && err.contains("step-2"),
         "{err}"
     );
 }

@@ -42,6 +42,30 @@ fn photo(x: u32, y: u32) -> (ProcessedImage, [f64; 4]) {
     (p, b)
 }
 
+/// A processed photo and its square's box.
+type Photo = (ProcessedImage, [f64; 4]);
+
+/// Six photos with the square in different places, and their targets.
+fn six_photos() -> (Vec<Photo>, Vec<Vec<f32>>) {
+    let photos: Vec<_> = [(4, 4), (68, 8), (10, 66), (60, 60), (36, 36), (70, 40)]
+        .into_iter()
+        .map(|(x, y)| photo(x, y))
+        .collect();
+    let targets = photos
+        .iter()
+        .map(|(p, b)| token_targets((112, 112), p.grid_thw, 2, &[(0, *b)], 1))
+        .collect();
+    (photos, targets)
+}
+
+fn samples<'a>(photos: &'a [Photo], targets: &'a [Vec<f32>]) -> Vec<PretrainSample<'a>> {
+    photos
+        .iter()
+        .zip(targets)
+        .map(|((image, _), targets)| PretrainSample { image, targets })
+        .collect()
+}
+
 #[test]
 fn targets_mark_the_cells_a_box_covers() {
     // 4×4 cells of 28 px over a 112×112 photo.
@@ -115,19 +139,8 @@ fn every_vision_weight_and_the_head_get_a_gradient() {
 
 #[test]
 fn the_tower_learns_where_the_object_is_and_only_the_tower_is_saved() {
-    let photos: Vec<_> = [(4, 4), (68, 8), (10, 66), (60, 60), (36, 36), (70, 40)]
-        .into_iter()
-        .map(|(x, y)| photo(x, y))
-        .collect();
-    let targets: Vec<Vec<f32>> = photos
-        .iter()
-        .map(|(p, b)| token_targets((112, 112), p.grid_thw, 2, &[(0, *b)], 1))
-        .collect();
-    let batch: Vec<PretrainSample> = photos
-        .iter()
-        .zip(&targets)
-        .map(|((image, _), targets)| PretrainSample { image, targets })
-        .collect();
+    let (photos, targets) = six_photos();
+    let batch = samples(&photos, &targets);
     let config = VisionPretrainConfig {
         steps: 60,
         lr: 3e-3,
@@ -176,19 +189,8 @@ fn the_tower_learns_where_the_object_is_and_only_the_tower_is_saved() {
 
 #[test]
 fn a_vision_adapter_learns_with_the_tower_frozen_and_the_language_adapter_starts_from_it() {
-    let photos: Vec<_> = [(4, 4), (68, 8), (10, 66), (60, 60), (36, 36), (70, 40)]
-        .into_iter()
-        .map(|(x, y)| photo(x, y))
-        .collect();
-    let targets: Vec<Vec<f32>> = photos
-        .iter()
-        .map(|(p, b)| token_targets((112, 112), p.grid_thw, 2, &[(0, *b)], 1))
-        .collect();
-    let batch: Vec<PretrainSample> = photos
-        .iter()
-        .zip(&targets)
-        .map(|((image, _), targets)| PretrainSample { image, targets })
-        .collect();
+    let (photos, targets) = six_photos();
+    let batch = samples(&photos, &targets);
     let config = VisionPretrainConfig {
         steps: 60,
         lr: 1e-2,
