@@ -15,7 +15,7 @@ use rand::{SeedableRng, seq::SliceRandom};
 
 use crate::{
     rules_cmd::{DbArgs, open_with_rules},
-    train_cmd::load_data,
+    train_cmd::{check_lora, load_data},
 };
 
 /// Pretrain a model's vision tower on annotated photos' boxes (stage 0 of a model trained from
@@ -72,15 +72,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     anyhow::ensure!(args.lr > 0.0, "--lr must be positive");
     if let Some(r) = args.lora_r {
-        anyhow::ensure!(r > 0, "--lora-r must be at least 1");
-        anyhow::ensure!(
-            args.lora_alpha.is_finite() && args.lora_alpha > 0.0,
-            "--lora-alpha must be positive"
-        );
-        anyhow::ensure!(
-            (0.0..1.0).contains(&args.lora_dropout),
-            "--lora-dropout must be in [0, 1)"
-        );
+        check_lora(r, args.lora_alpha, args.lora_dropout)?;
     }
     let model_out = args.out.join(if args.lora_r.is_some() {
         "adapter"

@@ -145,20 +145,27 @@ fn settings(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
         "--full trains f32 weights: drop --dtype bf16"
     );
     anyhow::ensure!(c.lr > 0.0, "--lr must be positive");
-    anyhow::ensure!(c.lora_r > 0, "--lora-r must be at least 1");
-    anyhow::ensure!(
-        c.lora_alpha.is_finite() && c.lora_alpha > 0.0,
-        "--lora-alpha must be positive"
-    );
-    anyhow::ensure!(
-        (0.0..1.0).contains(&c.lora_dropout),
-        "--lora-dropout must be in [0, 1)"
-    );
+    check_lora(c.lora_r, c.lora_alpha, c.lora_dropout)?;
     anyhow::ensure!(
         c.batch_size > 0 && c.grad_accum > 0,
         "batch size and accumulation must be ≥ 1"
     );
     Ok(c)
+}
+
+/// Refuses LoRA settings that cannot train: rank 0, a non-positive alpha, dropout outside
+/// [0, 1).
+pub(crate) fn check_lora(r: usize, alpha: f64, dropout: f32) -> anyhow::Result<()> {
+    anyhow::ensure!(r > 0, "--lora-r must be at least 1");
+    anyhow::ensure!(
+        alpha.is_finite() && alpha > 0.0,
+        "--lora-alpha must be positive"
+    );
+    anyhow::ensure!(
+        (0.0..1.0).contains(&dropout),
+        "--lora-dropout must be in [0, 1)"
+    );
+    Ok(())
 }
 
 /// Loads an annotation file, printing every problem; `refused` says what did not happen.

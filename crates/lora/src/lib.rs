@@ -543,9 +543,7 @@ impl Lora {
         lora.shared.from_file.store(true, Ordering::Relaxed);
         Ok(lora)
     }
-}
 
-impl Lora {
     /// A new set for training by `config` that starts from an adapter read from files
     /// ([`Lora::from_peft`]): the adapter's modules keep their weights, and every other module
     /// that `config` targets starts fresh. This continues a run in a later stage, e.g. a vision

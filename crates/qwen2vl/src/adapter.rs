@@ -25,7 +25,21 @@ pub fn load(
     device: &Device,
 ) -> Result<(Qwen2Vl, ModelInfo, Lora), Error> {
     let lora = read(adapter, device)?;
-    let (m, info) = Qwen2Vl::load_with(model, dtype, device, Some(&lora)).map_err(|e| match e {
+    let (m, info) = load_onto(model, adapter, &lora, dtype, device)?;
+    Ok((m, info, lora))
+}
+
+/// Loads a base model with `lora` on it, where `lora` holds the weights of the adapter
+/// directory `adapter` (as [`read`] gives them, or a training set started from them). Errors
+/// name `adapter`: shapes that do not fit the model, or modules the model does not have.
+pub fn load_onto(
+    model: &Path,
+    adapter: &Path,
+    lora: &Lora,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Qwen2Vl, ModelInfo), Error> {
+    let (m, info) = Qwen2Vl::load_with(model, dtype, device, Some(lora)).map_err(|e| match e {
         Error::Checkpoint { message, .. } if message.contains("adapter weights") => {
             Error::Checkpoint {
                 path: adapter.to_path_buf(),
@@ -46,7 +60,7 @@ pub fn load(
             ),
         });
     }
-    Ok((m, info, lora))
+    Ok((m, info))
 }
 
 /// What a merge wrote.

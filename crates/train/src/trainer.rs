@@ -273,40 +273,22 @@ impl Trainer {
             let opt = AdamW::grouped(vars, decay, adamw)?;
             (model, lora, weights, opt)
         } else {
-            let lora = match &config.init_adapter {
+            let dtype = config.dtype.dtype();
+            let (model, lora) = match &config.init_adapter {
                 Some(dir) => {
                     let file = inspector_qwen2vl::adapter::read(dir, &device)?;
-                    Lora::starting_from(config.lora_config(), &file, dir, &device)?
+                    let lora = Lora::starting_from(config.lora_config(), &file, dir, &device)?;
+                    let (model, _) = inspector_qwen2vl::adapter::load_onto(
+                        model_dir, dir, &lora, dtype, &device,
+                    )?;
+                    (model, lora)
                 }
-                None => Lora::new(config.lora_config(), &device),
+                None => {
+                    let lora = Lora::new(config.lora_config(), &device);
+                    let (model, _) = Qwen2Vl::load_with(model_dir, dtype, &device, Some(&lora))?;
+                    (model, lora)
+                }
             };
-            let (model, _) =
-                Qwen2Vl::load_with(model_dir, config.dtype.dtype(), &device, Some(&lora)).map_err(
-                    |e| match (e, &config.init_adapter) {
-                        (Error::Checkpoint { message, .. }, Some(dir))
-                            if message.contains("adapter weights") =>
-                        {
-                            Error::Checkpoint {
-                                path: dir.clone(),
-                                message: format!("does not fit {}: {message}", model_dir.display()),
-                            }
-                        }
-                        (other, _) => other,
-                    },
-                )?;
-            if let Some(dir) = &config.init_adapter {
-                let unclaimed = lora.unclaimed();
-                if !unclaimed.is_empty() {
-                    return Err(Error::Checkpoint {
-                        path: dir.clone(),
-                        message: format!(
-                            "names modules that {} does not have: {}",
-                            model_dir.display(),
-                            unclaimed.join(", ")
-                        ),
-                    });
-                }
-            }
             let opt = AdamW::new(lora.vars(), adamw)?;
             (model, lora, vec![], opt)
         };
