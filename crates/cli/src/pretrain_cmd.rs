@@ -6,16 +6,19 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use inspector_lora::LoraConfig;
-use inspector_qwen2vl::image::{ProcessorConfig, process_file};
+use inspector_qwen2vl::image::ProcessorConfig;
 use inspector_store::{RuleFilter, RuleStore};
-use inspector_train::vision_pretrain::{
-    PretrainSample, Tally, VisionPretrainConfig, VisionPretrainer, token_targets,
+use inspector_train::{
+    data::{ExampleImage, build_in_parallel, processed_batch},
+    vision_pretrain::{
+        PretrainSample, Tally, VisionPretrainConfig, VisionPretrainer, token_targets,
+    },
 };
 use rand::{SeedableRng, seq::SliceRandom};
 
 use crate::{
     rules_cmd::{DbArgs, open_with_rules},
-    train_cmd::{check_lora, load_data},
+    train_cmd::{PIXEL_CACHE_BYTES, check_lora, load_data},
 };
 
 /// Pretrain a model's vision tower on annotated photos' boxes (stage 0 of a model trained from
@@ -167,6 +170,31 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         ),
     }
 
+    // Every photo is read (and checked) before training starts, on every core; those beyond
+    // the cache are read again for each batch.
+    let reading = ProgressBar::new(data.records.len() as u64).with_style(
+        ProgressStyle::with_template("reading {bar:30} {pos}/{len} photos")
+            .expect("valid template"),
+    );
+    let (photos, on_disk) = build_in_parallel(
+        &data.records,
+        PIXEL_CACHE_BYTES,
+        |r| {
+            ExampleImage::load(&r.path, &processor)
+                .with_context(|| format!("{}:{}", data.file.display(), r.line))
+        },
+        |photo| Some(photo),
+        |r| r.path.as_path(),
+        || reading.inc(1),
+    )?;
+    reading.finish_and_clear();
+    if on_disk > 0 {
+        eprintln!(
+            "the pixels of {on_disk} of {} photos do not fit the {} MiB cache; they are read again from disk for each batch",
+            photos.len(),
+            PIXEL_CACHE_BYTES >> 20
+        );
+    }
     let bar = ProgressBar::new(args.steps).with_style(
         ProgressStyle::with_template("vision {bar:30} {pos}/{len} steps  {msg}  eta {eta}")
             .expect("valid template"),
@@ -188,20 +216,20 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
             }
             picked.push(order.pop().expect("refilled"));
         }
-        let mut images = Vec::with_capacity(picked.len());
-        let mut targets = Vec::with_capacity(picked.len());
-        for &i in &picked {
-            let r = &data.records[i];
-            let image = process_file(&r.path, &processor)?;
-            targets.push(token_targets(
-                r.size,
-                image.grid_thw,
-                merge,
-                &boxes[i],
-                classes.len(),
-            ));
-            images.push(image);
-        }
+        let images = processed_batch(picked.iter().map(|&i| &photos[i]))?;
+        let targets: Vec<Vec<f32>> = picked
+            .iter()
+            .zip(&images)
+            .map(|(&i, image)| {
+                token_targets(
+                    data.records[i].size,
+                    image.grid_thw,
+                    merge,
+                    &boxes[i],
+                    classes.len(),
+                )
+            })
+            .collect();
         let batch: Vec<PretrainSample> = images
             .iter()
             .zip(&targets)

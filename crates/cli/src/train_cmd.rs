@@ -16,7 +16,7 @@ use inspector_dataset::Dataset;
 use inspector_qwen2vl::{Config, chat::ChatTokenizer, image::ProcessorConfig};
 use inspector_store::{RuleFilter, RuleStore};
 use inspector_train::{
-    data::{Example, example_with, model_prompt},
+    data::{Example, build_in_parallel, example_with, model_prompt},
     trainer::{Ending, Event, TrainConfig, Trainer},
 };
 
@@ -202,24 +202,24 @@ fn examples(
         ProgressStyle::with_template(&format!("{what} {{bar:30}} {{pos}}/{{len}} samples"))
             .expect("valid template"),
     );
-    let mut out = Vec::new();
-    let mut in_memory = 0usize;
-    let mut on_disk = 0usize;
-    for r in &dataset.records {
-        match example_with(prompt, chat, processor, r, max_len)
-            .with_context(|| format!("{}:{}", dataset.file.display(), r.line))?
-        {
-            Ok(mut e) => {
-                // Pixels beyond the cache are read again from the photo for each batch.
-                let bytes = e.image.bytes_in_memory();
-                if in_memory + bytes > PIXEL_CACHE_BYTES {
-                    e.unload(&r.path, processor);
-                    on_disk += 1;
-                } else {
-                    in_memory += bytes;
-                }
-                out.push(e)
-            }
+    // Photos are read and resized on every core; those beyond the cache are read again from
+    // disk for each batch.
+    let (built, on_disk) = build_in_parallel(
+        &dataset.records,
+        PIXEL_CACHE_BYTES,
+        |r| {
+            example_with(prompt, chat, processor, r, max_len)
+                .with_context(|| format!("{}:{}", dataset.file.display(), r.line))
+        },
+        |built| built.as_mut().ok().map(|e| &mut e.image),
+        |r| r.path.as_path(),
+        || bar.inc(1),
+    )?;
+    bar.finish_and_clear();
+    let mut out = Vec::with_capacity(built.len());
+    for built in built {
+        match built {
+            Ok(e) => out.push(e),
             Err(skipped) => eprintln!(
                 "{}:{}: skipped: {}",
                 dataset.file.display(),
@@ -227,9 +227,7 @@ fn examples(
                 skipped.reason
             ),
         }
-        bar.inc(1);
     }
-    bar.finish_and_clear();
     if on_disk > 0 {
         eprintln!(
             "{what}: the pixels of {on_disk} of {} samples do not fit the {} MiB cache; they are read again from disk for each batch",
@@ -240,8 +238,9 @@ fn examples(
     Ok(out)
 }
 
-/// Memory for processed photos kept between epochs (about 1,600 photos of 320×240).
-const PIXEL_CACHE_BYTES: usize = 2 << 30;
+/// Memory for resized photos kept between epochs (about 13,000 photos of 320×240, resized to
+/// 280×196).
+pub(crate) const PIXEL_CACHE_BYTES: usize = 2 << 30;
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let config = settings(&args)?;

@@ -296,17 +296,103 @@ pub fn smart_resize(
     Ok((h_bar as usize, w_bar as usize))
 }
 
-/// The formats accepted, sniffed from the bytes.
+/// An image resized to its model input size but not yet normalised: 3 bytes a pixel, an
+/// eighth of its f32 patches. Training keeps photos in memory in this form and patches them
+/// for each batch ([`ResizedImage::to_processed`]), which gives the same pixels as
+/// [`process_rgb`].
+#[derive(Debug, Clone)]
+pub struct ResizedImage {
+    /// The resized image, (height, width) a multiple of the patch size times the merge size.
+    pub rgb: RgbImage,
+    /// (grid_t, grid_h, grid_w) in patches.
+    pub grid_thw: [usize; 3],
+}
+
+impl ResizedImage {
+    /// How many `<|image_pad|>` tokens the image takes: one per merged 2×2 block.
+    pub fn n_tokens(&self, merge_size: usize) -> usize {
+        self.grid_thw.iter().product::<usize>() / (merge_size * merge_size)
+    }
+
+    /// Bytes of pixels held.
+    pub fn bytes(&self) -> usize {
+        self.rgb.as_raw().len()
+    }
+
+    /// Normalises and flattens the image into patches, as [`process_rgb`] does after resizing.
+    pub fn to_processed(&self, config: &ProcessorConfig) -> Result<ProcessedImage, Error> {
+        let (rw, rh) = (self.rgb.width() as usize, self.rgb.height() as usize);
+        let (p, tp, m) = (
+            config.patch_size,
+            config.temporal_patch_size,
+            config.merge_size,
+        );
+        let (gh, gw) = (rh / p, rw / p);
+        if [1, gh, gw] != self.grid_thw || gh * p != rh || gw * p != rw || gh % m + gw % m != 0 {
+            return Err(Error::Image(format!(
+                "a {rw}×{rh} image does not make the patch grid {:?} of these processor settings",
+                self.grid_thw
+            )));
+        }
+        let channels = 3;
+        // (x − 255·mean) / (255·std), as the torchvision processor fuses rescale and normalise.
+        let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * config.image_std[c]));
+        let shift: [f32; 3] = std::array::from_fn(|c| 255.0 * config.image_mean[c]);
+        let raw = self.rgb.as_raw();
+        // Patch order: for each merged block (row-major), its 2×2 patches (row-major); each
+        // patch is [C, T, P, P] with the still frame repeated T times.
+        let patch_len = channels * tp * p * p;
+        let n_patches = gh * gw;
+        let mut out = Vec::with_capacity(n_patches * patch_len);
+        let mut frame = vec![0f32; p * p];
+        for bh in 0..gh / m {
+            for bw in 0..gw / m {
+                for mh in 0..m {
+                    for mw in 0..m {
+                        let (py, px) = ((bh * m + mh) * p, (bw * m + mw) * p);
+                        for c in 0..channels {
+                            for y in 0..p {
+                                let row = ((py + y) * rw + px) * 3 + c;
+                                for x in 0..p {
+                                    frame[y * p + x] =
+                                        (raw[row + x * 3] as f32 - shift[c]) * scale[c];
+                                }
+                            }
+                            for _t in 0..tp {
+                                out.extend_from_slice(&frame);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let pixel_values = Tensor::from_vec(out, (n_patches, patch_len), &Device::Cpu)?;
+        Ok(ProcessedImage {
+            pixel_values,
+            grid_thw: self.grid_thw,
+            resized_hw: (rh, rw),
+        })
+    }
+}
+
 /// Reads and processes an image file.
 pub fn process_file(path: &Path, config: &ProcessorConfig) -> Result<ProcessedImage, Error> {
+    resize_file(path, config)?.to_processed(config)
+}
+
+/// Reads an image file and resizes it to its model input size (see [`ResizedImage`]). Errors
+/// name the file.
+pub fn resize_file(path: &Path, config: &ProcessorConfig) -> Result<ResizedImage, Error> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    process_bytes(&bytes, config).map_err(|e| match e {
-        Error::Image(message) => Error::ImageFile {
-            path: path.to_path_buf(),
-            message,
-        },
-        other => other,
-    })
+    decode_rgb(&bytes, config.max_decode_pixels)
+        .and_then(|rgb| resize_rgb(&rgb, config))
+        .map_err(|e| match e {
+            Error::Image(message) => Error::ImageFile {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
 }
 
 /// Processes image bytes.
@@ -318,58 +404,75 @@ pub fn process_bytes(bytes: &[u8], config: &ProcessorConfig) -> Result<Processed
 /// Bicubic resize exactly as Pillow's `Image.resize(size, BICUBIC)` computes it (the PIL
 /// processor's path; torchvision's antialiased bicubic differs from it by at most one level on
 /// a few pixels): separable convolution with the a = −0.5 cubic, support widened by the scale
-/// when shrinking, coefficients in 22-bit fixed point, the horizontal pass first with a
-/// rounded 8-bit intermediate. General-purpose resizers (the `image` crate, fast_image_resize)
-/// were measured here to differ from Pillow by up to 5 levels, hence this port.
+/// when shrinking, coefficients in 22-bit fixed point summed in 32-bit integers as Pillow's
+/// 8-bit path does, the horizontal pass first with a rounded 8-bit intermediate. General-purpose
+/// resizers (the `image` crate, fast_image_resize) were measured here to differ from Pillow by
+/// up to 5 levels, hence this port. The vertical pass runs along whole rows so that it
+/// vectorises.
 pub fn resize_bicubic(rgb: &RgbImage, height: usize, width: usize) -> Result<RgbImage, Error> {
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     if height == 0 || width == 0 {
         return Err(Error::Image("cannot resize to zero pixels".into()));
     }
-    let mut data = rgb.as_raw().clone();
-    let mut cur_w = w;
-    if width != w {
+    let horizontal;
+    let (data, cur_w): (&[u8], usize) = if width != w {
         let coeffs = pillow_coeffs(w, width);
         let mut out = vec![0u8; width * h * 3];
-        for y in 0..h {
-            let row = &data[y * w * 3..(y + 1) * w * 3];
-            for (x, (start, k)) in coeffs.iter().enumerate() {
-                for c in 0..3 {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &kk) in k.iter().enumerate() {
-                        ss += row[(start + i) * 3 + c] as i64 * kk as i64;
-                    }
-                    out[(y * width + x) * 3 + c] = clip8(ss);
+        for (row, out_row) in rgb
+            .as_raw()
+            .chunks_exact(w * 3)
+            .zip(out.chunks_exact_mut(width * 3))
+        {
+            for ((start, k), px) in coeffs.iter().zip(out_row.chunks_exact_mut(3)) {
+                let taps = &row[start * 3..(start + k.len()) * 3];
+                let mut ss = [ROUNDING; 3];
+                for (tap, &kk) in taps.chunks_exact(3).zip(k) {
+                    ss[0] += tap[0] as i32 * kk;
+                    ss[1] += tap[1] as i32 * kk;
+                    ss[2] += tap[2] as i32 * kk;
                 }
+                px[0] = clip8(ss[0]);
+                px[1] = clip8(ss[1]);
+                px[2] = clip8(ss[2]);
             }
         }
-        data = out;
-        cur_w = width;
-    }
-    if height != h {
+        horizontal = out;
+        (&horizontal, width)
+    } else {
+        (rgb.as_raw(), w)
+    };
+    let out = if height != h {
         let coeffs = pillow_coeffs(h, height);
-        let mut out = vec![0u8; cur_w * height * 3];
-        for (y, (start, k)) in coeffs.iter().enumerate() {
-            for x in 0..cur_w {
-                for c in 0..3 {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &kk) in k.iter().enumerate() {
-                        ss += data[((start + i) * cur_w + x) * 3 + c] as i64 * kk as i64;
-                    }
-                    out[(y * cur_w + x) * 3 + c] = clip8(ss);
+        let row_len = cur_w * 3;
+        let mut out = vec![0u8; row_len * height];
+        let mut ss = vec![0i32; row_len];
+        for ((start, k), out_row) in coeffs.iter().zip(out.chunks_exact_mut(row_len)) {
+            ss.fill(ROUNDING);
+            for (i, &kk) in k.iter().enumerate() {
+                let row = &data[(start + i) * row_len..(start + i + 1) * row_len];
+                for (acc, &v) in ss.iter_mut().zip(row) {
+                    *acc += v as i32 * kk;
                 }
             }
+            for (o, &acc) in out_row.iter_mut().zip(&ss) {
+                *o = clip8(acc);
+            }
         }
-        data = out;
-    }
-    RgbImage::from_raw(width as u32, height as u32, data)
+        out
+    } else {
+        data.to_vec()
+    };
+    RgbImage::from_raw(width as u32, height as u32, out)
         .ok_or_else(|| Error::Image("resize produced a wrong buffer".into()))
 }
 
 /// Pillow's fixed-point precision for 8-bit images: 32 − 8 − 2 bits.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
-fn clip8(ss: i64) -> u8 {
+/// Half a unit of the fixed point, added before truncating.
+const ROUNDING: i32 = 1 << (PRECISION_BITS - 1);
+
+fn clip8(ss: i32) -> u8 {
     (ss >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
@@ -421,8 +524,8 @@ fn pillow_coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
         .collect()
 }
 
-/// Resizes, normalises and flattens an RGB image.
-pub fn process_rgb(rgb: &RgbImage, config: &ProcessorConfig) -> Result<ProcessedImage, Error> {
+/// Resizes an RGB image to its model input size ([`smart_resize`], Pillow's bicubic).
+pub fn resize_rgb(rgb: &RgbImage, config: &ProcessorConfig) -> Result<ResizedImage, Error> {
     let (w, h) = rgb.dimensions();
     let (rh, rw) = smart_resize(
         h as usize,
@@ -431,51 +534,115 @@ pub fn process_rgb(rgb: &RgbImage, config: &ProcessorConfig) -> Result<Processed
         config.min_pixels,
         config.max_pixels,
     )?;
-    let resized = resize_bicubic(rgb, rh, rw)?;
-    let (p, tp, m) = (
-        config.patch_size,
-        config.temporal_patch_size,
-        config.merge_size,
-    );
-    let (gh, gw) = (rh / p, rw / p);
-    let channels = 3;
-    // Normalised planes [C, H, W]: (x − 255·mean) / (255·std), as the torchvision processor
-    // fuses rescale and normalise.
-    let raw = resized.as_raw();
-    let mut planes = vec![0f32; channels * rh * rw];
-    for c in 0..channels {
-        let scale = 1.0 / (255.0 * config.image_std[c]);
-        let shift = 255.0 * config.image_mean[c];
-        for i in 0..rh * rw {
-            planes[c * rh * rw + i] = (raw[i * 3 + c] as f32 - shift) * scale;
-        }
-    }
-    // Patch order: for each merged block (row-major), its 2×2 patches (row-major); each patch is
-    // [C, T, P, P] with the still frame repeated T times.
-    let patch_len = channels * tp * p * p;
-    let n_patches = gh * gw;
-    let mut out = Vec::with_capacity(n_patches * patch_len);
-    for bh in 0..gh / m {
-        for bw in 0..gw / m {
-            for mh in 0..m {
-                for mw in 0..m {
-                    let (py, px) = ((bh * m + mh) * p, (bw * m + mw) * p);
-                    for c in 0..channels {
-                        for _t in 0..tp {
-                            for y in 0..p {
-                                let row = c * rh * rw + (py + y) * rw + px;
-                                out.extend_from_slice(&planes[row..row + p]);
-                            }
+    let p = config.patch_size;
+    Ok(ResizedImage {
+        rgb: resize_bicubic(rgb, rh, rw)?,
+        grid_thw: [1, rh / p, rw / p],
+    })
+}
+
+/// Resizes, normalises and flattens an RGB image.
+pub fn process_rgb(rgb: &RgbImage, config: &ProcessorConfig) -> Result<ProcessedImage, Error> {
+    resize_rgb(rgb, config)?.to_processed(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Pillow's convolution written out directly: every output value sums its taps in 64 bits.
+    fn reference_resize(rgb: &RgbImage, height: usize, width: usize) -> RgbImage {
+        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+        let round = |ss: i64| (ss >> PRECISION_BITS).clamp(0, 255) as u8;
+        let mut data = rgb.as_raw().clone();
+        let mut cur_w = w;
+        if width != w {
+            let coeffs = pillow_coeffs(w, width);
+            let mut out = vec![0u8; width * h * 3];
+            for y in 0..h {
+                for (x, (start, k)) in coeffs.iter().enumerate() {
+                    for c in 0..3 {
+                        let mut ss = ROUNDING as i64;
+                        for (i, &kk) in k.iter().enumerate() {
+                            ss += data[(y * w + start + i) * 3 + c] as i64 * kk as i64;
                         }
+                        out[(y * width + x) * 3 + c] = round(ss);
                     }
                 }
             }
+            (data, cur_w) = (out, width);
+        }
+        if height != h {
+            let coeffs = pillow_coeffs(h, height);
+            let mut out = vec![0u8; cur_w * height * 3];
+            for (y, (start, k)) in coeffs.iter().enumerate() {
+                for x in 0..cur_w * 3 {
+                    let mut ss = ROUNDING as i64;
+                    for (i, &kk) in k.iter().enumerate() {
+                        ss += data[(start + i) * cur_w * 3 + x] as i64 * kk as i64;
+                    }
+                    out[y * cur_w * 3 + x] = round(ss);
+                }
+            }
+            data = out;
+        }
+        RgbImage::from_raw(width as u32, height as u32, data).unwrap()
+    }
+
+    #[test]
+    fn the_row_wise_resize_equals_the_direct_convolution() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        // Shrinking, enlarging, one side only, and extreme values (black/white edges push the
+        // sums furthest from the middle).
+        for (w, h, tw, th) in [
+            (320, 240, 280, 196),
+            (97, 61, 224, 140),
+            (50, 300, 50, 112),
+            (300, 50, 84, 50),
+            (640, 480, 56, 56),
+            (33, 33, 33, 33),
+        ] {
+            let pixels: Vec<u8> = (0..w * h * 3)
+                .map(|_| {
+                    if rng.random_bool(0.3) {
+                        255 * rng.random_range(0..2u8)
+                    } else {
+                        rng.random()
+                    }
+                })
+                .collect();
+            let img = RgbImage::from_raw(w as u32, h as u32, pixels).unwrap();
+            let ours = resize_bicubic(&img, th, tw).unwrap();
+            assert_eq!(ours, reference_resize(&img, th, tw), "{w}×{h} → {tw}×{th}");
         }
     }
-    let pixel_values = Tensor::from_vec(out, (n_patches, patch_len), &Device::Cpu)?;
-    Ok(ProcessedImage {
-        pixel_values,
-        grid_thw: [1, gh, gw],
-        resized_hw: (rh, rw),
-    })
+
+    #[test]
+    fn resized_images_patch_into_the_processed_pixels() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let pixels: Vec<u8> = (0..320 * 240 * 3).map(|_| rng.random()).collect();
+        let img = RgbImage::from_raw(320, 240, pixels).unwrap();
+        let config = ProcessorConfig::default()
+            .with_pixels(Some(3136), Some(60000))
+            .unwrap();
+        let resized = resize_rgb(&img, &config).unwrap();
+        assert_eq!(resized.grid_thw, [1, 14, 20]);
+        assert_eq!(resized.bytes(), 280 * 196 * 3);
+        let processed = resized.to_processed(&config).unwrap();
+        // Patch 0 is the top-left 14×14 block: channel 0, frame 0, row 0, column 1.
+        let v: Vec<Vec<f32>> = processed.pixel_values.to_vec2().unwrap();
+        assert_eq!((v.len(), v[0].len()), (280, 3 * 2 * 14 * 14));
+        let expect = (resized.rgb.get_pixel(1, 0)[0] as f32 - 255.0 * config.image_mean[0])
+            / (255.0 * config.image_std[0]);
+        assert!((v[0][1] - expect).abs() < 1e-6);
+        // Frame 1 repeats frame 0.
+        assert_eq!(v[5][..196], v[5][196..392]);
+        // Another processor's grid is refused, not patched wrongly.
+        let other = ProcessorConfig {
+            patch_size: 16,
+            ..config.clone()
+        };
+        assert!(resized.to_processed(&other).is_err());
+    }
 }

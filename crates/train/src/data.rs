@@ -15,7 +15,7 @@ use inspector_dataset::{IMAGE_PLACEHOLDER, Record};
 use inspector_qwen2vl::{
     Batch, Error, VisionInput,
     chat::{ChatTokenizer, RenderOptions},
-    image::{ProcessedImage, ProcessorConfig},
+    image::{ProcessedImage, ProcessorConfig, ResizedImage},
 };
 use serde_json::json;
 
@@ -31,12 +31,15 @@ pub struct Example {
     pub image: ExampleImage,
 }
 
-/// An example's photo: its pixel patches in memory, or where to read them again. A 320×240
-/// photo is 1.3 MB of f32 patches, so a dataset of tens of thousands cannot keep them all;
+/// An example's photo: resized in memory (3 bytes a pixel; patched for each batch), or where
+/// to read it again. A dataset of tens of thousands of photos may not fit in memory even so;
 /// [`Example::unload`] trades memory for re-reading each photo when its batch comes.
 #[derive(Debug, Clone)]
 pub enum ExampleImage {
-    Loaded(ProcessedImage),
+    Loaded {
+        photo: ResizedImage,
+        processor: Box<ProcessorConfig>,
+    },
     OnDisk {
         path: PathBuf,
         processor: Box<ProcessorConfig>,
@@ -45,10 +48,18 @@ pub enum ExampleImage {
 }
 
 impl ExampleImage {
+    /// Reads and resizes a photo, keeping it in memory.
+    pub fn load(path: &Path, processor: &ProcessorConfig) -> Result<Self, Error> {
+        Ok(ExampleImage::Loaded {
+            photo: inspector_qwen2vl::image::resize_file(path, processor)?,
+            processor: Box::new(processor.clone()),
+        })
+    }
+
     /// (grid_t, grid_h, grid_w) in patches.
     pub fn grid_thw(&self) -> [usize; 3] {
         match self {
-            ExampleImage::Loaded(p) => p.grid_thw,
+            ExampleImage::Loaded { photo, .. } => photo.grid_thw,
             ExampleImage::OnDisk { grid_thw, .. } => *grid_thw,
         }
     }
@@ -58,12 +69,12 @@ impl ExampleImage {
         self.grid_thw().iter().product::<usize>() / (merge_size * merge_size)
     }
 
-    /// The pixel patches, read and processed again when not in memory. A photo that changed
-    /// on disk since the example was built (another patch grid) is an error, not a silent
-    /// mismatch with the tokens.
-    pub fn pixels(&self) -> Result<Tensor, Error> {
+    /// The processed photo (pixel patches), read and processed again when not in memory. A
+    /// photo that changed on disk since the example was built (another patch grid) is an
+    /// error, not a silent mismatch with the tokens.
+    pub fn processed(&self) -> Result<ProcessedImage, Error> {
         match self {
-            ExampleImage::Loaded(p) => Ok(p.pixel_values.clone()),
+            ExampleImage::Loaded { photo, processor } => photo.to_processed(processor),
             ExampleImage::OnDisk {
                 path,
                 processor,
@@ -78,20 +89,90 @@ impl ExampleImage {
                         grid_thw
                     )));
                 }
-                Ok(p.pixel_values)
+                Ok(p)
             }
         }
     }
 
-    /// Bytes of pixel patches held in memory.
+    /// The pixel patches ([`ExampleImage::processed`]).
+    pub fn pixels(&self) -> Result<Tensor, Error> {
+        Ok(self.processed()?.pixel_values)
+    }
+
+    /// Bytes of pixels held in memory.
     pub fn bytes_in_memory(&self) -> usize {
         match self {
-            ExampleImage::Loaded(p) => {
-                p.pixel_values.elem_count() * p.pixel_values.dtype().size_in_bytes()
-            }
+            ExampleImage::Loaded { photo, .. } => photo.bytes(),
             ExampleImage::OnDisk { .. } => 0,
         }
     }
+
+    /// Drops the pixels from memory; they are read again from `path` (the photo this image
+    /// was loaded from) each time they are needed.
+    pub fn unload(&mut self, path: &Path) {
+        let processor = match self {
+            ExampleImage::Loaded { processor, .. } | ExampleImage::OnDisk { processor, .. } => {
+                processor.clone()
+            }
+        };
+        *self = ExampleImage::OnDisk {
+            path: path.to_path_buf(),
+            processor,
+            grid_thw: self.grid_thw(),
+        };
+    }
+}
+
+/// Builds one item per input on every core, a chunk at a time, in the inputs' order. The
+/// items' photos (`image` finds an item's photo, if it has one) stay in memory while they fit
+/// in `budget` bytes; later ones are unloaded as their chunk completes, to be read again from
+/// `path(input)` when needed, so memory never holds much more than the budget. `done` is
+/// called once per input, from any thread. Returns the items and how many photos were
+/// unloaded; the first error in input order stops it.
+pub fn build_in_parallel<I: Sync, T: Send, E: Send>(
+    inputs: &[I],
+    budget: usize,
+    build: impl Fn(&I) -> Result<T, E> + Sync,
+    image: impl Fn(&mut T) -> Option<&mut ExampleImage>,
+    path: impl Fn(&I) -> &Path,
+    done: impl Fn() + Sync,
+) -> Result<(Vec<T>, usize), E> {
+    use rayon::prelude::*;
+    let mut out = Vec::with_capacity(inputs.len());
+    let (mut in_memory, mut on_disk) = (0usize, 0usize);
+    for chunk in inputs.chunks(64) {
+        let built: Vec<Result<T, E>> = chunk
+            .par_iter()
+            .map(|input| {
+                let item = build(input);
+                done();
+                item
+            })
+            .collect();
+        for (input, item) in chunk.iter().zip(built) {
+            let mut item = item?;
+            if let Some(photo) = image(&mut item) {
+                let bytes = photo.bytes_in_memory();
+                if in_memory + bytes > budget {
+                    photo.unload(path(input));
+                    on_disk += 1;
+                } else {
+                    in_memory += bytes;
+                }
+            }
+            out.push(item);
+        }
+    }
+    Ok((out, on_disk))
+}
+
+/// The processed photos of a batch, the ones not in memory read in parallel.
+pub fn processed_batch<'a>(
+    images: impl IntoIterator<Item = &'a ExampleImage>,
+) -> Result<Vec<ProcessedImage>, Error> {
+    use rayon::prelude::*;
+    let images: Vec<&ExampleImage> = images.into_iter().collect();
+    images.par_iter().map(|i| i.processed()).collect()
 }
 
 impl Example {
@@ -100,14 +181,10 @@ impl Example {
         self.labels.iter().filter(|&&l| l != IGNORE).count()
     }
 
-    /// Drops the pixel patches from memory; they are read again from `path` (the photo this
-    /// example was built from, processed with `processor`) each time a batch needs them.
-    pub fn unload(&mut self, path: &Path, processor: &ProcessorConfig) {
-        self.image = ExampleImage::OnDisk {
-            path: path.to_path_buf(),
-            processor: Box::new(processor.clone()),
-            grid_thw: self.image.grid_thw(),
-        };
+    /// Drops the photo's pixels from memory; they are read again from `path` (the photo this
+    /// example was built from) each time a batch needs them.
+    pub fn unload(&mut self, path: &Path) {
+        self.image.unload(path);
     }
 }
 
@@ -195,7 +272,7 @@ pub fn example_with(
         .strip_prefix(IMAGE_PLACEHOLDER)
         .unwrap_or(&sample.messages[0].content);
     let answer = &sample.messages[1].content;
-    let image = inspector_qwen2vl::image::process_file(&record.path, processor)?;
+    let image = ExampleImage::load(&record.path, processor)?;
     let (input_ids, labels) = encode_turns(
         chat,
         instruction,
@@ -217,7 +294,7 @@ pub fn example_with(
         line: record.line,
         input_ids: input_ids[..keep].to_vec(),
         labels: labels[..keep].to_vec(),
-        image: ExampleImage::Loaded(image),
+        image,
     }))
 }
 
@@ -249,11 +326,11 @@ pub fn collate(examples: &[&Example], pad: u32) -> Result<(Batch, Vec<Vec<i64>>)
                 .collect(),
         );
     }
-    let pixels = examples
-        .iter()
-        .map(|e| e.image.pixels())
-        .collect::<Result<Vec<_>, _>>()?;
-    let pixel_values = Tensor::cat(&pixels, 0)?;
+    let pixels = processed_batch(examples.iter().map(|e| &e.image))?;
+    let pixel_values = Tensor::cat(
+        &pixels.iter().map(|p| &p.pixel_values).collect::<Vec<_>>(),
+        0,
+    )?;
     let batch = Batch {
         input_ids: ids,
         attention_mask: Some(mask),

@@ -130,7 +130,7 @@ fn unloaded_examples_reread_their_photos() {
     let (loaded, _) = collate(&[&ea, &eb], pad).unwrap();
 
     let mut ub = eb.clone();
-    ub.unload(&b.path, &model.processor);
+    ub.unload(&b.path);
     assert_eq!(ub.image.bytes_in_memory(), 0);
     assert!(eb.image.bytes_in_memory() > 0);
     let (reread, _) = collate(&[&ea, &ub], pad).unwrap();
