@@ -15,9 +15,12 @@ use inspector_dataset::{
     formats::{self, Format},
     jsonl,
 };
+use inspector_detect::DetectConfig;
 use inspector_store::{RuleFilter, RuleStore};
 
 use crate::{
+    detect_cmd::{inspect_paths, load_detector},
+    model_args::ModelArgs,
     output::write_atomic,
     rules_cmd::{DbArgs, open_with_rules},
 };
@@ -106,6 +109,26 @@ pub enum DatasetCommand {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Complete an annotation file that is labelled for some rules only: the findings of the
+    /// `--keep` rules come from FILE, every other finding from the model's answer for the
+    /// photo (constrained decoding; its texts, risk and box). Teach a model a new hazard from
+    /// photos annotated for that hazard alone by training on the completed file: the model
+    /// keeps answering the other rules as it did ("learning without forgetting"). Findings of
+    /// other rules in FILE are replaced, and counted. Nothing is written if a photo fails.
+    Complete {
+        file: PathBuf,
+        /// A rule whose findings FILE holds (repeat for several).
+        #[arg(long, required = true, value_name = "CITATION")]
+        keep: Vec<String>,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 8, value_name = "B")]
+        batch_size: usize,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// Export an annotation file for LLaMA-Factory (DIR/safety_inspector.json and the
     /// DIR/dataset_info.json entry) or ms-swift (DIR/safety_inspector.jsonl), with the images
     /// copied into DIR/images/.
@@ -190,6 +213,114 @@ fn rebased(records: &[inspector_dataset::Record], dir: &Path) -> anyhow::Result<
     Ok(jsonl(&annotations))
 }
 
+/// `dataset complete`: FILE's findings of the `keep` rules, the model's for the others.
+fn complete(
+    file: &Path,
+    keep: &[String],
+    out: &Path,
+    model: &ModelArgs,
+    batch_size: usize,
+    db: &DbArgs,
+) -> anyhow::Result<ExitCode> {
+    let store = open_with_rules(&db.db)?;
+    let rules = store.rules(&RuleFilter::default())?;
+    let mut kept = std::collections::BTreeSet::new();
+    for citation in keep {
+        match inspector_core::citation::resolve(citation, &rules) {
+            inspector_core::citation::Resolution::Found(rule) => {
+                kept.insert(rule.citation.clone());
+            }
+            inspector_core::citation::Resolution::Ambiguous(found) => anyhow::bail!(
+                "--keep `{citation}` is ambiguous: {}",
+                found
+                    .iter()
+                    .map(|r| r.citation.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            inspector_core::citation::Resolution::Unknown(why) => {
+                anyhow::bail!("--keep `{citation}` does not resolve in the rules: {why}")
+            }
+        }
+    }
+    let dataset = load(file, &rules)?;
+    let detector = load_detector(model, DetectConfig::default(), &rules)?;
+    let paths: Vec<PathBuf> = dataset.records.iter().map(|r| r.path.clone()).collect();
+    let inspected = inspect_paths(&detector, &paths, &rules, None, batch_size);
+    let dir = out_folder(out)?;
+    let (mut from_model, mut from_file, mut replaced, mut unusable, mut truncated) =
+        (0usize, 0usize, 0usize, 0usize, 0usize);
+    let mut failed = 0usize;
+    let mut annotations = Vec::with_capacity(dataset.records.len());
+    for (r, inspected) in dataset.records.iter().zip(inspected) {
+        let finding = match inspected.result {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("{}:{}: {e}", file.display(), r.line);
+                failed += 1;
+                continue;
+            }
+        };
+        truncated += usize::from(finding.truncated);
+        let mut violations = Vec::new();
+        for v in finding.violations {
+            // A finding must name one rule and a risk to be a training label.
+            let (Some(rule), Some(risk)) = (v.resolved, v.risk) else {
+                unusable += 1;
+                continue;
+            };
+            if kept.contains(&rule.citation) {
+                continue;
+            }
+            violations.push(inspector_core::Violation {
+                description: v.description,
+                rule: rule.citation,
+                risk,
+                suggestion: v.suggestion,
+                bbox: v.bbox,
+            });
+        }
+        from_model += violations.len();
+        for v in &r.annotation.violations {
+            if kept.contains(&v.rule) {
+                violations.push(v.clone());
+                from_file += 1;
+            } else {
+                replaced += 1;
+            }
+        }
+        annotations.push(inspector_core::Annotation {
+            image: inspector_dataset::relative_to(&r.path, &dir)?,
+            violations,
+        });
+    }
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} of {} photos could not be inspected; nothing was written",
+        dataset.records.len()
+    );
+    write_atomic(out, &jsonl(&annotations))?;
+    eprintln!(
+        "wrote {} records to {}: {from_file} findings of {} from {}, {from_model} from the model",
+        annotations.len(),
+        out.display(),
+        kept.iter().cloned().collect::<Vec<_>>().join(", "),
+        file.display(),
+    );
+    if replaced > 0 {
+        eprintln!(
+            "{replaced} findings of other rules in {} were replaced by the model's",
+            file.display()
+        );
+    }
+    if unusable + truncated > 0 {
+        eprintln!(
+            "left out: {unusable} model findings without one rule and a risk; {truncated} answers broke off (their complete findings kept)"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn validate(file: &Path, json: bool, rules: &[Rule]) -> anyhow::Result<ExitCode> {
     let report: Report = inspector_dataset::validate_file(file, rules)
         .with_context(|| format!("{}: cannot read", file.display()))?;
@@ -216,6 +347,14 @@ fn validate(file: &Path, json: bool, rules: &[Rule]) -> anyhow::Result<ExitCode>
 
 pub fn run(cmd: DatasetCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        DatasetCommand::Complete {
+            file,
+            keep,
+            out,
+            model,
+            batch_size,
+            db,
+        } => complete(&file, &keep, &out, &model, batch_size, &db),
         DatasetCommand::Validate { file, json, db } => validate(&file, json, &rules(&db)?),
         DatasetCommand::Build { file, out, db } => {
             let dataset = load(&file, &rules(&db)?)?;

@@ -69,6 +69,179 @@ fn a_missing_demo_model_is_a_clear_error() {
     assert!(stderr.contains("--model"), "{stderr}");
 }
 
+#[test]
+fn dataset_complete_keeps_the_files_findings_of_the_kept_rule_and_takes_the_others_from_the_model()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let scenes = root().join("examples/scenes");
+    let db = dir.path().join("rules.sqlite");
+    let out_file = dir.path().join("completed.jsonl");
+    let stack = "《现场管理标准》第3.2条";
+    let out = inspector(
+        &[
+            "dataset",
+            "complete",
+            scenes.join("annotations.jsonl").to_str().unwrap(),
+            "--keep",
+            "现场管理标准 3.2",
+            "--out",
+            out_file.to_str().unwrap(),
+            "--db",
+            db.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("bundled demo model"), "{stderr}");
+    assert!(stderr.contains("were replaced by the model's"), "{stderr}");
+
+    // The model's own answers for the same photos.
+    let images: Vec<String> = (0..6)
+        .map(|k| {
+            scenes
+                .join(format!("images/{k:05}.png"))
+                .to_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let mut args = vec!["detect", "--json", "--db", db.to_str().unwrap()];
+    args.extend(images.iter().map(String::as_str));
+    let detected = inspector(&args, dir.path());
+    assert!(detected.status.success());
+    let detected: Vec<serde_json::Value> = serde_json::from_slice(&detected.stdout).unwrap();
+
+    let original: Vec<serde_json::Value> =
+        std::fs::read_to_string(scenes.join("annotations.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let completed: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(completed.len(), 6);
+    let (mut from_model, mut from_file) = (0, 0);
+    for ((c, o), d) in completed.iter().zip(&original).zip(&detected) {
+        // Paths are valid from the output file's folder.
+        let image = dir.path().join(c["image"].as_str().unwrap());
+        assert_eq!(
+            image.canonicalize().unwrap(),
+            PathBuf::from(d["image"].as_str().unwrap())
+                .canonicalize()
+                .unwrap()
+        );
+        let mut want: Vec<(String, String, Vec<f64>)> = Vec::new();
+        for v in d["finding"]["violations"].as_array().unwrap() {
+            let rule = v["resolved"]["citation"].as_str().unwrap();
+            if rule != stack {
+                want.push((
+                    rule.to_string(),
+                    v["description"].as_str().unwrap().to_string(),
+                    serde_json::from_value(v["box"].clone()).unwrap(),
+                ));
+                from_model += 1;
+            }
+        }
+        for v in o["violations"].as_array().unwrap() {
+            if v["rule"].as_str().unwrap() == stack {
+                want.push((
+                    stack.to_string(),
+                    v["description"].as_str().unwrap().to_string(),
+                    serde_json::from_value(v["box"].clone()).unwrap(),
+                ));
+                from_file += 1;
+            }
+        }
+        let got: Vec<(String, String, Vec<f64>)> = c["violations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["rule"].as_str().unwrap().to_string(),
+                    v["description"].as_str().unwrap().to_string(),
+                    serde_json::from_value(v["box"].clone()).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(got.len(), want.len(), "{c}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((&g.0, &g.1), (&w.0, &w.1), "{c}");
+            assert!(
+                g.2.iter().zip(&w.2).all(|(a, b)| (a - b).abs() < 0.01),
+                "{c}"
+            );
+        }
+    }
+    assert!(from_model > 0 && from_file > 0, "{from_model} {from_file}");
+    // The completed file is a valid annotation file.
+    let valid = inspector(
+        &[
+            "dataset",
+            "validate",
+            out_file.to_str().unwrap(),
+            "--db",
+            db.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(
+        valid.status.success(),
+        "{}",
+        String::from_utf8_lossy(&valid.stdout)
+    );
+
+    // A rule that is not in the database, and a photo that is missing: refused, nothing written.
+    let refused_file = dir.path().join("refused.jsonl");
+    let unknown = inspector(
+        &[
+            "dataset",
+            "complete",
+            scenes.join("annotations.jsonl").to_str().unwrap(),
+            "--keep",
+            "现场管理标准 9.9",
+            "--out",
+            refused_file.to_str().unwrap(),
+            "--db",
+            db.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("9.9"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+    let broken = dir.path().join("broken.jsonl");
+    std::fs::write(&broken, "{\"image\": \"gone.png\", \"violations\": []}\n").unwrap();
+    let missing = inspector(
+        &[
+            "dataset",
+            "complete",
+            broken.to_str().unwrap(),
+            "--keep",
+            stack,
+            "--out",
+            refused_file.to_str().unwrap(),
+            "--db",
+            db.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("gone.png"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    assert!(!refused_file.exists());
+}
+
 fn final_loss(metrics: &Path) -> f64 {
     let text = std::fs::read_to_string(metrics).unwrap();
     let last = text
