@@ -62,9 +62,16 @@ rm -rf "$WORK/vision2"
   --out "$WORK/vision2" --steps "$STAGE2A_STEPS" --batch-size 16 --lr 3e-3 --seed 2 \
   --lora-r 16 --lora-alpha 32 --db "$DB" "${PIX[@]}"
 
+# Stage 2b learns the held-out hazard's findings from the annotations and every other finding
+# from the base's own answers for the same scenes (learning without forgetting): the adapter
+# adds the new hazard to what the base answers instead of relearning the other hazards.
+stamp "stage 2b data: the base's answers for the other hazards"
+"$BIN" dataset complete "$WORK/stage2/annotations.jsonl" --keep "《现场管理标准》第3.2条" \
+  --out "$WORK/stage2/completed.jsonl" --model "$WORK/base/model" --batch-size 32 --db "$DB"
+
 stamp "stage 2b: LoRA for the held-out hazard"
 rm -rf "$WORK/lora"
-"$BIN" train --model "$WORK/base/model" --data "$WORK/stage2/annotations.jsonl" --out "$WORK/lora" \
+"$BIN" train --model "$WORK/base/model" --data "$WORK/stage2/completed.jsonl" --out "$WORK/lora" \
   --init-adapter "$WORK/vision2/adapter" --lora-vision --lora-r 16 --lora-alpha 32 --lora-dropout 0.05 --lr 2e-3 \
   --batch-size $BATCH --grad-accum 1 --max-steps "$STAGE2_STEPS" \
   --save-every 200 --seed 2 --db "$DB" "${PIX[@]}"

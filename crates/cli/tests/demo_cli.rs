@@ -287,6 +287,14 @@ fn demo_retrain_shortened_runs_end_to_end_and_reproduces() {
             config.contains("\"qkv\"") && config.contains("\"q_proj\""),
             "stage 2b continues the vision adapter of stage 2a: {config}"
         );
+        // Stage 2b's data: every scene, the held-out hazard's findings as annotated.
+        let stage2 = std::fs::read_to_string(work.path().join("stage2/annotations.jsonl")).unwrap();
+        let completed =
+            std::fs::read_to_string(work.path().join("stage2/completed.jsonl")).unwrap();
+        assert_eq!(completed.lines().count(), stage2.lines().count());
+        let stacks = |text: &str| text.matches("《现场管理标准》第3.2条").count();
+        assert_eq!(stacks(&completed), stacks(&stage2));
+        assert!(stacks(&stage2) > 0);
         // The shortened model answers (whatever it says) through the normal path.
         let photo = root().join("examples/scenes/images/00000.png");
         let r = inspector(

@@ -668,7 +668,8 @@ impl Detector {
 
     /// Inspects photos: decodes each (an unreadable one gets its own error and the rest go
     /// on), answers cached photos from `cache`, runs the others in batches of `batch_size`,
-    /// stores their answers, and calls `on_done(i)` as each photo is finished.
+    /// stores their answers, and calls `on_done(i)` as each photo is finished. A batch runs as
+    /// soon as it is full, so memory holds one batch of decoded photos, however many inputs.
     pub fn inspect(
         &self,
         inputs: &[Input],
@@ -719,7 +720,11 @@ impl Detector {
             }
             match self.prepare(input, sha) {
                 Ok((p, info)) => {
-                    pending.push((i, p, info, key, started.elapsed().as_secs_f64() * 1e3))
+                    pending.push((i, p, info, key, started.elapsed().as_secs_f64() * 1e3));
+                    if pending.len() >= batch_size.max(1) {
+                        self.run_batch(&pending, inputs, rules, cache, &mut results, &mut on_done);
+                        pending.clear();
+                    }
                 }
                 Err(e) => {
                     results[i] = Some(Err(e));
@@ -727,41 +732,55 @@ impl Detector {
                 }
             }
         }
-        for chunk in pending.chunks(batch_size.max(1)) {
-            let started = Instant::now();
-            let images: Vec<&ProcessedImage> = chunk.iter().map(|c| &c.1).collect();
-            match self.generate(&images) {
-                Ok(answers) => {
-                    let per_image = started.elapsed().as_secs_f64() * 1e3 / chunk.len() as f64;
-                    for ((i, _, info, key, decode_ms), answer) in chunk.iter().zip(answers) {
-                        let stored = cache.map(|store| {
-                            store.cache_answer(key, &serde_json::to_string(&answer).expect("JSON"))
-                        });
-                        let timings = Timings {
-                            decode_ms: *decode_ms,
-                            generate_ms: per_image,
-                            total_ms: decode_ms + per_image,
-                            cached: false,
-                        };
-                        results[*i] = Some(match stored {
-                            Some(Err(e)) => Err(e.into()),
-                            _ => Ok(self.finding(&answer, info.clone(), rules, timings)),
-                        });
-                        on_done(*i);
-                    }
-                }
-                Err(e) => {
-                    for (i, ..) in chunk {
-                        results[*i] = Some(Err(batch_failed(&inputs[*i], &e)));
-                        on_done(*i);
-                    }
-                }
-            }
+        if !pending.is_empty() {
+            self.run_batch(&pending, inputs, rules, cache, &mut results, &mut on_done);
         }
         results
             .into_iter()
             .map(|r| r.expect("every photo gets a result"))
             .collect()
+    }
+
+    /// Answers one batch of prepared photos, stores the answers in `cache` and fills their
+    /// results.
+    fn run_batch(
+        &self,
+        chunk: &[(usize, ProcessedImage, ImageInfo, String, f64)],
+        inputs: &[Input],
+        rules: &[Rule],
+        cache: Option<&inspector_store::SqliteStore>,
+        results: &mut [Option<Result<Finding, Error>>],
+        on_done: &mut impl FnMut(usize),
+    ) {
+        let started = Instant::now();
+        let images: Vec<&ProcessedImage> = chunk.iter().map(|c| &c.1).collect();
+        match self.generate(&images) {
+            Ok(answers) => {
+                let per_image = started.elapsed().as_secs_f64() * 1e3 / chunk.len() as f64;
+                for ((i, _, info, key, decode_ms), answer) in chunk.iter().zip(answers) {
+                    let stored = cache.map(|store| {
+                        store.cache_answer(key, &serde_json::to_string(&answer).expect("JSON"))
+                    });
+                    let timings = Timings {
+                        decode_ms: *decode_ms,
+                        generate_ms: per_image,
+                        total_ms: decode_ms + per_image,
+                        cached: false,
+                    };
+                    results[*i] = Some(match stored {
+                        Some(Err(e)) => Err(e.into()),
+                        _ => Ok(self.finding(&answer, info.clone(), rules, timings)),
+                    });
+                    on_done(*i);
+                }
+            }
+            Err(e) => {
+                for (i, ..) in chunk {
+                    results[*i] = Some(Err(batch_failed(&inputs[*i], &e)));
+                    on_done(*i);
+                }
+            }
+        }
     }
 }
 
