@@ -111,10 +111,11 @@ pub enum DatasetCommand {
     },
     /// Complete an annotation file that is labelled for some rules only: the findings of the
     /// `--keep` rules come from FILE, every other finding from the model's answer for the
-    /// photo (constrained decoding; its texts, risk and box). Teach a model a new hazard from
-    /// photos annotated for that hazard alone by training on the completed file: the model
-    /// keeps answering the other rules as it did ("learning without forgetting"). Findings of
-    /// other rules in FILE are replaced, and counted. Nothing is written if a photo fails.
+    /// photo (constrained decoding; its texts, risk and box), after the kept ones. Teach a
+    /// model a new hazard from photos annotated for that hazard alone by training on the
+    /// completed file: the model keeps answering the other rules as it did ("learning without
+    /// forgetting"). Findings of other rules in FILE are replaced, and counted. Nothing is
+    /// written if a photo fails.
     Complete {
         file: PathBuf,
         /// A rule whose findings FILE holds (repeat for several).
@@ -281,17 +282,22 @@ fn complete(
             });
         }
         from_model += violations.len();
+        // The kept findings come first: whether the photo shows the new hazard is then the
+        // answer's first decision, taken from the photo alone, and what follows is the model's
+        // own answer.
+        let mut answer = Vec::with_capacity(violations.len() + 1);
         for v in &r.annotation.violations {
             if kept.contains(&v.rule) {
-                violations.push(v.clone());
+                answer.push(v.clone());
                 from_file += 1;
             } else {
                 replaced += 1;
             }
         }
+        answer.extend(violations);
         annotations.push(inspector_core::Annotation {
             image: inspector_dataset::relative_to(&r.path, &dir)?,
-            violations,
+            violations: answer,
         });
     }
     anyhow::ensure!(

@@ -134,7 +134,18 @@ fn dataset_complete_keeps_the_files_findings_of_the_kept_rule_and_takes_the_othe
                 .canonicalize()
                 .unwrap()
         );
+        // The file's findings of the kept rule first, then the model's of the others.
         let mut want: Vec<(String, String, Vec<f64>)> = Vec::new();
+        for v in o["violations"].as_array().unwrap() {
+            if v["rule"].as_str().unwrap() == stack {
+                want.push((
+                    stack.to_string(),
+                    v["description"].as_str().unwrap().to_string(),
+                    serde_json::from_value(v["box"].clone()).unwrap(),
+                ));
+                from_file += 1;
+            }
+        }
         for v in d["finding"]["violations"].as_array().unwrap() {
             let rule = v["resolved"]["citation"].as_str().unwrap();
             if rule != stack {
@@ -144,16 +155,6 @@ fn dataset_complete_keeps_the_files_findings_of_the_kept_rule_and_takes_the_othe
                     serde_json::from_value(v["box"].clone()).unwrap(),
                 ));
                 from_model += 1;
-            }
-        }
-        for v in o["violations"].as_array().unwrap() {
-            if v["rule"].as_str().unwrap() == stack {
-                want.push((
-                    stack.to_string(),
-                    v["description"].as_str().unwrap().to_string(),
-                    serde_json::from_value(v["box"].clone()).unwrap(),
-                ));
-                from_file += 1;
             }
         }
         let got: Vec<(String, String, Vec<f64>)> = c["violations"]
