@@ -264,12 +264,21 @@ fn complete(
         };
         truncated += usize::from(finding.truncated);
         let mut violations = Vec::new();
+        let (w, h) = (r.size.0 as f64, r.size.1 as f64);
         for v in finding.violations {
-            // A finding must name one rule and a risk to be a training label.
+            // A finding must be a valid label: one rule, a risk, a description, and a box (if
+            // any) inside the photo and not empty.
             let (Some(rule), Some(risk)) = (v.resolved, v.risk) else {
                 unusable += 1;
                 continue;
             };
+            let bad_box = v.bbox.is_some_and(|[x1, y1, x2, y2]| {
+                !(x1 >= 0.0 && y1 >= 0.0 && x2 <= w && y2 <= h && x2 > x1 && y2 > y1)
+            });
+            if v.description.trim().is_empty() || bad_box {
+                unusable += 1;
+                continue;
+            }
             if kept.contains(&rule.citation) {
                 continue;
             }
@@ -305,7 +314,22 @@ fn complete(
         "{failed} of {} photos could not be inspected; nothing was written",
         dataset.records.len()
     );
-    write_atomic(out, &jsonl(&annotations))?;
+    // What is written loads as an annotation file: checked as `dataset validate` would.
+    let text = jsonl(&annotations);
+    let report = inspector_dataset::validate_text(
+        std::str::from_utf8(&text).expect("JSON is UTF-8"),
+        &dir,
+        &rules,
+    );
+    if let Some(p) = report.errors.first() {
+        anyhow::bail!(
+            "the completed record of line {} would not be valid ({}: {}); nothing was written",
+            p.line,
+            p.field,
+            p.message
+        );
+    }
+    write_atomic(out, &text)?;
     eprintln!(
         "wrote {} records to {}: {from_file} findings of {} from {}, {from_model} from the model",
         annotations.len(),
@@ -321,7 +345,7 @@ fn complete(
     }
     if unusable + truncated > 0 {
         eprintln!(
-            "left out: {unusable} model findings without one rule and a risk; {truncated} answers broke off (their complete findings kept)"
+            "left out: {unusable} model findings that are not valid labels (no single rule, no risk, an empty description, or a box outside the photo); {truncated} answers broke off (their complete findings kept)"
         );
     }
     Ok(ExitCode::SUCCESS)
