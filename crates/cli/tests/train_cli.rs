@@ -113,7 +113,7 @@ fn sigkill_and_resume_end_where_a_straight_run_ends() {
 
     let o = run(args(
         "straight",
-        &["--max-steps", "20", "--save-every", "10"],
+        &["--max-steps", "40", "--save-every", "10"],
     ));
     ok(&o);
     let straight = adapter_weights(&dir.path().join("straight/adapter"));
@@ -121,9 +121,10 @@ fn sigkill_and_resume_end_where_a_straight_run_ends() {
     let pairs = straight.len() / 2;
     assert_eq!(pairs, 14, "the language model's 7 projections × 2 layers");
 
-    // The same run, killed with SIGKILL once step 10's checkpoint is complete … (On a loaded
-    // machine the test may not get to run between step 10 and the end: then it tries again.)
-    let a = args("killed", &["--max-steps", "20", "--save-every", "10"]);
+    // The same run, killed with SIGKILL once step 10's checkpoint is complete, 30 steps before
+    // the end … (On a loaded machine the test may not get to run between step 10 and step 20:
+    // then it tries again.)
+    let a = args("killed", &["--max-steps", "40", "--save-every", "10"]);
     let marker = dir
         .path()
         .join("killed/checkpoints/step-10/trainer_state.json");
@@ -163,7 +164,7 @@ fn sigkill_and_resume_end_where_a_straight_run_ends() {
     // … then resumed.
     let o = run(args(
         "killed",
-        &["--max-steps", "20", "--save-every", "10", "--resume"],
+        &["--max-steps", "40", "--save-every", "10", "--resume"],
     ));
     ok(&o);
     assert!(
