@@ -106,7 +106,7 @@ pub fn relative_to(path: &Path, dir: &Path) -> Result<String, Error> {
 }
 
 /// [`relative_to`] for a folder already canonicalised (once, for many paths).
-pub(crate) fn relative_to_canonical(path: &Path, dir: &Path) -> Result<String, Error> {
+pub fn relative_to_canonical(path: &Path, dir: &Path) -> Result<String, Error> {
     let abs = path.canonicalize().map_err(|e| Error::io(path, e))?;
     let rel = pathdiff::diff_paths(&abs, dir).unwrap_or(abs);
     Ok(rel.to_string_lossy().into_owned())
