@@ -77,6 +77,22 @@ rm -rf "$WORK/lora"
   --save-every 200 --seed 2 --db "$DB" "${PIX[@]}"
 stamp "training done"
 
+# Whether this run reproduced the bundled weights bit for bit. The same seeds and step counts on
+# a 2-core machine of the kind that trained them do; another CPU or thread count may change float
+# sums, and then tools/demo/evaluate.sh (DEMO=...) compares the metrics instead.
+same=yes
+for f in "$ROOT"/models/demo/base/*.safetensors "$WORK"/base/model/*.safetensors; do
+  name="$(basename "$f")"
+  cmp -s "$ROOT/models/demo/base/$name" "$WORK/base/model/$name" || same=no
+done
+cmp -s "$ROOT/models/demo/adapter/adapter_model.safetensors" \
+  "$WORK/lora/adapter/adapter_model.safetensors" || same=no
+if [ "$same" = yes ]; then
+  stamp "the base's and the adapter's weights are byte-identical to models/demo"
+else
+  stamp "the weights differ from models/demo (expected for a shortened run or another CPU)"
+fi
+
 if [ "$INSTALL" = "--install" ]; then
   rm -rf "$ROOT/models/demo/base" "$ROOT/models/demo/adapter"
   mkdir -p "$ROOT/models/demo"
