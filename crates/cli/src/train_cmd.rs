@@ -47,7 +47,8 @@ pub struct TrainArgs {
     /// flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Stop after N optimizer steps (the schedule is sized for it).
+    /// Train for N optimizer steps, going over the data as often as needed (overrides --epochs,
+    /// as transformers' max_steps does; the schedule is sized for it).
     #[arg(long, value_name = "N")]
     pub max_steps: Option<u64>,
     /// Passes over the data [default: 5].

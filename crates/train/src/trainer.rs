@@ -47,7 +47,8 @@ use crate::{
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub epochs: usize,
-    /// Stop after this many optimizer steps (the schedule is sized for it).
+    /// Train for exactly this many optimizer steps, going over the data as often as needed; it
+    /// overrides `epochs`, as transformers' `max_steps` does (the schedule is sized for it).
     pub max_steps: Option<u64>,
     pub lr: f64,
     pub warmup_ratio: f64,
@@ -294,11 +295,7 @@ impl Trainer {
         };
         let micro = train.len().div_ceil(config.batch_size.max(1));
         let per_epoch = micro.div_ceil(config.grad_accum.max(1)) as u64;
-        let total_steps = config
-            .max_steps
-            .unwrap_or(per_epoch * config.epochs as u64)
-            .min(per_epoch * config.epochs as u64)
-            .max(1);
+        let total_steps = total_steps(&config, per_epoch);
         let pad = model.config.tokens.pad.unwrap_or(0);
         let prompt = crate::data::model_prompt(model_dir)?;
         std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
@@ -715,6 +712,15 @@ impl Trainer {
     }
 }
 
+/// The run's optimizer steps: `max_steps` when set (overriding `epochs`), else `epochs` passes
+/// of `per_epoch` steps; at least one.
+fn total_steps(config: &TrainConfig, per_epoch: u64) -> u64 {
+    config
+        .max_steps
+        .unwrap_or(per_epoch * config.epochs as u64)
+        .max(1)
+}
+
 /// `(step, path)` of every complete checkpoint, oldest first.
 pub fn checkpoints(out: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
     let dir = out.join("checkpoints");
@@ -797,4 +803,23 @@ pub(crate) fn write_weights(
 pub(crate) fn decays(name: &str) -> bool {
     let module = name.rsplit('.').nth(1).unwrap_or("");
     !(name.ends_with(".bias") || module.contains("norm") || module == "ln_q")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_steps_overrides_epochs_as_in_transformers() {
+        let config = |max_steps, epochs| TrainConfig {
+            max_steps,
+            epochs,
+            ..Default::default()
+        };
+        // 2 steps an epoch: 5 epochs are 10 steps, unless max_steps says otherwise.
+        assert_eq!(total_steps(&config(None, 5), 2), 10);
+        assert_eq!(total_steps(&config(Some(60), 5), 2), 60);
+        assert_eq!(total_steps(&config(Some(3), 5), 2), 3);
+        assert_eq!(total_steps(&config(None, 0), 2), 1);
+    }
 }
