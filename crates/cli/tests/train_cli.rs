@@ -184,7 +184,7 @@ fn sigkill_and_resume_end_where_a_straight_run_ends() {
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("no resume: {stderr}"));
     assert!(
-        (10..60).contains(&from) && from % 10 == 0,
+        (10..60).contains(&from) && from.is_multiple_of(10),
         "resumed at step {from}"
     );
     let resumed = adapter_weights(&dir.path().join("killed/adapter"));
