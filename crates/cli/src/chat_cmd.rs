@@ -1,5 +1,6 @@
 //! `inspector chat`
 
+use std::time::Instant;
 use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
@@ -51,7 +52,9 @@ pub struct ChatArgs {
 }
 
 pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
     let loaded = args.model.load()?;
+    let load_s = started.elapsed().as_secs_f64();
     let model = &loaded.model;
     let chat = ChatTokenizer::load(&loaded.dir, model.config.tokens.image_pad)?;
     let mut messages = Vec::new();
@@ -129,7 +132,10 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
         .then(|| TextStream::new(|t: &[u32]| chat.decode(t)));
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
+    let generating = Instant::now();
+    let mut first_token: Option<Instant> = None;
     let out = generate(model, &batch, &config, |_, token| {
+        first_token.get_or_insert_with(Instant::now);
         if let Some(s) = stream.as_mut() {
             if eos.contains(&token) {
                 return;
@@ -150,7 +156,13 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
     if let Some(e) = write_error {
         return Err(e.into());
     }
+    let done = Instant::now();
     let text = chat.decode(&out.tokens[0])?;
+    // Prefill: images, prompt and the first token; decode: every later token.
+    let first = first_token.unwrap_or(done);
+    let prefill_s = (first - generating).as_secs_f64();
+    let decode_s = (done - first).as_secs_f64();
+    let n_decoded = out.stats[0].len().saturating_sub(1);
     if args.json {
         let value = serde_json::json!({
             "text": text,
@@ -159,6 +171,13 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
             "prompt_tokens": prompt_tokens,
             "model": loaded.dir.display().to_string(),
             "template": chat.template_source.file.display().to_string(),
+            "backend": model.backend().describe(),
+            "timings": {
+                "load_s": load_s,
+                "prefill_s": prefill_s,
+                "decode_s": decode_s,
+                "decode_tokens_per_s": if decode_s > 0.0 { n_decoded as f64 / decode_s } else { 0.0 },
+            },
         });
         writeln!(stdout, "{value}")?;
     } else if let Some(s) = stream {

@@ -19,7 +19,7 @@ use inspector_store::{RuleFilter, RuleStore};
 
 use crate::{
     detect_cmd::{inspect_paths, load_detector},
-    model_args::{DtypeArg, ModelArgs},
+    model_args::ModelArgs,
     output::write_atomic,
     rules_cmd::{DbArgs, open_with_rules},
     train_cmd::load_data,
@@ -41,17 +41,10 @@ pub struct EvalArgs {
     /// Predictions to score (JSONL).
     #[arg(long, value_name = "FILE", conflicts_with = "model")]
     pub predictions: Option<PathBuf>,
-    /// Run this model on the gold photos instead (without it and without --predictions, the
+    /// Run a model on the gold photos instead (without --model and without --predictions, the
     /// bundled demo model).
-    #[arg(long, value_name = "DIR|REPO")]
-    pub model: Option<String>,
-    /// A PEFT LoRA adapter directory to apply on `--model`.
-    #[arg(long, value_name = "DIR", conflicts_with = "predictions")]
-    pub adapter: Option<PathBuf>,
-    #[arg(long, value_name = "N")]
-    pub min_pixels: Option<usize>,
-    #[arg(long, value_name = "N")]
-    pub max_pixels: Option<usize>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     #[arg(long, default_value_t = 4, value_name = "B")]
     pub batch_size: usize,
     #[command(flatten)]
@@ -213,17 +206,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let rules = store.rules(&RuleFilter::default())?;
     let gold = load_data(&args.data, &rules, "nothing was scored")?;
     let findings: Vec<(usize, Finding)> = match &args.predictions {
+        Some(_) if args.model.model.is_some() || args.model.adapter.is_some() => {
+            anyhow::bail!("--predictions scores a file: it takes no --model or --adapter")
+        }
         Some(p) => read_predictions(p, &gold, &rules)?,
         None => {
-            let model = ModelArgs {
-                model: args.model.clone(),
-                dtype: DtypeArg::F32,
-                min_pixels: args.min_pixels,
-                max_pixels: args.max_pixels,
-                adapter: args.adapter.clone(),
-                threads: None,
-            };
-            let detector = load_detector(&model, DetectConfig::default(), &rules)?;
+            let detector = load_detector(&args.model, DetectConfig::default(), &rules)?;
             let paths: Vec<PathBuf> = gold.records.iter().map(|r| r.path.clone()).collect();
             let done = inspect_paths(&detector, &paths, &rules, Some(&store), args.batch_size);
             let mut out = Vec::new();

@@ -67,7 +67,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    inspector_train::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("INSPECTOR_LOG")
@@ -76,6 +75,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Training frees and reallocates same-sized tensors every step: keeping freed memory saves
+    // page faults there. Inference keeps its peak instead (a detect run's RSS), so only the
+    // training commands ask for it, before any thread starts.
+    if matches!(cli.command, Command::Train(_) | Command::PretrainVision(_)) {
+        inspector_train::keep_freed_memory();
+    }
     let result = match cli.command {
         Command::Rules(cmd) => rules_cmd::run(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),

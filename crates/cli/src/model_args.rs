@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
-use inspector_qwen2vl::{Qwen2Vl, image::ProcessorConfig, resolve};
+use inspector_qwen2vl::{Backend, Quantization, Qwen2Vl, image::ProcessorConfig, resolve};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DtypeArg {
@@ -46,6 +46,27 @@ pub struct ModelArgs {
     /// CPU threads (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Quantize the linear layers as the model loads (ggml's formats): `q8_0` (8.5 bits a
+    /// weight, answers as f32's), `q4k` (4.5 bits, fastest decode, least memory). A directory
+    /// written by `inspector model quantize` loads in its own format without this; naming
+    /// another format is refused.
+    #[arg(long, value_name = "none|q8_0|q4k", default_value = "none", value_parser = parse_quantization)]
+    pub quantize: Quantization,
+}
+
+fn parse_quantization(s: &str) -> Result<Quantization, String> {
+    s.parse()
+}
+
+/// Sets the CPU thread count for candle and its GEMM (before any model work starts a thread).
+pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(n) = threads {
+        anyhow::ensure!(n > 0, "--threads must be at least 1");
+        // candle and its GEMM size their thread pools from RAYON_NUM_THREADS on first use.
+        // SAFETY: called before any model work starts any thread.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+    Ok(())
 }
 
 /// A loaded model with the processor settings the options ask for.
@@ -58,13 +79,21 @@ pub struct LoadedModel {
 }
 
 impl ModelArgs {
+    /// The one place where device, dtype and quantization are chosen; everything below takes
+    /// the result.
+    pub fn backend(&self) -> anyhow::Result<Backend> {
+        let backend = Backend {
+            device: Device::Cpu,
+            dtype: self.dtype.into(),
+            quantization: self.quantize,
+        };
+        backend.validate().map_err(anyhow::Error::msg)?;
+        Ok(backend)
+    }
+
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
-        if let Some(n) = self.threads {
-            anyhow::ensure!(n > 0, "--threads must be at least 1");
-            // candle and its GEMM size their thread pools from RAYON_NUM_THREADS on first use.
-            // SAFETY: called before any model work starts any thread.
-            unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-        }
+        set_threads(self.threads)?;
+        let backend = self.backend()?;
         let env = |k: &str| std::env::var(k).ok();
         let cache = resolve::default_cache_dir(
             env("HF_HUB_CACHE").as_deref(),
@@ -100,7 +129,7 @@ impl ModelArgs {
         };
         let model = match &adapter {
             Some(adapter) => {
-                inspector_qwen2vl::adapter::load(&dir, adapter, self.dtype.into(), &Device::Cpu)
+                inspector_qwen2vl::adapter::open(&dir, adapter, &backend)
                     .with_context(|| {
                         format!(
                             "loading {} with the adapter {}",
@@ -111,7 +140,7 @@ impl ModelArgs {
                     .0
             }
             None => {
-                Qwen2Vl::load(&dir, self.dtype.into(), &Device::Cpu)
+                Qwen2Vl::open(&dir, &backend, None)
                     .with_context(|| format!("loading {}", dir.display()))?
                     .0
             }

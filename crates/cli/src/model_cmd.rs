@@ -10,7 +10,9 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 use clap::Subcommand;
 use inspector_core::answer::Prompt;
-use inspector_qwen2vl::{Batch, ConfigLayout, KeyLayout, Logits, Qwen2Vl, VisionInput, image};
+use inspector_qwen2vl::{
+    Backend, Batch, ConfigLayout, KeyLayout, Logits, Quantization, Qwen2Vl, VisionInput, image,
+};
 
 use crate::model_args::DtypeArg;
 
@@ -47,6 +49,30 @@ pub enum ModelCommand {
         /// A PEFT LoRA adapter directory to apply on the model.
         #[arg(long, value_name = "DIR")]
         adapter: Option<PathBuf>,
+        /// Quantize the linear layers as the model loads (`none`, `q8_0`, `q4k`).
+        #[arg(long, value_name = "none|q8_0|q4k", default_value = "none", value_parser = parse_quantization)]
+        quantize: Quantization,
+    },
+    /// Write a quantized copy of a model directory that every command loads: the weights in
+    /// GGUF (`model.gguf`: the projections of both towers, the LM head and the embedding table
+    /// in FORMAT, each layer whose rows do not split into FORMAT's blocks one step wider:
+    /// q4k → q8_0 → f32; norms, biases and the patch embedding f32), every other file the
+    /// source's inference needs (config, tokenizer, template, processor and generation
+    /// configs, `inspector_model.json`) and `inspector_quant.json`. With `--adapter`, the
+    /// adapter is merged in first and its prompt and pixel limits are recorded.
+    Quantize {
+        /// A Hugging Face model directory (dense: f32, bf16 or f16).
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// A PEFT LoRA adapter to merge in before quantizing.
+        #[arg(long, value_name = "DIR")]
+        adapter: Option<PathBuf>,
+        /// `q8_0` (8.5 bits a weight) or `q4k` (4.5 bits a weight).
+        #[arg(long, value_name = "q8_0|q4k", value_parser = parse_quantization)]
+        format: Quantization,
+        /// The new directory (must not exist or be empty).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
     /// Write a complete, randomly initialised Qwen2-VL model directory: config, weights, a
     /// byte-level BPE tokenizer trained on the corpus with Qwen's special tokens, the chat
@@ -78,7 +104,14 @@ pub enum ModelCommand {
         model: PathBuf,
         #[arg(long, value_enum, default_value = "f32")]
         dtype: DtypeArg,
+        /// Report the model as `--quantize` would load it (`none`, `q8_0`, `q4k`).
+        #[arg(long, value_name = "none|q8_0|q4k", default_value = "none", value_parser = parse_quantization)]
+        quantize: Quantization,
     },
+}
+
+fn parse_quantization(s: &str) -> Result<Quantization, String> {
+    s.parse()
 }
 
 pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
@@ -92,17 +125,28 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
             max_pixels,
             out,
             adapter,
+            quantize,
         } => forward(
             &model,
             adapter.as_deref(),
             &images,
             &input_ids,
-            dtype.into(),
+            &backend(dtype, quantize)?,
             min_pixels,
             max_pixels,
             &out,
         ),
-        ModelCommand::Info { model, dtype } => info(&model, dtype.into()),
+        ModelCommand::Info {
+            model,
+            dtype,
+            quantize,
+        } => info(&model, &backend(dtype, quantize)?),
+        ModelCommand::Quantize {
+            model,
+            adapter,
+            format,
+            out,
+        } => quantize(&model, adapter.as_deref(), format, &out),
         ModelCommand::Init {
             config,
             corpus,
@@ -197,21 +241,75 @@ fn parse_ids(text: &str) -> anyhow::Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// The backend of `model forward` and `model info` (the CPU; see `ModelArgs::backend`).
+fn backend(dtype: DtypeArg, quantization: Quantization) -> anyhow::Result<Backend> {
+    let backend = Backend {
+        device: Device::Cpu,
+        dtype: dtype.into(),
+        quantization,
+    };
+    backend.validate().map_err(anyhow::Error::msg)?;
+    Ok(backend)
+}
+
+fn quantize(
+    model: &Path,
+    adapter: Option<&Path>,
+    format: Quantization,
+    out: &Path,
+) -> anyhow::Result<ExitCode> {
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "quantizing {bar:30} {pos}/{len} tensors {elapsed}",
+        )
+        .expect("a valid template"),
+    );
+    let done = inspector_qwen2vl::quant::quantize_dir(model, adapter, format, out, |i, n| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+    })?;
+    bar.finish_and_clear();
+    let total: usize = done.record.params.values().sum();
+    let shares: Vec<String> = done
+        .record
+        .params
+        .iter()
+        .map(|(t, n)| format!("{t} {:.1} %", 100.0 * *n as f64 / total.max(1) as f64))
+        .collect();
+    println!(
+        "wrote {} ({}): {:.1} MB of weights from {:.1} MB; parameters {}{}",
+        out.display(),
+        format,
+        done.gguf_bytes as f64 / 1e6,
+        done.source_bytes as f64 / 1e6,
+        shares.join(", "),
+        match adapter {
+            Some(a) => format!(
+                "; {} layers of {} merged in",
+                done.merged_layers,
+                a.display()
+            ),
+            None => String::new(),
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn forward(
     dir: &Path,
     adapter: Option<&Path>,
     image_paths: &[PathBuf],
     input_ids: &str,
-    dtype: DType,
+    backend: &Backend,
     min_pixels: Option<usize>,
     max_pixels: Option<usize>,
     out: &Path,
 ) -> anyhow::Result<ExitCode> {
     let ids = parse_ids(input_ids)?;
     let model = match adapter {
-        Some(a) => inspector_qwen2vl::adapter::load(dir, a, dtype, &Device::Cpu)?.0,
-        None => Qwen2Vl::load(dir, dtype, &Device::Cpu)?.0,
+        Some(a) => inspector_qwen2vl::adapter::open(dir, a, backend)?.0,
+        None => Qwen2Vl::open(dir, backend, None)?.0,
     };
     let vocab = model.config.text.vocab_size as u32;
     if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
@@ -312,8 +410,8 @@ fn save_atomic(tensors: &HashMap<String, Tensor>, out: &Path) -> anyhow::Result<
         .with_context(|| format!("{}: write failed", out.display()))
 }
 
-fn info(dir: &Path, dtype: DType) -> anyhow::Result<ExitCode> {
-    let (model, info) = Qwen2Vl::load(dir, dtype, &Device::Cpu)?;
+fn info(dir: &Path, backend: &Backend) -> anyhow::Result<ExitCode> {
+    let (model, info) = Qwen2Vl::open(dir, backend, None)?;
     let c = &info.config;
     let t = &c.text;
     let v = &c.vision;
@@ -340,6 +438,17 @@ fn info(dir: &Path, dtype: DType) -> anyhow::Result<ExitCode> {
         }
     );
     println!("dtype:        {:?}", info.dtype);
+    let total = info.total_params().max(1) as f64;
+    let by_type: Vec<String> = info
+        .params_by_type
+        .iter()
+        .map(|(t, n)| format!("{t} {} ({:.1} %)", human(*n), 100.0 * *n as f64 / total))
+        .collect();
+    println!(
+        "quantization: {}; parameters by type: {}",
+        info.quantization,
+        by_type.join(", ")
+    );
     println!(
         "text:         hidden {}, {} layers, {} heads / {} kv heads, head_dim {}, intermediate {}, vocab {}, mrope_section {:?}, rope_theta {}, context {}",
         t.hidden_size,

@@ -24,7 +24,9 @@ fn main() {
     let tiny = root().join("crates/qwen2vl/tests/fixtures/tiny-a");
     let adapter = root().join("crates/train/tests/fixtures/overfit/adapter");
     let data = root().join("crates/train/tests/fixtures/overfit/data");
-    let detector = Detector::load(&tiny, Some(&adapter), DetectConfig::default()).unwrap();
+    let backend = inspector_qwen2vl::Backend::cpu();
+    let detector =
+        Detector::load(&tiny, Some(&adapter), &backend, DetectConfig::default()).unwrap();
     let mut inputs = Vec::new();
     for _ in 0..COPIES {
         for k in 0..8 {

@@ -19,7 +19,9 @@
 //! ```no_run
 //! use inspector_detect::{DetectConfig, Detector, Input};
 //!
-//! let detector = Detector::load("models/demo/base".as_ref(), None, DetectConfig::default()).unwrap();
+//! let backend = inspector_qwen2vl::Backend::cpu();
+//! let detector =
+//!     Detector::load("models/demo/base".as_ref(), None, &backend, DetectConfig::default()).unwrap();
 //! let photo = Input { name: "a.jpg".into(), bytes: std::fs::read("a.jpg").unwrap() };
 //! let rules = vec![]; // from the rules database
 //! for finding in detector.inspect(&[photo], &rules, None, 4, |_| {}) {
@@ -34,7 +36,7 @@ use std::{
     time::Instant,
 };
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use inspector_core::{
     Risk, Rule,
     answer::{BOX_SCALE, PROMPT_VERSION, Prompt},
@@ -54,6 +56,8 @@ use sha2::{Digest, Sha256};
 pub mod active;
 pub mod fingerprint;
 pub mod report;
+
+pub use inspector_qwen2vl::{Backend, Quantization};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -288,19 +292,19 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 impl Detector {
-    /// Loads `model_dir` (f32, CPU) with an optional adapter.
+    /// Loads `model_dir` on `backend` with an optional adapter.
     pub fn load(
         model_dir: &Path,
         adapter: Option<&Path>,
+        backend: &Backend,
         config: DetectConfig,
     ) -> Result<Detector, Error> {
         let (model, _) = match adapter {
             Some(a) => {
-                let (m, info, _) =
-                    inspector_qwen2vl::adapter::load(model_dir, a, DType::F32, &Device::Cpu)?;
+                let (m, info, _) = inspector_qwen2vl::adapter::open(model_dir, a, backend)?;
                 (m, info)
             }
-            None => Qwen2Vl::load(model_dir, DType::F32, &Device::Cpu)?,
+            None => Qwen2Vl::open(model_dir, backend, None)?,
         };
         let chat = ChatTokenizer::load(model_dir, model.config.tokens.image_pad)?;
         let model_fp = fingerprint::model_fingerprint(model_dir)?;
@@ -376,7 +380,8 @@ impl Detector {
     }
 
     /// The cache key of a photo: its bytes' hash, both fingerprints, the prompt version, the
-    /// decoding settings and the pixel limits.
+    /// decoding settings, the pixel limits and the backend (device, dtype, quantization: a
+    /// bf16 or q8_0 answer is not an f32 one).
     pub fn cache_key(&self, image_sha256: &str) -> String {
         let p = &self.model.processor;
         let parts = serde_json::json!([
@@ -387,6 +392,7 @@ impl Detector {
             self.config,
             [p.min_pixels, p.max_pixels],
             self.citations_fingerprint,
+            self.model.backend().describe(),
         ]);
         sha256_hex(parts.to_string().as_bytes())
     }
@@ -472,11 +478,7 @@ impl Detector {
             .zip(&out.stats)
             .map(|(tokens, stats)| {
                 let raw = self.chat.decode(tokens)?;
-                // Where each token's text ends: the decoded length of each prefix.
-                let mut token_ends = Vec::with_capacity(tokens.len());
-                for i in 1..=tokens.len() {
-                    token_ends.push(self.chat.decode(&tokens[..i])?.len().min(raw.len()));
-                }
+                let token_ends = self.token_ends(tokens, &raw)?;
                 Ok(RawAnswer {
                     raw,
                     token_probs: stats.iter().map(|s| s.prob).collect(),
@@ -484,6 +486,28 @@ impl Detector {
                     token_ends,
                 })
             })
+            .collect()
+    }
+
+    /// Where each token's text ends in `raw` (byte offsets): the running sum of the tokens'
+    /// bytes when they spell `raw` exactly (byte-level BPE, the usual case), else the decoded
+    /// length of each prefix (quadratic in the answer's length, so only as a fallback).
+    fn token_ends(&self, tokens: &[u32], raw: &str) -> Result<Vec<usize>, Error> {
+        let mut ends = Vec::with_capacity(tokens.len());
+        let mut spelled: Vec<u8> = Vec::with_capacity(raw.len());
+        for &t in tokens {
+            if let Some(Some(piece)) = self.pieces.get(t as usize)
+                && t != self.im_end
+            {
+                spelled.extend_from_slice(piece);
+            }
+            ends.push(spelled.len().min(raw.len()));
+        }
+        if spelled == raw.as_bytes() {
+            return Ok(ends);
+        }
+        (1..=tokens.len())
+            .map(|i| Ok(self.chat.decode(&tokens[..i])?.len().min(raw.len())))
             .collect()
     }
 

@@ -20,7 +20,13 @@ fn overfit() -> PathBuf {
 }
 
 fn detector(adapter: &Path) -> Detector {
-    Detector::load(&tiny(), Some(adapter), DetectConfig::default()).unwrap()
+    Detector::load(
+        &tiny(),
+        Some(adapter),
+        &inspector_detect::Backend::cpu(),
+        DetectConfig::default(),
+    )
+    .unwrap()
 }
 
 /// The bundled example regulations.
@@ -233,10 +239,15 @@ fn the_recorded_prompt_is_the_one_asked_and_cached() {
         r#"{"prompt_version": "inspect-v0"}"#,
     )
     .unwrap();
-    let e = Detector::load(&tiny(), Some(dir.path()), DetectConfig::default())
-        .err()
-        .expect("an unknown prompt version is refused")
-        .to_string();
+    let e = Detector::load(
+        &tiny(),
+        Some(dir.path()),
+        &inspector_detect::Backend::cpu(),
+        DetectConfig::default(),
+    )
+    .err()
+    .expect("an unknown prompt version is refused")
+    .to_string();
     assert!(
         e.contains("inspector_adapter.json") && e.contains("inspect-v0"),
         "{e}"
@@ -334,7 +345,13 @@ fn constrained_decoding_keeps_a_random_model_inside_the_answer_grammar() {
         .collect();
     let grammar = AnswerGrammar::new(citations);
 
-    let mut free = Detector::load(&tiny(), None, config(false)).unwrap();
+    let mut free = Detector::load(
+        &tiny(),
+        None,
+        &inspector_detect::Backend::cpu(),
+        config(false),
+    )
+    .unwrap();
     free.set_citations(&rules);
     let junk = free.inspect(inputs, &rules, None, 4, |_| {});
     assert!(
@@ -343,7 +360,13 @@ fn constrained_decoding_keeps_a_random_model_inside_the_answer_grammar() {
         "the random model is expected to leave the grammar when free"
     );
 
-    let mut d = Detector::load(&tiny(), None, config(true)).unwrap();
+    let mut d = Detector::load(
+        &tiny(),
+        None,
+        &inspector_detect::Backend::cpu(),
+        config(true),
+    )
+    .unwrap();
     d.set_citations(&rules);
     assert_ne!(d.cache_key("x"), free.cache_key("x"));
     let mut finished = 0;

@@ -173,10 +173,61 @@ pub struct Lora {
     shared: Arc<Shared>,
 }
 
+/// The frozen part of a linear layer: a dense weight (any dtype; a [`Var`] in full
+/// fine-tuning), or ggml blocks multiplied by candle's quantized kernels. A quantized base has
+/// no backward pass: it serves inference, with or without a LoRA branch on top.
+#[derive(Debug, Clone)]
+pub enum Base {
+    Dense(candle_nn::Linear),
+    Quantized {
+        weight: candle_core::quantized::QMatMul,
+        /// `[out, in]`.
+        dims: (usize, usize),
+        /// `[out]`, f32.
+        bias: Option<Tensor>,
+    },
+}
+
+impl Base {
+    /// `(out, in)`.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            Base::Dense(l) => l.weight().dims2(),
+            Base::Quantized { dims, .. } => Ok(*dims),
+        }
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, Base::Quantized { .. })
+    }
+}
+
+impl From<candle_nn::Linear> for Base {
+    fn from(l: candle_nn::Linear) -> Self {
+        Base::Dense(l)
+    }
+}
+
+impl Module for Base {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Base::Dense(l) => l.forward(x),
+            Base::Quantized { weight, bias, .. } => {
+                // The quantized kernels read f32 rows of a contiguous input.
+                let y = weight.forward(&x.to_dtype(DType::F32)?.contiguous()?)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+}
+
 /// A linear layer, with or without a LoRA branch.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    base: candle_nn::Linear,
+    base: Base,
     branch: Option<Branch>,
 }
 
@@ -190,15 +241,18 @@ struct Branch {
 
 impl Linear {
     /// A plain linear layer (no adapter).
-    pub fn plain(base: candle_nn::Linear) -> Self {
-        Linear { base, branch: None }
+    pub fn plain(base: impl Into<Base>) -> Self {
+        Linear {
+            base: base.into(),
+            branch: None,
+        }
     }
 
     pub fn has_lora(&self) -> bool {
         self.branch.is_some()
     }
 
-    pub fn base(&self) -> &candle_nn::Linear {
+    pub fn base(&self) -> &Base {
         &self.base
     }
 }
@@ -269,8 +323,9 @@ impl Lora {
 
     /// Wraps a base layer: adds a branch when the module is targeted (or, for an adapter read
     /// from files, when the file has weights for it).
-    pub fn wrap(&self, module: &str, base: candle_nn::Linear) -> candle_core::Result<Linear> {
-        let (out_dim, in_dim) = base.weight().dims2()?;
+    pub fn wrap(&self, module: &str, base: impl Into<Base>) -> candle_core::Result<Linear> {
+        let base = base.into();
+        let (out_dim, in_dim) = base.dims()?;
         let cfg = &self.shared.config;
         let loaded = self.shared.pending.lock().expect("lock").remove(module);
         let (a, b) = match loaded {

@@ -9,7 +9,7 @@ use std::{
 use candle_core::{DType, Device};
 use inspector_lora::Lora;
 
-use crate::{Error, ModelInfo, Qwen2Vl, proj::normalize_module, weights};
+use crate::{Backend, Error, ModelInfo, Qwen2Vl, proj::normalize_module, weights};
 
 /// Reads a PEFT adapter directory (either key layout) for this model's module paths.
 pub fn read(adapter: &Path, device: &Device) -> Result<Lora, Error> {
@@ -24,8 +24,22 @@ pub fn load(
     dtype: DType,
     device: &Device,
 ) -> Result<(Qwen2Vl, ModelInfo, Lora), Error> {
-    let lora = read(adapter, device)?;
-    let (m, info) = load_onto(model, adapter, &lora, dtype, device)?;
+    let backend = Backend {
+        device: device.clone(),
+        dtype,
+        quantization: crate::Quantization::None,
+    };
+    open(model, adapter, &backend)
+}
+
+/// [`load`] on any backend: the adapter applies unmerged (f32) on a dense or quantized base.
+pub fn open(
+    model: &Path,
+    adapter: &Path,
+    backend: &Backend,
+) -> Result<(Qwen2Vl, ModelInfo, Lora), Error> {
+    let lora = read(adapter, &backend.device)?;
+    let (m, info) = open_onto(model, adapter, &lora, backend)?;
     Ok((m, info, lora))
 }
 
@@ -39,7 +53,21 @@ pub fn load_onto(
     dtype: DType,
     device: &Device,
 ) -> Result<(Qwen2Vl, ModelInfo), Error> {
-    let (m, info) = Qwen2Vl::load_with(model, dtype, device, Some(lora)).map_err(|e| match e {
+    let backend = Backend {
+        device: device.clone(),
+        dtype,
+        quantization: crate::Quantization::None,
+    };
+    open_onto(model, adapter, lora, &backend)
+}
+
+fn open_onto(
+    model: &Path,
+    adapter: &Path,
+    lora: &Lora,
+    backend: &Backend,
+) -> Result<(Qwen2Vl, ModelInfo), Error> {
+    let (m, info) = Qwen2Vl::open(model, backend, Some(lora)).map_err(|e| match e {
         Error::Checkpoint { message, .. } if message.contains("adapter weights") => {
             Error::Checkpoint {
                 path: adapter.to_path_buf(),
@@ -63,27 +91,31 @@ pub fn load_onto(
     Ok((m, info))
 }
 
-/// What a merge wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Merged {
-    pub merged_layers: usize,
-    pub files: Vec<PathBuf>,
+/// Refuses a quantized model directory for what needs dense weights (`what` the model).
+pub fn refuse_quantized(model: &Path, what: &str) -> Result<(), Error> {
+    if crate::quant::QuantRecord::read(model)?.is_some()
+        || model.join(crate::quant::GGUF_FILE).exists()
+    {
+        return Err(Error::Checkpoint {
+            path: model.to_path_buf(),
+            message: format!(
+                "is quantized: cannot {what} it (quantized weights have no backward pass and \
+                 cannot be written back); use the dense model it was made from"
+            ),
+        });
+    }
+    Ok(())
 }
 
-/// Writes `out` = base + adapter: every adapted weight becomes `W + scaling·B·A` (in the
-/// base's dtype). The base's files, tensor names, dtypes and sharding are kept (one shard in
-/// memory at a time, so a 7B model merges in little more than its largest shard), and every
-/// other file of the base (config, tokenizer, processor, chat template, generation config,
-/// shard index) is copied. An adapter whose shapes do not fit, or which names modules the base
-/// does not have, is refused before anything is written.
-pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<Merged, Error> {
-    let device = Device::Cpu;
-    let lora = read(adapter, &device)?;
-    let scaling = lora.config().scaling();
+/// The adapter's (A, B) pairs by module, each checked against the dense base's headers: an
+/// adapter that does not fit, or names modules the base does not have, is refused.
+pub(crate) fn check_fits(
+    model: &Path,
+    adapter: &Path,
+    lora: &Lora,
+) -> Result<std::collections::BTreeMap<String, (candle_core::Tensor, candle_core::Tensor)>, Error> {
     let pairs = lora.pending();
     let files = weights::safetensors_files(model)?;
-    // Check every pair against the base's headers first: nothing is written for an adapter
-    // that does not fit.
     let mut found: HashMap<String, PathBuf> = HashMap::new();
     for file in &files {
         for (name, shape) in weights::file_shapes(file)? {
@@ -116,6 +148,28 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<Merged, Error> 
             ),
         });
     }
+    Ok(pairs)
+}
+
+/// What a merge wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merged {
+    pub merged_layers: usize,
+    pub files: Vec<PathBuf>,
+}
+
+/// Writes `out` = base + adapter: every adapted weight becomes `W + scaling·B·A` (in the
+/// base's dtype). The base's files, tensor names, dtypes and sharding are kept (one shard in
+/// memory at a time, so a 7B model merges in little more than its largest shard), and every
+/// other file of the base (config, tokenizer, processor, chat template, generation config,
+/// shard index) is copied. An adapter whose shapes do not fit, or which names modules the base
+/// does not have, is refused before anything is written.
+pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<Merged, Error> {
+    let device = Device::Cpu;
+    refuse_quantized(model, "merge an adapter into")?;
+    let lora = read(adapter, &device)?;
+    let scaling = lora.config().scaling();
+    let pairs = check_fits(model, adapter, &lora)?;
     let mut merged_layers = 0;
     let written = weights::rewrite(model, out, |name, t| {
         let pair = name

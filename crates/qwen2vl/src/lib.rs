@@ -34,6 +34,7 @@
 //! ```
 
 pub mod adapter;
+pub mod backend;
 pub mod chat;
 pub mod config;
 pub mod fused;
@@ -44,6 +45,7 @@ mod model;
 pub mod ops;
 pub mod positions;
 mod proj;
+pub mod quant;
 pub mod resolve;
 pub mod text;
 pub mod vision;
@@ -52,6 +54,7 @@ pub mod weights;
 
 use std::path::{Path, PathBuf};
 
+pub use backend::{Backend, Quantization};
 pub use config::{Config, ConfigLayout, TextConfig, TokenIds, VisionConfig};
 pub use inspector_lora::{Lora, LoraConfig};
 pub use model::{Batch, DecodeState, Logits, ModelInfo, Output, Qwen2Vl};

@@ -3,17 +3,21 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use std::collections::BTreeMap;
 
-use inspector_lora::Lora;
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_nn::VarBuilder;
+
+use inspector_lora::{Base, Lora};
 
 use crate::{
     Error,
+    backend::{Backend, Quantization},
     config::{Config, ConfigLayout},
     image::ProcessorConfig,
     positions::{RopeIndex, rope_index},
     proj::Ctx,
+    quant::{self, GgufWeights, LinearSource, QuantRecord, Weights},
     text::{KvCache, TextModel},
     vision::{VisionInput, VisionModel},
     weights::{self, KeyLayout},
@@ -71,6 +75,10 @@ pub struct ModelInfo {
     pub vision_params: usize,
     pub text_params: usize,
     pub lm_head_params: usize,
+    /// How the linear layers are stored.
+    pub quantization: Quantization,
+    /// Parameters per storage type (`f32`, `bf16`, `q8_0`, `q4k`, …).
+    pub params_by_type: BTreeMap<String, usize>,
 }
 
 impl ModelInfo {
@@ -89,14 +97,15 @@ pub struct Qwen2Vl {
     pub processor: ProcessorConfig,
     vision: VisionModel,
     text: TextModel,
-    lm_head: Linear,
+    lm_head: Base,
     device: Device,
     dtype: DType,
+    quantization: Quantization,
 }
 
 impl Qwen2Vl {
     /// Loads a Hugging Face model directory (config.json, safetensors single or sharded, in
-    /// either key layout; processor config if present).
+    /// either key layout; processor config if present), dense.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, ModelInfo), Error> {
         Self::load_with(dir, dtype, device, None)
     }
@@ -109,9 +118,84 @@ impl Qwen2Vl {
         device: &Device,
         lora: Option<&Lora>,
     ) -> Result<(Self, ModelInfo), Error> {
-        Self::load_from(dir, dtype, lora, |files| {
-            weights::load(files, dtype, device)
-        })
+        let backend = Backend {
+            device: device.clone(),
+            dtype,
+            quantization: Quantization::None,
+        };
+        Self::open(dir, &backend, lora)
+    }
+
+    /// Loads a model directory for inference on `backend`: a dense directory (quantized while
+    /// it is read when the backend asks for it), or a quantized one that
+    /// [`quant::quantize_dir`] wrote (whose format a quantizing backend must name). A LoRA set
+    /// applies unmerged on top (its weights stay f32).
+    pub fn open(
+        dir: &Path,
+        backend: &Backend,
+        lora: Option<&Lora>,
+    ) -> Result<(Self, ModelInfo), Error> {
+        backend.validate().map_err(Error::Input)?;
+        quant::check_loadable(dir)?;
+        let record = QuantRecord::read(dir)?;
+        let no_record = || Error::Checkpoint {
+            path: dir.join(quant::GGUF_FILE),
+            message: format!(
+                "has no {} beside it: write quantized directories with `inspector model quantize`",
+                quant::RECORD_FILE
+            ),
+        };
+        if record.is_none()
+            && weights::safetensors_files(dir).is_err()
+            && dir.join(quant::GGUF_FILE).exists()
+        {
+            return Err(no_record());
+        }
+        let (weights, quantization) = match &record {
+            Some(r) => {
+                if backend.quantization.is_quantized() && backend.quantization != r.format {
+                    return Err(Error::Input(format!(
+                        "{} is quantized to {}; it cannot be loaded as {} (quantize the dense \
+                         model to that format instead)",
+                        dir.display(),
+                        r.format,
+                        backend.quantization
+                    )));
+                }
+                if backend.dtype != DType::F32 {
+                    return Err(Error::Input(format!(
+                        "{} is quantized to {}: its kernels compute in f32, so --dtype {} does \
+                         not apply",
+                        dir.display(),
+                        r.format,
+                        backend.dtype.as_str()
+                    )));
+                }
+                let g = std::sync::Arc::new(GgufWeights::open(&dir.join(quant::GGUF_FILE))?);
+                (Weights::new(LinearSource::Gguf(g)), r.format)
+            }
+            None if backend.quantization.is_quantized() => (
+                Weights::new(LinearSource::Quantize(backend.quantization)),
+                backend.quantization,
+            ),
+            None => (Weights::dense(), Quantization::None),
+        };
+        let device = backend.device.clone();
+        let dtype = backend.dtype;
+        Self::load_from(
+            dir,
+            dtype,
+            lora,
+            &weights,
+            quantization,
+            |files| match &weights_source(&weights) {
+                Some(g) => {
+                    let vb = quant::var_builder(g, &device);
+                    Ok((vb, g.key_layout()?, g.shapes()))
+                }
+                None => weights::load(files, dtype, &device),
+            },
+        )
     }
 
     /// Loads for full fine-tuning: every tensor the model uses becomes a [`candle_core::Var`], returned
@@ -121,12 +205,15 @@ impl Qwen2Vl {
         dtype: DType,
         device: &Device,
     ) -> Result<(Self, ModelInfo, weights::NamedVars), Error> {
+        crate::adapter::refuse_quantized(dir, "train")?;
         let mut vars = None;
-        let (model, info) = Self::load_from(dir, dtype, None, |files| {
-            let (vb, layout, shapes, v) = weights::load_trainable(files, dtype, device)?;
-            vars = Some(v);
-            Ok((vb, layout, shapes))
-        })?;
+        let dense = Weights::dense();
+        let (model, info) =
+            Self::load_from(dir, dtype, None, &dense, Quantization::None, |files| {
+                let (vb, layout, shapes, v) = weights::load_trainable(files, dtype, device)?;
+                vars = Some(v);
+                Ok((vb, layout, shapes))
+            })?;
         let vars = vars.expect("the loader ran");
         let vars = std::mem::take(&mut *vars.lock().expect("not poisoned"));
         Ok((model, info, vars))
@@ -136,6 +223,8 @@ impl Qwen2Vl {
         dir: &Path,
         dtype: DType,
         lora: Option<&Lora>,
+        weights_src: &Weights,
+        quantization: Quantization,
         open: impl FnOnce(
             &[PathBuf],
         )
@@ -145,16 +234,32 @@ impl Qwen2Vl {
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let config = Config::from_json(&text).map_err(|e| e.in_file(&config_path))?;
         let processor = ProcessorConfig::from_model_dir(dir)?;
-        let files = weights::safetensors_files(dir)?;
+        let files = match weights_source(weights_src) {
+            Some(g) => vec![g.path().to_path_buf()],
+            None => weights::safetensors_files(dir)?,
+        };
         let (vb, key_layout, shapes) = open(&files)?;
-        let model =
-            Self::from_var_builder_with(&config, processor, vb, key_layout, lora).map_err(|e| {
-                Error::Checkpoint {
-                    path: dir.to_path_buf(),
-                    message: e.to_string(),
-                }
+        let mut model = Self::build(&config, processor, vb, key_layout, lora, weights_src)
+            .map_err(|e| Error::Checkpoint {
+                path: dir.to_path_buf(),
+                message: e.to_string(),
             })?;
+        model.quantization = quantization;
         let (vision_params, text_params, lm_head_params) = count_params(&shapes, key_layout);
+        let total = vision_params + text_params + lm_head_params;
+        let mut params_by_type: BTreeMap<String, usize> = BTreeMap::new();
+        if quantization.is_quantized() {
+            let mut quantized = 0;
+            for (t, n) in weights_src.tally() {
+                if t != "f32" {
+                    quantized += n;
+                    params_by_type.insert(t.to_string(), n);
+                }
+            }
+            params_by_type.insert("f32".into(), total.saturating_sub(quantized));
+        } else {
+            params_by_type.insert(dtype.as_str().to_string(), total);
+        }
         let info = ModelInfo {
             dir: dir.to_path_buf(),
             config,
@@ -164,6 +269,8 @@ impl Qwen2Vl {
             vision_params,
             text_params,
             lm_head_params,
+            quantization,
+            params_by_type,
         };
         Ok((model, info))
     }
@@ -187,25 +294,30 @@ impl Qwen2Vl {
         key_layout: KeyLayout,
         lora: Option<&Lora>,
     ) -> candle_core::Result<Self> {
+        Self::build(config, processor, vb, key_layout, lora, &Weights::dense())
+    }
+
+    fn build(
+        config: &Config,
+        processor: ProcessorConfig,
+        vb: VarBuilder,
+        key_layout: KeyLayout,
+        lora: Option<&Lora>,
+        weights: &Weights,
+    ) -> candle_core::Result<Self> {
         let vision = VisionModel::new(
             &config.vision,
             vb.pp(key_layout.vision_prefix()),
-            &Ctx::root(lora, "model.visual"),
+            &Ctx::root(lora, weights, "model.visual"),
         )?;
         let text = TextModel::new(
             &config.text,
             vb.pp(key_layout.text_prefix()),
-            &Ctx::root(lora, "model.language_model"),
+            &Ctx::root(lora, weights, "model.language_model"),
         )?;
-        let lm_head = if config.tie_word_embeddings {
-            Linear::new(text.embed_tokens.embeddings().clone(), None)
-        } else {
-            candle_nn::linear_no_bias(
-                config.text.hidden_size,
-                config.text.vocab_size,
-                vb.pp("lm_head"),
-            )?
-        };
+        let tied = config.tie_word_embeddings.then_some(&text.embed_tokens);
+        let lm_head =
+            weights.lm_head(tied, config.text.hidden_size, config.text.vocab_size, &vb)?;
         Ok(Qwen2Vl {
             config: config.clone(),
             processor,
@@ -214,7 +326,22 @@ impl Qwen2Vl {
             lm_head,
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            quantization: Quantization::None,
         })
+    }
+
+    /// How the linear layers are stored.
+    pub fn quantization(&self) -> Quantization {
+        self.quantization
+    }
+
+    /// The device, dtype and quantization the model computes with.
+    pub fn backend(&self) -> Backend {
+        Backend {
+            device: self.device.clone(),
+            dtype: self.dtype,
+            quantization: self.quantization,
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -302,7 +429,7 @@ impl Qwen2Vl {
 
     /// A full forward pass from an empty cache.
     pub fn forward(&self, batch: &Batch, logits: Logits) -> Result<Output, Error> {
-        let (hidden, rope, key_mask, cache) = self.prefill(batch)?;
+        let (hidden, rope, key_mask, cache) = self.prefill(batch, true)?;
         let next_position = (0..key_mask.len())
             .map(|bi| {
                 (0..3)
@@ -327,11 +454,12 @@ impl Qwen2Vl {
     /// The final-normed hidden states `[B, S, H]` of a full forward pass (no cache kept): the
     /// training path, which then applies [`Qwen2Vl::lm_logits`] to the positions it scores.
     pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor, Error> {
-        Ok(self.prefill(batch)?.0)
+        Ok(self.prefill(batch, false)?.0)
     }
 
-    /// Embeds, positions and runs the decoder over a whole batch from an empty cache.
-    fn prefill(&self, batch: &Batch) -> Result<Prefill, Error> {
+    /// Embeds, positions and runs the decoder over a whole batch from an empty cache, which
+    /// keeps the keys and values for decoding when `keep`.
+    fn prefill(&self, batch: &Batch, keep: bool) -> Result<Prefill, Error> {
         let (b, s) = batch_dims(batch)?;
         let max = self.config.text.max_position_embeddings;
         if s > max {
@@ -343,7 +471,12 @@ impl Qwen2Vl {
             Some(m) => m.clone(),
             None => vec![vec![true; s]; b],
         };
-        let mut cache = KvCache::new(self.text.n_layers());
+        let n = self.text.n_layers();
+        let mut cache = if keep {
+            KvCache::new(n)
+        } else {
+            KvCache::discarding(n)
+        };
         let hidden = self
             .text
             .forward_embeds(&embeds, &rope.positions, &key_mask, &mut cache)?;
@@ -418,6 +551,11 @@ fn batch_dims(batch: &Batch) -> Result<(usize, usize), Error> {
         ));
     }
     Ok((b, s))
+}
+
+/// The GGUF weights a source reads from, if any.
+fn weights_source(w: &Weights) -> Option<std::sync::Arc<GgufWeights>> {
+    w.gguf()
 }
 
 /// Parameters per part, from the safetensors headers (tied weights counted once).

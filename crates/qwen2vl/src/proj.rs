@@ -7,17 +7,22 @@ use candle_core::Result;
 use candle_nn::VarBuilder;
 use inspector_lora::{Linear, Lora};
 
-/// Where a layer sits, and the LoRA set (if any) to offer it to.
+use crate::quant::Weights;
+
+/// Where a layer sits, where its weights come from (dense or quantized), and the LoRA set (if
+/// any) to offer it to.
 #[derive(Clone)]
 pub(crate) struct Ctx<'a> {
     pub lora: Option<&'a Lora>,
+    pub weights: &'a Weights,
     pub path: String,
 }
 
 impl<'a> Ctx<'a> {
-    pub fn root(lora: Option<&'a Lora>, path: &str) -> Self {
+    pub fn root(lora: Option<&'a Lora>, weights: &'a Weights, path: &str) -> Self {
         Ctx {
             lora,
+            weights,
             path: path.to_string(),
         }
     }
@@ -25,6 +30,7 @@ impl<'a> Ctx<'a> {
     pub fn pp(&self, part: impl std::fmt::Display) -> Self {
         Ctx {
             lora: self.lora,
+            weights: self.weights,
             path: format!("{}.{part}", self.path),
         }
     }
@@ -38,11 +44,7 @@ impl<'a> Ctx<'a> {
         vb: &VarBuilder,
         name: &str,
     ) -> Result<Linear> {
-        let base = if bias {
-            candle_nn::linear(in_dim, out_dim, vb.pp(name))?
-        } else {
-            candle_nn::linear_no_bias(in_dim, out_dim, vb.pp(name))?
-        };
+        let base = self.weights.linear_base(in_dim, out_dim, bias, vb, name)?;
         match self.lora {
             Some(lora) => lora.wrap(&format!("{}.{name}", self.path), base),
             None => Ok(Linear::plain(base)),

@@ -116,6 +116,8 @@ pub fn resolve_model(spec: &str, cache_dir: &Path) -> Result<PathBuf, Error> {
     let path = Path::new(spec);
     if path.is_dir() {
         if !path.join("config.json").exists() {
+            // A folder of llama.cpp GGUF files is named as such.
+            crate::quant::check_loadable(path)?;
             return Err(Error::Resolve(format!(
                 "{spec} is a directory but has no config.json: not a Hugging Face model directory"
             )));
@@ -123,6 +125,8 @@ pub fn resolve_model(spec: &str, cache_dir: &Path) -> Result<PathBuf, Error> {
         return Ok(path.to_path_buf());
     }
     if path.exists() {
+        // A GGUF file is named as such.
+        crate::quant::check_loadable(path)?;
         return Err(Error::Resolve(format!(
             "{spec} is a file; --model takes a model directory or a repo id"
         )));

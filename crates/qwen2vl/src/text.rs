@@ -2,7 +2,7 @@
 //! dimension split between them by `mrope_section`.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, VarBuilder, embedding};
+use candle_nn::{Embedding, VarBuilder};
 use inspector_lora::Linear;
 
 use crate::proj::Ctx;
@@ -65,10 +65,86 @@ impl MRope {
     }
 }
 
-/// Keys and values seen so far, `[B, kv_heads, T, head_dim]`.
-#[derive(Debug, Clone, Default)]
+/// Keys and values seen so far, `[B, kv_heads, T, head_dim]`, kept in buffers with room to
+/// grow: a decoding step writes its one position in place (`slice_set`) instead of copying the
+/// whole cache into a new tensor, as concatenation did at every step and layer.
+#[derive(Debug)]
 pub struct LayerCache {
-    kv: Option<(Tensor, Tensor)>,
+    /// `[B, kv_heads, capacity, head_dim]` each, valid up to `len`.
+    buf: Option<(Tensor, Tensor)>,
+    len: usize,
+    /// False for a single pass that will not be continued (training): nothing is kept.
+    keep: bool,
+}
+
+/// Positions a buffer holds beyond what it was filled with (a typical answer's length).
+const CACHE_ROOM: usize = 256;
+
+impl Default for LayerCache {
+    fn default() -> Self {
+        LayerCache {
+            buf: None,
+            len: 0,
+            keep: true,
+        }
+    }
+}
+
+impl Clone for LayerCache {
+    /// A deep copy: the buffers are written in place, so clones must not share them.
+    fn clone(&self) -> Self {
+        LayerCache {
+            buf: self.buf.as_ref().map(|(k, v)| {
+                (
+                    k.copy().expect("a CPU or device copy of a cache buffer"),
+                    v.copy().expect("a CPU or device copy of a cache buffer"),
+                )
+            }),
+            len: self.len,
+            keep: self.keep,
+        }
+    }
+}
+
+impl LayerCache {
+    /// Appends `k`, `v` (`[B, kv_heads, S, head_dim]`) and returns every cached key and value.
+    /// The first call returns its own inputs (so that a training pass keeps its gradients) and
+    /// copies them into new buffers when the cache is kept.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let s = k.dim(2)?;
+        if !self.keep {
+            return Ok((k.clone(), v.clone()));
+        }
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let Some((kb, vb)) = &self.buf else {
+            self.buf = Some((
+                with_room(&k, 0, s + CACHE_ROOM)?,
+                with_room(&v, 0, s + CACHE_ROOM)?,
+            ));
+            self.len = s;
+            return Ok((k, v));
+        };
+        let (mut kb, mut vb) = (kb.clone(), vb.clone());
+        if self.len + s > kb.dim(2)? {
+            let cap = 2 * (self.len + s);
+            kb = with_room(&kb.narrow(2, 0, self.len)?.contiguous()?, 0, cap)?;
+            vb = with_room(&vb.narrow(2, 0, self.len)?.contiguous()?, 0, cap)?;
+        }
+        kb.slice_set(&k, 2, self.len)?;
+        vb.slice_set(&v, 2, self.len)?;
+        self.len += s;
+        let out = (kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?);
+        self.buf = Some((kb, vb));
+        Ok(out)
+    }
+}
+
+/// A `[B, H, cap, D]` buffer holding `t` (`[B, H, T, D]`) at `offset`.
+fn with_room(t: &Tensor, offset: usize, cap: usize) -> Result<Tensor> {
+    let (b, h, _, d) = t.dims4()?;
+    let buf = Tensor::zeros((b, h, cap, d), t.dtype(), t.device())?;
+    buf.slice_set(t, 2, offset)?;
+    Ok(buf)
 }
 
 /// One cache per layer, plus the positions bookkeeping for decoding.
@@ -84,12 +160,21 @@ impl KvCache {
         }
     }
 
+    /// A cache for one pass that will not be continued (training): it keeps nothing.
+    pub fn discarding(n_layers: usize) -> Self {
+        KvCache {
+            layers: (0..n_layers)
+                .map(|_| LayerCache {
+                    keep: false,
+                    ..LayerCache::default()
+                })
+                .collect(),
+        }
+    }
+
     /// How many positions are cached.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.kv.as_ref())
-            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        self.layers.first().map_or(0, |l| l.len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -145,11 +230,7 @@ impl Attention {
         // (the cache keeps the weights' dtype): on bf16 weights this halves the logits' error.
         let q = apply_rotary(&q.to_dtype(DType::F32)?, cos, sin)?;
         let k = apply_rotary(&k.to_dtype(DType::F32)?, cos, sin)?.to_dtype(dtype)?;
-        let (k, v) = match &cache.kv {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-            None => (k, v),
-        };
-        cache.kv = Some((k.clone(), v.clone()));
+        let (k, v) = cache.append(&k, &v)?;
         let groups = self.num_heads / self.num_kv_heads;
         let k = repeat_kv(&k.to_dtype(DType::F32)?, groups)?;
         let v = repeat_kv(&v.to_dtype(DType::F32)?, groups)?;
@@ -254,10 +335,27 @@ impl DecoderLayer {
     }
 }
 
+/// The token embedding table: dense, or ggml blocks whose rows are dequantized as they are
+/// looked up (the table of a tied quantized model is also its LM head).
+#[derive(Debug, Clone)]
+pub enum TokenEmbedding {
+    Dense(Embedding),
+    Quantized(std::sync::Arc<candle_core::quantized::QTensor>),
+}
+
+impl Module for TokenEmbedding {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            TokenEmbedding::Dense(e) => e.forward(ids),
+            TokenEmbedding::Quantized(q) => q.embedding(ids),
+        }
+    }
+}
+
 /// The decoder stack (embeddings, layers, final norm); the LM head lives in the full model.
 #[derive(Debug, Clone)]
 pub struct TextModel {
-    pub embed_tokens: Embedding,
+    pub embed_tokens: TokenEmbedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     rope: MRope,
@@ -269,7 +367,12 @@ impl TextModel {
             .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i), &ctx.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(TextModel {
-            embed_tokens: embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?,
+            embed_tokens: ctx.weights.embedding(
+                cfg.vocab_size,
+                cfg.hidden_size,
+                &vb,
+                "embed_tokens",
+            )?,
             layers,
             norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
             rope: MRope::new(cfg),

@@ -140,19 +140,46 @@ pub fn load_trainable(
     Ok((vb, layout, shapes, vars))
 }
 
+/// The key layout of a checkpoint holding `has`'s tensors, told from the embedding's name.
+pub(crate) fn key_layout(has: impl Fn(&str) -> bool, path: &Path) -> Result<KeyLayout, Error> {
+    if has("model.language_model.embed_tokens.weight") {
+        Ok(KeyLayout::Nested)
+    } else if has("model.embed_tokens.weight") {
+        Ok(KeyLayout::Legacy)
+    } else {
+        Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            message: "no embedding tensor (model.embed_tokens.weight or model.language_model.embed_tokens.weight)".into(),
+        })
+    }
+}
+
+/// Hands every tensor of the checkpoint to `f`, one at a time in name order, as f32 on the CPU
+/// (so that only one is in memory besides what `f` keeps). Returns the key layout.
+pub(crate) fn each_tensor(
+    files: &[PathBuf],
+    mut f: impl FnMut(&str, Tensor) -> Result<(), Error>,
+) -> Result<KeyLayout, Error> {
+    let (reader, layout, _) = open(files)?;
+    let mut names: Vec<&String> = reader.tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let entry = &reader.tensors[name];
+        let tensor = reader
+            .read(name, &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(|e| Error::Checkpoint {
+                path: reader.files[entry.file].0.clone(),
+                message: format!("{name}: {e}"),
+            })?;
+        f(name, tensor)?;
+    }
+    Ok(layout)
+}
+
 fn open(files: &[PathBuf]) -> Result<(ShardReader, KeyLayout, TensorShapes), Error> {
     let backend = ShardReader::open(files)?;
-    let has = |name: &str| backend.tensors.contains_key(name);
-    let layout = if has("model.language_model.embed_tokens.weight") {
-        KeyLayout::Nested
-    } else if has("model.embed_tokens.weight") {
-        KeyLayout::Legacy
-    } else {
-        return Err(Error::Checkpoint {
-            path: files[0].clone(),
-            message: "no embedding tensor (model.embed_tokens.weight or model.language_model.embed_tokens.weight)".into(),
-        });
-    };
+    let layout = key_layout(|name| backend.tensors.contains_key(name), &files[0])?;
     let shapes = backend
         .tensors
         .iter()

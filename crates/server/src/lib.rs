@@ -19,7 +19,8 @@
 //! # async fn run() -> anyhow::Result<()> {
 //! let config = ServerConfig::new("127.0.0.1:8080".parse()?, "inspector.db".into(), "data".into());
 //! let load = || inspector_detect::Detector::load(
-//!     "models/demo/base".as_ref(), Some("models/demo/adapter".as_ref()), Default::default(),
+//!     "models/demo/base".as_ref(), Some("models/demo/adapter".as_ref()),
+//!     &inspector_detect::Backend::cpu(), Default::default(),
 //! ).map_err(Into::into);
 //! let server = Server::start(config, load)?;
 //! let listener = tokio::net::TcpListener::bind(server.config().addr).await?;

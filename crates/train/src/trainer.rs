@@ -243,6 +243,9 @@ impl Trainer {
         if train.is_empty() {
             return Err(Error::Input("no training examples".into()));
         }
+        // Quantized weights have no backward pass: the gradients of every layer below them
+        // would be lost without a word.
+        inspector_qwen2vl::adapter::refuse_quantized(model_dir, "train")?;
         let device = Device::Cpu;
         let adamw = AdamWConfig {
             lr: config.lr,

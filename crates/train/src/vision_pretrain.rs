@@ -210,6 +210,7 @@ impl VisionPretrainer {
         if n_classes == 0 {
             return Err(Error::Input("no hazard class to pretrain on".into()));
         }
+        inspector_qwen2vl::adapter::refuse_quantized(model_dir, "train")?;
         let device = Device::Cpu;
         let (model, weights, lora) = match lora {
             None => {

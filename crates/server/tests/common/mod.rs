@@ -40,7 +40,12 @@ pub fn load_detector() -> anyhow::Result<Detector> {
         max_new_tokens: 160,
         ..Default::default()
     };
-    Ok(Detector::load(&tiny, Some(&adapter), config)?)
+    Ok(Detector::load(
+        &tiny,
+        Some(&adapter),
+        &inspector_detect::Backend::cpu(),
+        config,
+    )?)
 }
 
 /// Fills a database with the bundled example regulations.

@@ -690,7 +690,68 @@ impl QTensor {
         &self.shape
     }
 
+    /// Packs this `[n, k]` weight now for the x86 int8 kernels and frees its ggml blocks, when
+    /// those kernels serve every product with it (CPU storage, an AVX-512 VNNI or AVX-VNNI core,
+    /// a dtype and shape `repack_x86::select` takes for one row and for many, and no AMX path
+    /// that would pack from the blocks again). Otherwise nothing changes. Returns whether it
+    /// packed. Afterwards the tensor still multiplies (`QMatMul::forward`), but its blocks are
+    /// gone: `dequantize`, `data` and `embedding` fail with a message.
+    ///
+    /// Without this, the tiles are built on the first product and kept beside the blocks, so a
+    /// quantized model holds its weights twice.
+    pub fn pack_for_cpu(&mut self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use repack_x86::X86Level;
+            let QStorage::Cpu(storage) = &self.storage else {
+                return false;
+            };
+            let Ok((n, k)) = self.shape.dims2() else {
+                return false;
+            };
+            let dtype = storage.dtype();
+            let vnni = matches!(
+                repack_x86::level(),
+                Some(X86Level::Avx512Vnni | X86Level::AvxVnni)
+            );
+            let amx_repacks = dtype == GgmlDType::Q4K && repack_x86::amx_available();
+            if !vnni
+                || amx_repacks
+                || !repack_x86::select(dtype, 1, n, k)
+                || !repack_x86::select(dtype, 2, n, k)
+            {
+                return false;
+            }
+            let packed = repack_x86::pack(dtype, storage.as_ref(), n, k);
+            if self.repacked_qs.x86.set(packed).is_err() {
+                return false;
+            }
+            self.storage = QStorage::Cpu(dtype.cpu_zeros(0));
+            true
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// The ggml blocks were freed by [`QTensor::pack_for_cpu`].
+    fn blocks_freed(&self) -> bool {
+        self.storage.size_in_bytes() == 0 && self.shape.elem_count() > 0
+    }
+
+    fn check_blocks(&self) -> Result<()> {
+        if self.blocks_freed() {
+            crate::bail!(
+                "quantized tensor {:?} was packed for the CPU kernels and its blocks freed",
+                self.shape
+            )
+        }
+        Ok(())
+    }
+
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
+        self.check_blocks()?;
         let storage = self.storage.dequantize(self.shape.elem_count())?;
         let none = crate::op::BackpropOp::none();
         crate::tensor::from_storage(storage, self.shape.clone(), none, false).to_device(device)
@@ -699,6 +760,7 @@ impl QTensor {
     pub fn dequantize_f16(&self, device: &Device) -> Result<Tensor> {
         // In the CUDA case, we have a specialized kernel as this can be useful for volta
         // architectures. https://github.com/huggingface/candle/issues/2136
+        self.check_blocks()?;
         match &self.storage {
             QStorage::Cuda(s) => {
                 let s = s.dequantize_f16(self.shape.elem_count())?;
@@ -714,6 +776,7 @@ impl QTensor {
     }
 
     pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
+        self.check_blocks()?;
         let (rows, hidden) = self.shape.dims2()?;
         if !hidden.is_multiple_of(self.dtype().block_size()) {
             crate::bail!(
@@ -756,6 +819,7 @@ impl QTensor {
     }
 
     pub fn data(&self) -> Result<Cow<'_, [u8]>> {
+        self.check_blocks()?;
         self.storage.data()
     }
 

@@ -36,7 +36,7 @@ pub(crate) enum PackedStorage {
 #[allow(dead_code)]
 pub(crate) struct PackedCache {
     #[cfg(target_arch = "x86_64")]
-    x86: OnceLock<super::repack_x86::PackedX86>,
+    pub(crate) x86: OnceLock<super::repack_x86::PackedX86>,
     #[cfg(target_arch = "x86_64")]
     x86_amx: OnceLock<Vec<super::repack_x86::TileQ4KAmx>>,
     #[cfg(target_arch = "aarch64")]
