@@ -89,6 +89,12 @@ fn the_cache_keeps_answers_of_each_quantization_apart() {
     assert_eq!(again, f32_answers);
     // The overfitted adapter's answers survive q8_0 on its base.
     assert_eq!(q8_answers, f32_answers);
+    // A directory written by `model quantize` inspects too (tiny-a's 32- to 128-wide layers
+    // stay f32 in it, so the answers are f32's), under its own cache entries.
+    let q = quantized_copy(dir, "tiny-q8");
+    let (from_dir, err) = answers(dir, &["--model", s(&q), "--adapter", s(&adapter)], &[]);
+    assert!(err.contains("3 inspected (0 from the cache)"), "{err}");
+    assert_eq!(from_dir, f32_answers);
 }
 
 /// Every linear layer 256 inputs wide (or 512, 1024), so that q8_0 and q4k apply (the tiny

@@ -61,6 +61,18 @@ pub fn model_fingerprint(dir: &Path) -> Result<String, Error> {
     let mut h = Sha256::new();
     let config = dir.join("config.json");
     h.update(std::fs::read(&config).map_err(|e| io(&config, e))?);
+    let gguf = dir.join(inspector_qwen2vl::quant::GGUF_FILE);
+    if inspector_qwen2vl::quant::QuantRecord::read(dir)?.is_some() {
+        // A quantized directory: its record, and the GGUF file's length and samples (its
+        // header, which lists every tensor, is in the first one).
+        let record = dir.join(inspector_qwen2vl::quant::RECORD_FILE);
+        h.update(std::fs::read(&record).map_err(|e| io(&record, e))?);
+        let mut file = std::fs::File::open(&gguf).map_err(|e| io(&gguf, e))?;
+        let total = file.metadata().map_err(|e| io(&gguf, e))?.len();
+        h.update(total.to_le_bytes());
+        sample(&gguf, &mut file, 0, total, &mut h)?;
+        return Ok(hex(&h.finalize()));
+    }
     let files = inspector_qwen2vl::weights::safetensors_files(dir).map_err(Error::from)?;
     for path in files {
         let mut file = std::fs::File::open(&path).map_err(|e| io(&path, e))?;
@@ -73,23 +85,31 @@ pub fn model_fingerprint(dir: &Path) -> Result<String, Error> {
         );
         h.update(total.to_le_bytes());
         h.update(listing.as_bytes());
-        let data = total - data_start;
-        for at in [
-            data_start,
-            data_start + data / 2,
-            total.saturating_sub(SAMPLE),
-        ] {
-            let at = at.max(data_start);
-            file.seek(SeekFrom::Start(at)).map_err(|e| io(&path, e))?;
-            let mut buf = Vec::new();
-            (&mut file)
-                .take(SAMPLE.min(total - at))
-                .read_to_end(&mut buf)
-                .map_err(|e| io(&path, e))?;
-            h.update(&buf);
-        }
+        sample(&path, &mut file, data_start, total, &mut h)?;
     }
     Ok(hex(&h.finalize()))
+}
+
+/// Hashes three 1 MiB samples of `file`'s bytes from `start` to `total`: start, middle, end.
+fn sample(
+    path: &Path,
+    file: &mut std::fs::File,
+    start: u64,
+    total: u64,
+    h: &mut Sha256,
+) -> Result<(), Error> {
+    let data = total - start;
+    for at in [start, start + data / 2, total.saturating_sub(SAMPLE)] {
+        let at = at.max(start);
+        file.seek(SeekFrom::Start(at)).map_err(|e| io(path, e))?;
+        let mut buf = Vec::new();
+        (&mut *file)
+            .take(SAMPLE.min(total - at))
+            .read_to_end(&mut buf)
+            .map_err(|e| io(path, e))?;
+        h.update(&buf);
+    }
+    Ok(())
 }
 
 /// The fingerprint of a PEFT adapter directory (config and weights, whole).

@@ -7,6 +7,7 @@ use inspector_lora::Linear;
 
 use crate::{
     config::VisionConfig,
+    fused,
     ops::{LayerNorm, apply_rotary, quick_gelu, softmax_f32},
     proj::Ctx,
 };
@@ -102,9 +103,18 @@ impl VisionAttention {
             let q = q.narrow(1, start, len)?;
             let k = k.narrow(1, start, len)?;
             let v = v.narrow(1, start, len)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?;
-            let probs = softmax_f32(&scores, DType::F32)?;
-            outs.push(probs.matmul(&v)?);
+            let out = if fused::applies(&q) {
+                // The decoder's fused attention (forward and backward), with nothing masked:
+                // no `[heads, len, len]` scores tensor is materialised.
+                let mask = Tensor::zeros((1, 1, len, len), DType::F32, q.device())?;
+                let one = |t: &Tensor| t.unsqueeze(0);
+                fused::attention(&one(&q)?, &one(&k)?, &one(&v)?, &mask, scale)?.squeeze(0)?
+            } else {
+                let scores = (q.matmul(&k.t()?)? * scale)?;
+                let probs = softmax_f32(&scores, DType::F32)?;
+                probs.matmul(&v)?
+            };
+            outs.push(out);
             start += len;
         }
         let out = Tensor::cat(&outs, 1)?; // [heads, N, hd]
