@@ -163,6 +163,9 @@ struct Shared {
     pending: Mutex<BTreeMap<String, (Tensor, Tensor)>>,
     /// Read from an adapter file: only modules with weights in it get a branch.
     from_file: AtomicBool,
+    /// Inference only: branches use their weights as constants, so that no forward pass
+    /// records a graph for gradients (which kept every activation of a pass alive).
+    frozen: AtomicBool,
     device: Device,
 }
 
@@ -265,11 +268,16 @@ impl Module for Linear {
         };
         let xf = x.to_dtype(DType::F32)?;
         let xf = br.lora.dropout(&xf)?;
-        let down = candle_nn::Linear::new(br.a.as_tensor().clone(), None).forward(&xf)?;
+        let (a, b) = if br.lora.is_frozen() {
+            (br.a.as_tensor().detach(), br.b.as_tensor().detach())
+        } else {
+            (br.a.as_tensor().clone(), br.b.as_tensor().clone())
+        };
+        let down = candle_nn::Linear::new(a, None).forward(&xf)?;
         // Scaling the r-wide product instead of the output saves a pass over `[.., out]`
         // forward and backward.
         let down = (down * br.scaling)?;
-        let up = candle_nn::Linear::new(br.b.as_tensor().clone(), None).forward(&down)?;
+        let up = candle_nn::Linear::new(b, None).forward(&down)?;
         let dtype = y.dtype();
         y + up.to_dtype(dtype)?
     }
@@ -312,9 +320,22 @@ impl Lora {
                 pairs: Mutex::new(Vec::new()),
                 pending: Mutex::new(BTreeMap::new()),
                 from_file: AtomicBool::new(false),
+                frozen: AtomicBool::new(false),
                 device: device.clone(),
             }),
         }
+    }
+
+    /// For inference: the branches' weights stop being variables of a graph. A forward pass
+    /// through a model with trainable weights records every op for the backward pass, which
+    /// keeps each activation alive until the output is dropped (400 MB for the demo model's
+    /// batch of 8 photos, against 90 MB frozen). A frozen set cannot be trained.
+    pub fn freeze(&self) {
+        self.shared.frozen.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.shared.frozen.load(Ordering::Relaxed)
     }
 
     pub fn config(&self) -> &LoraConfig {

@@ -24,21 +24,21 @@ pub fn load(
     dtype: DType,
     device: &Device,
 ) -> Result<(Qwen2Vl, ModelInfo, Lora), Error> {
-    let backend = Backend {
-        device: device.clone(),
-        dtype,
-        quantization: crate::Quantization::None,
-    };
-    open(model, adapter, &backend)
+    let lora = read(adapter, device)?;
+    let (m, info) = load_onto(model, adapter, &lora, dtype, device)?;
+    Ok((m, info, lora))
 }
 
-/// [`load`] on any backend: the adapter applies unmerged (f32) on a dense or quantized base.
+/// [`load`] for inference on any backend: the adapter applies unmerged (f32) on a dense or
+/// quantized base, frozen ([`Lora::freeze`]: no graph is recorded, so a pass keeps only the
+/// activations it still needs).
 pub fn open(
     model: &Path,
     adapter: &Path,
     backend: &Backend,
 ) -> Result<(Qwen2Vl, ModelInfo, Lora), Error> {
     let lora = read(adapter, &backend.device)?;
+    lora.freeze();
     let (m, info) = open_onto(model, adapter, &lora, backend)?;
     Ok((m, info, lora))
 }
