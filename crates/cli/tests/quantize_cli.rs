@@ -535,7 +535,9 @@ fn the_demo_model_at_q8_0_scores_as_at_f32_on_unseen_scenes() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let o = inspector(
-        &["synth", "--n", "200", "--seed", "4242", "--size", "320", "--out", "scenes"],
+        &[
+            "synth", "--n", "200", "--seed", "4242", "--size", "320", "--out", "scenes",
+        ],
         dir,
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -559,7 +561,11 @@ fn the_demo_model_at_q8_0_scores_as_at_f32_on_unseen_scenes() {
     let q8 = score(&["--quantize", "q8_0"]);
     let f = |v: &serde_json::Value, path: &str| v.pointer(path).and_then(|x| x.as_f64()).unwrap();
     let mut compared = vec![
-        ("binary F1".to_string(), f(&dense, "/binary/f1"), f(&q8, "/binary/f1")),
+        (
+            "binary F1".to_string(),
+            f(&dense, "/binary/f1"),
+            f(&q8, "/binary/f1"),
+        ),
         (
             "citation accuracy".to_string(),
             f(&dense, "/citation_accuracy"),
@@ -570,7 +576,11 @@ fn the_demo_model_at_q8_0_scores_as_at_f32_on_unseen_scenes() {
     assert!(rules.len() >= 7, "every hazard's rule: {rules:?}");
     for (rule, m) in rules {
         let other = &q8["per_rule"][rule]["f1"];
-        compared.push((rule.clone(), m["f1"].as_f64().unwrap(), other.as_f64().unwrap()));
+        compared.push((
+            rule.clone(),
+            m["f1"].as_f64().unwrap(),
+            other.as_f64().unwrap(),
+        ));
     }
     for (what, a, b) in &compared {
         println!("{what}: f32 {a:.4}, q8_0 {b:.4}");

@@ -263,6 +263,13 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = self.base.forward(x)?;
+        self.add_branch(x, y)
+    }
+}
+
+impl Linear {
+    /// `y` (the base's output for `x`) plus the LoRA branch's, if any.
+    fn add_branch(&self, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
         let Some(br) = &self.branch else {
             return Ok(y);
         };
@@ -281,6 +288,45 @@ impl Module for Linear {
         let dtype = y.dtype();
         y + up.to_dtype(dtype)?
     }
+}
+
+/// `x` through layers that all read it (a layer's q, k and v projections; gate and up). When
+/// every base is quantized in one ggml type, the products run as one: the activations are
+/// quantized once and one parallel region computes them all (candle's
+/// `QTensor::gemv_fused_shared_lhs`), which saves a pass and a thread hand-off per layer in
+/// decoding. Otherwise each layer runs on its own. The results equal one `forward` per layer.
+pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    use candle_core::quantized::{QMatMul, QTensor};
+    let quantized: Option<Vec<&QTensor>> = layers
+        .iter()
+        .map(|l| match &l.base {
+            Base::Quantized {
+                weight: QMatMul::QTensor(t),
+                ..
+            } => Some(t.as_ref()),
+            _ => None,
+        })
+        .collect();
+    let fused = match quantized {
+        Some(ts) if ts.len() > 1 => {
+            QTensor::gemv_fused_shared_lhs(&ts, &x.to_dtype(DType::F32)?.contiguous()?)?
+        }
+        _ => None,
+    };
+    let Some(outs) = fused else {
+        return layers.iter().map(|l| l.forward(x)).collect();
+    };
+    layers
+        .iter()
+        .zip(outs)
+        .map(|(l, y)| {
+            let y = match &l.base {
+                Base::Quantized { bias: Some(b), .. } => y.broadcast_add(b)?,
+                _ => y,
+            };
+            l.add_branch(x, y)
+        })
+        .collect()
 }
 
 /// A uniform `[rows, cols]` tensor in `±bound` from `rng`.

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
-use inspector_lora::Linear;
+use inspector_lora::{Linear, forward_shared};
 
 use crate::proj::Ctx;
 
@@ -223,9 +223,13 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = shape(self.q_proj.forward(xs)?, self.num_heads)?;
-        let k = shape(self.k_proj.forward(xs)?, self.num_kv_heads)?;
-        let v = shape(self.v_proj.forward(xs)?, self.num_kv_heads)?;
+        let [q, k, v]: [Tensor; 3] =
+            forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], xs)?
+                .try_into()
+                .expect("three projections");
+        let q = shape(q, self.num_heads)?;
+        let k = shape(k, self.num_kv_heads)?;
+        let v = shape(v, self.num_kv_heads)?;
         // Rotary, scores, softmax and the weighted sum run in f32 whatever the weights' dtype
         // (the cache keeps the weights' dtype): on bf16 weights this halves the logits' error.
         let q = apply_rotary(&q.to_dtype(DType::F32)?, cos, sin)?;
@@ -280,8 +284,11 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = crate::ops::silu(&self.gate_proj.forward(xs)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+        let [gate, up]: [Tensor; 2] = forward_shared(&[&self.gate_proj, &self.up_proj], xs)?
+            .try_into()
+            .expect("two projections");
+        let gate = crate::ops::silu(&gate)?;
+        self.down_proj.forward(&(gate * up)?)
     }
 }
 

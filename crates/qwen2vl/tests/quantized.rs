@@ -386,3 +386,41 @@ fn packing_frees_the_blocks_where_the_int8_kernels_serve_every_product() {
     assert!(!qt.pack_for_cpu());
     assert!(qt.dequantize(&Device::Cpu).is_ok());
 }
+
+/// Layers reading one input (q, k, v; gate, up) run as one fused product in the quantized
+/// case; the results are those of one product per layer, for decoding (one row) and prefill.
+#[test]
+fn fused_projections_equal_one_product_per_layer() {
+    use inspector_lora::{Base, Linear, forward_shared};
+    let dev = Device::Cpu;
+    let layer = |n: usize, seed: usize, t: GgmlDType| {
+        let w: Vec<f32> = (0..n * 512)
+            .map(|i| (((i + seed) * 7919 % 1013) as f32 / 1013.0 - 0.5) * 0.2)
+            .collect();
+        let mut qt = QTensor::quantize(&Tensor::from_vec(w, (n, 512), &dev).unwrap(), t).unwrap();
+        qt.pack_for_cpu();
+        let bias = Tensor::from_vec((0..n).map(|i| i as f32 * 0.01).collect(), n, &dev).unwrap();
+        Linear::plain(Base::Quantized {
+            weight: QMatMul::from_qtensor(qt).unwrap(),
+            dims: (n, 512),
+            bias: Some(bias),
+        })
+    };
+    for t in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+        let (q, k, v) = (layer(256, 1, t), layer(64, 2, t), layer(64, 3, t));
+        for m in [1usize, 37] {
+            let x: Vec<f32> = (0..m * 512)
+                .map(|i| ((i * 104_729 % 997) as f32 / 997.0 - 0.5) * 2.0)
+                .collect();
+            let x = Tensor::from_vec(x, (1, m, 512), &dev).unwrap();
+            let fused = forward_shared(&[&q, &k, &v], &x).unwrap();
+            for (f, l) in fused.iter().zip([&q, &k, &v]) {
+                let one = l.forward(&x).unwrap();
+                assert_eq!(f.dims(), one.dims());
+                let d = (f - &one).unwrap().abs().unwrap().max_all().unwrap();
+                let d = d.to_scalar::<f32>().unwrap();
+                assert!(d <= 1e-4, "{t:?} m={m}: {d}");
+            }
+        }
+    }
+}
