@@ -380,6 +380,14 @@ pub fn init_global_threadpool() {
 }
 
 fn default_num_threads() -> usize {
+    // Patched: computed once. Every CPU matmul asks for the thread count, and finding the
+    // physical cores reads /sys/devices/system/cpu and parses /proc/cpuinfo: on a small model
+    // that was most of the time of a decoding step.
+    static DEFAULT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *DEFAULT.get_or_init(detect_num_threads)
+}
+
+fn detect_num_threads() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
