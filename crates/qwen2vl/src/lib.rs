@@ -7,6 +7,10 @@
 //! each image, M-RoPE positions (`get_rope_index`), the decoder with a KV cache and left-padded
 //! batches. Every layer is built from differentiable ops, so training shares this code.
 //!
+//! [`Qwen2Vl::open`] loads for inference on a [`Backend`]: device, dtype and quantization
+//! (`q8_0`/`q4k`: the linear layers in ggml blocks on candle's int8 kernels, quantized while
+//! loading or read from a directory [`quant::quantize_dir`] wrote).
+//!
 //! This crate knows nothing of safety rules, prompts or HTTP.
 //!
 //! ```no_run
@@ -30,6 +34,14 @@
 //! };
 //! let out = model.forward(&batch, Logits::Last)?;
 //! println!("{} parameters, logits {:?}", info.total_params(), out.logits.shape());
+//!
+//! // The same model with its linear layers in q8_0.
+//! let backend = inspector_qwen2vl::Backend {
+//!     quantization: inspector_qwen2vl::Quantization::Q8_0,
+//!     ..inspector_qwen2vl::Backend::cpu()
+//! };
+//! let (q8, _) = Qwen2Vl::open(dir, &backend, None)?;
+//! assert_eq!(q8.quantization().name(), "q8_0");
 //! # Ok::<(), inspector_qwen2vl::Error>(())
 //! ```
 

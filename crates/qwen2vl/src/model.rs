@@ -180,6 +180,18 @@ impl Qwen2Vl {
             ),
             None => (Weights::dense(), Quantization::None),
         };
+        if quantization.is_quantized()
+            && let Some(l) = lora
+            && !l.is_frozen()
+        {
+            // The quantized products have no backward pass: the gradients of every branch
+            // below a quantized layer would miss that layer's share, without a word.
+            return Err(Error::Input(format!(
+                "{} is loaded quantized ({quantization}): a trainable LoRA set cannot go on a \
+                 quantized base; train on the dense model",
+                dir.display()
+            )));
+        }
         let device = backend.device.clone();
         let dtype = backend.dtype;
         Self::load_from(

@@ -238,11 +238,18 @@ fn a_quantized_directory_computes_what_load_time_quantization_computes() {
         };
         let e = Qwen2Vl::open(&out, &bf16, None).unwrap_err().to_string();
         assert!(e.contains("bf16"), "{e}");
-        // Training needs dense weights.
+        // Training needs dense weights: full fine-tuning, and a trainable LoRA set.
         let e = Qwen2Vl::load_trainable(&out, DType::F32, &Device::Cpu)
             .unwrap_err()
             .to_string();
         assert!(e.contains("quantized") && e.contains("train"), "{e}");
+        let lora = inspector_lora::Lora::new(inspector_lora::LoraConfig::default(), &Device::Cpu);
+        let e = Qwen2Vl::load_with(&out, DType::F32, &Device::Cpu, Some(&lora))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("trainable LoRA") && e.contains(q.name()), "{e}");
+        lora.freeze();
+        assert!(Qwen2Vl::load_with(&out, DType::F32, &Device::Cpu, Some(&lora)).is_ok());
         // Quantizing a quantized directory, or into a non-empty folder, is refused.
         let e = quant::quantize_dir(&out, None, q, &tmp.path().join("again"), |_, _| {})
             .unwrap_err()
@@ -254,6 +261,9 @@ fn a_quantized_directory_computes_what_load_time_quantization_computes() {
         assert!(e.contains("not empty"), "{e}");
     }
 }
+
+/// A change to one weight, standing for a kernel bug.
+type Mutation = Box<dyn Fn(Tensor) -> Tensor>;
 
 /// Writes a copy of `dir` with `change` applied to the tensor `name`.
 fn mutated(dir: &Path, out: &Path, name: &str, change: impl Fn(Tensor) -> Tensor) -> PathBuf {
@@ -284,7 +294,7 @@ fn the_bounds_catch_a_transposed_weight_a_wrong_scale_and_misread_rows() {
         })
         .collect();
     let o_proj = "model.layers.1.self_attn.o_proj.weight";
-    let cases: Vec<(&str, Box<dyn Fn(Tensor) -> Tensor>)> = vec![
+    let cases: Vec<(&str, Mutation)> = vec![
         (
             "transposed",
             Box::new(|t: Tensor| t.t().unwrap().contiguous().unwrap()),
