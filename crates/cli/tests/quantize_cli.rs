@@ -10,6 +10,7 @@ use candle_core::{
     Device, Tensor,
     quantized::{GgmlDType, QTensor, gguf_file},
 };
+use inspector_qwen2vl::init::KERNEL_FIT_CONFIG as Q256;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -96,23 +97,6 @@ fn the_cache_keeps_answers_of_each_quantization_apart() {
     assert!(err.contains("3 inspected (0 from the cache)"), "{err}");
     assert_eq!(from_dir, f32_answers);
 }
-
-/// Every linear layer 256 inputs wide (or 512, 1024), so that q8_0 and q4k apply (the tiny
-/// fixtures' 32- to 128-wide layers stay f32).
-const Q256: &str = r#"{
-  "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
-  "hidden_act": "silu", "hidden_size": 256, "intermediate_size": 512,
-  "initializer_range": 0.02, "max_position_embeddings": 2048, "max_window_layers": 2,
-  "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
-  "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 2048,
-  "tie_word_embeddings": true, "torch_dtype": "float32", "use_cache": true,
-  "use_sliding_window": false, "attention_dropout": 0.0,
-  "vision_config": {"depth": 2, "embed_dim": 256, "mlp_ratio": 2, "num_heads": 4, "in_chans": 3,
-    "hidden_size": 256, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
-    "temporal_patch_size": 2, "hidden_act": "quick_gelu"},
-  "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
-  "vocab_size": 512
-}"#;
 
 /// `model init` of [`Q256`] in `dir/q256`.
 fn q256(dir: &Path) -> PathBuf {

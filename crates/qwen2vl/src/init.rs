@@ -160,6 +160,25 @@ pub fn write_random_checkpoint(
     Ok(cfg)
 }
 
+/// A small Qwen2-VL config whose every linear layer fits candle's int8 kernels (input widths
+/// 256, 512 and 1024, output widths multiples of 16), so that q8_0 and q4k apply to all of them:
+/// the quantization tests' model (the tiny fixtures' 32- to 128-wide layers stay f32).
+pub const KERNEL_FIT_CONFIG: &str = r#"{
+  "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+  "hidden_act": "silu", "hidden_size": 256, "intermediate_size": 512,
+  "initializer_range": 0.02, "max_position_embeddings": 2048, "max_window_layers": 2,
+  "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+  "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 2048,
+  "tie_word_embeddings": true, "torch_dtype": "float32", "use_cache": true,
+  "use_sliding_window": false, "attention_dropout": 0.0,
+  "vision_config": {"depth": 2, "embed_dim": 256, "mlp_ratio": 2, "num_heads": 4, "in_chans": 3,
+    "hidden_size": 256, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+    "temporal_patch_size": 2, "hidden_act": "quick_gelu"},
+  "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+  "image_token_id": 500, "vision_start_token_id": 501, "vision_end_token_id": 502,
+  "vocab_size": 512
+}"#;
+
 /// `config.json` of Qwen/Qwen2-VL-2B-Instruct (the hub's flat layout), for real-size runs.
 pub const QWEN2_VL_2B_CONFIG: &str = r#"{
   "architectures": ["Qwen2VLForConditionalGeneration"],

@@ -10,28 +10,9 @@ use candle_core::{
     quantized::{GgmlDType, QMatMul, QTensor},
 };
 use inspector_qwen2vl::{
-    Backend, Batch, Logits, Quantization, Qwen2Vl, VisionInput, image::process_rgb, init, quant,
-    weights,
+    Backend, Batch, Logits, Quantization, Qwen2Vl, VisionInput, image::process_rgb, init,
+    init::KERNEL_FIT_CONFIG as Q256, quant, weights,
 };
-
-/// Every in-dimension a multiple of 256: text hidden 256, MLP 512, vision embed 256, its MLP
-/// 512, the merger 1024; every out-dimension a multiple of 16. The patch embedding (1176
-/// inputs) stays f32.
-const Q256: &str = r#"{
-  "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
-  "hidden_act": "silu", "hidden_size": 256, "intermediate_size": 512,
-  "initializer_range": 0.02, "max_position_embeddings": 2048, "max_window_layers": 2,
-  "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
-  "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 2048,
-  "tie_word_embeddings": true, "torch_dtype": "float32", "use_cache": true,
-  "use_sliding_window": false, "attention_dropout": 0.0,
-  "vision_config": {"depth": 2, "embed_dim": 256, "mlp_ratio": 2, "num_heads": 4, "in_chans": 3,
-    "hidden_size": 256, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
-    "temporal_patch_size": 2, "hidden_act": "quick_gelu"},
-  "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
-  "image_token_id": 500, "vision_start_token_id": 501, "vision_end_token_id": 502,
-  "vocab_size": 512
-}"#;
 
 /// transformers' initializer range: larger weights make the random network chaotic, and its
 /// logits then swing with any rounding.
