@@ -58,8 +58,20 @@ fn parse_quantization(s: &str) -> Result<Quantization, String> {
     s.parse()
 }
 
+/// The one place where device, dtype and quantization are chosen for inference; everything
+/// below the CLI takes the result. The device is the CPU until a build has another.
+pub fn backend(dtype: DtypeArg, quantization: Quantization) -> anyhow::Result<Backend> {
+    let backend = Backend {
+        device: Device::Cpu,
+        dtype: dtype.into(),
+        quantization,
+    };
+    backend.validate().map_err(anyhow::Error::msg)?;
+    Ok(backend)
+}
+
 /// Sets the CPU thread count for candle and its GEMM (before any model work starts a thread).
-pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
     if let Some(n) = threads {
         anyhow::ensure!(n > 0, "--threads must be at least 1");
         // candle and its GEMM size their thread pools from RAYON_NUM_THREADS on first use.
@@ -79,16 +91,9 @@ pub struct LoadedModel {
 }
 
 impl ModelArgs {
-    /// The one place where device, dtype and quantization are chosen; everything below takes
-    /// the result.
+    /// The backend these options ask for ([`backend`]).
     pub fn backend(&self) -> anyhow::Result<Backend> {
-        let backend = Backend {
-            device: Device::Cpu,
-            dtype: self.dtype.into(),
-            quantization: self.quantize,
-        };
-        backend.validate().map_err(anyhow::Error::msg)?;
-        Ok(backend)
+        backend(self.dtype, self.quantize)
     }
 
     pub fn load(&self) -> anyhow::Result<LoadedModel> {

@@ -14,7 +14,7 @@ use inspector_qwen2vl::{
     Backend, Batch, ConfigLayout, KeyLayout, Logits, Quantization, Qwen2Vl, VisionInput, image,
 };
 
-use crate::model_args::DtypeArg;
+use crate::model_args::{DtypeArg, backend};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -239,17 +239,6 @@ fn parse_ids(text: &str) -> anyhow::Result<Vec<u32>> {
         bail!("--input-ids is empty");
     }
     Ok(ids)
-}
-
-/// The backend of `model forward` and `model info` (the CPU; see `ModelArgs::backend`).
-fn backend(dtype: DtypeArg, quantization: Quantization) -> anyhow::Result<Backend> {
-    let backend = Backend {
-        device: Device::Cpu,
-        dtype: dtype.into(),
-        quantization,
-    };
-    backend.validate().map_err(anyhow::Error::msg)?;
-    Ok(backend)
 }
 
 fn quantize(
