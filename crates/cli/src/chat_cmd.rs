@@ -1,7 +1,6 @@
 //! `inspector chat`
 
-use std::time::Instant;
-use std::{io::Write, path::PathBuf, process::ExitCode};
+use std::{io::Write, path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::Context;
 use candle_core::Tensor;

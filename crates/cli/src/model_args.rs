@@ -54,7 +54,8 @@ pub struct ModelArgs {
     pub quantize: Quantization,
 }
 
-fn parse_quantization(s: &str) -> Result<Quantization, String> {
+/// `--quantize`'s parser (ggml's names; the error lists them).
+pub fn parse_quantization(s: &str) -> Result<Quantization, String> {
     s.parse()
 }
 

@@ -14,7 +14,7 @@ use inspector_qwen2vl::{
     Backend, Batch, ConfigLayout, KeyLayout, Logits, Quantization, Qwen2Vl, VisionInput, image,
 };
 
-use crate::model_args::{DtypeArg, backend};
+use crate::model_args::{DtypeArg, backend, parse_quantization};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -108,10 +108,6 @@ pub enum ModelCommand {
         #[arg(long, value_name = "none|q8_0|q4k", default_value = "none", value_parser = parse_quantization)]
         quantize: Quantization,
     },
-}
-
-fn parse_quantization(s: &str) -> Result<Quantization, String> {
-    s.parse()
 }
 
 pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {

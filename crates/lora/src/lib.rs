@@ -199,10 +199,6 @@ impl Base {
             Base::Quantized { dims, .. } => Ok(*dims),
         }
     }
-
-    pub fn is_quantized(&self) -> bool {
-        matches!(self, Base::Quantized { .. })
-    }
 }
 
 impl From<candle_nn::Linear> for Base {

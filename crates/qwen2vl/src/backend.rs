@@ -122,7 +122,7 @@ impl Backend {
             return Err(format!(
                 "--dtype {} with a quantized base ({}): the quantized kernels compute in f32; \
                  leave --dtype at f32",
-                dtype_name(self.dtype),
+                self.dtype.as_str(),
                 self.quantization
             ));
         }
@@ -143,15 +143,10 @@ impl Backend {
             Device::Metal(_) => "metal".to_string(),
         };
         match self.quantization {
-            Quantization::None => format!("{device} {}", dtype_name(self.dtype)),
+            Quantization::None => format!("{device} {}", self.dtype.as_str()),
             q => format!("{device} {q}"),
         }
     }
-}
-
-/// `f32`, `bf16`, `f16`.
-pub fn dtype_name(d: DType) -> &'static str {
-    d.as_str()
 }
 
 #[cfg(test)]

@@ -138,19 +138,6 @@ impl Qwen2Vl {
         backend.validate().map_err(Error::Input)?;
         quant::check_loadable(dir)?;
         let record = QuantRecord::read(dir)?;
-        let no_record = || Error::Checkpoint {
-            path: dir.join(quant::GGUF_FILE),
-            message: format!(
-                "has no {} beside it: write quantized directories with `inspector model quantize`",
-                quant::RECORD_FILE
-            ),
-        };
-        if record.is_none()
-            && weights::safetensors_files(dir).is_err()
-            && dir.join(quant::GGUF_FILE).exists()
-        {
-            return Err(no_record());
-        }
         let (weights, quantization) = match &record {
             Some(r) => {
                 if backend.quantization.is_quantized() && backend.quantization != r.format {
@@ -200,7 +187,7 @@ impl Qwen2Vl {
             lora,
             &weights,
             quantization,
-            |files| match &weights_source(&weights) {
+            |files| match &weights.gguf() {
                 Some(g) => {
                     let vb = quant::var_builder(g, &device);
                     Ok((vb, g.key_layout()?, g.shapes()))
@@ -246,7 +233,7 @@ impl Qwen2Vl {
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let config = Config::from_json(&text).map_err(|e| e.in_file(&config_path))?;
         let processor = ProcessorConfig::from_model_dir(dir)?;
-        let files = match weights_source(weights_src) {
+        let files = match weights_src.gguf() {
             Some(g) => vec![g.path().to_path_buf()],
             None => weights::safetensors_files(dir)?,
         };
@@ -563,11 +550,6 @@ fn batch_dims(batch: &Batch) -> Result<(usize, usize), Error> {
         ));
     }
     Ok((b, s))
-}
-
-/// The GGUF weights a source reads from, if any.
-fn weights_source(w: &Weights) -> Option<std::sync::Arc<GgufWeights>> {
-    w.gguf()
 }
 
 /// Parameters per part, from the safetensors headers (tied weights counted once).

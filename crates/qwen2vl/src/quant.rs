@@ -111,6 +111,15 @@ pub fn check_loadable(path: &Path) -> Result<(), Error> {
         });
     }
     let has_dense = weights::safetensors_files(path).is_ok();
+    if !has_dense && path.join(GGUF_FILE).exists() && !path.join(RECORD_FILE).exists() {
+        return Err(Error::Checkpoint {
+            path: path.join(GGUF_FILE),
+            message: format!(
+                "has no {RECORD_FILE} beside it: write quantized directories with `inspector \
+                 model quantize`"
+            ),
+        });
+    }
     if !has_dense && !path.join(GGUF_FILE).exists() {
         let gguf = std::fs::read_dir(path)
             .map_err(|e| Error::io(path, e))?
@@ -257,13 +266,9 @@ impl GgufWeights {
         shapes
     }
 
-    /// Every tensor's name and type.
-    pub fn types(&self) -> BTreeMap<String, GgmlDType> {
-        self.content
-            .tensor_infos
-            .iter()
-            .map(|(n, i)| (n.clone(), i.ggml_dtype))
-            .collect()
+    /// The stored type of tensor `name`, from the header.
+    fn stored_type(&self, name: &str) -> Option<GgmlDType> {
+        self.content.tensor_infos.get(name).map(|i| i.ggml_dtype)
     }
 
     /// The tensor `name`, as stored.
@@ -399,6 +404,13 @@ impl Weights {
             },
             LinearSource::Gguf(g) => {
                 let full = format!("{}.{name}", vb.prefix());
+                // A layer stored dense is read once, by the var builder.
+                if matches!(
+                    g.stored_type(&full),
+                    Some(GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+                ) {
+                    return Ok(None);
+                }
                 let qt = g.qtensor(&full)?;
                 if qt.shape().dims() != [out_dim, in_dim] {
                     candle_core::bail!(
@@ -407,11 +419,7 @@ impl Weights {
                         g.path().display()
                     );
                 }
-                (!matches!(
-                    qt.dtype(),
-                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-                ))
-                .then_some(qt)
+                Some(qt)
             }
         };
         Ok(qt)
@@ -561,14 +569,10 @@ pub fn quantize_dir(
         }
         None => (Default::default(), 0.0),
     };
-    let total: usize = files
-        .iter()
-        .map(|f| weights::file_shapes(f).map(|s| s.len()))
-        .sum::<Result<usize, Error>>()?;
-    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(total);
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut params: BTreeMap<String, usize> = BTreeMap::new();
     let mut merged_layers = 0;
-    weights::each_tensor(&files, |name, t| {
+    weights::each_tensor(&files, |name, t, total| {
         let pair = name
             .strip_suffix(".weight")
             .and_then(crate::proj::normalize_module)

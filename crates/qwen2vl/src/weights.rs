@@ -155,14 +155,16 @@ pub(crate) fn key_layout(has: impl Fn(&str) -> bool, path: &Path) -> Result<KeyL
 }
 
 /// Hands every tensor of the checkpoint to `f`, one at a time in name order, as f32 on the CPU
-/// (so that only one is in memory besides what `f` keeps). Returns the key layout.
+/// (so that only one is in memory besides what `f` keeps), with the number of tensors. Returns
+/// the key layout.
 pub(crate) fn each_tensor(
     files: &[PathBuf],
-    mut f: impl FnMut(&str, Tensor) -> Result<(), Error>,
+    mut f: impl FnMut(&str, Tensor, usize) -> Result<(), Error>,
 ) -> Result<KeyLayout, Error> {
     let (reader, layout, _) = open(files)?;
     let mut names: Vec<&String> = reader.tensors.keys().collect();
     names.sort();
+    let total = names.len();
     for name in names {
         let entry = &reader.tensors[name];
         let tensor = reader
@@ -172,7 +174,7 @@ pub(crate) fn each_tensor(
                 path: reader.files[entry.file].0.clone(),
                 message: format!("{name}: {e}"),
             })?;
-        f(name, tensor)?;
+        f(name, tensor, total)?;
     }
     Ok(layout)
 }
