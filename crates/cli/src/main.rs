@@ -66,15 +66,28 @@ enum Command {
     Keys(serve_cmd::KeysCommand),
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("INSPECTOR_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+/// Logs to stderr, filtered by `INSPECTOR_LOG` (default: warnings, and the server's access
+/// log); colours only on a terminal.
+fn init_logging(format: serve_cmd::LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("INSPECTOR_LOG")
+        .unwrap_or_else(|_| "warn,access=info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        serve_cmd::LogFormat::Text => builder.init(),
+        serve_cmd::LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(match &cli.command {
+        Command::Serve(args) => args.log_format,
+        _ => serve_cmd::LogFormat::Text,
+    });
     // Training frees and reallocates same-sized tensors every step: keeping freed memory saves
     // page faults there. Inference keeps its peak instead (a detect run's RSS), so only the
     // training commands ask for it, before any thread starts.

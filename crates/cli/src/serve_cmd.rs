@@ -52,16 +52,56 @@ pub struct ServeArgs {
     /// Do not answer repeated photos from the answer cache.
     #[arg(long)]
     pub no_cache: bool,
-    /// Allow this origin by CORS (repeatable); CORS is off without it.
+    /// Allow this origin by CORS, and to send state-changing requests (repeatable); CORS is
+    /// off without it.
     #[arg(long, value_name = "URL")]
     pub cors_origin: Vec<String>,
+    /// Answer keyless requests for this host name too (repeatable); without keys only
+    /// 127.0.0.1, localhost and [::1] are answered, against DNS rebinding.
+    #[arg(long, value_name = "NAME")]
+    pub allowed_host: Vec<String>,
+    /// Longest chat prompt in tokens; its text is also refused beyond 16 bytes a token.
+    #[arg(long, default_value_t = 8192, value_name = "N")]
+    pub max_prompt_tokens: usize,
+    /// How long a client may take to send a request's headers, s (also how long an idle
+    /// keep-alive connection stays open).
+    #[arg(long, default_value_t = 10, value_name = "S")]
+    pub header_timeout_s: u64,
+    /// Open connections at most; more wait in the kernel's backlog.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub max_connections: usize,
+    /// How long SIGTERM waits for requests in flight before closing every connection, s.
+    #[arg(long, default_value_t = 20, value_name = "S")]
+    pub shutdown_grace: u64,
+    /// The log's format on stderr: `text`, or `json` (one object a line).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Largest answer, in tokens.
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub max_new_tokens: usize,
 }
 
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
+    anyhow::ensure!(
+        args.max_prompt_tokens >= 1,
+        "--max-prompt-tokens must be at least 1"
+    );
+    anyhow::ensure!(
+        args.header_timeout_s >= 1,
+        "--header-timeout-s must be at least 1"
+    );
+    anyhow::ensure!(
+        args.max_connections >= 1,
+        "--max-connections must be at least 1"
+    );
     anyhow::ensure!(args.queue >= 1, "--queue must be at least 1");
     anyhow::ensure!(
         args.max_megapixels > 0.0,
@@ -83,6 +123,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.rate_per_minute = args.rate_limit;
     config.cache = !args.no_cache;
     config.cors_origins = args.cors_origin.clone();
+    config.allowed_hosts = args.allowed_host.clone();
+    config.max_prompt_tokens = args.max_prompt_tokens;
+    config.header_timeout = Duration::from_secs(args.header_timeout_s);
+    config.max_connections = args.max_connections;
+    config.shutdown_grace = Duration::from_secs(args.shutdown_grace);
     if config.require_keys {
         let keys = open(&args.db.db)?.api_keys()?;
         if !keys.iter().any(|k| k.revoked_at.is_none()) {

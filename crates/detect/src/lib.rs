@@ -32,7 +32,10 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Instant,
 };
 
@@ -76,6 +79,8 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Store(#[from] inspector_store::StoreError),
+    #[error("the prompt is {tokens} tokens long, above the limit of {limit}")]
+    PromptTooLong { tokens: usize, limit: usize },
 }
 
 /// Decoding settings for inspection: greedy, no repetition penalty, at most 512 new tokens,
@@ -221,7 +226,7 @@ pub struct ChatAnswer {
 /// A model, an optional adapter and decoding settings.
 pub struct Detector {
     pub model: Qwen2Vl,
-    chat: ChatTokenizer,
+    chat: Arc<ChatTokenizer>,
     im_end: u32,
     pad: u32,
     pub model_fingerprint: String,
@@ -331,7 +336,7 @@ impl Detector {
         let pieces = chat.token_bytes();
         Ok(Detector {
             model,
-            chat,
+            chat: Arc::new(chat),
             im_end,
             pad,
             model_fingerprint,
@@ -359,14 +364,32 @@ impl Detector {
     /// The citations constrained decoding allows in `rule` (the database's rules, written as
     /// `《title》第N条`); none allows any string.
     pub fn set_citations(&mut self, rules: &[Rule]) {
-        let mut citations: Vec<String> = rules
-            .iter()
-            .map(|r| format!("《{}》第{}条", r.document, r.clause))
-            .collect();
-        citations.sort();
-        citations.dedup();
+        let citations = citations(rules);
         self.citations_fingerprint = sha256_hex(citations.join("\n").as_bytes());
         self.grammar = AnswerGrammar::new(citations);
+    }
+
+    /// What answering a photo from the cache needs, apart from the model: the cache key's
+    /// parts and the fingerprints a finding carries. It can be used on other threads while the
+    /// model works (the server answers cache hits without the model worker).
+    pub fn answer_cache(&self) -> AnswerCache {
+        let p = &self.model.processor;
+        AnswerCache {
+            model_fingerprint: self.model_fingerprint.clone(),
+            adapter_fingerprint: self.adapter_fingerprint.clone(),
+            prompt: self.prompt,
+            config: self.config.clone(),
+            pixels: [p.min_pixels, p.max_pixels],
+            backend: self.model.backend().describe(),
+        }
+    }
+
+    /// Renders and tokenizes chat turns off the model's thread ([`ChatPrompter::prepare`]).
+    pub fn chat_prompter(&self) -> ChatPrompter {
+        ChatPrompter {
+            chat: self.chat.clone(),
+            processor: self.model.processor.clone(),
+        }
     }
 
     /// Sets the processor's pixel limits (training's settings belong here).
@@ -383,18 +406,8 @@ impl Detector {
     /// decoding settings, the pixel limits and the backend (device, dtype, quantization: a
     /// bf16 or q8_0 answer is not an f32 one).
     pub fn cache_key(&self, image_sha256: &str) -> String {
-        let p = &self.model.processor;
-        let parts = serde_json::json!([
-            image_sha256,
-            self.model_fingerprint,
-            self.adapter_fingerprint,
-            self.prompt.version(),
-            self.config,
-            [p.min_pixels, p.max_pixels],
-            self.citations_fingerprint,
-            self.model.backend().describe(),
-        ]);
-        sha256_hex(parts.to_string().as_bytes())
+        self.answer_cache()
+            .key(image_sha256, &self.citations_fingerprint)
     }
 
     /// Generates answers for processed images in one left-padded batch.
@@ -522,33 +535,32 @@ impl Detector {
         temperature: f64,
         seed: u64,
     ) -> Result<ChatAnswer, Error> {
-        let processed: Vec<ProcessedImage> = images
-            .iter()
-            .map(|input| self.prepare(input, String::new()).map(|(p, _)| p))
-            .collect::<Result<_, _>>()?;
-        let text = self.chat.render(
-            messages,
-            inspector_qwen2vl::chat::RenderOptions {
-                add_generation_prompt: true,
-                ..Default::default()
-            },
-        )?;
-        let merge = self.model.processor.merge_size;
-        let counts: Vec<usize> = processed.iter().map(|p| p.n_tokens(merge)).collect();
-        let input_ids = self.chat.encode(&text, &counts)?;
+        let prepared = self.chat_prompter().prepare(messages, images, usize::MAX)?;
+        self.chat_prepared(prepared, max_new_tokens, temperature, seed)
+    }
+
+    /// Answers a chat turn that [`ChatPrompter::prepare`] rendered and tokenized.
+    pub fn chat_prepared(
+        &self,
+        prepared: PreparedChat,
+        max_new_tokens: usize,
+        temperature: f64,
+        seed: u64,
+    ) -> Result<ChatAnswer, Error> {
+        let PreparedChat { input_ids, images } = prepared;
         let prompt_tokens = input_ids.len();
-        let images = if processed.is_empty() {
+        let images = if images.is_empty() {
             None
         } else {
             Some(VisionInput {
                 pixel_values: Tensor::cat(
-                    &processed
+                    &images
                         .iter()
                         .map(|p| p.pixel_values.clone())
                         .collect::<Vec<_>>(),
                     0,
                 )?,
-                grid_thw: processed.iter().map(|p| p.grid_thw).collect(),
+                grid_thw: images.iter().map(|p| p.grid_thw).collect(),
             })
         };
         let batch = Batch {
@@ -579,23 +591,7 @@ impl Detector {
 
     /// Decodes and preprocesses one photo (errors name it).
     fn prepare(&self, input: &Input, sha256: String) -> Result<(ProcessedImage, ImageInfo), Error> {
-        let image_err = |message: String| Error::Image {
-            name: input.name.clone(),
-            message,
-        };
-        let rgb = inspector_qwen2vl::image::decode_rgb(
-            &input.bytes,
-            self.model.processor.max_decode_pixels,
-        )
-        .map_err(|e| image_err(e.to_string()))?;
-        let info = ImageInfo {
-            width: rgb.width(),
-            height: rgb.height(),
-            sha256,
-        };
-        let processed =
-            process_rgb(&rgb, &self.model.processor).map_err(|e| image_err(e.to_string()))?;
-        Ok((processed, info))
+        prepare_image(&self.model.processor, input, sha256)
     }
 
     /// Active learning: for each photo, the greedy finding and its uncertainty (token margins
@@ -678,16 +674,15 @@ impl Detector {
         rules: &[Rule],
         timings: Timings,
     ) -> Finding {
-        let mut f = finding(
+        finding_for(
             answer,
             image,
             rules,
             timings,
             &self.model_fingerprint,
             self.adapter_fingerprint.as_deref(),
-        );
-        f.prompt_version = self.prompt.version().to_string();
-        f
+            self.prompt,
+        )
     }
 
     /// Inspects photos: decodes each (an unreadable one gets its own error and the rest go
@@ -813,6 +808,164 @@ fn batch_failed(input: &Input, e: &Error) -> Error {
     Error::Image {
         name: input.name.clone(),
         message: format!("inspection failed: {e}"),
+    }
+}
+
+/// The citations constrained decoding allows for `rules` (`《title》第N条`), sorted, unique.
+fn citations(rules: &[Rule]) -> Vec<String> {
+    let mut citations: Vec<String> = rules
+        .iter()
+        .map(|r| format!("《{}》第{}条", r.document, r.clause))
+        .collect();
+    citations.sort();
+    citations.dedup();
+    citations
+}
+
+/// The hash of the citations allowed for `rules` (a part of the answer cache key; equal to
+/// what [`Detector::set_citations`] keeps).
+pub fn citations_fingerprint(rules: &[Rule]) -> String {
+    sha256_hex(citations(rules).join("\n").as_bytes())
+}
+
+/// Decodes and preprocesses one photo with `processor` (errors name it).
+fn prepare_image(
+    processor: &ProcessorConfig,
+    input: &Input,
+    sha256: String,
+) -> Result<(ProcessedImage, ImageInfo), Error> {
+    let image_err = |message: String| Error::Image {
+        name: input.name.clone(),
+        message,
+    };
+    let rgb = inspector_qwen2vl::image::decode_rgb(&input.bytes, processor.max_decode_pixels)
+        .map_err(|e| image_err(e.to_string()))?;
+    let info = ImageInfo {
+        width: rgb.width(),
+        height: rgb.height(),
+        sha256,
+    };
+    let processed = process_rgb(&rgb, processor).map_err(|e| image_err(e.to_string()))?;
+    Ok((processed, info))
+}
+
+/// A finding with the fingerprints and prompt version of the detector that answered.
+fn finding_for(
+    answer: &RawAnswer,
+    image: ImageInfo,
+    rules: &[Rule],
+    timings: Timings,
+    model_fingerprint: &str,
+    adapter_fingerprint: Option<&str>,
+    prompt: Prompt,
+) -> Finding {
+    let mut f = finding(
+        answer,
+        image,
+        rules,
+        timings,
+        model_fingerprint,
+        adapter_fingerprint,
+    );
+    f.prompt_version = prompt.version().to_string();
+    f
+}
+
+/// The answer cache's view of a detector ([`Detector::answer_cache`]): keys and findings
+/// without the model.
+#[derive(Debug, Clone)]
+pub struct AnswerCache {
+    pub model_fingerprint: String,
+    pub adapter_fingerprint: Option<String>,
+    prompt: Prompt,
+    config: DetectConfig,
+    pixels: [usize; 2],
+    backend: String,
+}
+
+impl AnswerCache {
+    /// The cache key of a photo under rules whose [`citations_fingerprint`] is given.
+    pub fn key(&self, image_sha256: &str, citations_fingerprint: &str) -> String {
+        let parts = serde_json::json!([
+            image_sha256,
+            self.model_fingerprint,
+            self.adapter_fingerprint,
+            self.prompt.version(),
+            self.config,
+            self.pixels,
+            citations_fingerprint,
+            self.backend,
+        ]);
+        sha256_hex(parts.to_string().as_bytes())
+    }
+
+    /// The finding of a cached answer, as the detector would report it.
+    pub fn finding(
+        &self,
+        answer: &RawAnswer,
+        image: ImageInfo,
+        rules: &[Rule],
+        timings: Timings,
+    ) -> Finding {
+        finding_for(
+            answer,
+            image,
+            rules,
+            timings,
+            &self.model_fingerprint,
+            self.adapter_fingerprint.as_deref(),
+            self.prompt,
+        )
+    }
+}
+
+/// A chat turn rendered and tokenized, with its photos preprocessed, ready for
+/// [`Detector::chat_prepared`].
+pub struct PreparedChat {
+    pub input_ids: Vec<u32>,
+    images: Vec<ProcessedImage>,
+}
+
+/// Renders chat turns with the model's template and tokenizes them, without the model: the
+/// server does this on its request threads, so a huge prompt never occupies the model.
+#[derive(Clone)]
+pub struct ChatPrompter {
+    chat: Arc<ChatTokenizer>,
+    processor: ProcessorConfig,
+}
+
+impl ChatPrompter {
+    /// Decodes the photos, renders `messages` and tokenizes them; a prompt of more than
+    /// `max_tokens` tokens is refused ([`Error::PromptTooLong`]).
+    pub fn prepare(
+        &self,
+        messages: &serde_json::Value,
+        images: &[Input],
+        max_tokens: usize,
+    ) -> Result<PreparedChat, Error> {
+        let images: Vec<ProcessedImage> = images
+            .iter()
+            .map(|input| prepare_image(&self.processor, input, String::new()).map(|(p, _)| p))
+            .collect::<Result<_, _>>()?;
+        let text = self.chat.render(
+            messages,
+            inspector_qwen2vl::chat::RenderOptions {
+                add_generation_prompt: true,
+                ..Default::default()
+            },
+        )?;
+        let counts: Vec<usize> = images
+            .iter()
+            .map(|p| p.n_tokens(self.processor.merge_size))
+            .collect();
+        let input_ids = self.chat.encode(&text, &counts)?;
+        if input_ids.len() > max_tokens {
+            return Err(Error::PromptTooLong {
+                tokens: input_ids.len(),
+                limit: max_tokens,
+            });
+        }
+        Ok(PreparedChat { input_ids, images })
     }
 }
 

@@ -2,13 +2,20 @@
 //!
 //! A key is `si_` and 40 random hex digits; the database keeps only its SHA-256 (keys are
 //! random, so a fast hash is enough: there is nothing to guess from). A request presents it as
-//! `Authorization: Bearer KEY` or `X-API-Key: KEY`. A presented key that is wrong or revoked is
-//! refused with 401 on every address, loopback included. Without a key, a request is served as
-//! anonymous only when keys are not required (the default on a loopback address); the page,
-//! `/health`, `/ready` and the OpenAPI document never need one. Requests are rate-limited per
-//! key (anonymous ones per client address).
+//! `Authorization: Bearer KEY` (the scheme in any case) or `X-API-Key: KEY`; both at once must
+//! carry the same key. A revoked key is refused with 401 on every address, loopback included.
+//! When keys are required (the default off loopback), an unknown key is refused too; when they
+//! are not, a token that is no stored key counts as no key, and the request is served as
+//! anonymous. Every 401 carries `WWW-Authenticate: Bearer`. Failed authentications are limited
+//! per client address ([`AUTH_FAILURES_PER_MINUTE`]); requests are rate-limited per key
+//! (anonymous ones per address). This is a layer on the protected routers only: the page,
+//! `/health`, `/ready` and the OpenAPI document never pass it.
 
-use std::{net::SocketAddr, num::NonZeroU32};
+use std::{
+    net::{IpAddr, SocketAddr},
+    num::NonZeroU32,
+    time::{Duration, Instant},
+};
 
 use axum::{
     extract::{ConnectInfo, Request, State},
@@ -57,28 +64,77 @@ pub fn create_key(
     Ok((id, key))
 }
 
+/// The key a request presents: `Authorization: Bearer KEY` (the scheme in any case, RFC 9110)
+/// or `X-API-Key: KEY`. When both are sent they must carry the same key.
 fn presented_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    if let Some(v) = headers.get(axum::http::header::AUTHORIZATION) {
-        let v = v
-            .to_str()
-            .map_err(|_| ApiError::unauthorized("the Authorization header is not text"))?;
-        let key = v.strip_prefix("Bearer ").ok_or_else(|| {
-            ApiError::unauthorized("the Authorization header must be `Bearer <key>`")
-        })?;
-        return Ok(Some(key.trim().to_string()));
+    let bearer = match headers.get(axum::http::header::AUTHORIZATION) {
+        Some(v) => {
+            let v = v
+                .to_str()
+                .map_err(|_| ApiError::unauthorized("the Authorization header is not text"))?;
+            let (scheme, key) = v.trim().split_once(' ').unwrap_or((v.trim(), ""));
+            if !scheme.eq_ignore_ascii_case("bearer") || key.trim().is_empty() {
+                return Err(ApiError::unauthorized(
+                    "the Authorization header must be `Bearer <key>`",
+                ));
+            }
+            Some(key.trim().to_string())
+        }
+        None => None,
+    };
+    let header = match headers.get("x-api-key") {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::unauthorized("the X-API-Key header is not text"))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    match (bearer, header) {
+        (Some(a), Some(b)) if a != b => Err(ApiError::unauthorized(
+            "Authorization and X-API-Key carry different keys: send one key",
+        )),
+        (Some(a), _) => Ok(Some(a)),
+        (None, b) => Ok(b),
     }
-    if let Some(v) = headers.get("x-api-key") {
-        let v = v
-            .to_str()
-            .map_err(|_| ApiError::unauthorized("the X-API-Key header is not text"))?;
-        return Ok(Some(v.trim().to_string()));
-    }
-    Ok(None)
 }
 
-/// Paths anyone may read.
-fn is_public(path: &str) -> bool {
-    matches!(path, "/" | "/health" | "/ready" | "/api/openapi.json")
+/// Failed authentications allowed per client address and minute; beyond them every request
+/// from that address that presents a key gets 429 until the minute is over, so keys cannot be
+/// guessed at speed.
+pub const AUTH_FAILURES_PER_MINUTE: u32 = 20;
+
+/// Failed authentications per client address, in fixed one-minute windows.
+#[derive(Default)]
+pub struct AuthFailures {
+    windows: std::sync::Mutex<std::collections::HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl AuthFailures {
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    /// Seconds until `ip` may try again, when it has failed too often.
+    fn blocked(&self, ip: IpAddr) -> Option<u64> {
+        let windows = self.windows.lock().expect("auth failures lock");
+        let (start, count) = windows.get(&ip)?;
+        let elapsed = start.elapsed();
+        (elapsed < Self::WINDOW && *count >= AUTH_FAILURES_PER_MINUTE)
+            .then(|| (Self::WINDOW - elapsed).as_secs() + 1)
+    }
+
+    fn record(&self, ip: IpAddr) {
+        let mut windows = self.windows.lock().expect("auth failures lock");
+        // Bounded: old windows are dropped when the table grows.
+        if windows.len() >= 10_000 {
+            windows.retain(|_, (start, _)| start.elapsed() < Self::WINDOW);
+        }
+        let entry = windows.entry(ip).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= Self::WINDOW {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 += 1;
+    }
 }
 
 /// Per-key (or per-address) request limits.
@@ -130,19 +186,14 @@ impl Limiter {
     }
 }
 
-/// The middleware: identifies the caller, enforces keys and limits, and hands the caller to
-/// the handlers as a request extension.
+/// The layer on the protected routers: identifies the caller, enforces keys and limits, and
+/// hands the caller to the handlers as a request extension.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let path = req.uri().path().to_string();
     let address = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(a)| a.ip());
-    let key = match presented_key(req.headers()) {
-        Ok(k) => k,
-        Err(e) => return e.into_response(),
-    };
-    match identify(&state, &path, key, address).await {
+    match identify(&state, req.headers(), address).await {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
             next.run(req).await
@@ -153,10 +204,33 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
 
 async fn identify(
     state: &AppState,
-    path: &str,
-    key: Option<String>,
-    address: Option<std::net::IpAddr>,
+    headers: &HeaderMap,
+    address: Option<IpAddr>,
 ) -> Result<Caller, ApiError> {
+    let failures = &state.inner.auth_failures;
+    let failed = |e: ApiError| {
+        if let Some(ip) = address {
+            failures.record(ip);
+        }
+        e
+    };
+    let presented = headers.contains_key(axum::http::header::AUTHORIZATION)
+        || headers.contains_key("x-api-key");
+    if presented
+        && let Some(ip) = address
+        && let Some(wait) = failures.blocked(ip)
+    {
+        return Err(ApiError {
+            retry_after: Some(wait),
+            ..ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many failed authentications: try again in {wait} s"),
+            )
+        });
+    }
+    let key = presented_key(headers).map_err(failed)?;
+    let require_keys = state.inner.config.require_keys;
     let caller = match key {
         Some(key) => {
             let hash = hash_key(&key);
@@ -166,16 +240,20 @@ async fn identify(
                     .reader
                     .lock()
                     .expect("reader lock")
-                    .api_key_by_hash(&hash)
+                    .api_key_with_hash(&hash)
             })
             .await
             .map_err(|e| ApiError::internal(e.to_string()))??;
             match found {
-                Some(k) => Caller::Key(k),
-                None => return Err(ApiError::unauthorized("unknown or revoked API key")),
+                Some(k) if k.revoked_at.is_none() => Caller::Key(k),
+                Some(_) => return Err(failed(ApiError::unauthorized("this API key is revoked"))),
+                // Without required keys a token that is no key of ours is no key at all (the
+                // OpenAI client always sends one).
+                None if !require_keys => Caller::Anonymous,
+                None => return Err(failed(ApiError::unauthorized("unknown API key"))),
             }
         }
-        None if state.inner.config.require_keys && !is_public(path) => {
+        None if require_keys => {
             return Err(ApiError::unauthorized(
                 "an API key is required: send `Authorization: Bearer <key>` \
                  (create one with `inspector keys create`)",
@@ -183,15 +261,13 @@ async fn identify(
         }
         None => Caller::Anonymous,
     };
-    if !is_public(path) {
-        let who = match &caller {
-            Caller::Key(k) => format!("key:{}", k.id),
-            Caller::Anonymous => match address {
-                Some(ip) => format!("ip:{ip}"),
-                None => "anonymous".to_string(),
-            },
-        };
-        state.inner.limiter.check(&who)?;
-    }
+    let who = match &caller {
+        Caller::Key(k) => format!("key:{}", k.id),
+        Caller::Anonymous => match address {
+            Some(ip) => format!("ip:{ip}"),
+            None => "anonymous".to_string(),
+        },
+    };
+    state.inner.limiter.check(&who)?;
     Ok(caller)
 }

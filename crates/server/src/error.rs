@@ -62,6 +62,10 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
+    pub fn forbidden_code(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
@@ -77,11 +81,29 @@ impl ApiError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, code, message)
     }
 
+    /// `Retry-After` on 429 and 503, `WWW-Authenticate` on 401; and every 5xx is logged with
+    /// its cause (the client gets a short message, the operator the whole one).
     fn headers(&self, response: &mut Response) {
         if let Some(s) = self.retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"safety-inspector\""),
+            );
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(status = 503, code = self.code, "{}", self.message);
+        } else if self.status.is_server_error() {
+            tracing::error!(
+                status = self.status.as_u16(),
+                code = self.code,
+                "{}",
+                self.message
+            );
         }
     }
 

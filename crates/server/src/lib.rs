@@ -1,17 +1,25 @@
 //! The Safety Inspector HTTP service (`inspector serve`).
 //!
 //! One model runs on one worker thread behind a bounded queue ([`worker`]); concurrent
-//! inspections are micro-batched. Handlers ([`api`]) check every photo from its header before
-//! queueing it (allow-listed formats sniffed from the bytes, a pixel budget, a body limit), and
-//! the worker stores each answered inspection (photo by content hash under the data dir, row
-//! in SQLite with WAL and full sync) before the reply leaves, so a 2xx answer survives a
-//! `kill -9`. SIGTERM stops accepting connections, lets in-flight requests finish and drains
-//! the queue. API keys, rate limits, security headers and CORS are in [`auth`] and [`router`].
+//! inspections are micro-batched. Handlers check every photo from its header before queueing it
+//! (allow-listed formats sniffed from the bytes, a pixel budget, a body limit); a photo already
+//! answered is answered from the cache on the request's own thread ([`inspect`]), and chat
+//! prompts are bounded and tokenized there too, so only model work waits for the worker. Every
+//! answered inspection is stored (photo by content hash under the data dir, row in SQLite with
+//! WAL and full sync) before the reply leaves, so a 2xx answer survives a `kill -9`.
+//!
+//! The HTTP layer: one module per resource under [`routes`], each with its own router, the
+//! OpenAPI document assembled from the same routers, authentication ([`auth`]) a layer on the
+//! protected ones; [`guard`] (limits, Host and Origin checks, the access log) in front of all;
+//! our own accept loop ([`http`]) with a header-read timeout, a connection cap and a shutdown
+//! deadline. SIGTERM stops accepting connections, lets in-flight requests finish within the
+//! grace and drains the queue.
 //!
 //! Endpoints: `POST/GET /api/v1/inspections`, `GET /api/v1/inspections/{id}[/image]`,
 //! `GET /api/v1/rules[/{id}]`, `POST /api/v1/documents` (admin), the tutorial's `POST /detect`,
-//! `POST /api/detect` and `POST /api/upload`, OpenAI-compatible `POST /v1/chat/completions`,
-//! `GET /health`, `/ready`, `/metrics`, `/api/openapi.json`, and the web page at `/`.
+//! `POST /api/detect` and `POST /api/upload`, OpenAI-compatible `POST /v1/chat/completions` and
+//! `GET /v1/models`, `GET /health`, `/ready`, `/metrics`, `/api/openapi.json`, and the web page
+//! at `/`.
 //!
 //! ```no_run
 //! use inspector_server::{ServerConfig, Server};
@@ -28,33 +36,34 @@
 //! # Ok(()) }
 //! ```
 
-pub mod api;
 pub mod auth;
 pub mod error;
+pub mod guard;
+pub mod http;
 pub mod images;
+pub mod inspect;
 pub mod metrics;
 pub mod record;
+pub mod routes;
 pub mod worker;
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
         mpsc::{SyncSender, TrySendError},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Context;
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, MatchedPath, Request, State},
+    extract::{DefaultBodyLimit, Request},
     http::{HeaderName, HeaderValue, Method, header},
-    middleware::{self, Next},
-    response::Response,
-    routing::{get, post},
+    middleware,
 };
 use inspector_detect::Detector;
 use inspector_store::{RuleFilter, RuleStore, SqliteStore};
@@ -62,17 +71,19 @@ use tokio::sync::oneshot;
 use tower_http::{
     cors::CorsLayer, set_header::SetResponseHeaderLayer, timeout::RequestBodyTimeoutLayer,
 };
-use utoipa::OpenApi;
 
 use crate::{
-    auth::Limiter,
+    auth::{AuthFailures, Limiter},
     error::ApiError,
-    metrics::{Metrics, RequestLabels, RouteLabels},
-    worker::{BatchConfig, Job, SharedRules, WorkerContext},
+    metrics::Metrics,
+    worker::{BatchConfig, Front, Job, SharedRules, WorkerContext},
 };
 
 /// The model name `/ready` and chat completions report.
 pub const MODEL_NAME: &str = "safety-inspector";
+
+/// How long a request may wait for its answer by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long a request body may take to arrive.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -99,8 +110,19 @@ pub struct ServerConfig {
     pub rate_per_minute: u32,
     /// Answer repeated photos from the answer cache.
     pub cache: bool,
-    /// Origins allowed by CORS; empty: CORS off.
+    /// Origins allowed by CORS (and to send state-changing requests); empty: CORS off.
     pub cors_origins: Vec<String>,
+    /// Host names a keyless server answers to besides 127.0.0.1, localhost and [::1].
+    pub allowed_hosts: Vec<String>,
+    /// Longest chat prompt, in tokens (its text is also bounded by bytes before tokenizing).
+    pub max_prompt_tokens: usize,
+    /// How long a client may take to send a request's headers (and an idle keep-alive
+    /// connection may wait for its next request).
+    pub header_timeout: Duration,
+    /// Open connections at most; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// How long a shutdown waits for requests in flight before closing every connection.
+    pub shutdown_grace: Duration,
 }
 
 impl ServerConfig {
@@ -118,10 +140,15 @@ impl ServerConfig {
                 max_batch: 8,
                 batch_wait: Duration::from_millis(10),
             },
-            request_timeout: api::DEFAULT_TIMEOUT,
+            request_timeout: DEFAULT_TIMEOUT,
             rate_per_minute: 600,
             cache: true,
             cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
+            max_prompt_tokens: 8192,
+            header_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            shutdown_grace: Duration::from_secs(20),
         }
     }
 }
@@ -138,6 +165,11 @@ pub struct Inner {
     ready: Arc<AtomicBool>,
     /// Drawing boxes decodes a whole photo (up to 100 MP): two at a time.
     pub drawing: tokio::sync::Semaphore,
+    /// The loaded model's prompter and cache keys (set once the model is loaded).
+    pub front: Arc<OnceLock<Front>>,
+    pub auth_failures: AuthFailures,
+    /// The OpenAPI document of the routes served (set by [`router`]).
+    pub openapi: OnceLock<Arc<utoipa::openapi::OpenApi>>,
 }
 
 /// The handlers' state.
@@ -156,6 +188,28 @@ impl AppState {
     #[doc(hidden)]
     pub fn mark_ready_for_tests(&self) {
         self.inner.ready.store(true, Ordering::SeqCst);
+    }
+
+    /// Holds the model worker (after what is queued) until the returned sender is dropped:
+    /// tests of what must not wait for the worker.
+    #[doc(hidden)]
+    pub fn pause_worker_for_tests(&self) -> std::sync::mpsc::Sender<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let queue = self.inner.queue.lock().expect("queue lock");
+        self.inner.metrics.queue_depth.inc();
+        queue
+            .as_ref()
+            .expect("the server is running")
+            .send(Job::Pause(rx))
+            .expect("the worker is running");
+        tx
+    }
+
+    /// The loaded model's request-side parts, or 503 while it loads.
+    pub fn front(&self) -> Result<&Front, ApiError> {
+        self.inner.front.get().ok_or_else(|| {
+            ApiError::unavailable("not_ready", "the model is loading; try again shortly", 5)
+        })
     }
 
     /// Queues a job, or answers 503 (queue full, model loading, shutting down).
@@ -242,77 +296,11 @@ impl AppState {
     }
 }
 
-/// The OpenAPI document, generated from the handlers' annotations and types.
-#[derive(OpenApi)]
-#[openapi(
-    info(title = "Safety Inspector", description = "Inspects site photos against the plant's safety regulations."),
-    paths(
-        api::create_inspection, api::list_inspections, api::get_inspection, api::get_image,
-        api::list_rules, api::get_rule, api::upload_document,
-        api::tutorial_detect, api::tutorial_api_detect, api::tutorial_upload,
-        api::chat_completions, api::health, api::ready, api::metrics,
-    ),
-    components(schemas(error::ErrorBody, record::InspectionRecord, record::InspectionPage,
-        api::RuleView, api::RuleList, api::DocumentUploaded, api::InspectJson, api::InspectOptions)),
-    modifiers(&BearerAuth),
-    security(("api_key" = [])),
-)]
-pub struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        openapi
-            .components
-            .get_or_insert_default()
-            .add_security_scheme(
-                "api_key",
-                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-            );
-    }
-}
-
-async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
-    axum::Json(ApiDoc::openapi())
-}
-
-/// Counts requests and their latency by route pattern.
-async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
-    // A fixed set: invented methods must not create series.
-    let method = match *req.method() {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
-    }
-    .to_string();
-    let started = Instant::now();
-    let response = next.run(req).await;
-    let m = &state.inner.metrics;
-    m.requests
-        .get_or_create(&RequestLabels {
-            method,
-            route: route.clone(),
-            status: response.status().as_u16(),
-        })
-        .inc();
-    m.latency
-        .get_or_create(&RouteLabels { route })
-        .observe(started.elapsed().as_secs_f64());
-    response
-}
-
 /// The router with every endpoint and layer.
 pub fn router(state: AppState) -> Router {
     let config = &state.inner.config;
+    let (routes, doc) = routes::assemble(&state);
+    let _ = state.inner.openapi.set(Arc::new(doc));
     let security_headers = [
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
@@ -327,26 +315,10 @@ pub fn router(state: AppState) -> Router {
             "same-origin",
         ),
     ];
-    let mut app = Router::new()
-        .route("/", get(api::index))
-        .route(
-            "/api/v1/inspections",
-            post(api::create_inspection).get(api::list_inspections),
-        )
-        .route("/api/v1/inspections/{id}", get(api::get_inspection))
-        .route("/api/v1/inspections/{id}/image", get(api::get_image))
-        .route("/api/v1/rules", get(api::list_rules))
-        .route("/api/v1/rules/{id}", get(api::get_rule))
-        .route("/api/v1/documents", post(api::upload_document))
-        .route("/detect", post(api::tutorial_detect))
-        .route("/api/detect", post(api::tutorial_api_detect))
-        .route("/api/upload", post(api::tutorial_upload))
-        .route("/v1/chat/completions", post(api::chat_completions))
-        .route("/health", get(api::health))
-        .route("/ready", get(api::ready))
-        .route("/metrics", get(api::metrics))
-        .route("/api/openapi.json", get(openapi_json))
-        .fallback(api::not_found)
+    let mut app = routes
+        .fallback(|req: Request| async move {
+            ApiError::not_found(format!("no endpoint at {}", req.uri().path()))
+        })
         .method_not_allowed_fallback(|req: Request| async move {
             ApiError::new(
                 axum::http::StatusCode::METHOD_NOT_ALLOWED,
@@ -354,19 +326,10 @@ pub fn router(state: AppState) -> Router {
                 format!("{} is not allowed on {}", req.method(), req.uri().path()),
             )
         })
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::authenticate,
-        ))
         .layer(DefaultBodyLimit::max(config.max_body))
         // A client that trickles its body cannot hold a connection (and a shutdown) forever.
-        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT));
-    for (name, value) in security_headers {
-        app = app.layer(SetResponseHeaderLayer::overriding(
-            name,
-            HeaderValue::from_static(value),
-        ));
-    }
+        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
+        .layer(middleware::from_fn_with_state(state.clone(), guard::guard));
     if !config.cors_origins.is_empty() {
         let origins: Vec<HeaderValue> = config
             .cors_origins
@@ -384,8 +347,51 @@ pub fn router(state: AppState) -> Router {
                 ]),
         );
     }
-    app.layer(middleware::from_fn_with_state(state.clone(), track))
+    for (name, value) in security_headers {
+        app = app.layer(SetResponseHeaderLayer::overriding(
+            name,
+            HeaderValue::from_static(value),
+        ));
+    }
+    app.layer(middleware::from_fn_with_state(state.clone(), guard::track))
         .with_state(state)
+}
+
+/// Temp files older than this under the data dir are left over from a killed process.
+const STALE_TEMP: Duration = Duration::from_secs(3600);
+
+/// Removes the temp files (`.tmp…`) that a killed process left under `dir`, when older than
+/// an hour: a younger one may belong to a replica sharing the folder. Returns how many.
+pub fn sweep_temp_files(dir: &Path) -> usize {
+    let mut removed = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file()
+                && entry.file_name().to_string_lossy().starts_with(".tmp")
+                && entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > STALE_TEMP)
+            {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) => tracing::warn!("removing {}: {e}", entry.path().display()),
+                }
+            }
+        }
+    }
+    removed
 }
 
 /// A started server: the state, and the worker loading or running the model.
@@ -409,6 +415,13 @@ impl Server {
             config.batch.max_batch >= 1,
             "the batch size must be at least 1"
         );
+        let swept = sweep_temp_files(&config.data_dir);
+        if swept > 0 {
+            tracing::warn!(
+                "removed {swept} temp files older than an hour from {} (left by a killed process)",
+                config.data_dir.display()
+            );
+        }
         let reader = SqliteStore::open(&config.db)?;
         reader.enable_wal()?;
         let writer = SqliteStore::open(&config.db)?;
@@ -417,6 +430,7 @@ impl Server {
         rules.set(reader.rules(&RuleFilter::default())?);
         let metrics = Arc::new(Metrics::new());
         let ready = Arc::new(AtomicBool::new(false));
+        let front = Arc::new(OnceLock::new());
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue);
         let (loaded_tx, loaded) = std::sync::mpsc::channel();
         let ctx = WorkerContext {
@@ -428,6 +442,7 @@ impl Server {
             metrics: metrics.clone(),
             rules: rules.clone(),
             ready: ready.clone(),
+            front: front.clone(),
         };
         let worker = std::thread::Builder::new()
             .name("inspector-model".into())
@@ -443,6 +458,9 @@ impl Server {
                 metrics,
                 rules,
                 ready,
+                front,
+                auth_failures: AuthFailures::default(),
+                openapi: OnceLock::new(),
             }),
         };
         Ok(Server {
@@ -470,8 +488,8 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then stops accepting connections, lets in-flight
-    /// requests finish, drains the queue and stops the worker. Fails when the model fails to
-    /// load.
+    /// requests finish within the shutdown grace, drains the queue and stops the worker. Fails
+    /// when the model fails to load.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -498,33 +516,25 @@ impl Server {
             }
         });
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let stopping = Arc::new(tokio::sync::Notify::new());
         let load_error = Arc::new(Mutex::new(None));
-        let (load_error2, stopping2) = (load_error.clone(), stopping.clone());
+        let load_error2 = load_error.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown => {}
                 Ok(e) = failed_rx => { *load_error2.lock().expect("lock") = Some(e); }
             }
-            stopping2.notify_one();
             let _ = stop_tx.send(());
         });
-        let serving = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async {
+        let config = &state.inner.config;
+        let transport = http::Transport {
+            header_timeout: config.header_timeout,
+            max_connections: config.max_connections,
+            shutdown_grace: config.shutdown_grace,
+        };
+        http::serve(listener, app, transport, async {
             let _ = stop_rx.await;
-        });
-        // Requests in flight get their full timeout (and a body its own) to finish; a client
-        // that holds its connection longer does not hold the shutdown.
-        let grace = state.inner.config.request_timeout + BODY_TIMEOUT;
-        tokio::select! {
-            served = serving => served.context("serving")?,
-            _ = async { stopping.notified().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!("connections still open {} s after shutdown began; closing", grace.as_secs());
-            }
-        }
+        })
+        .await;
         // Every connection has finished: close the queue and let the worker drain it.
         state.inner.queue.lock().expect("queue lock").take();
         tokio::task::spawn_blocking(move || worker.join())

@@ -9,9 +9,9 @@
 
 use std::{
     panic::{AssertUnwindSafe, catch_unwind},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
-        Arc, RwLock,
+        Arc, OnceLock, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc::{Receiver, RecvTimeoutError},
     },
@@ -19,7 +19,10 @@ use std::{
 };
 
 use inspector_core::{Risk, Rule, reply::ReplyStatus};
-use inspector_detect::{ChatAnswer, Detector, Finding, Input};
+use inspector_detect::{
+    AnswerCache, ChatAnswer, ChatPrompter, Detector, Finding, Input, PreparedChat,
+    citations_fingerprint,
+};
 use inspector_store::{InspectionViolation, NewInspection, SqliteStore};
 use tokio::sync::oneshot;
 
@@ -30,19 +33,24 @@ use crate::{
     record::InspectionRecord,
 };
 
+/// What a client sent with a photo, checked.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub filename: Option<String>,
+    pub source: Option<String>,
+    pub probe: Probe,
+}
+
 /// A photo to inspect.
 pub struct InspectJob {
     pub bytes: Vec<u8>,
-    pub probe: Probe,
-    pub filename: Option<String>,
-    pub source: Option<String>,
+    pub upload: Upload,
     pub reply: oneshot::Sender<Result<InspectionRecord, ApiError>>,
 }
 
-/// A free chat turn (OpenAI-compatible endpoint).
+/// A free chat turn (OpenAI-compatible endpoint), rendered and tokenized off the worker.
 pub struct ChatJob {
-    pub messages: serde_json::Value,
-    pub images: Vec<Vec<u8>>,
+    pub prepared: PreparedChat,
     pub max_tokens: usize,
     pub temperature: f64,
     pub seed: u64,
@@ -52,6 +60,9 @@ pub struct ChatJob {
 pub enum Job {
     Inspect(InspectJob),
     Chat(ChatJob),
+    /// Holds the worker until the sender is dropped (tests of what must not wait for it).
+    #[doc(hidden)]
+    Pause(std::sync::mpsc::Receiver<()>),
 }
 
 impl Job {
@@ -59,8 +70,16 @@ impl Job {
         match self {
             Job::Inspect(j) => j.reply.is_closed(),
             Job::Chat(j) => j.reply.is_closed(),
+            Job::Pause(_) => false,
         }
     }
+}
+
+/// What the request threads use of the loaded model: the chat prompter and the answer cache's
+/// keys. Published by the worker once the model is loaded.
+pub struct Front {
+    pub prompter: ChatPrompter,
+    pub cache: AnswerCache,
 }
 
 /// Batching settings.
@@ -73,17 +92,24 @@ pub struct BatchConfig {
 /// The rules citations are checked against; replaced when an admin uploads a document.
 #[derive(Default)]
 pub struct SharedRules {
-    pub rules: RwLock<Arc<Vec<Rule>>>,
+    /// The rules and their citations' fingerprint (a part of the answer cache key).
+    rules: RwLock<(Arc<Vec<Rule>>, Arc<str>)>,
     pub version: AtomicU64,
 }
 
 impl SharedRules {
     pub fn set(&self, rules: Vec<Rule>) {
-        *self.rules.write().expect("rules lock") = Arc::new(rules);
+        let fingerprint = citations_fingerprint(&rules);
+        *self.rules.write().expect("rules lock") = (Arc::new(rules), fingerprint.into());
         self.version.fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn get(&self) -> Arc<Vec<Rule>> {
+        self.rules.read().expect("rules lock").0.clone()
+    }
+
+    /// The rules with their citations' fingerprint, read together.
+    pub fn get_with_fingerprint(&self) -> (Arc<Vec<Rule>>, Arc<str>) {
         self.rules.read().expect("rules lock").clone()
     }
 }
@@ -98,6 +124,7 @@ pub struct WorkerContext {
     pub metrics: Arc<Metrics>,
     pub rules: Arc<SharedRules>,
     pub ready: Arc<AtomicBool>,
+    pub front: Arc<OnceLock<Front>>,
 }
 
 /// Runs the worker until the queue closes: loads the model with `load`, then answers jobs.
@@ -117,6 +144,10 @@ pub fn run(
     detector.model.processor.max_decode_pixels = ctx.max_pixels;
     let mut rules_version = u64::MAX;
     let mut rules = Arc::new(Vec::new());
+    let _ = ctx.front.set(Front {
+        prompter: detector.chat_prompter(),
+        cache: detector.answer_cache(),
+    });
     ctx.ready.store(true, Ordering::SeqCst);
     let _ = loaded.send(Ok(()));
     let mut held: Option<Job> = None;
@@ -138,28 +169,18 @@ pub fn run(
             rules_version = version;
         }
         match job {
+            Job::Pause(until) => {
+                let _ = until.recv();
+            }
             Job::Chat(job) => {
                 if job.reply.is_closed() {
                     ctx.metrics.cancelled.inc();
                     continue;
                 }
-                let inputs: Vec<Input> = job
-                    .images
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, bytes)| Input {
-                        name: format!("image {}", i + 1),
-                        bytes,
-                    })
-                    .collect();
+                let (prepared, max_tokens, temperature, seed) =
+                    (job.prepared, job.max_tokens, job.temperature, job.seed);
                 let answer = catch_unwind(AssertUnwindSafe(|| {
-                    detector.chat(
-                        &job.messages,
-                        &inputs,
-                        job.max_tokens,
-                        job.temperature,
-                        job.seed,
-                    )
+                    detector.chat_prepared(prepared, max_tokens, temperature, seed)
                 }))
                 .unwrap_or_else(|_| {
                     Err(inspector_detect::Error::Model {
@@ -230,7 +251,7 @@ fn inspect_batch(
     let inputs: Vec<Input> = batch
         .iter_mut()
         .map(|j| Input {
-            name: j.filename.clone().unwrap_or_else(|| "image".into()),
+            name: j.upload.filename.clone().unwrap_or_else(|| "image".into()),
             bytes: std::mem::take(&mut j.bytes),
         })
         .collect();
@@ -252,7 +273,18 @@ fn inspect_batch(
     };
     for ((job, input), result) in batch.into_iter().zip(inputs).zip(results) {
         let reply = match result {
-            Ok(finding) => persist(ctx, &job, &input.bytes, finding, detector),
+            Ok(finding) => persist(
+                &mut ctx.store,
+                &ctx.data_dir,
+                &ctx.metrics,
+                &job.upload,
+                &input.bytes,
+                finding,
+                (
+                    &detector.model_fingerprint,
+                    detector.adapter_fingerprint.as_deref(),
+                ),
+            ),
             Err(inspector_detect::Error::Image { message, .. }) => Err(ApiError::unprocessable(
                 "corrupt_image",
                 format!("the image could not be inspected: {message}"),
@@ -268,18 +300,22 @@ pub fn new_id(now_ms: i64) -> String {
     format!("{now_ms:012x}{:016x}", rand::random::<u64>())
 }
 
-fn persist(
-    ctx: &mut WorkerContext,
-    job: &InspectJob,
+/// Stores an answered inspection (the photo by content hash, then its row) and counts it;
+/// the record is what the client gets.
+pub fn persist(
+    store: &mut SqliteStore,
+    data_dir: &Path,
+    metrics: &Metrics,
+    upload: &Upload,
     bytes: &[u8],
     finding: Finding,
-    detector: &Detector,
+    (model_fingerprint, adapter_fingerprint): (&str, Option<&str>),
 ) -> Result<InspectionRecord, ApiError> {
     if finding.timings.cached {
-        ctx.metrics.cache_hits.inc();
+        metrics.cache_hits.inc();
     }
-    let relative = images::relative_path(&finding.image.sha256, &job.probe)?;
-    images::store(&ctx.data_dir, &relative, bytes)
+    let relative = images::relative_path(&finding.image.sha256, &upload.probe)?;
+    images::store(data_dir, &relative, bytes)
         .map_err(|e| ApiError::internal(format!("storing the image: {e}")))?;
     let now = chrono::Utc::now();
     let created_ms = now.timestamp_millis();
@@ -302,23 +338,23 @@ fn persist(
     let row = NewInspection {
         id: id.clone(),
         created_ms,
-        filename: job.filename.clone(),
-        source: job.source.clone(),
+        filename: upload.filename.clone(),
+        source: upload.source.clone(),
         image_sha256: finding.image.sha256.clone(),
         image_file: relative,
         status: status.clone(),
         finding: serde_json::to_string(&finding).expect("a finding is JSON"),
-        model_fingerprint: detector.model_fingerprint.clone(),
-        adapter_fingerprint: detector.adapter_fingerprint.clone(),
+        model_fingerprint: model_fingerprint.to_string(),
+        adapter_fingerprint: adapter_fingerprint.map(str::to_string),
     };
-    ctx.store.insert_inspection(&row, &violations)?;
-    ctx.metrics
+    store.insert_inspection(&row, &violations)?;
+    metrics
         .inspections
         .get_or_create(&StatusLabels { status })
         .inc();
     for v in &finding.violations {
         let risk = v.risk.map_or("unknown", Risk::as_str).to_string();
-        ctx.metrics
+        metrics
             .violations
             .get_or_create(&RiskLabels { risk })
             .inc();
@@ -326,8 +362,8 @@ fn persist(
     Ok(InspectionRecord::new(
         id,
         created_ms,
-        job.filename.clone(),
-        job.source.clone(),
+        upload.filename.clone(),
+        upload.source.clone(),
         finding,
     ))
 }

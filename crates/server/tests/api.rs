@@ -157,7 +157,6 @@ async fn the_list_filters_and_pages() {
         "?limit=1000",
         "?cursor=nonsense",
         "?limit=abc",
-        "?colour=red",
     ] {
         let r = s.get(&format!("/api/v1/inspections{q}")).await;
         assert_eq!(r.status, 400, "{q}");
@@ -205,9 +204,10 @@ async fn rules_are_listed_searched_and_uploaded_by_admins_only() {
             .unwrap()
     };
     s.call(with_key(&user)).await.assert_error(403, "forbidden");
+    // Keyless loopback: an unknown key is no key, so anonymous, so not an admin.
     s.call(with_key("si_wrong"))
         .await
-        .assert_error(401, "unauthorized");
+        .assert_error(403, "forbidden");
     let r = s.call(with_key(&admin)).await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let up = r.json();
@@ -504,11 +504,12 @@ async fn bad_input_gets_clear_4xx_errors() {
     s.get("/api/v1/inspections/does-not-exist/image")
         .await
         .assert_error(404, "not_found");
-    let wrong_key = Request::get("/api/v1/inspections")
+    // Without required keys a token that is no stored key is no key: served as anonymous.
+    let unknown_key = Request::get("/api/v1/inspections")
         .header("authorization", "Bearer si_0000")
         .body(Body::empty())
         .unwrap();
-    s.call(wrong_key).await.assert_error(401, "unauthorized");
+    assert_eq!(s.call(unknown_key).await.status, 200);
     // Only files the server named exist under the data dir.
     for entry in walk(&s.dir.path().join("data")) {
         let name = entry.file_name().unwrap().to_str().unwrap().to_string();
@@ -666,7 +667,7 @@ async fn a_client_that_disconnects_is_not_inspected() {
     let body = serde_json::json!({"image_base64": b64(&photo(1))}).to_string();
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!(
-        "POST /api/v1/inspections HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+        "POST /api/v1/inspections HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\n\r\n{body}",
         body.len()
     );

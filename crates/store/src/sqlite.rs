@@ -395,6 +395,19 @@ impl SqliteStore {
             .map_err(q("checking an API key"))
     }
 
+    /// The key with this hash, revoked or not (a revoked key is refused by name, not taken
+    /// for an unknown one).
+    pub fn api_key_with_hash(&self, hash: &str) -> Result<Option<ApiKey>> {
+        self.conn
+            .query_row(
+                "SELECT id, name, admin, created_at, revoked_at FROM api_keys WHERE hash = ?1",
+                [hash],
+                api_key_row,
+            )
+            .optional()
+            .map_err(q("checking an API key"))
+    }
+
     /// Every key, revoked ones included, oldest first.
     pub fn api_keys(&self) -> Result<Vec<ApiKey>> {
         let mut stmt = self

@@ -21,6 +21,7 @@ use tower::ServiceExt;
 
 #[path = "../../../imaging/tests/support/png_bomb.rs"]
 mod png_bomb;
+#[allow(unused_imports)]
 pub use png_bomb::png_declaring;
 mod multipart;
 pub use multipart::{Part, multipart};
