@@ -71,10 +71,7 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
 
 fn check(state: &AppState, req: &Request) -> Result<(), ApiError> {
     let config = &state.inner.config;
-    let target = req
-        .uri()
-        .path_and_query()
-        .map_or(0, |p| p.as_str().len());
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
     if target > MAX_URI_BYTES {
         return Err(ApiError::new(
             StatusCode::URI_TOO_LONG,
@@ -137,9 +134,7 @@ fn check(state: &AppState, req: &Request) -> Result<(), ApiError> {
     );
     if changes_state && let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
-        let own = host
-            .as_deref()
-            .is_some_and(|h| origin_is_host(origin, h));
+        let own = host.as_deref().is_some_and(|h| origin_is_host(origin, h));
         if !own && !config.cors_origins.iter().any(|o| o == origin) {
             return Err(ApiError::forbidden_code(
                 "forbidden_origin",

@@ -188,7 +188,10 @@ async fn from_cache(state: &AppState, bytes: Vec<u8>, upload: &Upload) -> Result
             &upload,
             &bytes,
             finding,
-            (&cache.model_fingerprint, cache.adapter_fingerprint.as_deref()),
+            (
+                &cache.model_fingerprint,
+                cache.adapter_fingerprint.as_deref(),
+            ),
         )?;
         Ok(Cached::Hit(Box::new(record)))
     })

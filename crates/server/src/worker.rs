@@ -354,10 +354,7 @@ pub fn persist(
         .inc();
     for v in &finding.violations {
         let risk = v.risk.map_or("unknown", Risk::as_str).to_string();
-        metrics
-            .violations
-            .get_or_create(&RiskLabels { risk })
-            .inc();
+        metrics.violations.get_or_create(&RiskLabels { risk }).inc();
     }
     Ok(InspectionRecord::new(
         id,

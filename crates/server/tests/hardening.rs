@@ -107,7 +107,11 @@ async fn read_answer(conn: &mut TcpStream) -> Raw {
                 break i;
             }
             let n = conn.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed before an answer: {:?}", String::from_utf8_lossy(&buf));
+            assert!(
+                n > 0,
+                "closed before an answer: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
             buf.extend_from_slice(&chunk[..n]);
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
@@ -162,7 +166,10 @@ async fn cache_hits_and_prompt_limits_do_not_wait_for_the_model() {
         c.request_timeout = Duration::from_secs(3);
     });
     let first = s
-        .post_multipart("/api/v1/inspections", &[("image", Some("1.png"), &photo(1))])
+        .post_multipart(
+            "/api/v1/inspections",
+            &[("image", Some("1.png"), &photo(1))],
+        )
         .await;
     assert_eq!(first.status, 201);
     let first = first.json();
@@ -170,33 +177,59 @@ async fn cache_hits_and_prompt_limits_do_not_wait_for_the_model() {
     let hold = s.server.state().pause_worker_for_tests();
     let started = Instant::now();
     let again = s
-        .post_multipart("/api/v1/inspections", &[("image", Some("1.png"), &photo(1))])
+        .post_multipart(
+            "/api/v1/inspections",
+            &[("image", Some("1.png"), &photo(1))],
+        )
         .await;
-    assert_eq!(again.status, 201, "{}", String::from_utf8_lossy(&again.body));
+    assert_eq!(
+        again.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&again.body)
+    );
     let again = again.json();
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(again["finding"]["timings"]["cached"], true);
     assert_ne!(again["id"], first["id"], "a new inspection is stored");
-    assert_eq!(again["finding"]["violations"], first["finding"]["violations"]);
-    let stored = s.get(&format!("/api/v1/inspections/{}", again["id"].as_str().unwrap())).await;
+    assert_eq!(
+        again["finding"]["violations"],
+        first["finding"]["violations"]
+    );
+    let stored = s
+        .get(&format!(
+            "/api/v1/inspections/{}",
+            again["id"].as_str().unwrap()
+        ))
+        .await;
     assert_eq!(stored.status, 200);
     // Text beyond 16 bytes a token is refused unread; below that, by its token count.
     let started = Instant::now();
-    s.post_json("/v1/chat/completions", &chat_body(&"安全帽 ".repeat(200_000)))
-        .await
-        .assert_error(400, "prompt_too_long");
+    s.post_json(
+        "/v1/chat/completions",
+        &chat_body(&"安全帽 ".repeat(200_000)),
+    )
+    .await
+    .assert_error(400, "prompt_too_long");
     let r = s
         .post_json("/v1/chat/completions", &chat_body(&"安全帽 ".repeat(60)))
         .await;
     r.assert_error(400, "prompt_too_long");
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("tokens"));
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tokens")
+    );
     assert!(started.elapsed() < Duration::from_secs(2));
     // A short prompt waits for the model, which is held: it times out.
     s.post_json("/v1/chat/completions", &chat_body("你好"))
         .await
         .assert_error(504, "timeout");
     drop(hold);
-    let r = s.post_json("/v1/chat/completions", &chat_body("你好")).await;
+    let r = s
+        .post_json("/v1/chat/completions", &chat_body("你好"))
+        .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["model"], "anything");
 }
@@ -244,7 +277,11 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
         conn.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         many.push(conn);
     }
-    let (_, health) = send(live.addr, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    let (_, health) = send(
+        live.addr,
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await;
     assert_eq!(health.status, 200);
     live.shut_down().await;
 }
@@ -260,11 +297,17 @@ async fn shutdown_ends_within_the_grace() {
     let mut held = Vec::new();
     for _ in 0..10 {
         let mut conn = TcpStream::connect(live.addr).await.unwrap();
-        conn.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0").await.unwrap();
+        conn.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0")
+            .await
+            .unwrap();
         held.push(conn);
     }
     // An idle keep-alive connection after a complete request.
-    let (idle, answer) = send(live.addr, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
+    let (idle, answer) = send(
+        live.addr,
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    )
+    .await;
     assert_eq!(answer.status, 200);
     held.push(idle);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -292,10 +335,7 @@ async fn early_refusals_close_the_connection_and_say_so() {
     assert_eq!(answer.header("connection").as_deref(), Some("close"));
     assert!(closed_within(&mut conn, Duration::from_secs(2)).await);
     // 401 (a revoked key) before the body is read.
-    let store = inspector_store::SqliteStore::open(
-        &live.state.inner.config.db,
-    )
-    .unwrap();
+    let store = inspector_store::SqliteStore::open(&live.state.inner.config.db).unwrap();
     let (id, key) = inspector_server::auth::create_key(&store, "old", false).unwrap();
     store.revoke_api_key(&id).unwrap();
     let request = format!(
@@ -324,7 +364,10 @@ async fn early_refusals_close_the_connection_and_say_so() {
 }
 
 fn with_host(method: Method, uri: &str, host: &str) -> axum::http::request::Builder {
-    Request::builder().method(method).uri(uri).header("host", host)
+    Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", host)
 }
 
 /// Finding 4: keyless servers answer only their own names; foreign origins cannot write.
@@ -336,9 +379,18 @@ async fn foreign_hosts_and_origins_are_refused() {
             .body(Body::empty())
             .unwrap()
     };
-    s.call(get("attacker.example")).await.assert_error(403, "forbidden_host");
-    s.call(get("attacker.example:8080")).await.assert_error(403, "forbidden_host");
-    for ok in ["127.0.0.1:8080", "localhost", "[::1]:9", "inspector.plant.lan:8080"] {
+    s.call(get("attacker.example"))
+        .await
+        .assert_error(403, "forbidden_host");
+    s.call(get("attacker.example:8080"))
+        .await
+        .assert_error(403, "forbidden_host");
+    for ok in [
+        "127.0.0.1:8080",
+        "localhost",
+        "[::1]:9",
+        "inspector.plant.lan:8080",
+    ] {
         assert_eq!(s.call(get(ok)).await.status, 200, "{ok}");
     }
     let post = |origin: &str| {
@@ -349,10 +401,18 @@ async fn foreign_hosts_and_origins_are_refused() {
             .body(Body::from(body))
             .unwrap()
     };
-    s.call(post("https://evil.example")).await.assert_error(403, "forbidden_origin");
-    s.call(post("null")).await.assert_error(403, "forbidden_origin");
+    s.call(post("https://evil.example"))
+        .await
+        .assert_error(403, "forbidden_origin");
+    s.call(post("null"))
+        .await
+        .assert_error(403, "forbidden_origin");
     let listed = s.get("/api/v1/inspections").await.json();
-    assert_eq!(listed["items"].as_array().unwrap().len(), 0, "nothing was created");
+    assert_eq!(
+        listed["items"].as_array().unwrap().len(),
+        0,
+        "nothing was created"
+    );
     assert_eq!(s.call(post("http://127.0.0.1:8080")).await.status, 201);
     // With keys required, any Host is answered (keys protect it) but origins are still checked.
     let keyed = TestServer::start(|c| {
@@ -374,7 +434,13 @@ async fn foreign_hosts_and_origins_are_refused() {
         .call(keyed_post("https://evil.example"))
         .await
         .assert_error(403, "forbidden_origin");
-    assert_eq!(keyed.call(keyed_post("https://portal.plant.lan")).await.status, 201);
+    assert_eq!(
+        keyed
+            .call(keyed_post("https://portal.plant.lan"))
+            .await
+            .status,
+        201
+    );
 }
 
 /// Finding 6: temp files a killed process left are swept at start when older than an hour.
@@ -402,7 +468,10 @@ fn stale_temp_files_are_swept_at_start() {
     seed_rules(&config.db);
     let _server = inspector_server::Server::start(config, load_detector).unwrap();
     assert!(!old.exists(), "an old temp file is removed");
-    assert!(young.exists(), "a young one may be a replica's upload in progress");
+    assert!(
+        young.exists(),
+        "a young one may be a replica's upload in progress"
+    );
     assert!(photo_file.exists(), "stored photos are never touched");
 }
 
@@ -435,20 +504,33 @@ async fn authentication_details() {
     let bearer = |k: &str| format!("Bearer {k}");
     // A valid Bearer key with a revoked X-API-Key is refused.
     let r = s
-        .call(req(&[("authorization", &bearer(&good)), ("x-api-key", &old)]))
+        .call(req(&[
+            ("authorization", &bearer(&good)),
+            ("x-api-key", &old),
+        ]))
         .await;
     r.assert_error(401, "unauthorized");
-    assert_eq!(r.headers["www-authenticate"], "Bearer realm=\"safety-inspector\"");
     assert_eq!(
-        s.call(req(&[("authorization", &bearer(&good)), ("x-api-key", &good)]))
-            .await
-            .status,
+        r.headers["www-authenticate"],
+        "Bearer realm=\"safety-inspector\""
+    );
+    assert_eq!(
+        s.call(req(&[
+            ("authorization", &bearer(&good)),
+            ("x-api-key", &good)
+        ]))
+        .await
+        .status,
         200
     );
     // Schemes are case-insensitive.
     for scheme in ["bearer", "BEARER", "Bearer"] {
         let h = format!("{scheme} {good}");
-        assert_eq!(s.call(req(&[("authorization", &h)])).await.status, 200, "{scheme}");
+        assert_eq!(
+            s.call(req(&[("authorization", &h)])).await.status,
+            200,
+            "{scheme}"
+        );
     }
     s.call(req(&[("authorization", &format!("Basic {good}"))]))
         .await
@@ -460,15 +542,27 @@ async fn authentication_details() {
     let mut codes = Vec::new();
     for i in 0..inspector_server::auth::AUTH_FAILURES_PER_MINUTE + 5 {
         let wrong = format!("Bearer si_{i:040}");
-        codes.push(s.call(from(attacker, req(&[("authorization", &wrong)]))).await.status.as_u16());
+        codes.push(
+            s.call(from(attacker, req(&[("authorization", &wrong)])))
+                .await
+                .status
+                .as_u16(),
+        );
     }
     let limit = inspector_server::auth::AUTH_FAILURES_PER_MINUTE as usize;
     assert!(codes[..limit].iter().all(|&c| c == 401), "{codes:?}");
     assert!(codes[limit..].iter().all(|&c| c == 429), "{codes:?}");
-    let blocked = s.call(from(attacker, req(&[("authorization", &bearer(&good))]))).await;
+    let blocked = s
+        .call(from(attacker, req(&[("authorization", &bearer(&good))])))
+        .await;
     blocked.assert_error(429, "rate_limited");
     assert!(blocked.headers.contains_key("retry-after"));
-    let other = s.call(from([10, 0, 0, 8], req(&[("authorization", &bearer(&good))]))).await;
+    let other = s
+        .call(from(
+            [10, 0, 0, 8],
+            req(&[("authorization", &bearer(&good))]),
+        ))
+        .await;
     assert_eq!(other.status, 200);
 }
 
@@ -482,7 +576,11 @@ async fn every_refusal_is_json_and_limits_are_as_documented() {
     };
     // A 16 KiB target passes; longer ones get 414 from us, far longer ones from hyper.
     let query = "q=".to_string() + &"a".repeat(16 * 1024 - "/api/v1/rules?q=".len());
-    let (_, ok) = send(live.addr, &get(format!("/api/v1/rules?{query}"), String::new())).await;
+    let (_, ok) = send(
+        live.addr,
+        &get(format!("/api/v1/rules?{query}"), String::new()),
+    )
+    .await;
     assert_eq!(ok.status, 200, "{}", ok.head);
     for len in [20 * 1024, 70 * 1024] {
         let target = format!("/api/v1/rules?q={}", "a".repeat(len));
@@ -551,7 +649,12 @@ async fn bidirectional_controls_in_names_are_refused() {
     }
     // Plain Chinese names with spaces pass.
     let body = json!({"image_base64": b64(&photo(0)), "filename": "3号车间 照片.png"});
-    assert_eq!(s.post_json("/api/v1/inspections", &body.to_string()).await.status, 201);
+    assert_eq!(
+        s.post_json("/api/v1/inspections", &body.to_string())
+            .await
+            .status,
+        201
+    );
 }
 
 /// Finding 10: the OpenAI client works against keyless loopback, with any key it sends.
@@ -560,9 +663,7 @@ async fn the_openai_client_talks_to_keyless_loopback() {
     use async_openai::{
         Client,
         config::OpenAIConfig,
-        types::{
-            ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
-        },
+        types::{ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs},
     };
     let mut live = Live::start(|_| {}).await;
     let base = format!("http://{}/v1", live.addr);
@@ -574,7 +675,11 @@ async fn the_openai_client_talks_to_keyless_loopback() {
     let models = client.models().list().await.unwrap();
     assert_eq!(models.data.len(), 1);
     assert_eq!(models.data[0].id, inspector_server::MODEL_NAME);
-    let model = client.models().retrieve(inspector_server::MODEL_NAME).await.unwrap();
+    let model = client
+        .models()
+        .retrieve(inspector_server::MODEL_NAME)
+        .await
+        .unwrap();
     assert_eq!(model.id, inspector_server::MODEL_NAME);
     let request = CreateChatCompletionRequestArgs::default()
         .model("gpt-4o")
@@ -639,5 +744,8 @@ async fn every_route_is_in_the_openapi_document() {
         );
     }
     let lib = std::fs::read_to_string(root().join("crates/server/src/lib.rs")).unwrap();
-    assert!(!lib.contains(".route("), "lib.rs adds a route without documenting it");
+    assert!(
+        !lib.contains(".route("),
+        "lib.rs adds a route without documenting it"
+    );
 }

@@ -218,7 +218,6 @@ pub async fn chat_completions(
     })))
 }
 
-
 fn prompt_too_long(message: String) -> ApiError {
     ApiError::bad_request("prompt_too_long", message)
 }

@@ -100,4 +100,3 @@ pub async fn upload_document(
         .await?;
     Ok((StatusCode::CREATED, Json(uploaded)))
 }
-

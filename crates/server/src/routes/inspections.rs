@@ -243,4 +243,3 @@ pub async fn list_inspections(
         .collect::<Result<_, _>>()?;
     Ok(Json(InspectionPage { items, next_cursor }))
 }
-

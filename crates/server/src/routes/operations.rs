@@ -78,4 +78,3 @@ pub async fn openapi_json(State(state): State<AppState>) -> Response {
         None => ApiError::internal("the OpenAPI document was not assembled").into_response(),
     }
 }
-

@@ -125,4 +125,3 @@ pub async fn get_rule(
         .map(|r| Json(r.into()))
         .ok_or_else(|| ApiError::not_found(format!("no rule with id `{id}`")))
 }
-

@@ -113,4 +113,3 @@ pub async fn tutorial_upload(State(state): State<AppState>, req: Request) -> Res
     };
     tutorial(run.await)
 }
-
