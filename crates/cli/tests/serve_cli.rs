@@ -332,7 +332,7 @@ fn the_json_log_has_an_access_line_per_request_and_every_5xx_with_its_cause() {
         let lines: Vec<serde_json::Value> = log
             .lines()
             .filter(|l| l.starts_with('{'))
-            .map(|l| json(l))
+            .map(json)
             .collect();
         if lines.iter().any(|l| l["path"] == "/health")
             || started.elapsed() > Duration::from_secs(10)
