@@ -714,9 +714,10 @@ impl QTensor {
                 repack_x86::level(),
                 Some(X86Level::Avx512Vnni | X86Level::AvxVnni)
             );
-            let amx_repacks = dtype == GgmlDType::Q4K && repack_x86::amx_available();
+            // On an AMX core the q4k prefill path would build 10-bit AMX tiles beside the
+            // blocks and these tiles (19 bits a weight in all); the VNNI tiles alone serve
+            // both prefill and decode at 4.75 bits.
             if !vnni
-                || amx_repacks
                 || !repack_x86::select(dtype, 1, n, k)
                 || !repack_x86::select(dtype, 2, n, k)
             {

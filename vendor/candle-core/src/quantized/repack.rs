@@ -261,7 +261,13 @@ pub(crate) fn try_matmul_f32(
         }
         let dtype = storage.dtype();
         let lhs_q = super::repack_x86::quantize_lhs(lhs, m, k);
-        if m >= 32 && dtype == super::GgmlDType::Q4K && super::repack_x86::amx_available() {
+        // The AMX tiles are built from the ggml blocks, which `QTensor::pack_for_cpu` frees:
+        // a packed weight stays on the VNNI tiles it was packed into.
+        if m >= 32
+            && dtype == super::GgmlDType::Q4K
+            && super::repack_x86::amx_available()
+            && storage.storage_size_in_bytes() > 0
+        {
             let tiles = packed
                 .x86_amx
                 .get_or_init(|| super::repack_x86::pack_q4k_amx(storage, n, k));

@@ -10,12 +10,17 @@ use half::f16;
 
 pub(crate) const TILE_N: usize = 16;
 
-// One k-superblock (256 values) for 16 output rows.
+// One k-superblock (256 values) for 16 output rows: 4.75 bits a weight (ggml's block is
+// 4.5). The 6-bit sub-block scales and mins stay integers, so a kernel sums
+// scale * dot(q, a) in i32 over the whole superblock and converts to f32 once.
 #[repr(C)]
 pub(crate) struct TileQ4K {
-    // per-subblock (8) per-row (16) effective scales/mins, pre-unpacked from the 6-bit fields
-    pub(crate) scales: [[f32; TILE_N]; 8],
-    pub(crate) mins: [[f32; TILE_N]; 8],
+    // per-row superblock scale and min scale
+    pub(crate) d: [f32; TILE_N],
+    pub(crate) dmin: [f32; TILE_N],
+    // per-subblock (8) per-row (16) 6-bit scales and mins, unpacked from the 12-byte fields
+    pub(crate) scales: [[u8; TILE_N]; 8],
+    pub(crate) mins: [[u8; TILE_N]; 8],
     // nibble-packed: [k8-group (32)][row (16)][4 bytes]; byte j = q[8g+j] | q[8g+j+4] << 4
     pub(crate) qs: [u8; QK_K / 8 * TILE_N * 4],
 }
@@ -95,18 +100,20 @@ pub(crate) fn pack_q4k(storage: &dyn QuantizedType, n: usize, k: usize) -> Packe
     for t in 0..n_tiles {
         for b in 0..kb {
             let mut tile = TileQ4K {
-                scales: [[0.0; TILE_N]; 8],
-                mins: [[0.0; TILE_N]; 8],
+                d: [0.0; TILE_N],
+                dmin: [0.0; TILE_N],
+                scales: [[0; TILE_N]; 8],
+                mins: [[0; TILE_N]; 8],
                 qs: [0; QK_K / 8 * TILE_N * 4],
             };
             for r in 0..TILE_N {
                 let blk = &blocks[(t * TILE_N + r) * kb + b];
-                let d = blk.d.to_f32();
-                let dmin = blk.dmin.to_f32();
+                tile.d[r] = blk.d.to_f32();
+                tile.dmin[r] = blk.dmin.to_f32();
                 for sub in 0..8 {
                     let (sc, mn) = get_scale_min_k4(sub, &blk.scales);
-                    tile.scales[sub][r] = d * sc as f32;
-                    tile.mins[sub][r] = dmin * mn as f32;
+                    tile.scales[sub][r] = sc;
+                    tile.mins[sub][r] = mn;
                 }
                 // q4k qs: 32-byte chunks c hold values [c*64, c*64+32) in the low nibbles
                 // and [c*64+32, c*64+64) in the high nibbles
@@ -213,10 +220,14 @@ mod kernels {
 
     // q4k: one superblock tile against `mt` q8k activation blocks. Subblocks are
     // processed in pairs with independent integer accumulators to break the dpbusd
-    // latency chain when mt is small (decode gemv).
+    // latency chain when mt is small (decode gemv). Each subblock's dot product is
+    // scaled by its 6-bit scale in i32 (|sum| <= 8 * 63 * 32 * 15 * 128 < 2^31), and
+    // the mins term is the i32 sum of mins times the q8k block sums, so the float work
+    // is two fmas per superblock and activation row.
     #[target_feature(enable = "avx512f,avx512vnni,avx512bw")]
     pub(crate) unsafe fn q4k_tile(tile: &TileQ4K, acts: &[&BlockQ8K], acc: &mut [[__m512; 1]]) {
         let mask = _mm512_set1_epi8(0x0F_u8 as i8);
+        let mut qsum = [_mm512_setzero_si512(); MAX_MT];
         for sub2 in 0..4 {
             let sa = sub2 * 2;
             let sb = sa + 1;
@@ -242,18 +253,32 @@ mod kernels {
                         _mm512_dpbusd_epi32(isum_b[m], hi_b, bcast4(&act.qs, sb * 32 + g4 * 8 + 4));
                 }
             }
-            for (sub, isum) in [(sa, &isum_a), (sb, &isum_b)] {
-                let scale = _mm512_loadu_ps(tile.scales[sub].as_ptr());
-                let min = _mm512_loadu_ps(tile.mins[sub].as_ptr());
-                for (m, act) in acts.iter().enumerate() {
-                    let dall = act.d;
-                    let f = _mm512_cvtepi32_ps(isum[m]);
-                    acc[m][0] =
-                        _mm512_fmadd_ps(f, _mm512_mul_ps(scale, _mm512_set1_ps(dall)), acc[m][0]);
-                    let bsum = (act.bsums[sub * 2] as i32 + act.bsums[sub * 2 + 1] as i32) as f32;
-                    acc[m][0] = _mm512_fnmadd_ps(min, _mm512_set1_ps(dall * bsum), acc[m][0]);
-                }
+            let sc_a = _mm512_cvtepu8_epi32(_mm_loadu_si128(tile.scales[sa].as_ptr() as *const _));
+            let sc_b = _mm512_cvtepu8_epi32(_mm_loadu_si128(tile.scales[sb].as_ptr() as *const _));
+            for m in 0..acts.len() {
+                qsum[m] = _mm512_add_epi32(
+                    qsum[m],
+                    _mm512_add_epi32(
+                        _mm512_mullo_epi32(isum_a[m], sc_a),
+                        _mm512_mullo_epi32(isum_b[m], sc_b),
+                    ),
+                );
             }
+        }
+        let d = _mm512_loadu_ps(tile.d.as_ptr());
+        let dmin = _mm512_loadu_ps(tile.dmin.as_ptr());
+        for (m, act) in acts.iter().enumerate() {
+            let mut msum = _mm512_setzero_si512();
+            for sub in 0..8 {
+                let bsum = act.bsums[sub * 2] as i32 + act.bsums[sub * 2 + 1] as i32;
+                let mn = _mm512_cvtepu8_epi32(_mm_loadu_si128(tile.mins[sub].as_ptr() as *const _));
+                msum = _mm512_add_epi32(msum, _mm512_mullo_epi32(mn, _mm512_set1_epi32(bsum)));
+            }
+            let dall = _mm512_set1_ps(act.d);
+            acc[m][0] =
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(qsum[m]), _mm512_mul_ps(d, dall), acc[m][0]);
+            acc[m][0] =
+                _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmin, dall), acc[m][0]);
         }
     }
 
@@ -960,6 +985,7 @@ mod kernels256 {
                 acc: &mut [[__m256; 2]],
             ) {
                 let mask = _mm256_set1_epi8(0x0F_u8 as i8);
+                let mut qsum = [[_mm256_setzero_si256(); 2]; MAX_MT];
                 for sub in 0..8 {
                     let mut isum = [[_mm256_setzero_si256(); 2]; MAX_MT];
                     for g4 in 0..4 {
@@ -979,21 +1005,41 @@ mod kernels256 {
                         }
                     }
                     for h in 0..2 {
-                        let scale = _mm256_loadu_ps(tile.scales[sub].as_ptr().add(h * 8));
-                        let min = _mm256_loadu_ps(tile.mins[sub].as_ptr().add(h * 8));
-                        for (m, act) in acts.iter().enumerate() {
-                            let dall = act.d;
-                            let f = _mm256_cvtepi32_ps(isum[m][h]);
-                            acc[m][h] = _mm256_fmadd_ps(
-                                f,
-                                _mm256_mul_ps(scale, _mm256_set1_ps(dall)),
-                                acc[m][h],
-                            );
-                            let bsum =
-                                (act.bsums[sub * 2] as i32 + act.bsums[sub * 2 + 1] as i32) as f32;
-                            acc[m][h] =
-                                _mm256_fnmadd_ps(min, _mm256_set1_ps(dall * bsum), acc[m][h]);
+                        let sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                            tile.scales[sub].as_ptr().add(h * 8) as *const _,
+                        ));
+                        for m in 0..acts.len() {
+                            qsum[m][h] =
+                                _mm256_add_epi32(qsum[m][h], _mm256_mullo_epi32(isum[m][h], sc));
                         }
+                    }
+                }
+                for h in 0..2 {
+                    let d = _mm256_loadu_ps(tile.d.as_ptr().add(h * 8));
+                    let dmin = _mm256_loadu_ps(tile.dmin.as_ptr().add(h * 8));
+                    for (m, act) in acts.iter().enumerate() {
+                        let mut msum = _mm256_setzero_si256();
+                        for sub in 0..8 {
+                            let bsum = act.bsums[sub * 2] as i32 + act.bsums[sub * 2 + 1] as i32;
+                            let mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                tile.mins[sub].as_ptr().add(h * 8) as *const _,
+                            ));
+                            msum = _mm256_add_epi32(
+                                msum,
+                                _mm256_mullo_epi32(mn, _mm256_set1_epi32(bsum)),
+                            );
+                        }
+                        let dall = _mm256_set1_ps(act.d);
+                        acc[m][h] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(qsum[m][h]),
+                            _mm256_mul_ps(d, dall),
+                            acc[m][h],
+                        );
+                        acc[m][h] = _mm256_fnmadd_ps(
+                            _mm256_cvtepi32_ps(msum),
+                            _mm256_mul_ps(dmin, dall),
+                            acc[m][h],
+                        );
                     }
                 }
             }
