@@ -355,14 +355,20 @@ fn quantized_products_match_f32_within_the_formats_precision() {
             // Packing at load only moves when the tiles are made; on an AMX core a large
             // q4k product of an unpacked weight runs candle's AMX kernel instead (f32
             // sub-block scales), so the two agree to rounding there.
-            let scale = results[0].iter().flatten().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = results[0]
+                .iter()
+                .flatten()
+                .fold(0f32, |a, v| a.max(v.abs()));
             let gap = results[0]
                 .iter()
                 .flatten()
                 .zip(results[1].iter().flatten())
                 .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
             if t == GgmlDType::Q4K && m >= 32 {
-                assert!(gap <= 1e-5 * scale, "{t:?} m={m}: packed and unpacked differ by {gap}");
+                assert!(
+                    gap <= 1e-5 * scale,
+                    "{t:?} m={m}: packed and unpacked differ by {gap}"
+                );
             } else {
                 assert_eq!(results[0], results[1], "{t:?} m={m}");
             }
