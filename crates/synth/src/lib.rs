@@ -560,80 +560,17 @@ pub fn render(config: &SynthConfig, seed: u64, index: u64) -> Scene {
     let h = w * 3 / 4;
     let (wf, hf) = (w as f32, h as f32);
     let u = wf / 448.0;
-    // Which hazards this scene shows.
-    let mut active: Vec<Hazard> = Vec::new();
-    if !config.hazards.is_empty() && !rng.random_bool(config.safe_fraction.clamp(0.0, 1.0)) {
-        let boosted: Vec<Hazard> = config
-            .boost
-            .iter()
-            .copied()
-            .filter(|b| config.hazards.contains(b))
-            .collect();
-        if !boosted.is_empty() && rng.random_bool(0.5) {
-            active.push(*boosted.choose(&mut rng).unwrap());
-        }
-        let n = rng.random_range(1..=3usize);
-        let mut pool = config.hazards.clone();
-        pool.shuffle(&mut rng);
-        for hz in pool {
-            if active.len() >= n.max(active.len()) {
-                break;
-            }
-            if !active.contains(&hz) {
-                active.push(hz);
-            }
-        }
-    }
+    let active = choose_hazards(config, &mut rng);
     let has = |hz: Hazard| active.contains(&hz);
     let mut cv = Canvas {
         pix: Pixmap::new(w, h).expect("non-zero size"),
     };
-    // Wall and floor.
-    let horizon = hf * rng.random_range(0.4..0.5);
-    let wall = jitter(
-        *[
-            [200, 200, 190],
-            [170, 185, 195],
-            [215, 205, 180],
-            [160, 165, 160],
-        ]
-        .choose(&mut rng)
-        .unwrap(),
-        &mut rng,
-        12,
-    );
-    let floor = jitter(
-        *[
-            [120, 130, 120],
-            [150, 145, 135],
-            [95, 110, 105],
-            [135, 120, 100],
-        ]
-        .choose(&mut rng)
-        .unwrap(),
-        &mut rng,
-        10,
-    );
-    cv.rect(0.0, 0.0, wf, horizon, wall);
-    cv.rect(0.0, horizon, wf, hf - horizon, floor);
-    cv.rect(0.0, horizon - 6.0 * u, wf, 6.0 * u, shade(wall, 0.75));
-    // Walkway between two yellow lines.
-    let walk0 = horizon + (hf - horizon) * rng.random_range(0.45..0.55);
-    let walk1 = walk0 + (hf - horizon) * rng.random_range(0.22..0.3);
-    for y in [walk0, walk1] {
-        cv.rect(0.0, y, wf, 3.0 * u, [235, 200, 30]);
-    }
+    let Room {
+        horizon,
+        walk0,
+        walk1,
+    } = paint_room(&mut cv, &mut rng, wf, hf, u);
     // Wall items in slots, left to right.
-    #[derive(Clone, Copy, PartialEq)]
-    enum Item {
-        Cabinet,
-        Extinguisher,
-        Exit,
-        Machine,
-        Shelf,
-        Stack,
-        Bench,
-    }
     let mut items = vec![Item::Cabinet, Item::Extinguisher, Item::Exit, Item::Stack];
     let mut extra = [Item::Machine, Item::Shelf, Item::Machine, Item::Bench];
     extra.shuffle(&mut rng);
@@ -646,287 +583,41 @@ pub fn render(config: &SynthConfig, seed: u64, index: u64) -> Scene {
     for (i, &item) in items.iter().enumerate() {
         let cx = slot * (i as f32 + 0.5) + rng.random_range(-0.15..0.15) * slot;
         let base = horizon + rng.random_range(2.0..14.0) * u;
+        let at = Spot {
+            cx,
+            base,
+            slot,
+            horizon,
+            u,
+        };
         match item {
-            Item::Cabinet => {
-                let (cw, ch) = (
-                    rng.random_range(40.0..56.0) * u,
-                    rng.random_range(64.0..84.0) * u,
-                );
-                let (x, y) = (
-                    cx - cw / 2.0,
-                    horizon - ch - rng.random_range(4.0..20.0) * u,
-                );
-                let body = jitter([150, 155, 160], &mut rng, 10);
-                cv.rect(x, y, cw, ch, shade(body, 0.7));
-                cv.rect(x + 2.0 * u, y + 2.0 * u, cw - 4.0 * u, ch - 4.0 * u, body);
-                // Warning triangle.
-                cv.poly(
-                    &[
-                        (cx, y + 6.0 * u),
-                        (cx - 6.0 * u, y + 16.0 * u),
-                        (cx + 6.0 * u, y + 16.0 * u),
-                    ],
-                    [250, 210, 0],
-                );
-                cabinet_at = Some((x, y, cw, ch));
-                if cabinet_open {
-                    // Dark inside with breakers; the door swung out to one side.
-                    cv.rect(
-                        x + 3.0 * u,
-                        y + 3.0 * u,
-                        cw - 6.0 * u,
-                        ch - 6.0 * u,
-                        [35, 35, 40],
-                    );
-                    for k in 0..4 {
-                        let by = y + ch * (0.2 + 0.17 * k as f32);
-                        cv.rect(x + 7.0 * u, by, cw - 14.0 * u, 5.0 * u, [200, 200, 190]);
-                    }
-                    cv.poly(
-                        &[
-                            (x + cw, y),
-                            (x + cw + cw * 0.5, y + 6.0 * u),
-                            (x + cw + cw * 0.5, y + ch - 6.0 * u),
-                            (x + cw, y + ch),
-                        ],
-                        shade(body, 1.08),
-                    );
-                }
-            }
-            Item::Extinguisher => {
-                let (ew, eh) = (12.0 * u, rng.random_range(30.0..38.0) * u);
-                let (x, y) = (cx - ew / 2.0, base - eh);
-                cv.rect(x, y, ew, eh, [200, 25, 25]);
-                cv.rect(x + ew * 0.3, y - 5.0 * u, ew * 0.4, 5.0 * u, [40, 40, 40]);
-                cv.rect(
-                    x + 1.0 * u,
-                    y + eh * 0.3,
-                    ew - 2.0 * u,
-                    eh * 0.25,
-                    [240, 240, 240],
-                );
-                cv.line(
-                    &[(x + ew * 0.5, y - 4.0 * u), (x - 4.0 * u, y + eh * 0.5)],
-                    2.0 * u,
-                    [30, 30, 30],
-                    Transform::identity(),
-                );
-                // Sign above.
-                cv.rect(
-                    x - 2.0 * u,
-                    y - 24.0 * u,
-                    ew + 4.0 * u,
-                    12.0 * u,
-                    [210, 30, 30],
-                );
+            Item::Cabinet => cabinet_at = Some(paint_cabinet(&mut cv, &mut rng, at, cabinet_open)),
+            Item::Extinguisher | Item::Exit => {
+                let front = if item == Item::Extinguisher {
+                    paint_extinguisher(&mut cv, &mut rng, at)
+                } else {
+                    paint_exit(&mut cv, &mut rng, at)
+                };
+                // The first exit or extinguisher of a scene with the hazard is blocked.
                 if has(Hazard::BlockedExit) && !boxes.iter().any(|b| b.0 == Hazard::BlockedExit) {
                     let bb = blocking_pile(&mut cv, &mut rng, cx, base + 4.0 * u, u);
-                    boxes.push((
-                        Hazard::BlockedExit,
-                        union(
-                            [
-                                x as f64,
-                                (y - 24.0 * u) as f64,
-                                (x + ew) as f64,
-                                base as f64,
-                            ],
-                            bb,
-                        ),
-                    ));
+                    boxes.push((Hazard::BlockedExit, union(front, bb)));
                 }
             }
-            Item::Exit => {
-                let (dw, dh) = (
-                    rng.random_range(46.0..60.0) * u,
-                    rng.random_range(84.0..100.0) * u,
-                );
-                let (x, y) = (cx - dw / 2.0, base - dh);
-                let door = jitter([110, 120, 130], &mut rng, 15);
-                cv.rect(
-                    x - 3.0 * u,
-                    y - 3.0 * u,
-                    dw + 6.0 * u,
-                    dh + 3.0 * u,
-                    shade(door, 0.6),
-                );
-                cv.rect(x, y, dw, dh, door);
-                cv.rect(
-                    x + dw * 0.8,
-                    y + dh * 0.5,
-                    4.0 * u,
-                    8.0 * u,
-                    [220, 220, 220],
-                );
-                // The green exit sign with a running figure.
-                let (sx, sy) = (cx - 16.0 * u, y - 20.0 * u);
-                cv.rect(sx, sy, 32.0 * u, 12.0 * u, [20, 160, 70]);
-                cv.rect(
-                    sx + 4.0 * u,
-                    sy + 3.0 * u,
-                    5.0 * u,
-                    6.0 * u,
-                    [240, 255, 240],
-                );
-                cv.poly(
-                    &[
-                        (sx + 14.0 * u, sy + 4.0 * u),
-                        (sx + 26.0 * u, sy + 6.0 * u),
-                        (sx + 14.0 * u, sy + 8.0 * u),
-                    ],
-                    [240, 255, 240],
-                );
-                if has(Hazard::BlockedExit) && !boxes.iter().any(|b| b.0 == Hazard::BlockedExit) {
-                    let bb = blocking_pile(&mut cv, &mut rng, cx, base + 4.0 * u, u);
-                    boxes.push((
-                        Hazard::BlockedExit,
-                        union([x as f64, sy as f64, (x + dw) as f64, base as f64], bb),
-                    ));
-                }
-            }
-            Item::Machine => {
-                let (mw, mh) = (
-                    (0.9 * slot).clamp(40.0 * u, 110.0 * u) * rng.random_range(0.7..1.0),
-                    rng.random_range(50.0..80.0) * u,
-                );
-                let c = jitter(
-                    *[[70, 110, 150], [80, 130, 90], [150, 150, 150]]
-                        .choose(&mut rng)
-                        .unwrap(),
-                    &mut rng,
-                    15,
-                );
-                let (x, y) = (cx - mw / 2.0, base + 10.0 * u - mh);
-                cv.rect(x, y, mw, mh, shade(c, 0.7));
-                cv.rect(x + 2.0 * u, y + 2.0 * u, mw - 4.0 * u, mh * 0.6, c);
-                cv.rect(
-                    x + mw * 0.6,
-                    y + mh * 0.15,
-                    mw * 0.25,
-                    mh * 0.2,
-                    [30, 50, 60],
-                );
-                cv.oval(
-                    x + mw * 0.15,
-                    y + mh * 0.2,
-                    8.0 * u,
-                    8.0 * u,
-                    [220, 30, 30],
-                    255,
-                    Transform::identity(),
-                );
-            }
-            Item::Shelf => {
-                let (sw, sh) = (
-                    rng.random_range(60.0..80.0) * u,
-                    rng.random_range(80.0..100.0) * u,
-                );
-                let (x, y) = (cx - sw / 2.0, base - sh);
-                let frame = [50, 80, 160];
-                for k in 0..4 {
-                    let ly = y + sh * k as f32 / 3.0;
-                    cv.rect(x, ly - 2.0 * u, sw, 3.0 * u, [230, 120, 30]);
-                    if k < 3 {
-                        let mut bx = x + 2.0 * u;
-                        while bx < x + sw - 12.0 * u {
-                            let bw = rng.random_range(8.0..16.0) * u;
-                            let room = sh / 3.0 - 6.0 * u;
-                            let bh = if room > 8.5 {
-                                rng.random_range(8.0..room)
-                            } else {
-                                // Small images: boxes scale with the shelf.
-                                rng.random_range(0.5..1.0) * room.max(2.0)
-                            };
-                            let c = jitter([180, 140, 90], &mut rng, 25);
-                            cv.crate_box(
-                                bx,
-                                ly + sh / 3.0 - 2.0 * u - bh,
-                                bw.min(x + sw - bx - 2.0 * u),
-                                bh,
-                                c,
-                            );
-                            bx += bw + 2.0 * u;
-                        }
-                    }
-                }
-                cv.rect(x, y, 3.0 * u, sh, frame);
-                cv.rect(x + sw - 3.0 * u, y, 3.0 * u, sh, frame);
-            }
-            Item::Bench => {
-                // A workbench with tools on it: tools in their place (not a hazard).
-                let (bw, bh) = (rng.random_range(60.0..80.0) * u, 34.0 * u);
-                let (x, y) = (cx - bw / 2.0, base - bh);
-                cv.rect(x, y, bw, 5.0 * u, [120, 80, 50]);
-                cv.rect(x + 3.0 * u, y, 4.0 * u, bh, [90, 60, 40]);
-                cv.rect(x + bw - 7.0 * u, y, 4.0 * u, bh, [90, 60, 40]);
-                draw_tools(
-                    &mut cv,
-                    &mut rng,
-                    x + 6.0 * u,
-                    y - 1.0 * u,
-                    bw - 12.0 * u,
-                    u,
-                );
-            }
+            Item::Machine => paint_machine(&mut cv, &mut rng, at),
+            Item::Shelf => paint_shelf(&mut cv, &mut rng, at),
+            Item::Bench => paint_bench(&mut cv, &mut rng, at),
             Item::Stack => {
-                let tall = has(Hazard::StackTooHigh);
-                let levels = if tall {
-                    rng.random_range(6..=8)
-                } else {
-                    rng.random_range(1..=3)
-                };
-                let bw = rng.random_range(34.0..46.0) * u;
-                let bh = rng.random_range(15.0..19.0) * u;
-                let c = jitter([185, 145, 95], &mut rng, 20);
-                let floor_y = base + 12.0 * u;
-                // A pallet, then the boxes; a tall stack leans a little.
-                cv.rect(
-                    cx - bw / 2.0 - 3.0 * u,
-                    floor_y - 5.0 * u,
-                    bw + 6.0 * u,
-                    5.0 * u,
-                    [150, 110, 60],
-                );
-                let lean = if tall {
-                    rng.random_range(-1.5..1.5) * u
-                } else {
-                    0.0
-                };
-                let mut top = floor_y - 5.0 * u;
-                let mut x0 = f32::MAX;
-                let mut x1 = f32::MIN;
-                for k in 0..levels {
-                    let x = cx - bw / 2.0 + lean * k as f32;
-                    top -= bh;
-                    cv.crate_box(x, top, bw, bh, jitter(c, &mut rng, 8));
-                    x0 = x0.min(x);
-                    x1 = x1.max(x + bw);
-                }
-                if tall {
-                    boxes.push((
-                        Hazard::StackTooHigh,
-                        [
-                            (x0 - 3.0 * u) as f64,
-                            top as f64,
-                            (x1 + 3.0 * u) as f64,
-                            floor_y as f64,
-                        ],
-                    ));
+                if let Some(b) = paint_stack(&mut cv, &mut rng, at, has(Hazard::StackTooHigh)) {
+                    boxes.push((Hazard::StackTooHigh, b));
                 }
             }
         }
     }
     // Debris on the walkway (or nothing).
     if has(Hazard::WalkwayDebris) {
-        let n = rng.random_range(2..=4);
-        let mut bb: Option<BBox> = None;
-        let x_start = rng.random_range(0.1..0.6) * wf;
-        for k in 0..n {
-            let x = x_start + k as f32 * rng.random_range(30.0..50.0) * u;
-            let y = rng.random_range(walk0 + 18.0 * u..walk1 - 2.0 * u);
-            let b = debris(&mut cv, &mut rng, x, y, u);
-            bb = Some(bb.map_or(b, |a| union(a, b)));
-        }
-        boxes.push((Hazard::WalkwayDebris, bb.expect("at least two items")));
+        let b = paint_walkway_debris(&mut cv, &mut rng, wf, u, walk0, walk1);
+        boxes.push((Hazard::WalkwayDebris, b));
     }
     // Workers, back to front.
     let worker_hazards: Vec<Hazard> = [Hazard::NoHelmet, Hazard::NoVest, Hazard::BadLift]
@@ -1077,21 +768,7 @@ pub fn render(config: &SynthConfig, seed: u64, index: u64) -> Scene {
             }
         }
     }
-    // Lighting: a brightness ramp across the scene and a vignette; then sensor noise.
-    let gain = rng.random_range(0.75..1.15f32);
-    let ramp = rng.random_range(-0.2..0.2f32);
-    let noise = rng.random_range(2.0..9.0f32);
-    let mut image = RgbImage::new(w, h);
-    let data = cv.pix.data();
-    for (i, px) in image.pixels_mut().enumerate() {
-        let (x, y) = ((i as u32 % w) as f32 / wf, (i as u32 / w) as f32 / hf);
-        let vignette = 1.0 - 0.25 * ((x - 0.5).powi(2) + (y - 0.5).powi(2));
-        let light = gain * (1.0 + ramp * (x - 0.5)) * vignette;
-        for c in 0..3 {
-            let v = data[4 * i + c] as f32 * light + rng.random_range(-noise..noise);
-            px.0[c] = v.clamp(0.0, 255.0) as u8;
-        }
-    }
+    let image = develop(&cv, &mut rng, w, h);
     let clamp = |b: BBox| -> BBox {
         [
             b[0].clamp(0.0, w as f64),
@@ -1107,6 +784,418 @@ pub fn render(config: &SynthConfig, seed: u64, index: u64) -> Scene {
         .map(|(hz, b)| hz.violation(Some(clamp(b))))
         .collect();
     Scene { image, violations }
+}
+
+/// Which hazards a scene shows: none for a safe scene, else one to three of the configured
+/// ones (a boosted hazard first in half of them).
+fn choose_hazards(config: &SynthConfig, rng: &mut ChaCha8Rng) -> Vec<Hazard> {
+    let mut active: Vec<Hazard> = Vec::new();
+    if !config.hazards.is_empty() && !rng.random_bool(config.safe_fraction.clamp(0.0, 1.0)) {
+        let boosted: Vec<Hazard> = config
+            .boost
+            .iter()
+            .copied()
+            .filter(|b| config.hazards.contains(b))
+            .collect();
+        if !boosted.is_empty() && rng.random_bool(0.5) {
+            active.push(*boosted.choose(rng).unwrap());
+        }
+        let n = rng.random_range(1..=3usize);
+        let mut pool = config.hazards.clone();
+        pool.shuffle(rng);
+        for hz in pool {
+            if active.len() >= n.max(active.len()) {
+                break;
+            }
+            if !active.contains(&hz) {
+                active.push(hz);
+            }
+        }
+    }
+    active
+}
+
+/// The lines a room is laid out on: the horizon (where wall meets floor) and the two
+/// yellow lines of the walkway.
+struct Room {
+    horizon: f32,
+    walk0: f32,
+    walk1: f32,
+}
+
+/// Wall, floor and the walkway between two yellow lines.
+fn paint_room(cv: &mut Canvas, rng: &mut ChaCha8Rng, wf: f32, hf: f32, u: f32) -> Room {
+    // Wall and floor.
+    let horizon = hf * rng.random_range(0.4..0.5);
+    let wall = jitter(
+        *[
+            [200, 200, 190],
+            [170, 185, 195],
+            [215, 205, 180],
+            [160, 165, 160],
+        ]
+        .choose(rng)
+        .unwrap(),
+        rng,
+        12,
+    );
+    let floor = jitter(
+        *[
+            [120, 130, 120],
+            [150, 145, 135],
+            [95, 110, 105],
+            [135, 120, 100],
+        ]
+        .choose(rng)
+        .unwrap(),
+        rng,
+        10,
+    );
+    cv.rect(0.0, 0.0, wf, horizon, wall);
+    cv.rect(0.0, horizon, wf, hf - horizon, floor);
+    cv.rect(0.0, horizon - 6.0 * u, wf, 6.0 * u, shade(wall, 0.75));
+    // Walkway between two yellow lines.
+    let walk0 = horizon + (hf - horizon) * rng.random_range(0.45..0.55);
+    let walk1 = walk0 + (hf - horizon) * rng.random_range(0.22..0.3);
+    for y in [walk0, walk1] {
+        cv.rect(0.0, y, wf, 3.0 * u, [235, 200, 30]);
+    }
+    Room {
+        horizon,
+        walk0,
+        walk1,
+    }
+}
+
+/// Two to four pieces of debris on the walkway; returns the box around them all.
+fn paint_walkway_debris(
+    cv: &mut Canvas,
+    rng: &mut ChaCha8Rng,
+    wf: f32,
+    u: f32,
+    walk0: f32,
+    walk1: f32,
+) -> BBox {
+    let n = rng.random_range(2..=4);
+    let mut bb: Option<BBox> = None;
+    let x_start = rng.random_range(0.1..0.6) * wf;
+    for k in 0..n {
+        let x = x_start + k as f32 * rng.random_range(30.0..50.0) * u;
+        let y = rng.random_range(walk0 + 18.0 * u..walk1 - 2.0 * u);
+        let b = debris(cv, rng, x, y, u);
+        bb = Some(bb.map_or(b, |a| union(a, b)));
+    }
+    bb.expect("at least two items")
+}
+
+/// Lighting (a brightness ramp across the scene and a vignette), then sensor noise.
+fn develop(cv: &Canvas, rng: &mut ChaCha8Rng, w: u32, h: u32) -> RgbImage {
+    let (wf, hf) = (w as f32, h as f32);
+    let gain = rng.random_range(0.75..1.15f32);
+    let ramp = rng.random_range(-0.2..0.2f32);
+    let noise = rng.random_range(2.0..9.0f32);
+    let mut image = RgbImage::new(w, h);
+    let data = cv.pix.data();
+    for (i, px) in image.pixels_mut().enumerate() {
+        let (x, y) = ((i as u32 % w) as f32 / wf, (i as u32 / w) as f32 / hf);
+        let vignette = 1.0 - 0.25 * ((x - 0.5).powi(2) + (y - 0.5).powi(2));
+        let light = gain * (1.0 + ramp * (x - 0.5)) * vignette;
+        for c in 0..3 {
+            let v = data[4 * i + c] as f32 * light + rng.random_range(-noise..noise);
+            px.0[c] = v.clamp(0.0, 255.0) as u8;
+        }
+    }
+    image
+}
+
+/// The items along the wall, one slot each, left to right.
+#[derive(Clone, Copy, PartialEq)]
+enum Item {
+    Cabinet,
+    Extinguisher,
+    Exit,
+    Machine,
+    Shelf,
+    Stack,
+    Bench,
+}
+
+/// Where an item stands: its slot's centre and width, its base line, the horizon and the
+/// scale (pixels per unit of a 448-pixel-wide scene).
+#[derive(Clone, Copy)]
+struct Spot {
+    cx: f32,
+    base: f32,
+    slot: f32,
+    horizon: f32,
+    u: f32,
+}
+
+/// An electrical cabinet on the wall, open (dark inside, breakers, door swung out) or shut;
+/// returns its rectangle `(x, y, w, h)`.
+fn paint_cabinet(
+    cv: &mut Canvas,
+    rng: &mut ChaCha8Rng,
+    at: Spot,
+    open: bool,
+) -> (f32, f32, f32, f32) {
+    let Spot { cx, horizon, u, .. } = at;
+    let (cw, ch) = (
+        rng.random_range(40.0..56.0) * u,
+        rng.random_range(64.0..84.0) * u,
+    );
+    let (x, y) = (
+        cx - cw / 2.0,
+        horizon - ch - rng.random_range(4.0..20.0) * u,
+    );
+    let body = jitter([150, 155, 160], rng, 10);
+    cv.rect(x, y, cw, ch, shade(body, 0.7));
+    cv.rect(x + 2.0 * u, y + 2.0 * u, cw - 4.0 * u, ch - 4.0 * u, body);
+    // Warning triangle.
+    cv.poly(
+        &[
+            (cx, y + 6.0 * u),
+            (cx - 6.0 * u, y + 16.0 * u),
+            (cx + 6.0 * u, y + 16.0 * u),
+        ],
+        [250, 210, 0],
+    );
+    if open {
+        cv.rect(
+            x + 3.0 * u,
+            y + 3.0 * u,
+            cw - 6.0 * u,
+            ch - 6.0 * u,
+            [35, 35, 40],
+        );
+        for k in 0..4 {
+            let by = y + ch * (0.2 + 0.17 * k as f32);
+            cv.rect(x + 7.0 * u, by, cw - 14.0 * u, 5.0 * u, [200, 200, 190]);
+        }
+        cv.poly(
+            &[
+                (x + cw, y),
+                (x + cw + cw * 0.5, y + 6.0 * u),
+                (x + cw + cw * 0.5, y + ch - 6.0 * u),
+                (x + cw, y + ch),
+            ],
+            shade(body, 1.08),
+        );
+    }
+    (x, y, cw, ch)
+}
+
+/// A fire extinguisher with its hose and the red sign above; returns the box of what must
+/// stay reachable (sign to floor).
+fn paint_extinguisher(cv: &mut Canvas, rng: &mut ChaCha8Rng, at: Spot) -> BBox {
+    let Spot { cx, base, u, .. } = at;
+    let (ew, eh) = (12.0 * u, rng.random_range(30.0..38.0) * u);
+    let (x, y) = (cx - ew / 2.0, base - eh);
+    cv.rect(x, y, ew, eh, [200, 25, 25]);
+    cv.rect(x + ew * 0.3, y - 5.0 * u, ew * 0.4, 5.0 * u, [40, 40, 40]);
+    cv.rect(
+        x + 1.0 * u,
+        y + eh * 0.3,
+        ew - 2.0 * u,
+        eh * 0.25,
+        [240, 240, 240],
+    );
+    cv.line(
+        &[(x + ew * 0.5, y - 4.0 * u), (x - 4.0 * u, y + eh * 0.5)],
+        2.0 * u,
+        [30, 30, 30],
+        Transform::identity(),
+    );
+    // Sign above.
+    cv.rect(
+        x - 2.0 * u,
+        y - 24.0 * u,
+        ew + 4.0 * u,
+        12.0 * u,
+        [210, 30, 30],
+    );
+    [
+        x as f64,
+        (y - 24.0 * u) as f64,
+        (x + ew) as f64,
+        base as f64,
+    ]
+}
+
+/// An exit door with the green running-figure sign; returns the box of what must stay
+/// clear (sign to floor).
+fn paint_exit(cv: &mut Canvas, rng: &mut ChaCha8Rng, at: Spot) -> BBox {
+    let Spot { cx, base, u, .. } = at;
+    let (dw, dh) = (
+        rng.random_range(46.0..60.0) * u,
+        rng.random_range(84.0..100.0) * u,
+    );
+    let (x, y) = (cx - dw / 2.0, base - dh);
+    let door = jitter([110, 120, 130], rng, 15);
+    cv.rect(
+        x - 3.0 * u,
+        y - 3.0 * u,
+        dw + 6.0 * u,
+        dh + 3.0 * u,
+        shade(door, 0.6),
+    );
+    cv.rect(x, y, dw, dh, door);
+    cv.rect(
+        x + dw * 0.8,
+        y + dh * 0.5,
+        4.0 * u,
+        8.0 * u,
+        [220, 220, 220],
+    );
+    // The green exit sign with a running figure.
+    let (sx, sy) = (cx - 16.0 * u, y - 20.0 * u);
+    cv.rect(sx, sy, 32.0 * u, 12.0 * u, [20, 160, 70]);
+    cv.rect(
+        sx + 4.0 * u,
+        sy + 3.0 * u,
+        5.0 * u,
+        6.0 * u,
+        [240, 255, 240],
+    );
+    cv.poly(
+        &[
+            (sx + 14.0 * u, sy + 4.0 * u),
+            (sx + 26.0 * u, sy + 6.0 * u),
+            (sx + 14.0 * u, sy + 8.0 * u),
+        ],
+        [240, 255, 240],
+    );
+    [x as f64, sy as f64, (x + dw) as f64, base as f64]
+}
+
+/// A machine against the wall, sized to its slot.
+fn paint_machine(cv: &mut Canvas, rng: &mut ChaCha8Rng, at: Spot) {
+    let Spot {
+        cx, base, slot, u, ..
+    } = at;
+    let (mw, mh) = (
+        (0.9 * slot).clamp(40.0 * u, 110.0 * u) * rng.random_range(0.7..1.0),
+        rng.random_range(50.0..80.0) * u,
+    );
+    let c = jitter(
+        *[[70, 110, 150], [80, 130, 90], [150, 150, 150]]
+            .choose(rng)
+            .unwrap(),
+        rng,
+        15,
+    );
+    let (x, y) = (cx - mw / 2.0, base + 10.0 * u - mh);
+    cv.rect(x, y, mw, mh, shade(c, 0.7));
+    cv.rect(x + 2.0 * u, y + 2.0 * u, mw - 4.0 * u, mh * 0.6, c);
+    cv.rect(
+        x + mw * 0.6,
+        y + mh * 0.15,
+        mw * 0.25,
+        mh * 0.2,
+        [30, 50, 60],
+    );
+    cv.oval(
+        x + mw * 0.15,
+        y + mh * 0.2,
+        8.0 * u,
+        8.0 * u,
+        [220, 30, 30],
+        255,
+        Transform::identity(),
+    );
+}
+
+/// A shelf of three levels filled with boxes.
+fn paint_shelf(cv: &mut Canvas, rng: &mut ChaCha8Rng, at: Spot) {
+    let Spot { cx, base, u, .. } = at;
+    let (sw, sh) = (
+        rng.random_range(60.0..80.0) * u,
+        rng.random_range(80.0..100.0) * u,
+    );
+    let (x, y) = (cx - sw / 2.0, base - sh);
+    let frame = [50, 80, 160];
+    for k in 0..4 {
+        let ly = y + sh * k as f32 / 3.0;
+        cv.rect(x, ly - 2.0 * u, sw, 3.0 * u, [230, 120, 30]);
+        if k < 3 {
+            let mut bx = x + 2.0 * u;
+            while bx < x + sw - 12.0 * u {
+                let bw = rng.random_range(8.0..16.0) * u;
+                let room = sh / 3.0 - 6.0 * u;
+                let bh = if room > 8.5 {
+                    rng.random_range(8.0..room)
+                } else {
+                    // Small images: boxes scale with the shelf.
+                    rng.random_range(0.5..1.0) * room.max(2.0)
+                };
+                let c = jitter([180, 140, 90], rng, 25);
+                cv.crate_box(
+                    bx,
+                    ly + sh / 3.0 - 2.0 * u - bh,
+                    bw.min(x + sw - bx - 2.0 * u),
+                    bh,
+                    c,
+                );
+                bx += bw + 2.0 * u;
+            }
+        }
+    }
+    cv.rect(x, y, 3.0 * u, sh, frame);
+    cv.rect(x + sw - 3.0 * u, y, 3.0 * u, sh, frame);
+}
+
+/// A workbench with tools on it: tools in their place (the look-alike of walkway debris).
+fn paint_bench(cv: &mut Canvas, rng: &mut ChaCha8Rng, at: Spot) {
+    let Spot { cx, base, u, .. } = at;
+    let (bw, bh) = (rng.random_range(60.0..80.0) * u, 34.0 * u);
+    let (x, y) = (cx - bw / 2.0, base - bh);
+    cv.rect(x, y, bw, 5.0 * u, [120, 80, 50]);
+    cv.rect(x + 3.0 * u, y, 4.0 * u, bh, [90, 60, 40]);
+    cv.rect(x + bw - 7.0 * u, y, 4.0 * u, bh, [90, 60, 40]);
+    draw_tools(cv, rng, x + 6.0 * u, y - 1.0 * u, bw - 12.0 * u, u);
+}
+
+/// Boxes stacked on a pallet: one to three levels, or six to eight leaning a little when
+/// `tall` (the stack-too-high hazard, whose box is returned).
+fn paint_stack(cv: &mut Canvas, rng: &mut ChaCha8Rng, at: Spot, tall: bool) -> Option<BBox> {
+    let Spot { cx, base, u, .. } = at;
+    let levels = if tall {
+        rng.random_range(6..=8)
+    } else {
+        rng.random_range(1..=3)
+    };
+    let bw = rng.random_range(34.0..46.0) * u;
+    let bh = rng.random_range(15.0..19.0) * u;
+    let c = jitter([185, 145, 95], rng, 20);
+    let floor_y = base + 12.0 * u;
+    cv.rect(
+        cx - bw / 2.0 - 3.0 * u,
+        floor_y - 5.0 * u,
+        bw + 6.0 * u,
+        5.0 * u,
+        [150, 110, 60],
+    );
+    let lean = if tall {
+        rng.random_range(-1.5..1.5) * u
+    } else {
+        0.0
+    };
+    let mut top = floor_y - 5.0 * u;
+    let mut x0 = f32::MAX;
+    let mut x1 = f32::MIN;
+    for k in 0..levels {
+        let x = cx - bw / 2.0 + lean * k as f32;
+        top -= bh;
+        cv.crate_box(x, top, bw, bh, jitter(c, rng, 8));
+        x0 = x0.min(x);
+        x1 = x1.max(x + bw);
+    }
+    tall.then_some([
+        (x0 - 3.0 * u) as f64,
+        top as f64,
+        (x1 + 3.0 * u) as f64,
+        floor_y as f64,
+    ])
 }
 
 /// Boxes piled in front of an exit or extinguisher; returns their box.
