@@ -620,107 +620,19 @@ pub fn render(config: &SynthConfig, seed: u64, index: u64) -> Scene {
         boxes.push((Hazard::WalkwayDebris, b));
     }
     // Workers, back to front.
-    let worker_hazards: Vec<Hazard> = [Hazard::NoHelmet, Hazard::NoVest, Hazard::BadLift]
-        .into_iter()
-        .filter(|h| has(*h))
-        .collect();
     let needs_toucher = has(Hazard::CabinetNoLockout);
-    let min_workers = worker_hazards.len().min(1) + needs_toucher as usize;
-    let n_workers = rng.random_range(min_workers..=4usize.max(min_workers));
-    let mut workers: Vec<(Worker, Vec<Hazard>)> = Vec::new();
-    for k in 0..n_workers {
-        let toucher = k == 0 && (needs_toucher || (cabinet_open && rng.random_bool(0.5)));
-        let (x, feet, hgt, dir, posture) = if toucher {
-            let (cx0, cy, cw, _) = cabinet_at.expect("every scene has a cabinet");
-            let hgt = (horizon - cy + 0.35 * (hf - horizon)).clamp(80.0 * u, 130.0 * u);
-            let left = cx0 > wf / 2.0;
-            let dir = if left { 1.0 } else { -1.0 };
-            let x = if left {
-                cx0 - 0.3 * hgt
-            } else {
-                cx0 + cw + 0.3 * hgt
-            };
-            (
-                x,
-                horizon + 0.35 * (hf - horizon),
-                hgt,
-                dir,
-                Posture::Reaching,
-            )
-        } else {
-            let feet = rng.random_range(horizon + 0.25 * (hf - horizon)..hf - 4.0 * u);
-            let depth = (feet - horizon) / (hf - horizon);
-            let hgt = (70.0 + 60.0 * depth) * u * rng.random_range(0.92..1.08);
-            let x = rng.random_range(0.08..0.92) * wf;
-            let dir = if rng.random_bool(0.5) { 1.0 } else { -1.0 };
-            let posture = if rng.random_bool(0.2) {
-                Posture::GoodLift
-            } else {
-                Posture::Standing
-            };
-            (x, feet, hgt, dir, posture)
-        };
-        workers.push((
-            Worker {
-                x,
-                feet,
-                h: hgt,
-                dir,
-                helmet: Some(*HELMETS.choose(&mut rng).unwrap()),
-                vest: true,
-                vest_color: *VESTS.choose(&mut rng).unwrap(),
-                shirt: jitter(*SHIRTS.choose(&mut rng).unwrap(), &mut rng, 12),
-                pants: jitter([45, 55, 80], &mut rng, 15),
-                skin: jitter([225, 180, 140], &mut rng, 20),
-                hair: jitter([40, 30, 25], &mut rng, 10),
-                posture,
-            },
-            Vec::new(),
-        ));
-    }
-    // Give each worker hazard to a non-touching worker (or the toucher when alone).
-    for hz in worker_hazards {
-        let candidates: Vec<usize> = (0..workers.len())
-            .filter(|&i| !(needs_toucher && i == 0) || workers.len() == 1)
-            .collect();
-        let i = *candidates.choose(&mut rng).expect("at least one worker");
-        let (wk, hs) = &mut workers[i];
-        match hz {
-            Hazard::NoHelmet => wk.helmet = None,
-            Hazard::NoVest => wk.vest = false,
-            Hazard::BadLift => {
-                if wk.posture != Posture::Reaching {
-                    wk.posture = Posture::BadLift;
-                } else {
-                    continue;
-                }
-            }
-            _ => unreachable!(),
-        }
-        hs.push(hz);
-    }
-    // A BadLift that could not be placed (only a reaching worker) gets its own worker.
-    if has(Hazard::BadLift) && !workers.iter().any(|(_, hs)| hs.contains(&Hazard::BadLift)) {
-        let feet = rng.random_range(horizon + 0.4 * (hf - horizon)..hf - 4.0 * u);
-        let depth = (feet - horizon) / (hf - horizon);
-        workers.push((
-            Worker {
-                x: rng.random_range(0.1..0.9) * wf,
-                feet,
-                h: (70.0 + 60.0 * depth) * u,
-                dir: 1.0,
-                helmet: Some(HELMETS[0]),
-                vest: true,
-                vest_color: VESTS[0],
-                shirt: SHIRTS[0],
-                pants: [45, 55, 80],
-                skin: [225, 180, 140],
-                hair: [40, 30, 25],
-                posture: Posture::BadLift,
-            },
-            vec![Hazard::BadLift],
-        ));
-    }
+    let mut workers = cast_workers(
+        &mut rng,
+        &active,
+        Cast {
+            cabinet_at,
+            cabinet_open,
+            horizon,
+            wf,
+            hf,
+            u,
+        },
+    );
     // Lockout tag on an open cabinet that is safe to touch.
     if let Some((x, y, cw, ch)) = cabinet_at
         && cabinet_open
@@ -906,6 +818,135 @@ fn develop(cv: &Canvas, rng: &mut ChaCha8Rng, w: u32, h: u32) -> RgbImage {
         }
     }
     image
+}
+
+/// What placing workers depends on.
+#[derive(Clone, Copy)]
+struct Cast {
+    cabinet_at: Option<(f32, f32, f32, f32)>,
+    cabinet_open: bool,
+    horizon: f32,
+    wf: f32,
+    hf: f32,
+    u: f32,
+}
+
+/// The scene's workers and the hazards each shows: a worker reaching into the cabinet when the
+/// cabinet hazard needs one (or, by chance, into an open one), the others standing or lifting
+/// well anywhere on the floor; then each worker hazard (no helmet, no vest, a bad lift) given
+/// to a worker other than the one at the cabinet.
+fn cast_workers(rng: &mut ChaCha8Rng, active: &[Hazard], cast: Cast) -> Vec<(Worker, Vec<Hazard>)> {
+    let Cast {
+        cabinet_at,
+        cabinet_open,
+        horizon,
+        wf,
+        hf,
+        u,
+    } = cast;
+    let has = |hz: Hazard| active.contains(&hz);
+    let worker_hazards: Vec<Hazard> = [Hazard::NoHelmet, Hazard::NoVest, Hazard::BadLift]
+        .into_iter()
+        .filter(|h| has(*h))
+        .collect();
+    let needs_toucher = has(Hazard::CabinetNoLockout);
+    let min_workers = worker_hazards.len().min(1) + needs_toucher as usize;
+    let n_workers = rng.random_range(min_workers..=4usize.max(min_workers));
+    let mut workers: Vec<(Worker, Vec<Hazard>)> = Vec::new();
+    for k in 0..n_workers {
+        let toucher = k == 0 && (needs_toucher || (cabinet_open && rng.random_bool(0.5)));
+        let (x, feet, hgt, dir, posture) = if toucher {
+            let (cx0, cy, cw, _) = cabinet_at.expect("every scene has a cabinet");
+            let hgt = (horizon - cy + 0.35 * (hf - horizon)).clamp(80.0 * u, 130.0 * u);
+            let left = cx0 > wf / 2.0;
+            let dir = if left { 1.0 } else { -1.0 };
+            let x = if left {
+                cx0 - 0.3 * hgt
+            } else {
+                cx0 + cw + 0.3 * hgt
+            };
+            (
+                x,
+                horizon + 0.35 * (hf - horizon),
+                hgt,
+                dir,
+                Posture::Reaching,
+            )
+        } else {
+            let feet = rng.random_range(horizon + 0.25 * (hf - horizon)..hf - 4.0 * u);
+            let depth = (feet - horizon) / (hf - horizon);
+            let hgt = (70.0 + 60.0 * depth) * u * rng.random_range(0.92..1.08);
+            let x = rng.random_range(0.08..0.92) * wf;
+            let dir = if rng.random_bool(0.5) { 1.0 } else { -1.0 };
+            let posture = if rng.random_bool(0.2) {
+                Posture::GoodLift
+            } else {
+                Posture::Standing
+            };
+            (x, feet, hgt, dir, posture)
+        };
+        workers.push((
+            Worker {
+                x,
+                feet,
+                h: hgt,
+                dir,
+                helmet: Some(*HELMETS.choose(rng).unwrap()),
+                vest: true,
+                vest_color: *VESTS.choose(rng).unwrap(),
+                shirt: jitter(*SHIRTS.choose(rng).unwrap(), rng, 12),
+                pants: jitter([45, 55, 80], rng, 15),
+                skin: jitter([225, 180, 140], rng, 20),
+                hair: jitter([40, 30, 25], rng, 10),
+                posture,
+            },
+            Vec::new(),
+        ));
+    }
+    // Give each worker hazard to a non-touching worker (or the toucher when alone).
+    for hz in worker_hazards {
+        let candidates: Vec<usize> = (0..workers.len())
+            .filter(|&i| !(needs_toucher && i == 0) || workers.len() == 1)
+            .collect();
+        let i = *candidates.choose(rng).expect("at least one worker");
+        let (wk, hs) = &mut workers[i];
+        match hz {
+            Hazard::NoHelmet => wk.helmet = None,
+            Hazard::NoVest => wk.vest = false,
+            Hazard::BadLift => {
+                if wk.posture != Posture::Reaching {
+                    wk.posture = Posture::BadLift;
+                } else {
+                    continue;
+                }
+            }
+            _ => unreachable!(),
+        }
+        hs.push(hz);
+    }
+    // A BadLift that could not be placed (only a reaching worker) gets its own worker.
+    if has(Hazard::BadLift) && !workers.iter().any(|(_, hs)| hs.contains(&Hazard::BadLift)) {
+        let feet = rng.random_range(horizon + 0.4 * (hf - horizon)..hf - 4.0 * u);
+        let depth = (feet - horizon) / (hf - horizon);
+        workers.push((
+            Worker {
+                x: rng.random_range(0.1..0.9) * wf,
+                feet,
+                h: (70.0 + 60.0 * depth) * u,
+                dir: 1.0,
+                helmet: Some(HELMETS[0]),
+                vest: true,
+                vest_color: VESTS[0],
+                shirt: SHIRTS[0],
+                pants: [45, 55, 80],
+                skin: [225, 180, 140],
+                hair: [40, 30, 25],
+                posture: Posture::BadLift,
+            },
+            vec![Hazard::BadLift],
+        ));
+    }
+    workers
 }
 
 /// The items along the wall, one slot each, left to right.
