@@ -709,29 +709,23 @@ impl Detector {
             if let Some(store) = cache
                 && let Ok((width, height)) = inspector_imaging::dimensions(&input.bytes)
             {
-                match store.cached_answer(&key) {
-                    Ok(Some(json)) => {
-                        if let Ok(answer) = serde_json::from_str::<RawAnswer>(&json) {
-                            let ms = started.elapsed().as_secs_f64() * 1e3;
-                            let timings = Timings {
-                                decode_ms: ms,
-                                generate_ms: 0.0,
-                                total_ms: ms,
-                                cached: true,
-                            };
-                            let info = ImageInfo {
-                                width,
-                                height,
-                                sha256: sha.clone(),
-                            };
-                            results[i] = Some(Ok(self.finding(&answer, info, rules, timings)));
-                            on_done(i);
-                            continue;
-                        }
+                let image = ImageInfo {
+                    width,
+                    height,
+                    sha256: sha.clone(),
+                };
+                match self
+                    .answer_cache()
+                    .lookup(store, &key, image, rules, started)
+                {
+                    Ok(Some(finding)) => {
+                        results[i] = Some(Ok(finding));
+                        on_done(i);
+                        continue;
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        results[i] = Some(Err(e.into()));
+                        results[i] = Some(Err(e));
                         on_done(i);
                         continue;
                     }
@@ -897,6 +891,33 @@ impl AnswerCache {
             self.backend,
         ]);
         sha256_hex(parts.to_string().as_bytes())
+    }
+
+    /// The finding of a photo answered before, from the answer cache in `store` under `key`
+    /// ([`AnswerCache::key`]); `None` on a miss or an entry that no longer parses. `started`
+    /// is when the photo's handling began (its timings).
+    pub fn lookup(
+        &self,
+        store: &inspector_store::SqliteStore,
+        key: &str,
+        image: ImageInfo,
+        rules: &[Rule],
+        started: Instant,
+    ) -> Result<Option<Finding>, Error> {
+        let Some(json) = store.cached_answer(key)? else {
+            return Ok(None);
+        };
+        let Ok(answer) = serde_json::from_str::<RawAnswer>(&json) else {
+            return Ok(None);
+        };
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        let timings = Timings {
+            decode_ms: ms,
+            generate_ms: 0.0,
+            total_ms: ms,
+            cached: true,
+        };
+        Ok(Some(self.finding(&answer, image, rules, timings)))
     }
 
     /// The finding of a cached answer, as the detector would report it.

@@ -9,7 +9,7 @@ use axum::{
     http::{StatusCode, header},
 };
 use base64::Engine;
-use inspector_detect::{ImageInfo, RawAnswer, Timings};
+use inspector_detect::ImageInfo;
 use serde::Deserialize;
 use tokio::sync::oneshot;
 use utoipa::ToSchema;
@@ -162,25 +162,21 @@ async fn from_cache(state: &AppState, bytes: Vec<u8>, upload: &Upload) -> Result
         let sha = inspector_detect::sha256_hex(&bytes);
         let key = cache.key(&sha, &citations);
         let mut store = inner.reader.lock().expect("reader lock");
-        let Some(json) = store.cached_answer(&key)? else {
-            return Ok(Cached::Miss(bytes));
-        };
-        let Ok(answer) = serde_json::from_str::<RawAnswer>(&json) else {
-            return Ok(Cached::Miss(bytes));
-        };
-        let ms = started.elapsed().as_secs_f64() * 1e3;
-        let timings = Timings {
-            decode_ms: ms,
-            generate_ms: 0.0,
-            total_ms: ms,
-            cached: true,
-        };
-        let info = ImageInfo {
+        let image = ImageInfo {
             width: upload.probe.width,
             height: upload.probe.height,
             sha256: sha,
         };
-        let finding = cache.finding(&answer, info, &rules, timings);
+        let Some(finding) =
+            cache
+                .lookup(&store, &key, image, &rules, started)
+                .map_err(|e| match e {
+                    inspector_detect::Error::Store(e) => ApiError::from(e),
+                    other => ApiError::internal(format!("the answer cache: {other}")),
+                })?
+        else {
+            return Ok(Cached::Miss(bytes));
+        };
         let record = worker::persist(
             &mut store,
             &inner.config.data_dir,
