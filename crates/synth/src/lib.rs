@@ -53,6 +53,118 @@ pub enum Hazard {
     StackTooHigh,
 }
 
+/// How one hazard appears: its name, its ground truth, and how the renderer shows it. The
+/// renderer and the ground truth both read this table ([`Hazard::look`]); a new hazard is a new
+/// row and a new painter, and stays out of [`SynthConfig::default`] (opt-in), so that no
+/// existing seed changes (`tests/golden.rs`).
+#[derive(Debug, Clone, Copy)]
+pub struct HazardLook {
+    pub hazard: Hazard,
+    /// The name used on the command line.
+    pub key: &'static str,
+    pub description: &'static str,
+    /// The clause of the bundled example regulations it breaks.
+    pub rule: &'static str,
+    pub risk: Risk,
+    pub suggestion: &'static str,
+    /// Where in the scene it is placed.
+    pub placement: &'static str,
+    /// The painter that draws it.
+    pub painter: &'static str,
+    /// What its ground-truth box covers.
+    pub bbox: &'static str,
+    /// What a scene without it may show that looks alike, so that it must be seen, not guessed.
+    pub look_alike: &'static str,
+}
+
+/// One row per hazard, in [`Hazard::ALL`]'s order.
+pub const LOOKS: [HazardLook; 7] = [
+    HazardLook {
+        hazard: Hazard::NoHelmet,
+        key: "no-helmet",
+        description: "作业人员未佩戴安全帽",
+        rule: "《安全作业规程》第3.1条",
+        risk: Risk::High,
+        suggestion: "立即佩戴安全帽并系好下颏带",
+        placement: "a worker other than the one at the cabinet",
+        painter: "cast_workers, then Worker::draw without the helmet",
+        bbox: "the worker, head to feet",
+        look_alike: "every other worker wears a helmet in one of four colours",
+    },
+    HazardLook {
+        hazard: Hazard::NoVest,
+        key: "no-vest",
+        description: "作业人员未穿反光背心",
+        rule: "《安全作业规程》第3.2条",
+        risk: Risk::Medium,
+        suggestion: "在车间内作业或通行时穿好反光背心",
+        placement: "a worker other than the one at the cabinet",
+        painter: "cast_workers, then Worker::draw without the vest",
+        bbox: "the worker, head to feet",
+        look_alike: "every other worker wears an orange or lime vest over a shirt of six colours",
+    },
+    HazardLook {
+        hazard: Hazard::BadLift,
+        key: "bad-lift",
+        description: "弯腰搬运重物，姿势不当",
+        rule: "《安全作业规程》第7.1条",
+        risk: Risk::Medium,
+        suggestion: "屈膝下蹲、保持腰背挺直后再搬运",
+        placement: "a worker not at the cabinet, or one of its own",
+        painter: "cast_workers, then Worker::draw bent double over a load",
+        bbox: "the worker and the load",
+        look_alike: "a fifth of the other workers lift with a proper squat",
+    },
+    HazardLook {
+        hazard: Hazard::WalkwayDebris,
+        key: "walkway-debris",
+        description: "通道内堆放工具和杂物",
+        rule: "《现场管理标准》第2.2条",
+        risk: Risk::Low,
+        suggestion: "立即清理通道，工具放回工具柜",
+        placement: "two to four pieces between the walkway's yellow lines",
+        painter: "paint_walkway_debris",
+        bbox: "all the pieces together",
+        look_alike: "tools in their place on a workbench",
+    },
+    HazardLook {
+        hazard: Hazard::CabinetNoLockout,
+        key: "cabinet-no-lockout",
+        description: "配电柜开门作业未上锁挂牌",
+        rule: "《电气安全规程》第十二条",
+        risk: Risk::High,
+        suggestion: "停电并上锁挂牌，验电确认无电后再作业",
+        placement: "the cabinet, open, with a worker reaching into it",
+        painter: "paint_cabinet (open), cast_workers (the reaching worker)",
+        bbox: "the open cabinet with its door, and the worker touching it",
+        look_alike: "an open cabinet with a red padlock and a yellow tag, touched or not",
+    },
+    HazardLook {
+        hazard: Hazard::BlockedExit,
+        key: "blocked-exit",
+        description: "安全出口或消防器材前堆放物品",
+        rule: "《现场管理标准》第2.3.1条",
+        risk: Risk::High,
+        suggestion: "立即移走堆放物，保持出口和消防器材畅通",
+        placement: "in front of the first exit or extinguisher from the left",
+        painter: "paint_exit or paint_extinguisher, then blocking_pile",
+        bbox: "the exit or extinguisher with its sign, and the pile",
+        look_alike: "boxes on shelves and stacks elsewhere along the wall",
+    },
+    HazardLook {
+        hazard: Hazard::StackTooHigh,
+        key: "stack-too-high",
+        description: "物料堆放过高",
+        rule: "《现场管理标准》第3.2条",
+        risk: Risk::Medium,
+        suggestion: "降低堆放高度至1.5米以下并码放稳固",
+        placement: "the stack's slot on the wall, six to eight levels, leaning",
+        painter: "paint_stack (tall)",
+        bbox: "the stack and its pallet",
+        look_alike: "a stack of one to three levels",
+    },
+];
+
 impl Hazard {
     pub const ALL: [Hazard; 7] = [
         Hazard::NoHelmet,
@@ -64,17 +176,17 @@ impl Hazard {
         Hazard::StackTooHigh,
     ];
 
+    /// This hazard's row of [`LOOKS`].
+    pub fn look(self) -> &'static HazardLook {
+        LOOKS
+            .iter()
+            .find(|l| l.hazard == self)
+            .expect("every hazard has a row")
+    }
+
     /// The name used on the command line (`no-helmet`, …).
     pub fn key(self) -> &'static str {
-        match self {
-            Hazard::NoHelmet => "no-helmet",
-            Hazard::NoVest => "no-vest",
-            Hazard::BadLift => "bad-lift",
-            Hazard::WalkwayDebris => "walkway-debris",
-            Hazard::CabinetNoLockout => "cabinet-no-lockout",
-            Hazard::BlockedExit => "blocked-exit",
-            Hazard::StackTooHigh => "stack-too-high",
-        }
+        self.look().key
     }
 
     pub fn from_key(key: &str) -> Option<Hazard> {
@@ -83,55 +195,12 @@ impl Hazard {
 
     /// The ground-truth violation for this hazard, with `bbox` in pixels.
     pub fn violation(self, bbox: Option<BBox>) -> Violation {
-        let (description, rule, risk, suggestion) = match self {
-            Hazard::NoHelmet => (
-                "作业人员未佩戴安全帽",
-                "《安全作业规程》第3.1条",
-                Risk::High,
-                "立即佩戴安全帽并系好下颏带",
-            ),
-            Hazard::NoVest => (
-                "作业人员未穿反光背心",
-                "《安全作业规程》第3.2条",
-                Risk::Medium,
-                "在车间内作业或通行时穿好反光背心",
-            ),
-            Hazard::BadLift => (
-                "弯腰搬运重物，姿势不当",
-                "《安全作业规程》第7.1条",
-                Risk::Medium,
-                "屈膝下蹲、保持腰背挺直后再搬运",
-            ),
-            Hazard::WalkwayDebris => (
-                "通道内堆放工具和杂物",
-                "《现场管理标准》第2.2条",
-                Risk::Low,
-                "立即清理通道，工具放回工具柜",
-            ),
-            Hazard::CabinetNoLockout => (
-                "配电柜开门作业未上锁挂牌",
-                "《电气安全规程》第十二条",
-                Risk::High,
-                "停电并上锁挂牌，验电确认无电后再作业",
-            ),
-            Hazard::BlockedExit => (
-                "安全出口或消防器材前堆放物品",
-                "《现场管理标准》第2.3.1条",
-                Risk::High,
-                "立即移走堆放物，保持出口和消防器材畅通",
-            ),
-            Hazard::StackTooHigh => (
-                "物料堆放过高",
-                "《现场管理标准》第3.2条",
-                Risk::Medium,
-                "降低堆放高度至1.5米以下并码放稳固",
-            ),
-        };
+        let look = self.look();
         Violation {
-            description: description.into(),
-            rule: rule.into(),
-            risk,
-            suggestion: Some(suggestion.into()),
+            description: look.description.into(),
+            rule: look.rule.into(),
+            risk: look.risk,
+            suggestion: Some(look.suggestion.into()),
             bbox,
         }
     }
@@ -140,7 +209,7 @@ impl Hazard {
     pub fn from_description(description: &str) -> Option<Hazard> {
         Hazard::ALL
             .into_iter()
-            .find(|h| h.violation(None).description == description)
+            .find(|h| h.look().description == description)
     }
 }
 

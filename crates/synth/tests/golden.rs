@@ -77,3 +77,15 @@ fn existing_seeds_render_byte_identical_scenes() {
     }
     assert_eq!(got, expected, "scenes changed: see this file's header");
 }
+
+#[test]
+fn every_hazard_has_one_row_in_the_table_in_order() {
+    use inspector_synth::LOOKS;
+    assert_eq!(LOOKS.len(), Hazard::ALL.len());
+    for (look, hazard) in LOOKS.iter().zip(Hazard::ALL) {
+        assert_eq!(look.hazard, hazard);
+        for text in [look.placement, look.painter, look.bbox, look.look_alike] {
+            assert!(!text.is_empty(), "{hazard:?}");
+        }
+    }
+}
