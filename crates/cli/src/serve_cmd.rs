@@ -164,7 +164,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
         server.serve(listener, shutdown_signal()).await
     })?;
-    eprintln!("stopped: every in-flight inspection was answered and stored");
+    eprintln!("stopped: the queue is drained and every answered inspection is stored");
     Ok(ExitCode::SUCCESS)
 }
 
