@@ -69,7 +69,8 @@ use inspector_detect::Detector;
 use inspector_store::{RuleFilter, RuleStore, SqliteStore};
 use tokio::sync::oneshot;
 use tower_http::{
-    cors::CorsLayer, set_header::SetResponseHeaderLayer, timeout::RequestBodyTimeoutLayer,
+    catch_panic::CatchPanicLayer, cors::CorsLayer, set_header::SetResponseHeaderLayer,
+    timeout::RequestBodyTimeoutLayer,
 };
 
 use crate::{
@@ -326,6 +327,9 @@ pub fn router(state: AppState) -> Router {
                 format!("{} is not allowed on {}", req.method(), req.uri().path()),
             )
         })
+        // A handler that panics answers the JSON 500 (logged); the guard and the headers
+        // around it still apply.
+        .layer(CatchPanicLayer::custom(guard::panic_response))
         .layer(DefaultBodyLimit::max(config.max_body))
         // A client that trickles its body cannot hold a connection (and a shutdown) forever.
         .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
