@@ -674,15 +674,7 @@ impl Detector {
         rules: &[Rule],
         timings: Timings,
     ) -> Finding {
-        finding_for(
-            answer,
-            image,
-            rules,
-            timings,
-            &self.model_fingerprint,
-            self.adapter_fingerprint.as_deref(),
-            self.prompt,
-        )
+        self.answer_cache().finding(answer, image, rules, timings)
     }
 
     /// Inspects photos: decodes each (an unreadable one gets its own error and the rest go
@@ -700,10 +692,11 @@ impl Detector {
         let mut results: Vec<Option<Result<Finding, Error>>> =
             (0..inputs.len()).map(|_| None).collect();
         let mut pending: Vec<(usize, ProcessedImage, ImageInfo, String, f64)> = Vec::new();
+        let answers = self.answer_cache();
         for (i, input) in inputs.iter().enumerate() {
             let started = Instant::now();
             let sha = sha256_hex(&input.bytes);
-            let key = self.cache_key(&sha);
+            let key = answers.key(&sha, &self.citations_fingerprint);
             // A cache hit needs only the (EXIF-oriented) size, read from the header: a large
             // photo is not decoded again to answer from the cache.
             if let Some(store) = cache
@@ -714,10 +707,7 @@ impl Detector {
                     height,
                     sha256: sha.clone(),
                 };
-                match self
-                    .answer_cache()
-                    .lookup(store, &key, image, rules, started)
-                {
+                match answers.lookup(store, &key, image, rules, started) {
                     Ok(Some(finding)) => {
                         results[i] = Some(Ok(finding));
                         on_done(i);
@@ -843,28 +833,6 @@ fn prepare_image(
     Ok((processed, info))
 }
 
-/// A finding with the fingerprints and prompt version of the detector that answered.
-fn finding_for(
-    answer: &RawAnswer,
-    image: ImageInfo,
-    rules: &[Rule],
-    timings: Timings,
-    model_fingerprint: &str,
-    adapter_fingerprint: Option<&str>,
-    prompt: Prompt,
-) -> Finding {
-    let mut f = finding(
-        answer,
-        image,
-        rules,
-        timings,
-        model_fingerprint,
-        adapter_fingerprint,
-    );
-    f.prompt_version = prompt.version().to_string();
-    f
-}
-
 /// The answer cache's view of a detector ([`Detector::answer_cache`]): keys and findings
 /// without the model.
 #[derive(Debug, Clone)]
@@ -928,15 +896,16 @@ impl AnswerCache {
         rules: &[Rule],
         timings: Timings,
     ) -> Finding {
-        finding_for(
+        let mut f = finding(
             answer,
             image,
             rules,
             timings,
             &self.model_fingerprint,
             self.adapter_fingerprint.as_deref(),
-            self.prompt,
-        )
+        );
+        f.prompt_version = self.prompt.version().to_string();
+        f
     }
 }
 

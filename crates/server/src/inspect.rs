@@ -161,28 +161,29 @@ async fn from_cache(state: &AppState, bytes: Vec<u8>, upload: &Upload) -> Result
         let started = Instant::now();
         let sha = inspector_detect::sha256_hex(&bytes);
         let key = cache.key(&sha, &citations);
-        let mut store = inner.reader.lock().expect("reader lock");
         let image = ImageInfo {
             width: upload.probe.width,
             height: upload.probe.height,
             sha256: sha,
         };
-        let Some(finding) =
-            cache
-                .lookup(&store, &key, image, &rules, started)
-                .map_err(|e| match e {
-                    inspector_detect::Error::Store(e) => ApiError::from(e),
-                    other => ApiError::internal(format!("the answer cache: {other}")),
-                })?
+        let looked_up = {
+            let store = inner.reader.lock().expect("reader lock");
+            cache.lookup(&store, &key, image, &rules, started)
+        };
+        let Some(finding) = looked_up.map_err(|e| match e {
+            inspector_detect::Error::Store(e) => ApiError::from(e),
+            other => ApiError::internal(format!("the answer cache: {other}")),
+        })?
         else {
             return Ok(Cached::Miss(bytes));
         };
-        let record = worker::persist(
-            &mut store,
-            &inner.config.data_dir,
+        // The photo is written without holding the database, which other requests read.
+        let relative = worker::store_photo(&inner.config.data_dir, &upload, &bytes, &finding)?;
+        let record = worker::record(
+            &mut inner.reader.lock().expect("reader lock"),
             &inner.metrics,
             &upload,
-            &bytes,
+            relative,
             finding,
             (
                 &cache.model_fingerprint,

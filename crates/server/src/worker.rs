@@ -188,10 +188,8 @@ pub fn run(
                         message: "the model failed on this request".into(),
                     })
                 })
+                // The photos were decoded when the turn was prepared, off the worker.
                 .map_err(|e| match e {
-                    inspector_detect::Error::Image { .. } => {
-                        ApiError::unprocessable("corrupt_image", e.to_string())
-                    }
                     inspector_detect::Error::Qwen(inspector_qwen2vl_error) => {
                         ApiError::unprocessable(
                             "invalid_messages",
@@ -309,14 +307,39 @@ pub fn persist(
     upload: &Upload,
     bytes: &[u8],
     finding: Finding,
+    fingerprints: (&str, Option<&str>),
+) -> Result<InspectionRecord, ApiError> {
+    let relative = store_photo(data_dir, upload, bytes, &finding)?;
+    record(store, metrics, upload, relative, finding, fingerprints)
+}
+
+/// The first half of [`persist`]: the photo, written atomically under the data dir by its
+/// content hash; returns its path relative to the data dir.
+pub fn store_photo(
+    data_dir: &Path,
+    upload: &Upload,
+    bytes: &[u8],
+    finding: &Finding,
+) -> Result<String, ApiError> {
+    let relative = images::relative_path(&finding.image.sha256, &upload.probe)?;
+    images::store(data_dir, &relative, bytes)
+        .map_err(|e| ApiError::internal(format!("storing the image: {e}")))?;
+    Ok(relative)
+}
+
+/// The second half of [`persist`]: the inspection's row, once its photo is stored, and the
+/// metrics.
+pub fn record(
+    store: &mut SqliteStore,
+    metrics: &Metrics,
+    upload: &Upload,
+    relative: String,
+    finding: Finding,
     (model_fingerprint, adapter_fingerprint): (&str, Option<&str>),
 ) -> Result<InspectionRecord, ApiError> {
     if finding.timings.cached {
         metrics.cache_hits.inc();
     }
-    let relative = images::relative_path(&finding.image.sha256, &upload.probe)?;
-    images::store(data_dir, &relative, bytes)
-        .map_err(|e| ApiError::internal(format!("storing the image: {e}")))?;
     let now = chrono::Utc::now();
     let created_ms = now.timestamp_millis();
     let id = new_id(created_ms);
