@@ -23,7 +23,7 @@ use std::{
 
 use candle_core::{
     DType, Device, Shape, Tensor,
-    quantized::{GgmlDType, QMatMul, QTensor, gguf_file},
+    quantized::{GgmlDType, QMatMul, QTensor, ggml_file::qtensor_from_ggml, gguf_file},
 };
 use candle_nn::{VarBuilder, var_builder::SimpleBackend};
 use inspector_lora::Base;
@@ -162,7 +162,9 @@ pub fn check_loadable(path: &Path) -> Result<(), Error> {
 pub struct GgufWeights {
     path: PathBuf,
     content: gguf_file::Content,
-    file: Mutex<File>,
+    /// The file, mapped: a tensor's blocks are copied once, from the page cache, into the
+    /// `QTensor` (which the load then packs and frees) instead of read into a buffer first.
+    map: memmap2::Mmap,
 }
 
 impl std::fmt::Debug for GgufWeights {
@@ -239,10 +241,13 @@ impl GgufWeights {
                 }
             }
         }
+        // SAFETY: the map is read-only; like every mmap-based loader (safetensors, candle's
+        // VarBuilder) this relies on nobody truncating the model file while it is open.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         Ok(GgufWeights {
             path: path.to_path_buf(),
             content,
-            file: Mutex::new(file),
+            map,
         })
     }
 
@@ -273,10 +278,41 @@ impl GgufWeights {
 
     /// The tensor `name`, as stored.
     pub fn qtensor(&self, name: &str) -> candle_core::Result<QTensor> {
-        let mut file = self.file.lock().expect("not poisoned");
-        self.content
-            .tensor(&mut *file, name, &Device::Cpu)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {name}: {e}", self.path.display())))
+        let err = |m: String| candle_core::Error::Msg(format!("{}: {name}: {m}", self.path.display()));
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| err("no such tensor".into()))?;
+        let dims = info.shape.dims().to_vec();
+        let elems: usize = dims.iter().product();
+        let size = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        // `open` checked that every tensor lies inside the file.
+        let start = (self.content.tensor_data_offset + info.offset) as usize;
+        let bytes = self
+            .map
+            .get(start..start + size)
+            .ok_or_else(|| err("lies beyond the end of the file".into()))?;
+        // The blocks are read in place as f32, f16 or ggml block structs (alignment ≤ 4);
+        // GGUF aligns tensor data to 32 bytes.
+        if bytes.as_ptr().align_offset(4) != 0 {
+            return Err(err(format!("its data offset {start} is not aligned")));
+        }
+        let qt = qtensor_from_ggml(info.ggml_dtype, bytes, dims, &Device::Cpu)
+            .map_err(|e| err(e.to_string()))?;
+        // The blocks are copied: let the kernel take the mapped pages back out of this
+        // process (they stay in the page cache), so the file does not count twice in memory.
+        // SAFETY: a read-only shared file mapping; a later read of these pages faults them in
+        // again from the file, and no slice of them outlives the copy above.
+        #[cfg(unix)]
+        unsafe {
+            let _ = self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start,
+                size,
+            );
+        }
+        Ok(qt)
     }
 
     /// The key layout, told from the embedding's name.

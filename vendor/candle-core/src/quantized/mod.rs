@@ -691,8 +691,8 @@ impl QTensor {
     }
 
     /// Packs this `[n, k]` weight now for the x86 int8 kernels and frees its ggml blocks, when
-    /// those kernels serve every product with it (CPU storage, an AVX-512 VNNI or AVX-VNNI core,
-    /// a dtype and shape `repack_x86::select` takes for one row and for many, and no AMX path
+    /// those kernels serve every product with it (CPU storage, an AVX-512 VNNI, AVX-VNNI or AVX2
+    /// core, a dtype and shape `repack_x86::select` takes for one row and for many, and no AMX path
     /// that would pack from the blocks again). Otherwise nothing changes. Returns whether it
     /// packed. Afterwards the tensor still multiplies (`QMatMul::forward`), but its blocks are
     /// gone: `dequantize`, `data` and `embedding` fail with a message.
@@ -702,7 +702,6 @@ impl QTensor {
     pub fn pack_for_cpu(&mut self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            use repack_x86::X86Level;
             let QStorage::Cpu(storage) = &self.storage else {
                 return false;
             };
@@ -710,15 +709,10 @@ impl QTensor {
                 return false;
             };
             let dtype = storage.dtype();
-            let vnni = matches!(
-                repack_x86::level(),
-                Some(X86Level::Avx512Vnni | X86Level::AvxVnni)
-            );
             // On an AMX core the q4k prefill path would build 10-bit AMX tiles beside the
             // blocks and these tiles (19 bits a weight in all); the VNNI tiles alone serve
-            // both prefill and decode at 4.75 bits.
-            if !vnni
-                || !repack_x86::select(dtype, 1, n, k)
+            // both prefill and decode at 4.75 bits. (`select` is false without a kernel tier.)
+            if !repack_x86::select(dtype, 1, n, k)
                 || !repack_x86::select(dtype, 2, n, k)
             {
                 return false;

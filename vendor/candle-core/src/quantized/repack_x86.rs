@@ -32,7 +32,8 @@ pub(crate) struct TileQ6K {
     pub(crate) qs: [u8; QK_K / 4 * TILE_N * 4],
 }
 
-// One 32-value block group for 16 rows of q8_0 weights, stored offset by +128.
+// One 32-value block group for 16 rows of q8_0 weights, stored offset by +128 for the VNNI
+// kernels and signed for the pure AVX2 one (`pack_q8_0`).
 #[repr(C)]
 pub(crate) struct TileQ8_0 {
     pub(crate) d: [f16; TILE_N],
@@ -47,9 +48,9 @@ pub(crate) enum PackedX86 {
 
 pub(crate) fn select(dtype: super::GgmlDType, m: usize, n: usize, k: usize) -> bool {
     use super::GgmlDType as D;
-    let Some(lv) = level() else {
+    if level().is_none() {
         return false;
-    };
+    }
     if k == 0 || !n.is_multiple_of(TILE_N) || !k.is_multiple_of(QK_K) {
         return false;
     }
@@ -58,8 +59,8 @@ pub(crate) fn select(dtype: super::GgmlDType, m: usize, n: usize, k: usize) -> b
         // Keep Q6K GEMV on compact weights; expanded tiles cost bandwidth
         // without reuse across multiple activation rows.
         D::Q6K => m > 1,
-        // pure avx2 maddubs overflows on the +128 u8 range; q8_0 needs real dpbusd
-        D::Q8_0 => lv != X86Level::Avx2,
+        // pure AVX2 takes the signs off the +128 tiles (kernels256::q8_0_tile2_avx2)
+        D::Q8_0 => true,
         _ => false,
     }
 }
@@ -80,6 +81,23 @@ fn q8_0_blocks(storage: &dyn QuantizedType) -> &[BlockQ8_0] {
     unsafe { std::slice::from_raw_parts(ptr, data / std::mem::size_of::<BlockQ8_0>()) }
 }
 
+/// `count` tiles made by `make(i)`, built in parallel on the barrier pool: packing at load
+/// reads every weight once and is otherwise single-threaded work.
+fn build_tiles<T: Send>(count: usize, make: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(count);
+    let ptr = out.as_mut_ptr() as usize;
+    crate::utils::barrier_pool().execute_chunked(count, |range| {
+        let ptr = ptr as *mut T;
+        for i in range {
+            // SAFETY: each index in 0..count is written once, within the capacity.
+            unsafe { ptr.add(i).write(make(i)) };
+        }
+    });
+    // SAFETY: execute_chunked returns once every index of 0..count has been written.
+    unsafe { out.set_len(count) };
+    out
+}
+
 // ggml's 6-bit scale/min unpack for q4k/q5k superblocks.
 fn get_scale_min_k4(j: usize, scales: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
@@ -96,45 +114,43 @@ pub(crate) fn pack_q4k(storage: &dyn QuantizedType, n: usize, k: usize) -> Packe
     let blocks = q4k_blocks(storage);
     let kb = k / QK_K;
     let n_tiles = n / TILE_N;
-    let mut out: Vec<TileQ4K> = Vec::with_capacity(n_tiles * kb);
-    for t in 0..n_tiles {
-        for b in 0..kb {
-            let mut tile = TileQ4K {
-                d: [0.0; TILE_N],
-                dmin: [0.0; TILE_N],
-                scales: [[0; TILE_N]; 8],
-                mins: [[0; TILE_N]; 8],
-                qs: [0; QK_K / 8 * TILE_N * 4],
-            };
-            for r in 0..TILE_N {
-                let blk = &blocks[(t * TILE_N + r) * kb + b];
-                tile.d[r] = blk.d.to_f32();
-                tile.dmin[r] = blk.dmin.to_f32();
-                for sub in 0..8 {
-                    let (sc, mn) = get_scale_min_k4(sub, &blk.scales);
-                    tile.scales[sub][r] = sc;
-                    tile.mins[sub][r] = mn;
-                }
-                // q4k qs: 32-byte chunks c hold values [c*64, c*64+32) in the low nibbles
-                // and [c*64+32, c*64+64) in the high nibbles
-                let mut vals = [0u8; QK_K];
-                for c in 0..4 {
-                    for j in 0..32 {
-                        let byte = blk.qs[c * 32 + j];
-                        vals[c * 64 + j] = byte & 0x0F;
-                        vals[c * 64 + 32 + j] = byte >> 4;
-                    }
-                }
-                for g in 0..QK_K / 8 {
-                    for j in 0..4 {
-                        tile.qs[(g * TILE_N + r) * 4 + j] =
-                            vals[g * 8 + j] | (vals[g * 8 + j + 4] << 4);
-                    }
+    let out = build_tiles(n_tiles * kb, |i| {
+        let (t, b) = (i / kb, i % kb);
+        let mut tile = TileQ4K {
+            d: [0.0; TILE_N],
+            dmin: [0.0; TILE_N],
+            scales: [[0; TILE_N]; 8],
+            mins: [[0; TILE_N]; 8],
+            qs: [0; QK_K / 8 * TILE_N * 4],
+        };
+        for r in 0..TILE_N {
+            let blk = &blocks[(t * TILE_N + r) * kb + b];
+            tile.d[r] = blk.d.to_f32();
+            tile.dmin[r] = blk.dmin.to_f32();
+            for sub in 0..8 {
+                let (sc, mn) = get_scale_min_k4(sub, &blk.scales);
+                tile.scales[sub][r] = sc;
+                tile.mins[sub][r] = mn;
+            }
+            // q4k qs: 32-byte chunks c hold values [c*64, c*64+32) in the low nibbles
+            // and [c*64+32, c*64+64) in the high nibbles
+            let mut vals = [0u8; QK_K];
+            for c in 0..4 {
+                for j in 0..32 {
+                    let byte = blk.qs[c * 32 + j];
+                    vals[c * 64 + j] = byte & 0x0F;
+                    vals[c * 64 + 32 + j] = byte >> 4;
                 }
             }
-            out.push(tile);
+            for g in 0..QK_K / 8 {
+                for j in 0..4 {
+                    tile.qs[(g * TILE_N + r) * 4 + j] =
+                        vals[g * 8 + j] | (vals[g * 8 + j + 4] << 4);
+                }
+            }
         }
-    }
+        tile
+    });
     PackedX86::Q4K(out)
 }
 
@@ -142,40 +158,38 @@ pub(crate) fn pack_q6k(storage: &dyn QuantizedType, n: usize, k: usize) -> Packe
     let blocks = q6k_blocks(storage);
     let kb = k / QK_K;
     let n_tiles = n / TILE_N;
-    let mut out: Vec<TileQ6K> = Vec::with_capacity(n_tiles * kb);
-    for t in 0..n_tiles {
-        for b in 0..kb {
-            let mut tile = TileQ6K {
-                scales: [[0.0; TILE_N]; 16],
-                qs: [0; QK_K / 4 * TILE_N * 4],
-            };
-            for r in 0..TILE_N {
-                let blk = &blocks[(t * TILE_N + r) * kb + b];
-                let d = blk.d.to_f32();
-                for sub in 0..16 {
-                    tile.scales[sub][r] = d * blk.scales[sub] as f32;
-                }
-                // q6k: ql 128 bytes (low 4 bits), qh 64 bytes (high 2 bits), in 128-value halves
-                let mut vals = [0u8; QK_K];
-                for h in 0..2 {
-                    let ql = &blk.ql[h * 64..];
-                    let qh = &blk.qh[h * 32..];
-                    for j in 0..32 {
-                        vals[h * 128 + j] = (ql[j] & 0x0F) | ((qh[j] & 3) << 4);
-                        vals[h * 128 + j + 32] = (ql[j + 32] & 0x0F) | (((qh[j] >> 2) & 3) << 4);
-                        vals[h * 128 + j + 64] = (ql[j] >> 4) | (((qh[j] >> 4) & 3) << 4);
-                        vals[h * 128 + j + 96] = (ql[j + 32] >> 4) | (((qh[j] >> 6) & 3) << 4);
-                    }
-                }
-                for g in 0..QK_K / 4 {
-                    for j in 0..4 {
-                        tile.qs[(g * TILE_N + r) * 4 + j] = vals[g * 4 + j];
-                    }
+    let out = build_tiles(n_tiles * kb, |i| {
+        let (t, b) = (i / kb, i % kb);
+        let mut tile = TileQ6K {
+            scales: [[0.0; TILE_N]; 16],
+            qs: [0; QK_K / 4 * TILE_N * 4],
+        };
+        for r in 0..TILE_N {
+            let blk = &blocks[(t * TILE_N + r) * kb + b];
+            let d = blk.d.to_f32();
+            for sub in 0..16 {
+                tile.scales[sub][r] = d * blk.scales[sub] as f32;
+            }
+            // q6k: ql 128 bytes (low 4 bits), qh 64 bytes (high 2 bits), in 128-value halves
+            let mut vals = [0u8; QK_K];
+            for h in 0..2 {
+                let ql = &blk.ql[h * 64..];
+                let qh = &blk.qh[h * 32..];
+                for j in 0..32 {
+                    vals[h * 128 + j] = (ql[j] & 0x0F) | ((qh[j] & 3) << 4);
+                    vals[h * 128 + j + 32] = (ql[j + 32] & 0x0F) | (((qh[j] >> 2) & 3) << 4);
+                    vals[h * 128 + j + 64] = (ql[j] >> 4) | (((qh[j] >> 4) & 3) << 4);
+                    vals[h * 128 + j + 96] = (ql[j + 32] >> 4) | (((qh[j] >> 6) & 3) << 4);
                 }
             }
-            out.push(tile);
+            for g in 0..QK_K / 4 {
+                for j in 0..4 {
+                    tile.qs[(g * TILE_N + r) * 4 + j] = vals[g * 4 + j];
+                }
+            }
         }
-    }
+        tile
+    });
     PackedX86::Q6K(out)
 }
 
@@ -183,25 +197,27 @@ pub(crate) fn pack_q8_0(storage: &dyn QuantizedType, n: usize, k: usize) -> Pack
     let blocks = q8_0_blocks(storage);
     let kb = k / QK8_0;
     let n_tiles = n / TILE_N;
-    let mut out: Vec<TileQ8_0> = Vec::with_capacity(n_tiles * kb);
-    for t in 0..n_tiles {
-        for b in 0..kb {
-            let mut tile = TileQ8_0 {
-                d: [f16::ZERO; TILE_N],
-                qs: [0; QK8_0 * TILE_N],
-            };
-            for r in 0..TILE_N {
-                let blk = &blocks[(t * TILE_N + r) * kb + b];
-                tile.d[r] = blk.d;
-                for g in 0..QK8_0 / 4 {
-                    for j in 0..4 {
-                        tile.qs[(g * TILE_N + r) * 4 + j] = (blk.qs[g * 4 + j] as i16 + 128) as u8;
-                    }
+    // The VNNI kernels take the weights offset by +128 (vpdpbusd's unsigned operand); the
+    // pure AVX2 kernel takes them signed (it moves the activations' signs onto them).
+    let offset: i16 = if level() == Some(X86Level::Avx2) { 0 } else { 128 };
+    let out = build_tiles(n_tiles * kb, |i| {
+        let (t, b) = (i / kb, i % kb);
+        let mut tile = TileQ8_0 {
+            d: [f16::ZERO; TILE_N],
+            qs: [0; QK8_0 * TILE_N],
+        };
+        for r in 0..TILE_N {
+            let blk = &blocks[(t * TILE_N + r) * kb + b];
+            tile.d[r] = blk.d;
+            for g in 0..QK8_0 / 4 {
+                for j in 0..4 {
+                    tile.qs[(g * TILE_N + r) * 4 + j] =
+                        (blk.qs[g * 4 + j] as i16 + offset) as u8;
                 }
             }
-            out.push(tile);
         }
-    }
+        tile
+    });
     PackedX86::Q8_0(out)
 }
 
@@ -391,7 +407,7 @@ unsafe fn matmul_unit_512(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul_unit_256(
     packed: &PackedX86,
@@ -430,13 +446,15 @@ unsafe fn matmul_unit_256(
             }
             PackedX86::Q8_0(tiles) => {
                 for s in (0..8).step_by(2) {
-                    kernels256::q8_0_tile2_avxvnni(
+                    let (t0, t1) = (
                         &tiles[nt * (kb * 8) + b * 8 + s],
                         &tiles[nt * (kb * 8) + b * 8 + s + 1],
-                        &act_refs[..mt],
-                        s,
-                        &mut acc,
                     );
+                    if vnni {
+                        kernels256::q8_0_tile2_avxvnni(t0, t1, &act_refs[..mt], s, &mut acc)
+                    } else {
+                        kernels256::q8_0_tile2_avx2(t0, t1, &act_refs[..mt], s, &mut acc)
+                    }
                 }
             }
         }
@@ -643,43 +661,41 @@ pub(crate) fn pack_q4k_amx(storage: &dyn QuantizedType, n: usize, k: usize) -> V
     let blocks = q4k_blocks(storage);
     let kb = k / QK_K;
     let n_tiles = n / TILE_N;
-    let mut out: Vec<TileQ4KAmx> = Vec::with_capacity(n_tiles * kb);
-    for t in 0..n_tiles {
-        for b in 0..kb {
-            let mut tile = TileQ4KAmx {
-                scales: [[0.0; TILE_N]; 8],
-                mins: [[0.0; TILE_N]; 8],
-                qs: [0; QK_K * TILE_N],
-            };
-            for r in 0..TILE_N {
-                let blk = &blocks[(t * TILE_N + r) * kb + b];
-                let d = blk.d.to_f32();
-                let dmin = blk.dmin.to_f32();
-                for sub in 0..8 {
-                    let (sc, mn) = get_scale_min_k4(sub, &blk.scales);
-                    tile.scales[sub][r] = d * sc as f32;
-                    tile.mins[sub][r] = dmin * mn as f32;
+    let out = build_tiles(n_tiles * kb, |i| {
+        let (t, b) = (i / kb, i % kb);
+        let mut tile = TileQ4KAmx {
+            scales: [[0.0; TILE_N]; 8],
+            mins: [[0.0; TILE_N]; 8],
+            qs: [0; QK_K * TILE_N],
+        };
+        for r in 0..TILE_N {
+            let blk = &blocks[(t * TILE_N + r) * kb + b];
+            let d = blk.d.to_f32();
+            let dmin = blk.dmin.to_f32();
+            for sub in 0..8 {
+                let (sc, mn) = get_scale_min_k4(sub, &blk.scales);
+                tile.scales[sub][r] = d * sc as f32;
+                tile.mins[sub][r] = dmin * mn as f32;
+            }
+            let mut vals = [0u8; QK_K];
+            for c in 0..4 {
+                for j in 0..32 {
+                    let byte = blk.qs[c * 32 + j];
+                    vals[c * 64 + j] = byte & 0x0F;
+                    vals[c * 64 + 32 + j] = byte >> 4;
                 }
-                let mut vals = [0u8; QK_K];
-                for c in 0..4 {
-                    for j in 0..32 {
-                        let byte = blk.qs[c * 32 + j];
-                        vals[c * 64 + j] = byte & 0x0F;
-                        vals[c * 64 + 32 + j] = byte >> 4;
-                    }
-                }
-                for sub in 0..8 {
-                    for krow in 0..8 {
-                        for j in 0..4 {
-                            tile.qs[((sub * 8 + krow) * TILE_N + r) * 4 + j] =
-                                vals[sub * 32 + krow * 4 + j];
-                        }
+            }
+            for sub in 0..8 {
+                for krow in 0..8 {
+                    for j in 0..4 {
+                        tile.qs[((sub * 8 + krow) * TILE_N + r) * 4 + j] =
+                            vals[sub * 32 + krow * 4 + j];
                     }
                 }
             }
-            out.push(tile);
         }
-    }
+        tile
+    });
     out
 }
 
@@ -946,7 +962,10 @@ pub(crate) fn level() -> Option<X86Level> {
         {
             return Some(X86Level::AvxVnni);
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             return Some(X86Level::Avx2);
         }
         None
@@ -1046,7 +1065,81 @@ mod kernels256 {
         };
     }
     q4k_tile_256!(q4k_tile_avxvnni, dp_vnni, "avx2,avxvnni,fma");
-    q4k_tile_256!(q4k_tile_avx2, dp_avx2, "avx2,fma");
+
+    // Pure AVX2 q4k. The maddubs products of 4-bit weights and q8k activations stay in i16
+    // for a whole 32-value sub-block (8 pair sums of at most 2 * 15 * 128 = 3840, so
+    // |sum| <= 30720 < 2^15), and one madd with the sub-block's scale in both halves of each
+    // column's lane gives scale * dot in i32: one multiply-port op per 32 products instead
+    // of two plus a mullo per sub-block. The two 8-column halves run one after the other and
+    // the row count is a constant, so the accumulators stay in AVX2's 16 registers.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn q4k_tile_avx2_mt<const MT: usize>(
+        tile: &TileQ4K,
+        acts: &[&BlockQ8K],
+        acc: &mut [[__m256; 2]],
+    ) {
+        let mask = _mm256_set1_epi8(0x0F_u8 as i8);
+        for h in 0..2 {
+            let mut qsum = [_mm256_setzero_si256(); MT];
+            for sub in 0..8 {
+                let mut s16 = [_mm256_setzero_si256(); MT];
+                for g4 in 0..4 {
+                    let g = sub * 4 + g4;
+                    let w =
+                        _mm256_loadu_si256(tile.qs.as_ptr().add(g * TILE_N * 4 + h * 32) as *const _);
+                    let lo = _mm256_and_si256(w, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
+                    for m in 0..MT {
+                        let a_lo = bcast4_256(&acts[m].qs, sub * 32 + g4 * 8);
+                        let a_hi = bcast4_256(&acts[m].qs, sub * 32 + g4 * 8 + 4);
+                        s16[m] = _mm256_add_epi16(s16[m], _mm256_maddubs_epi16(lo, a_lo));
+                        s16[m] = _mm256_add_epi16(s16[m], _mm256_maddubs_epi16(hi, a_hi));
+                    }
+                }
+                let sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    tile.scales[sub].as_ptr().add(h * 8) as *const _,
+                ));
+                let sc = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
+                for m in 0..MT {
+                    qsum[m] = _mm256_add_epi32(qsum[m], _mm256_madd_epi16(s16[m], sc));
+                }
+            }
+            let d = _mm256_loadu_ps(tile.d.as_ptr().add(h * 8));
+            let dmin = _mm256_loadu_ps(tile.dmin.as_ptr().add(h * 8));
+            for m in 0..MT {
+                let act = acts[m];
+                let mut msum = _mm256_setzero_si256();
+                for sub in 0..8 {
+                    let bsum = act.bsums[sub * 2] as i32 + act.bsums[sub * 2 + 1] as i32;
+                    let mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                        tile.mins[sub].as_ptr().add(h * 8) as *const _,
+                    ));
+                    msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(mn, _mm256_set1_epi32(bsum)));
+                }
+                let dall = _mm256_set1_ps(act.d);
+                acc[m][h] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(qsum[m]),
+                    _mm256_mul_ps(d, dall),
+                    acc[m][h],
+                );
+                acc[m][h] = _mm256_fnmadd_ps(
+                    _mm256_cvtepi32_ps(msum),
+                    _mm256_mul_ps(dmin, dall),
+                    acc[m][h],
+                );
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn q4k_tile_avx2(tile: &TileQ4K, acts: &[&BlockQ8K], acc: &mut [[__m256; 2]]) {
+        match acts.len() {
+            1 => q4k_tile_avx2_mt::<1>(tile, acts, acc),
+            2 => q4k_tile_avx2_mt::<2>(tile, acts, acc),
+            3 => q4k_tile_avx2_mt::<3>(tile, acts, acc),
+            _ => q4k_tile_avx2_mt::<MAX_MT>(tile, acts, acc),
+        }
+    }
 
     macro_rules! q6k_tile_256 {
         ($fname:ident, $dp:path, $feat:literal) => {
@@ -1093,8 +1186,63 @@ mod kernels256 {
     q6k_tile_256!(q6k_tile_avxvnni, dp_vnni, "avx2,avxvnni,fma");
     q6k_tile_256!(q6k_tile_avx2, dp_avx2, "avx2,fma");
 
-    // q8_0 needs true dpbusd (u8 range overflows maddubs' i16 pairs), so vnni only.
-    #[target_feature(enable = "avx2,avxvnni,fma")]
+    // Pure AVX2 q8_0 on signed tiles (`pack_q8_0` leaves out the +128 offset at this level):
+    // maddubs(|a|, sign(w, a)) = a * w in pairs of at most 2 * 128 * 127 = 32512 < 2^15 (q8_0
+    // weights are within ±127, and |a| of an activation of -128 is 128 as an unsigned byte).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_tile2_avx2_mt<const MT: usize>(
+        t0: &TileQ8_0,
+        t1: &TileQ8_0,
+        acts: &[&BlockQ8K],
+        sub32: usize,
+        acc: &mut [[__m256; 2]],
+    ) {
+        let ones = _mm256_set1_epi16(1);
+        for (blk, tile) in [(sub32, t0), (sub32 + 1, t1)] {
+            let mut isum = [[_mm256_setzero_si256(); 2]; MT];
+            for g4 in 0..8 {
+                let w0 = _mm256_loadu_si256(tile.qs.as_ptr().add(g4 * TILE_N * 4) as *const _);
+                let w1 = _mm256_loadu_si256(tile.qs.as_ptr().add(g4 * TILE_N * 4 + 32) as *const _);
+                for m in 0..MT {
+                    let a = bcast4_256(&acts[m].qs, blk * 32 + g4 * 4);
+                    let ua = _mm256_abs_epi8(a);
+                    let p0 = _mm256_maddubs_epi16(ua, _mm256_sign_epi8(w0, a));
+                    let p1 = _mm256_maddubs_epi16(ua, _mm256_sign_epi8(w1, a));
+                    isum[m][0] = _mm256_add_epi32(isum[m][0], _mm256_madd_epi16(p0, ones));
+                    isum[m][1] = _mm256_add_epi32(isum[m][1], _mm256_madd_epi16(p1, ones));
+                }
+            }
+            for h in 0..2 {
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(tile.d.as_ptr().add(h * 8) as *const _));
+                for m in 0..MT {
+                    acc[m][h] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(isum[m][h]),
+                        _mm256_mul_ps(dw, _mm256_set1_ps(acts[m].d)),
+                        acc[m][h],
+                    );
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn q8_0_tile2_avx2(
+        t0: &TileQ8_0,
+        t1: &TileQ8_0,
+        acts: &[&BlockQ8K],
+        sub32: usize,
+        acc: &mut [[__m256; 2]],
+    ) {
+        match acts.len() {
+            1 => q8_0_tile2_avx2_mt::<1>(t0, t1, acts, sub32, acc),
+            2 => q8_0_tile2_avx2_mt::<2>(t0, t1, acts, sub32, acc),
+            3 => q8_0_tile2_avx2_mt::<3>(t0, t1, acts, sub32, acc),
+            _ => q8_0_tile2_avx2_mt::<MAX_MT>(t0, t1, acts, sub32, acc),
+        }
+    }
+
+    // AVX-VNNI q8_0 on the +128-offset tiles with the bsum correction.
+    #[target_feature(enable = "avx2,avxvnni,fma,f16c")]
     pub(crate) unsafe fn q8_0_tile2_avxvnni(
         t0: &TileQ8_0,
         t1: &TileQ8_0,
