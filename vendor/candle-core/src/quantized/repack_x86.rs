@@ -535,7 +535,7 @@ pub(crate) fn quantize_lhs(lhs: &[f32], m: usize, k: usize) -> Vec<BlockQ8K> {
     let kb = k / QK_K;
     let mut out = vec![BlockQ8K::zeros(); m * kb];
     if m == 1 {
-        BlockQ8K::from_float(&lhs[..k], &mut out);
+        q8k_row(&lhs[..k], &mut out);
         return out;
     }
     let out_ptr = out.as_mut_ptr() as usize;
@@ -544,10 +544,80 @@ pub(crate) fn quantize_lhs(lhs: &[f32], m: usize, k: usize) -> Vec<BlockQ8K> {
         for r in range {
             let row = &lhs[r * k..(r + 1) * k];
             let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.add(r * kb), kb) };
-            BlockQ8K::from_float(row, dst);
+            q8k_row(row, dst);
         }
     });
     out
+}
+
+/// `BlockQ8K::from_float`, vectorised where the kernels run (any of their levels has AVX2),
+/// with the same result bit for bit: the scale follows the first value of largest magnitude,
+/// and values round half away from zero (`f32::round`) before the clamp.
+fn q8k_row(xs: &[f32], ys: &mut [BlockQ8K]) {
+    #[cfg(target_arch = "x86_64")]
+    if level().is_some() {
+        // SAFETY: every kernel level implies AVX2 and FMA.
+        unsafe { q8k_row_avx2(xs, ys) };
+        return;
+    }
+    BlockQ8K::from_float(xs, ys)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q8k_row_avx2(xs: &[f32], ys: &mut [BlockQ8K]) {
+    use core::arch::x86_64::*;
+    assert_eq!(xs.len(), ys.len() * QK_K);
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    let sign_bit = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
+    let lo = _mm256_set1_ps(-128.0);
+    let hi = _mm256_set1_ps(127.0);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (x, y) in xs.chunks_exact(QK_K).zip(ys.iter_mut()) {
+        // max(|v|, acc) keeps acc where |v| is NaN, as the scalar comparison does.
+        let mut vmax = _mm256_setzero_ps();
+        for j in (0..QK_K).step_by(8) {
+            let v = _mm256_and_ps(_mm256_loadu_ps(x.as_ptr().add(j)), abs_mask);
+            vmax = _mm256_max_ps(v, vmax);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), vmax);
+        let amax = lanes.iter().fold(0f32, |a, &v| if a < v { v } else { a });
+        if amax == 0.0 {
+            y.d = 0.0;
+            y.qs.fill(0);
+            y.bsums.fill(0);
+            continue;
+        }
+        let max = *x.iter().find(|v| v.abs() == amax).expect("amax is some |x|");
+        let iscale = -127f32 / max;
+        let vs = _mm256_set1_ps(iscale);
+        for j in (0..QK_K).step_by(32) {
+            let mut q = [_mm256_setzero_si256(); 4];
+            for (u, qu) in q.iter_mut().enumerate() {
+                let v = _mm256_mul_ps(vs, _mm256_loadu_ps(x.as_ptr().add(j + u * 8)));
+                // round half away from zero: truncate, then step away where |frac| >= 0.5
+                let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+                let frac = _mm256_and_ps(_mm256_sub_ps(v, t), abs_mask);
+                let step = _mm256_and_ps(
+                    _mm256_cmp_ps(frac, half, _CMP_GE_OQ),
+                    _mm256_or_ps(one, _mm256_and_ps(v, sign_bit)),
+                );
+                let r = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, step), lo), hi);
+                *qu = _mm256_cvttps_epi32(r);
+            }
+            let w01 = _mm256_packs_epi32(q[0], q[1]);
+            let w23 = _mm256_packs_epi32(q[2], q[3]);
+            let b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), order);
+            _mm256_storeu_si256(y.qs.as_mut_ptr().add(j) as *mut __m256i, b);
+        }
+        for (sum, chunk) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
+            *sum = chunk.iter().map(|&q| q as i16).sum();
+        }
+        y.d = 1.0 / iscale;
+    }
 }
 
 // Fused multi-projection gemv: one lhs quantization and one barrier region across
