@@ -5,8 +5,8 @@
 //! weight) and `q4k` (super-blocks of 256 weights with 6-bit sub-block scales, 4.5 bits a
 //! weight). The linear layers' weights (every projection of the language model and the vision
 //! tower, the LM head and the embedding table) are quantized; norms, biases, the patch
-//! embedding, attention and the residual stream stay f32. On x86 cores with AVX-512 VNNI
-//! candle's repacked int8 kernels multiply them.
+//! embedding, attention and the residual stream stay f32. On x86 cores with AVX-512 VNNI,
+//! AVX-VNNI or AVX2, candle's repacked int8 kernels multiply them.
 
 use std::fmt;
 
