@@ -278,7 +278,8 @@ impl GgufWeights {
 
     /// The tensor `name`, as stored.
     pub fn qtensor(&self, name: &str) -> candle_core::Result<QTensor> {
-        let err = |m: String| candle_core::Error::Msg(format!("{}: {name}: {m}", self.path.display()));
+        let err =
+            |m: String| candle_core::Error::Msg(format!("{}: {name}: {m}", self.path.display()));
         let info = self
             .content
             .tensor_infos
@@ -306,11 +307,9 @@ impl GgufWeights {
         // again from the file, and no slice of them outlives the copy above.
         #[cfg(unix)]
         unsafe {
-            let _ = self.map.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                start,
-                size,
-            );
+            let _ =
+                self.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, size);
         }
         Ok(qt)
     }

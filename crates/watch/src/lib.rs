@@ -29,6 +29,8 @@
 //! assert!(camera.observe(4.0, (1920, 1080), &[helmet]).is_empty()); // cooling down
 //! ```
 
+pub mod config;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use inspector_core::{BBox, Risk};
@@ -64,7 +66,10 @@ impl Policy {
             return Err("m must be at least 1".into());
         }
         if self.k == 0 || self.k > self.m {
-            return Err(format!("k must be between 1 and m ({}), not {}", self.m, self.k));
+            return Err(format!(
+                "k must be between 1 and m ({}), not {}",
+                self.m, self.k
+            ));
         }
         if !(self.cooldown_s.is_finite() && self.cooldown_s >= 0.0) {
             return Err(format!(
@@ -103,7 +108,10 @@ impl Polygon {
             ));
         }
         for (i, [x, y]) in self.0.iter().enumerate() {
-            if !(x.is_finite() && y.is_finite() && (0.0..=1.0).contains(x) && (0.0..=1.0).contains(y))
+            if !(x.is_finite()
+                && y.is_finite()
+                && (0.0..=1.0).contains(x)
+                && (0.0..=1.0).contains(y))
             {
                 return Err(format!(
                     "point {} ({x}, {y}) is not inside the frame: coordinates are fractions of \

@@ -69,7 +69,10 @@ fn k_of_m_counts_frames_not_runs() {
     let h = || vec![seen(HELMET, Risk::High, None)];
     // A gap of one frame still leaves 2 of the last 3.
     let mut a = Alerter::new(policy.clone(), Zones::default());
-    assert_eq!(run(&mut a, &[(0.0, h()), (1.0, vec![]), (2.0, h())]).len(), 1);
+    assert_eq!(
+        run(&mut a, &[(0.0, h()), (1.0, vec![]), (2.0, h())]).len(),
+        1
+    );
     // A gap of two frames does not: each sighting is alone in its window.
     let mut a = Alerter::new(policy.clone(), Zones::default());
     let frames = [(0.0, h()), (1.0, vec![]), (2.0, vec![]), (3.0, h())];
@@ -131,12 +134,16 @@ fn zones_restrict_the_rules_they_name_and_ignored_regions_drop_everything() {
     };
     let mut a = Alerter::new(policy, zones);
     let mut fires = |rule: &str, bbox: Option<[f64; 4]>| {
-        !a.observe(0.0, SIZE, &[seen(rule, Risk::High, bbox)]).is_empty()
+        !a.observe(0.0, SIZE, &[seen(rule, Risk::High, bbox)])
+            .is_empty()
     };
     // Pixels of a 1000 × 500 frame: centre (100, 250) is in the bay, (700, 250) is not.
     assert!(fires(HELMET, Some([50.0, 200.0, 150.0, 300.0])));
     assert!(!fires(HELMET, Some([650.0, 200.0, 750.0, 300.0])));
-    assert!(!fires(HELMET, None), "an unplaced violation of a zoned rule");
+    assert!(
+        !fires(HELMET, None),
+        "an unplaced violation of a zoned rule"
+    );
     // A rule no zone names applies everywhere, placed or not ...
     assert!(fires(CABINET, Some([650.0, 200.0, 750.0, 300.0])));
     assert!(fires(CABINET, None));
@@ -176,7 +183,9 @@ fn a_concave_polygon_contains_what_it_encloses() {
 
 #[test]
 fn bad_polygons_and_policies_are_refused_with_what_is_wrong() {
-    let e = Polygon(vec![[0.0, 0.0], [1.0, 1.0]]).validate().unwrap_err();
+    let e = Polygon(vec![[0.0, 0.0], [1.0, 1.0]])
+        .validate()
+        .unwrap_err();
     assert!(e.contains("at least 3 points"), "{e}");
     let e = Polygon(vec![[0.0, 0.0], [1.5, 0.0], [1.0, 1.0]])
         .validate()
@@ -193,9 +202,27 @@ fn bad_polygons_and_policies_are_refused_with_what_is_wrong() {
 
     assert!(Policy::default().validate().is_ok());
     for (policy, field) in [
-        (Policy { k: 4, ..Policy::default() }, "k must be between 1 and m (3), not 4"),
-        (Policy { k: 0, ..Policy::default() }, "k must be"),
-        (Policy { m: 0, ..Policy::default() }, "m must be at least 1"),
+        (
+            Policy {
+                k: 4,
+                ..Policy::default()
+            },
+            "k must be between 1 and m (3), not 4",
+        ),
+        (
+            Policy {
+                k: 0,
+                ..Policy::default()
+            },
+            "k must be",
+        ),
+        (
+            Policy {
+                m: 0,
+                ..Policy::default()
+            },
+            "m must be at least 1",
+        ),
         (
             Policy {
                 cooldown_s: -1.0,
@@ -218,7 +245,11 @@ fn a_trigger_serialises_with_its_box_named_box() {
         },
         Zones::default(),
     );
-    let t = a.observe(5.0, SIZE, &[seen(HELMET, Risk::High, Some([1.0, 2.0, 3.0, 4.0]))]);
+    let t = a.observe(
+        5.0,
+        SIZE,
+        &[seen(HELMET, Risk::High, Some([1.0, 2.0, 3.0, 4.0]))],
+    );
     let v = serde_json::to_value(&t[0]).unwrap();
     assert_eq!(v["rule"], HELMET);
     assert_eq!(v["risk"], "高");

@@ -51,7 +51,11 @@ pub fn kernels_equal_their_arithmetic() -> bool {
                 // and every other value is an odd multiple of 0.5, which q8k rounds away from
                 // zero.
                 for (j, v) in x[k..].iter_mut().enumerate() {
-                    *v = if j % QK == 0 { -127.0 } else { (j % 9) as f32 - 4.5 };
+                    *v = if j % QK == 0 {
+                        -127.0
+                    } else {
+                        (j % 9) as f32 - 4.5
+                    };
                 }
             }
             let x = Tensor::from_vec(x, (m, k), &dev).unwrap();
