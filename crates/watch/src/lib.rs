@@ -30,6 +30,7 @@
 //! ```
 
 pub mod config;
+pub mod source;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 

@@ -1,0 +1,276 @@
+//! Frames from camera sources, and the change gate.
+//!
+//! Video is decoded by the `ffmpeg` program from PATH (Debian's `ffmpeg` package), spawned per
+//! source: no libav is linked, so a plain `cargo build` works and the binary carries no GPL
+//! code. ffmpeg samples one frame every `interval` seconds of media time (its `fps` filter) and
+//! writes them as PNG images to a pipe, which [`PngStream`] splits.
+
+use std::{
+    io::{BufReader, ErrorKind, Read},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, Stdio},
+    thread::JoinHandle,
+};
+
+/// The largest PNG chunk accepted from ffmpeg (a 8K RGB frame is about 100 MB raw).
+const MAX_CHUNK: usize = 256 << 20;
+
+/// Why a source stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    #[error(
+        "{program} was not found on PATH: install FFmpeg (Debian and Ubuntu: apt-get install \
+         ffmpeg) or put its folder on PATH"
+    )]
+    MissingProgram { program: &'static str },
+    #[error("{name}: {message}")]
+    Failed { name: String, message: String },
+}
+
+/// One sampled frame: its time in the source (seconds of media time for a file) and a PNG.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    pub at: f64,
+    pub png: Vec<u8>,
+}
+
+/// Splits a stream of concatenated PNG files.
+pub struct PngStream<R> {
+    reader: R,
+}
+
+impl<R: Read> PngStream<R> {
+    pub fn new(reader: R) -> Self {
+        PngStream { reader }
+    }
+
+    /// The next PNG, `None` at a clean end of the stream (between images).
+    pub fn next_png(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        const SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n'];
+        let mut sig = [0u8; 8];
+        match self.reader.read(&mut sig[..1])? {
+            0 => return Ok(None),
+            _ => self.reader.read_exact(&mut sig[1..])?,
+        }
+        if sig != SIGNATURE {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidData,
+                "the decoder's output is not a PNG stream",
+            ));
+        }
+        let mut png = sig.to_vec();
+        loop {
+            let mut head = [0u8; 8];
+            self.reader.read_exact(&mut head)?;
+            let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+            if len > MAX_CHUNK {
+                return Err(std::io::Error::new(
+                    ErrorKind::InvalidData,
+                    format!("a PNG chunk of {len} bytes"),
+                ));
+            }
+            png.extend_from_slice(&head);
+            let start = png.len();
+            png.resize(start + len + 4, 0);
+            self.reader.read_exact(&mut png[start..])?;
+            if &head[4..] == b"IEND" {
+                return Ok(Some(png));
+            }
+        }
+    }
+}
+
+/// Frames of a video file every `interval` seconds of media time, as fast as they are taken.
+pub struct VideoFile {
+    name: String,
+    child: Child,
+    frames: PngStream<BufReader<ChildStdout>>,
+    stderr: Option<JoinHandle<String>>,
+    interval: f64,
+    index: usize,
+    done: bool,
+}
+
+impl VideoFile {
+    /// Starts ffmpeg on `path`. `name` is how errors name the source.
+    pub fn open(path: &Path, name: &str, interval: f64) -> Result<VideoFile, SourceError> {
+        let failed = |message: String| SourceError::Failed {
+            name: name.to_string(),
+            message,
+        };
+        if !(interval.is_finite() && interval > 0.0) {
+            return Err(failed(format!(
+                "the interval must be > 0 seconds, not {interval}"
+            )));
+        }
+        if !path.is_file() {
+            return Err(failed("no such file".into()));
+        }
+        let mut child = Command::new("ffmpeg")
+            .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-i"])
+            .arg(path)
+            .args(["-an", "-sn", "-vf"])
+            .arg(format!("fps=fps=1/{interval}"))
+            .args(["-f", "image2pipe", "-c:v", "png", "-"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| match e.kind() {
+                ErrorKind::NotFound => SourceError::MissingProgram { program: "ffmpeg" },
+                _ => failed(format!("could not start ffmpeg: {e}")),
+            })?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        // Drained on its own thread so that a chatty ffmpeg never blocks on a full pipe.
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        Ok(VideoFile {
+            name: name.to_string(),
+            child,
+            frames: PngStream::new(BufReader::with_capacity(1 << 20, stdout)),
+            stderr: Some(stderr),
+            interval,
+            index: 0,
+            done: false,
+        })
+    }
+
+    /// The next frame; `None` once the file has ended normally. An unreadable or corrupt file
+    /// is an error with ffmpeg's own words.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, SourceError> {
+        if self.done {
+            return Ok(None);
+        }
+        let read = self.frames.next_png();
+        match read {
+            Ok(Some(png)) => {
+                let at = self.index as f64 * self.interval;
+                self.index += 1;
+                Ok(Some(Frame { at, png }))
+            }
+            Ok(None) => {
+                self.done = true;
+                self.finish(None).map(|_| None)
+            }
+            Err(e) => {
+                self.done = true;
+                self.finish(Some(e.to_string())).map(|_| None)
+            }
+        }
+    }
+
+    /// Waits for ffmpeg; its failure (or a broken stream) becomes the source's error.
+    fn finish(&mut self, stream_error: Option<String>) -> Result<(), SourceError> {
+        let status = self.child.wait();
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        let said = stderr
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let ok = status.as_ref().is_ok_and(|s| s.success());
+        if ok && stream_error.is_none() && self.index > 0 {
+            return Ok(());
+        }
+        let message = if !said.is_empty() {
+            format!("ffmpeg: {said}")
+        } else if let Some(e) = stream_error {
+            format!("reading ffmpeg's frames: {e}")
+        } else if self.index == 0 {
+            "no video frames in the file".to_string()
+        } else {
+            format!(
+                "ffmpeg failed ({})",
+                status.map_or_else(|e| e.to_string(), |s| s.to_string())
+            )
+        };
+        Err(SourceError::Failed {
+            name: self.name.clone(),
+            message,
+        })
+    }
+}
+
+impl Drop for VideoFile {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// What kind of source a command-line or config `source` is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    /// rtsp://, rtsps://, http(s)://: not read yet (issue 24's next part).
+    Url(String),
+    File(PathBuf),
+    Folder(PathBuf),
+}
+
+impl SourceKind {
+    pub fn of(source: &str) -> SourceKind {
+        if source.contains("://") {
+            return SourceKind::Url(source.to_string());
+        }
+        let p = PathBuf::from(source);
+        if p.is_dir() {
+            SourceKind::Folder(p)
+        } else {
+            SourceKind::File(p)
+        }
+    }
+}
+
+/// Skips frames barely different from the last inspected one: the mean absolute difference of
+/// 32 × 32 grey thumbnails, on a 0–255 scale, below `threshold`.
+#[derive(Debug, Clone)]
+pub struct ChangeGate {
+    threshold: f64,
+    last: Option<Vec<u8>>,
+}
+
+impl ChangeGate {
+    /// 0 inspects every frame.
+    pub fn new(threshold: f64) -> ChangeGate {
+        ChangeGate {
+            threshold,
+            last: None,
+        }
+    }
+
+    /// Whether `frame` differs enough from the last frame that passed to be inspected; if so it
+    /// becomes the new reference.
+    pub fn passes(&mut self, frame: &image::DynamicImage) -> bool {
+        let thumb = frame
+            .resize_exact(32, 32, image::imageops::FilterType::Triangle)
+            .to_luma8()
+            .into_raw();
+        let differs = match &self.last {
+            None => true,
+            Some(last) => {
+                let total: u64 = last
+                    .iter()
+                    .zip(&thumb)
+                    .map(|(a, b)| u64::from(a.abs_diff(*b)))
+                    .sum();
+                total as f64 / thumb.len() as f64 >= self.threshold
+            }
+        };
+        if differs {
+            self.last = Some(thumb);
+        }
+        differs
+    }
+}
