@@ -16,6 +16,7 @@ mod rules_cmd;
 mod serve_cmd;
 mod synth_cmd;
 mod train_cmd;
+mod watch_cmd;
 
 use std::process::ExitCode;
 
@@ -64,6 +65,9 @@ enum Command {
     /// API keys of the HTTP service.
     #[command(subcommand)]
     Keys(serve_cmd::KeysCommand),
+    /// Watch camera sources: inspect a frame every few seconds and raise an alert event when a
+    /// rule is broken in K of the last M frames.
+    Watch(Box<watch_cmd::WatchArgs>),
 }
 
 /// Logs to stderr, filtered by `INSPECTOR_LOG` (default: warnings, and the server's access
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         Command::Synth(args) => synth_cmd::run(args),
         Command::Serve(args) => serve_cmd::serve(*args),
         Command::Keys(cmd) => serve_cmd::keys(cmd),
+        Command::Watch(args) => watch_cmd::run(*args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,355 @@
+//! `inspector watch`
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Instant,
+};
+
+use anyhow::Context;
+use clap::Args;
+use inspector_detect::{DetectConfig, Finding, Input, sha256_hex};
+use inspector_store::{RuleFilter, RuleStore};
+use inspector_watch::{
+    Alerter, Policy, Seen, Trigger, Zones,
+    config::{self, Camera},
+    source::{ChangeGate, SourceKind, VideoFile},
+};
+
+use crate::{
+    detect_cmd::load_detector,
+    model_args::ModelArgs,
+    output::{folder_of, write_atomic},
+    rules_cmd::{DbArgs, open_with_rules},
+};
+
+/// Watch camera sources: sample one frame every `--interval` seconds of each source, inspect it,
+/// and raise an alert event when a rule is broken in K of the source's last M frames (at or
+/// above a risk threshold, outside ignored regions and inside the zones that name the rule),
+/// then not again for that rule until a cooldown has passed. Defaults: 2 of 3 frames, 中, 300 s;
+/// a `--config` file sets them per camera, with zones.
+///
+/// Each event's frame is stored with its boxes drawn under `--data-dir`/events before the event
+/// is written out. Video files are read through the `ffmpeg` program (Debian: `apt-get install
+/// ffmpeg`) as fast as the model keeps up, timed in media time.
+///
+/// Exit status: 0 when every source ran to its end, 1 when any failed (named on stderr; the
+/// others go on).
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Video files (RTSP, HTTP and folder sources are the next step of this command). Each is
+    /// a camera with the default policy and no zones.
+    #[arg(value_name = "SOURCE")]
+    pub sources: Vec<String>,
+    /// A cameras file (`cameras.toml`): cameras with their sources, policies and zones, checked
+    /// as a whole before anything starts.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Seconds between inspected frames of each SOURCE given on the command line.
+    #[arg(long, default_value_t = 2.0, value_name = "S")]
+    pub interval: f64,
+    /// Append one JSON line per event: id, camera, source (credentials redacted), at (seconds of
+    /// media time for a file), rules, risk, frame (relative to FILE's folder), violations.
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
+    /// Where event frames are stored (in `events/`).
+    #[arg(long, default_value = "data", value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Mean grey-level change (0–255, on 32 × 32 thumbnails) below which a frame repeats the
+    /// last result instead of being inspected; 0 inspects every frame.
+    #[arg(long, default_value_t = 2.0, value_name = "LEVELS")]
+    pub change_threshold: f64,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+/// One camera being read.
+struct Watched {
+    camera: Camera,
+    frames: Option<VideoFile>,
+    alerter: Alerter,
+    gate: ChangeGate,
+    /// The last inspected frame's violations and finding: what a skipped frame repeats.
+    last: Option<(Vec<Seen>, Finding)>,
+    read: usize,
+    inspected: usize,
+    skipped: usize,
+    events: usize,
+    error: Option<String>,
+}
+
+pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        args.interval.is_finite() && args.interval > 0.0,
+        "--interval must be a number of seconds > 0, not {}",
+        args.interval
+    );
+    anyhow::ensure!(
+        args.change_threshold.is_finite() && args.change_threshold >= 0.0,
+        "--change-threshold must be ≥ 0"
+    );
+    let store = open_with_rules(&args.db.db)?;
+    let rules = store.rules(&RuleFilter::default())?;
+    let mut cameras: Vec<Camera> = Vec::new();
+    if let Some(file) = &args.config {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let citations: std::collections::HashSet<&str> =
+            rules.iter().map(|r| r.citation.as_str()).collect();
+        match config::parse(&text, |c| citations.contains(c)) {
+            Ok(c) => cameras.extend(c),
+            Err(errors) => {
+                for e in &errors {
+                    eprintln!("{}: {e}", file.display());
+                }
+                anyhow::bail!(
+                    "{} has {} error(s); nothing was started",
+                    file.display(),
+                    errors.len()
+                );
+            }
+        }
+    }
+    for (i, source) in args.sources.iter().enumerate() {
+        cameras.push(Camera {
+            name: format!("source-{}", i + 1),
+            source: source.clone(),
+            interval_s: args.interval,
+            policy: Policy::default(),
+            zones: Zones::default(),
+        });
+    }
+    anyhow::ensure!(
+        !cameras.is_empty(),
+        "give a SOURCE or a --config with cameras"
+    );
+    for c in &cameras {
+        match SourceKind::of(&c.source) {
+            SourceKind::File(_) => {}
+            SourceKind::Url(_) | SourceKind::Folder(_) => anyhow::bail!(
+                "camera {:?}: {} is a stream or folder; this version of `inspector watch` reads \
+                 video files only",
+                c.name,
+                config::redact(&c.source)
+            ),
+        }
+    }
+    let detector = load_detector(&args.model, DetectConfig::default(), &rules)?;
+    let events_dir = args.data_dir.join("events");
+    std::fs::create_dir_all(&events_dir)
+        .with_context(|| format!("creating {}", events_dir.display()))?;
+    let mut events_file = match &args.events {
+        Some(f) => Some((
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(f)
+                .with_context(|| format!("opening {}", f.display()))?,
+            folder_of(f)?.to_path_buf(),
+        )),
+        None => None,
+    };
+
+    let mut watched: Vec<Watched> = cameras
+        .into_iter()
+        .map(|camera| {
+            let name = config::redact(&camera.source);
+            let (frames, error) =
+                match VideoFile::open(Path::new(&camera.source), &name, camera.interval_s) {
+                    Ok(v) => (Some(v), None),
+                    Err(e) => (None, Some(e.to_string())),
+                };
+            if let Some(e) = &error {
+                eprintln!("camera {:?}: {e}", camera.name);
+            }
+            Watched {
+                alerter: Alerter::new(camera.policy.clone(), camera.zones.clone()),
+                camera,
+                frames,
+                gate: ChangeGate::new(args.change_threshold),
+                last: None,
+                read: 0,
+                inspected: 0,
+                skipped: 0,
+                events: 0,
+                error,
+            }
+        })
+        .collect();
+
+    let started = Instant::now();
+    // Round-robin: one frame from each open source per step, inspected as one batch.
+    loop {
+        let mut batch: Vec<(usize, f64, Vec<u8>, image::DynamicImage)> = Vec::new();
+        for (i, w) in watched.iter_mut().enumerate() {
+            let Some(frames) = w.frames.as_mut() else {
+                continue;
+            };
+            match frames.next_frame() {
+                Ok(Some(frame)) => {
+                    w.read += 1;
+                    match image::load_from_memory(&frame.png) {
+                        Ok(img) => batch.push((i, frame.at, frame.png, img)),
+                        Err(e) => {
+                            w.error = Some(format!("frame at {} s: {e}", frame.at));
+                            w.frames = None;
+                        }
+                    }
+                }
+                Ok(None) => w.frames = None,
+                Err(e) => {
+                    eprintln!("camera {:?}: {e}", w.camera.name);
+                    w.error = Some(e.to_string());
+                    w.frames = None;
+                }
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        let fresh: Vec<usize> = batch
+            .iter()
+            .enumerate()
+            .filter(|(_, (i, _, _, img))| {
+                let w = &mut watched[*i];
+                w.last.is_none() || w.gate.passes(img)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let inputs: Vec<Input> = fresh
+            .iter()
+            .map(|&k| Input {
+                name: format!("{} at {} s", watched[batch[k].0].camera.name, batch[k].1),
+                bytes: batch[k].2.clone(),
+            })
+            .collect();
+        let findings = detector.inspect(&inputs, &rules, None, inputs.len().max(1), |_| {});
+        for (&k, result) in fresh.iter().zip(findings) {
+            let w = &mut watched[batch[k].0];
+            match result {
+                Ok(f) => {
+                    w.inspected += 1;
+                    w.last = Some((seen_in(&f), f));
+                }
+                Err(e) => eprintln!("camera {:?}: frame at {} s: {e}", w.camera.name, batch[k].1),
+            }
+        }
+        for (k, (i, at, png, img)) in batch.iter().enumerate() {
+            let w = &mut watched[*i];
+            if !fresh.contains(&k) {
+                w.skipped += 1;
+            }
+            let Some((seen, finding)) = w.last.clone() else {
+                continue;
+            };
+            let size = (img.width(), img.height());
+            for trigger in w.alerter.observe(*at, size, &seen) {
+                raise(
+                    w,
+                    &trigger,
+                    png,
+                    &finding,
+                    &events_dir,
+                    events_file.as_mut(),
+                )?;
+            }
+        }
+    }
+    let mut failed = 0;
+    for w in &watched {
+        eprintln!(
+            "camera {:?} ({}): {} frames read, {} inspected, {} repeated by the change gate, \
+             {} events{}",
+            w.camera.name,
+            config::redact(&w.camera.source),
+            w.read,
+            w.inspected,
+            w.skipped,
+            w.events,
+            w.error
+                .as_ref()
+                .map(|e| format!("; failed: {e}"))
+                .unwrap_or_default()
+        );
+        failed += usize::from(w.error.is_some());
+    }
+    eprintln!(
+        "watched {} sources in {:.1} s",
+        watched.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The violations of a finding whose citation names a rule of the database (the others cannot
+/// be alerted on as a rule) and that have a risk.
+fn seen_in(finding: &Finding) -> Vec<Seen> {
+    finding
+        .violations
+        .iter()
+        .filter_map(|v| {
+            Some(Seen {
+                rule: v.resolved.as_ref()?.citation.clone(),
+                risk: v.risk?,
+                bbox: v.bbox,
+            })
+        })
+        .collect()
+}
+
+/// Stores an event's frame (boxes drawn), then writes the event out.
+fn raise(
+    w: &mut Watched,
+    trigger: &Trigger,
+    png: &[u8],
+    finding: &Finding,
+    events_dir: &Path,
+    events_file: Option<&mut (std::fs::File, PathBuf)>,
+) -> anyhow::Result<()> {
+    let source = config::redact(&w.camera.source);
+    // The same camera, time and rule give the same id: a receiver can drop repeats.
+    let id = sha256_hex(
+        format!(
+            "{}\n{}\n{}\n{}",
+            w.camera.name, source, trigger.at, trigger.rule
+        )
+        .as_bytes(),
+    )[..16]
+        .to_string();
+    let frame = events_dir.join(format!("{id}.jpg"));
+    let jpeg = inspector_server::images::draw_boxes(png, finding, 100_000_000)
+        .map_err(|e| anyhow::anyhow!("drawing the event frame: {e}"))?;
+    write_atomic(&frame, &jpeg)?;
+    w.events += 1;
+    eprintln!(
+        "event {id}: camera {:?} at {} s: {} ({})",
+        w.camera.name,
+        trigger.at,
+        trigger.rule,
+        trigger.risk.as_str()
+    );
+    if let Some((file, dir)) = events_file {
+        let frame_rel = inspector_dataset::relative_to(&frame, dir)
+            .unwrap_or_else(|_| frame.display().to_string());
+        let line = serde_json::json!({
+            "id": id,
+            "camera": w.camera.name,
+            "source": source,
+            "at": trigger.at,
+            "rules": [trigger.rule],
+            "risk": trigger.risk,
+            "frame": frame_rel,
+            "violations": trigger.seen,
+        });
+        writeln!(file, "{line}").context("writing the events file")?;
+        file.sync_data().context("writing the events file")?;
+    }
+    Ok(())
+}
