@@ -2,7 +2,8 @@
 //! vpdpbusd (AVX512-VNNI) produces 16 output columns for 4 k-values per instruction.
 //! Activations are BlockQ8K rows; q4k/q6k quants are unsigned so vpdpbusd applies
 //! directly with the min/offset terms corrected through the q8k bsums, and q8_0
-//! weights are stored offset by +128 with the same correction.
+//! weights are stored offset by +128 with the same correction (signed on pure AVX2
+//! cores, whose kernel moves the activations' signs onto them instead).
 
 use super::k_quants::{BlockQ4K, BlockQ6K, BlockQ8K, BlockQ8_0, QK8_0, QK_K};
 use super::{GgmlType, QuantizedType};
@@ -59,7 +60,7 @@ pub(crate) fn select(dtype: super::GgmlDType, m: usize, n: usize, k: usize) -> b
         // Keep Q6K GEMV on compact weights; expanded tiles cost bandwidth
         // without reuse across multiple activation rows.
         D::Q6K => m > 1,
-        // pure AVX2 takes the signs off the +128 tiles (kernels256::q8_0_tile2_avx2)
+        // pure AVX2 reads signed tiles (kernels256::q8_0_tile2_avx2)
         D::Q8_0 => true,
         _ => false,
     }
