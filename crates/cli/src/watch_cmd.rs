@@ -4,6 +4,10 @@ use std::{
     io::Write,
     path::{Path, PathBuf},
     process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Instant,
 };
 
@@ -14,8 +18,27 @@ use inspector_store::{RuleFilter, RuleStore};
 use inspector_watch::{
     Alerter, Policy, Seen, Trigger, Zones,
     config::{self, Camera},
-    source::{ChangeGate, SourceKind, VideoFile},
+    source::{ChangeGate, FolderSource, Next, SourceKind, VideoFile},
 };
+
+/// An open source.
+enum Reader {
+    Video(VideoFile),
+    Folder(FolderSource),
+}
+
+impl Reader {
+    fn next(&mut self) -> Result<Next, inspector_watch::source::SourceError> {
+        match self {
+            Reader::Video(v) => v.next(),
+            Reader::Folder(f) => f.next(),
+        }
+    }
+
+    fn is_live(&self) -> bool {
+        matches!(self, Reader::Folder(_))
+    }
+}
 
 use crate::{
     detect_cmd::load_detector,
@@ -32,14 +55,16 @@ use crate::{
 ///
 /// Each event's frame is stored with its boxes drawn under `--data-dir`/events before the event
 /// is written out. Video files are read through the `ffmpeg` program (Debian: `apt-get install
-/// ffmpeg`) as fast as the model keeps up, timed in media time.
+/// ffmpeg`) as fast as the model keeps up, timed in media time. A folder is watched for new
+/// photos (at most one per interval, the newest) until SIGINT or SIGTERM, which finish the
+/// frames in flight.
 ///
-/// Exit status: 0 when every source ran to its end, 1 when any failed (named on stderr; the
-/// others go on).
+/// Exit status: 0 when every source ran to its end (or was stopped by a signal), 1 when any
+/// failed (named on stderr; the others go on).
 #[derive(Debug, Args)]
 pub struct WatchArgs {
-    /// Video files (RTSP, HTTP and folder sources are the next step of this command). Each is
-    /// a camera with the default policy and no zones.
+    /// Video files, and folders (new photos as they arrive; RTSP and HTTP sources are the next
+    /// step of this command). Each is a camera with the default policy and no zones.
     #[arg(value_name = "SOURCE")]
     pub sources: Vec<String>,
     /// A cameras file (`cameras.toml`): cameras with their sources, policies and zones, checked
@@ -69,7 +94,8 @@ pub struct WatchArgs {
 /// One camera being read.
 struct Watched {
     camera: Camera,
-    frames: Option<VideoFile>,
+    frames: Option<Reader>,
+    live: bool,
     alerter: Alerter,
     gate: ChangeGate,
     /// The last inspected frame's violations and finding: what a skipped frame repeats.
@@ -127,14 +153,13 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         "give a SOURCE or a --config with cameras"
     );
     for c in &cameras {
-        match SourceKind::of(&c.source) {
-            SourceKind::File(_) => {}
-            SourceKind::Url(_) | SourceKind::Folder(_) => anyhow::bail!(
-                "camera {:?}: {} is a stream or folder; this version of `inspector watch` reads \
-                 video files only",
+        if let SourceKind::Url(_) = SourceKind::of(&c.source) {
+            anyhow::bail!(
+                "camera {:?}: {} is a stream; this version of `inspector watch` reads video \
+                 files and folders",
                 c.name,
                 config::redact(&c.source)
-            ),
+            );
         }
     }
     let detector = load_detector(&args.model, DetectConfig::default(), &rules)?;
@@ -157,11 +182,18 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         .into_iter()
         .map(|camera| {
             let name = config::redact(&camera.source);
-            let (frames, error) =
-                match VideoFile::open(Path::new(&camera.source), &name, camera.interval_s) {
-                    Ok(v) => (Some(v), None),
-                    Err(e) => (None, Some(e.to_string())),
-                };
+            let opened = match SourceKind::of(&camera.source) {
+                SourceKind::Folder(dir) => {
+                    FolderSource::open(&dir, &name, camera.interval_s).map(Reader::Folder)
+                }
+                _ => VideoFile::open(Path::new(&camera.source), &name, camera.interval_s)
+                    .map(Reader::Video),
+            };
+            let (frames, error) = match opened {
+                Ok(r) => (Some(r), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            let live = frames.as_ref().is_some_and(Reader::is_live);
             if let Some(e) = &error {
                 eprintln!("camera {:?}: {e}", camera.name);
             }
@@ -169,6 +201,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                 alerter: Alerter::new(camera.policy.clone(), camera.zones.clone()),
                 camera,
                 frames,
+                live,
                 gate: ChangeGate::new(args.change_threshold),
                 last: None,
                 read: 0,
@@ -180,16 +213,34 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
 
+    let names: Vec<String> = watched
+        .iter()
+        .map(|w| format!("{:?} ({})", w.camera.name, config::redact(&w.camera.source)))
+        .collect();
+    eprintln!("watching {}", names.join(", "));
     let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
+            .context("installing the SIGINT/SIGTERM handler")?;
+    }
     // Round-robin: one frame from each open source per step, inspected as one batch.
     loop {
+        if stop.load(Ordering::Relaxed) {
+            eprintln!("stopping: the frames in flight are done");
+            break;
+        }
+        if watched.iter().all(|w| w.frames.is_none()) {
+            break;
+        }
         let mut batch: Vec<(usize, f64, Vec<u8>, image::DynamicImage)> = Vec::new();
         for (i, w) in watched.iter_mut().enumerate() {
             let Some(frames) = w.frames.as_mut() else {
                 continue;
             };
-            match frames.next_frame() {
-                Ok(Some(frame)) => {
+            match frames.next() {
+                Ok(Next::Frame(frame)) => {
                     w.read += 1;
                     match image::load_from_memory(&frame.png) {
                         Ok(img) => batch.push((i, frame.at, frame.png, img)),
@@ -199,7 +250,8 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                         }
                     }
                 }
-                Ok(None) => w.frames = None,
+                Ok(Next::Wait) => {}
+                Ok(Next::End) => w.frames = None,
                 Err(e) => {
                     eprintln!("camera {:?}: {e}", w.camera.name);
                     w.error = Some(e.to_string());
@@ -208,7 +260,9 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
             }
         }
         if batch.is_empty() {
-            break;
+            // Only live sources are left, between frames.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
         }
         let fresh: Vec<usize> = batch
             .iter()
@@ -338,7 +392,7 @@ fn raise(
     if let Some((file, dir)) = events_file {
         let frame_rel = inspector_dataset::relative_to(&frame, dir)
             .unwrap_or_else(|_| frame.display().to_string());
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "id": id,
             "camera": w.camera.name,
             "source": source,
@@ -348,6 +402,10 @@ fn raise(
             "frame": frame_rel,
             "violations": trigger.seen,
         });
+        if w.live {
+            line["time"] =
+                inspector_server::record::rfc3339((trigger.at * 1000.0).round() as i64).into();
+        }
         writeln!(file, "{line}").context("writing the events file")?;
         file.sync_data().context("writing the events file")?;
     }

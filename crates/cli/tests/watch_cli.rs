@@ -178,3 +178,108 @@ fn a_video_becomes_events_with_stored_frames_and_a_broken_source_fails_alone() {
     let again = std::fs::read_to_string(dir.path().join("again.jsonl")).unwrap();
     assert_eq!(again, text);
 }
+
+#[test]
+fn a_folder_is_watched_for_new_photos_until_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    let scene = |i: usize| root().join(format!("examples/scenes/images/{i:05}.png"));
+    // There before watching starts: not inspected.
+    std::fs::copy(scene(2), photos.join("old.png")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_inspector"))
+        .args([
+            "watch",
+            "photos",
+            "--interval",
+            "0.5",
+            "--events",
+            "events.jsonl",
+            "--data-dir",
+            "data",
+        ])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // stderr, read as it comes: photos that arrive before watching starts are not new.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("watching starts");
+        if line.starts_with("watching ") {
+            assert_eq!(line, "watching \"source-1\" (photos)");
+            break;
+        }
+    }
+    // Photos arrive as a camera uploads them: written aside, then renamed in.
+    let arrive = |i: usize, name: &str| {
+        let tmp = photos.join(format!("{name}.part"));
+        std::fs::copy(scene(i), &tmp).unwrap();
+        std::fs::rename(&tmp, photos.join(name)).unwrap();
+    };
+    let events = dir.path().join("events.jsonl");
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut n = 0;
+    while std::fs::read_to_string(&events).map_or(true, |t| t.is_empty()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no event within 120 s"
+        );
+        // Two helmet scenes, a second apart, and more while no event has come.
+        arrive(n % 2, &format!("cam-{n}.png"));
+        n += 1;
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+    }
+    // Let the photos that arrived be taken (each after one stable poll, one per interval).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = child.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("stopping: the frames in flight are done"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("camera \"source-1\" (photos): {n} frames read")),
+        "the photo there before the start is not read ({n} arrived):\n{stderr}"
+    );
+    let text = std::fs::read_to_string(&events).unwrap();
+    let e: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let at = e["at"].as_f64().unwrap();
+    assert!(
+        at >= started && at < started + 130.0,
+        "seconds since the epoch: {e}"
+    );
+    let time = e["time"].as_str().unwrap();
+    assert!(
+        time.ends_with('Z') && time.starts_with("20"),
+        "RFC 3339: {e}"
+    );
+    assert!(
+        dir.path().join(e["frame"].as_str().unwrap()).is_file(),
+        "{e}"
+    );
+}

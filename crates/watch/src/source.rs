@@ -27,7 +27,9 @@ pub enum SourceError {
     Failed { name: String, message: String },
 }
 
-/// One sampled frame: its time in the source (seconds of media time for a file) and a PNG.
+/// One sampled frame: its time in the source (seconds of media time for a file, since the
+/// epoch for a live source) and the encoded image (PNG from ffmpeg; a folder's photos as they
+/// are).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Frame {
     pub at: f64,
@@ -163,6 +165,14 @@ impl VideoFile {
         }
     }
 
+    /// [`VideoFile::next_frame`] as a [`Next`].
+    pub fn next(&mut self) -> Result<Next, SourceError> {
+        Ok(match self.next_frame()? {
+            Some(f) => Next::Frame(f),
+            None => Next::End,
+        })
+    }
+
     /// Waits for ffmpeg; its failure (or a broken stream) becomes the source's error.
     fn finish(&mut self, stream_error: Option<String>) -> Result<(), SourceError> {
         let status = self.child.wait();
@@ -207,6 +217,143 @@ impl Drop for VideoFile {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// What a source has next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    Frame(Frame),
+    /// Nothing yet (a live source between frames).
+    Wait,
+    /// The source has ended (a file at its end).
+    End,
+}
+
+/// Image extensions a folder source takes.
+const PHOTO_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"];
+
+/// New photos in a folder as they arrive (cameras that upload snapshots, an NVR exporting
+/// stills). Photos there when watching starts are not inspected. A photo is taken once its
+/// size has stayed the same for one poll (so a file still being written is not read half), at
+/// most one per `interval` seconds: the newest; older ones that arrived meanwhile are counted
+/// in [`FolderSource::passed_over`]. Times are seconds since the epoch.
+pub struct FolderSource {
+    dir: PathBuf,
+    name: String,
+    interval: f64,
+    /// Files already taken or passed over.
+    seen: std::collections::HashSet<PathBuf>,
+    /// Candidates and their size at the last poll.
+    sizes: std::collections::HashMap<PathBuf, u64>,
+    last_poll: Option<std::time::Instant>,
+    last_frame: Option<std::time::Instant>,
+    passed_over: usize,
+}
+
+impl FolderSource {
+    pub fn open(dir: &Path, name: &str, interval: f64) -> Result<FolderSource, SourceError> {
+        let failed = |message: String| SourceError::Failed {
+            name: name.to_string(),
+            message,
+        };
+        if !(interval.is_finite() && interval > 0.0) {
+            return Err(failed(format!(
+                "the interval must be > 0 seconds, not {interval}"
+            )));
+        }
+        let mut src = FolderSource {
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+            interval,
+            seen: Default::default(),
+            sizes: Default::default(),
+            last_poll: None,
+            last_frame: None,
+            passed_over: 0,
+        };
+        src.seen = src.photos()?.into_iter().map(|(p, _, _)| p).collect();
+        Ok(src)
+    }
+
+    /// Photos that arrived but were not inspected (more than one per interval).
+    pub fn passed_over(&self) -> usize {
+        self.passed_over
+    }
+
+    /// The photo files in the folder: path, size, modification time.
+    fn photos(&self) -> Result<Vec<(PathBuf, u64, std::time::SystemTime)>, SourceError> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| SourceError::Failed {
+            name: self.name.clone(),
+            message: format!("cannot read the folder: {e}"),
+        })?;
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let p = e.path();
+            let photo = p
+                .extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| PHOTO_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()));
+            let Ok(meta) = e.metadata() else { continue };
+            if photo && meta.is_file() {
+                out.push((
+                    p,
+                    meta.len(),
+                    meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Polls the folder (at most every tenth of the interval).
+    pub fn next(&mut self) -> Result<Next, SourceError> {
+        use std::time::{Duration, Instant};
+        let now = Instant::now();
+        if self
+            .last_poll
+            .is_some_and(|t| now - t < Duration::from_secs_f64(self.interval / 10.0))
+        {
+            return Ok(Next::Wait);
+        }
+        if self
+            .last_frame
+            .is_some_and(|t| now - t < Duration::from_secs_f64(self.interval))
+        {
+            return Ok(Next::Wait);
+        }
+        self.last_poll = Some(now);
+        let mut stable = Vec::new();
+        let mut sizes = std::collections::HashMap::new();
+        for (p, size, modified) in self.photos()? {
+            if self.seen.contains(&p) {
+                continue;
+            }
+            if self.sizes.get(&p) == Some(&size) && size > 0 {
+                stable.push((modified, p.clone()));
+            }
+            sizes.insert(p, size);
+        }
+        self.sizes = sizes;
+        stable.sort();
+        let Some((_, newest)) = stable.pop() else {
+            return Ok(Next::Wait);
+        };
+        self.passed_over += stable.len();
+        for (_, p) in stable {
+            self.seen.insert(p);
+        }
+        self.seen.insert(newest.clone());
+        self.sizes.remove(&newest);
+        self.last_frame = Some(now);
+        let bytes = std::fs::read(&newest).map_err(|e| SourceError::Failed {
+            name: self.name.clone(),
+            message: format!("{}: {e}", newest.display()),
+        })?;
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        Ok(Next::Frame(Frame { at, png: bytes }))
     }
 }
 
