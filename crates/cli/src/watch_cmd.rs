@@ -28,10 +28,10 @@ enum Reader {
 }
 
 impl Reader {
-    fn next(&mut self) -> Result<Next, inspector_watch::source::SourceError> {
+    fn poll(&mut self) -> Result<Next, inspector_watch::source::SourceError> {
         match self {
-            Reader::Video(v) => v.next(),
-            Reader::Folder(f) => f.next(),
+            Reader::Video(v) => v.poll(),
+            Reader::Folder(f) => f.poll(),
         }
     }
 
@@ -239,7 +239,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
             let Some(frames) = w.frames.as_mut() else {
                 continue;
             };
-            match frames.next() {
+            match frames.poll() {
                 Ok(Next::Frame(frame)) => {
                     w.read += 1;
                     match image::load_from_memory(&frame.png) {

@@ -166,7 +166,7 @@ impl VideoFile {
     }
 
     /// [`VideoFile::next_frame`] as a [`Next`].
-    pub fn next(&mut self) -> Result<Next, SourceError> {
+    pub fn poll(&mut self) -> Result<Next, SourceError> {
         Ok(match self.next_frame()? {
             Some(f) => Next::Frame(f),
             None => Next::End,
@@ -307,7 +307,7 @@ impl FolderSource {
     }
 
     /// Polls the folder (at most every tenth of the interval).
-    pub fn next(&mut self) -> Result<Next, SourceError> {
+    pub fn poll(&mut self) -> Result<Next, SourceError> {
         use std::time::{Duration, Instant};
         let now = Instant::now();
         if self
