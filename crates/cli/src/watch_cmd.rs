@@ -244,6 +244,11 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                     w.read += 1;
                     match image::load_from_memory(&frame.png) {
                         Ok(img) => batch.push((i, frame.at, frame.png, img)),
+                        // One unreadable photo in a watched folder is reported and
+                        // passed over; a video whose decoder writes one has failed.
+                        Err(e) if w.live => {
+                            eprintln!("camera {:?}: a photo could not be read: {e}", w.camera.name)
+                        }
                         Err(e) => {
                             w.error = Some(format!("frame at {} s: {e}", frame.at));
                             w.frames = None;
@@ -269,7 +274,9 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
             .enumerate()
             .filter(|(_, (i, _, _, img))| {
                 let w = &mut watched[*i];
-                w.last.is_none() || w.gate.passes(img)
+                // The gate sees every frame, so that its reference is the last inspected one.
+                let changed = w.gate.passes(img);
+                changed || w.last.is_none()
             })
             .map(|(k, _)| k)
             .collect();

@@ -237,6 +237,9 @@ fn a_folder_is_watched_for_new_photos_until_sigterm() {
         .unwrap()
         .as_secs_f64();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    // A broken upload is reported and passed over; the folder goes on being watched.
+    std::fs::write(photos.join("broken.jpg"), b"\xff\xd8\xff not a photo").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
     let mut n = 0;
     while std::fs::read_to_string(&events).map_or(true, |t| t.is_empty()) {
         assert!(
@@ -263,8 +266,11 @@ fn a_folder_is_watched_for_new_photos_until_sigterm() {
         "{stderr}"
     );
     assert!(
-        stderr.contains(&format!("camera \"source-1\" (photos): {n} frames read")),
-        "the photo there before the start is not read ({n} arrived):\n{stderr}"
+        stderr.contains(&format!(
+            "camera \"source-1\" (photos): {} frames read",
+            n + 1
+        )),
+        "the photo there before the start is not read ({n} good and 1 broken arrived):\n{stderr}"
     );
     let text = std::fs::read_to_string(&events).unwrap();
     let e: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
