@@ -18,13 +18,14 @@ use inspector_store::{RuleFilter, RuleStore};
 use inspector_watch::{
     Alerter, Policy, Seen, Trigger, Zones,
     config::{self, Camera},
-    source::{ChangeGate, FolderSource, Next, SourceKind, VideoFile},
+    source::{ChangeGate, FolderSource, Next, SnapshotUrl, SourceKind, Status, VideoFile},
 };
 
 /// An open source.
 enum Reader {
     Video(VideoFile),
     Folder(FolderSource),
+    Snapshot(SnapshotUrl),
 }
 
 impl Reader {
@@ -32,11 +33,20 @@ impl Reader {
         match self {
             Reader::Video(v) => v.poll(),
             Reader::Folder(f) => f.poll(),
+            Reader::Snapshot(u) => Ok(u.poll()),
         }
     }
 
     fn is_live(&self) -> bool {
-        matches!(self, Reader::Folder(_))
+        matches!(self, Reader::Folder(_) | Reader::Snapshot(_))
+    }
+
+    /// Whether the source is down now (a snapshot URL between retries), and its reconnects.
+    fn status(&self) -> (Option<Status>, usize) {
+        match self {
+            Reader::Snapshot(u) => (Some(u.status()), u.reconnects()),
+            _ => (None, 0),
+        }
     }
 }
 
@@ -63,8 +73,9 @@ use crate::{
 /// failed (named on stderr; the others go on).
 #[derive(Debug, Args)]
 pub struct WatchArgs {
-    /// Video files, and folders (new photos as they arrive; RTSP and HTTP sources are the next
-    /// step of this command). Each is a camera with the default policy and no zones.
+    /// Video files, folders (new photos as they arrive) and snapshot URLs (`http(s)://`, one
+    /// image a request; RTSP and MJPEG streams are the next step of this command). Each is a
+    /// camera with the default policy and no zones.
     #[arg(value_name = "SOURCE")]
     pub sources: Vec<String>,
     /// A cameras file (`cameras.toml`): cameras with their sources, policies and zones, checked
@@ -96,6 +107,8 @@ struct Watched {
     camera: Camera,
     frames: Option<Reader>,
     live: bool,
+    down: bool,
+    reconnects: usize,
     alerter: Alerter,
     gate: ChangeGate,
     /// The last inspected frame's violations and finding: what a skipped frame repeats.
@@ -156,7 +169,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         if let SourceKind::Url(_) = SourceKind::of(&c.source) {
             anyhow::bail!(
                 "camera {:?}: {} is a stream; this version of `inspector watch` reads video \
-                 files and folders",
+                 files, folders and http(s) snapshot URLs",
                 c.name,
                 config::redact(&c.source)
             );
@@ -186,6 +199,9 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                 SourceKind::Folder(dir) => {
                     FolderSource::open(&dir, &name, camera.interval_s).map(Reader::Folder)
                 }
+                SourceKind::Http(url) => {
+                    SnapshotUrl::open(&url, &name, camera.interval_s).map(Reader::Snapshot)
+                }
                 _ => VideoFile::open(Path::new(&camera.source), &name, camera.interval_s)
                     .map(Reader::Video),
             };
@@ -202,6 +218,8 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                 camera,
                 frames,
                 live,
+                down: false,
+                reconnects: 0,
                 gate: ChangeGate::new(args.change_threshold),
                 last: None,
                 read: 0,
@@ -261,6 +279,23 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                     eprintln!("camera {:?}: {e}", w.camera.name);
                     w.error = Some(e.to_string());
                     w.frames = None;
+                }
+            }
+            if let Some((Some(status), reconnects)) = w.frames.as_ref().map(Reader::status) {
+                w.reconnects = reconnects;
+                match status {
+                    Status::Down { error, retry_s, .. } if !w.down => {
+                        w.down = true;
+                        eprintln!(
+                            "camera {:?}: down: {error}; retrying in {retry_s:.0} s",
+                            w.camera.name
+                        );
+                    }
+                    Status::Up if w.down => {
+                        w.down = false;
+                        eprintln!("camera {:?}: back up", w.camera.name);
+                    }
+                    _ => {}
                 }
             }
         }
@@ -323,13 +358,14 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     for w in &watched {
         eprintln!(
             "camera {:?} ({}): {} frames read, {} inspected, {} repeated by the change gate, \
-             {} events{}",
+             {} events, {} reconnects{}",
             w.camera.name,
             config::redact(&w.camera.source),
             w.read,
             w.inspected,
             w.skipped,
             w.events,
+            w.reconnects,
             w.error
                 .as_ref()
                 .map(|e| format!("; failed: {e}"))

@@ -289,3 +289,109 @@ fn a_folder_is_watched_for_new_photos_until_sigterm() {
         "{e}"
     );
 }
+
+/// A camera's snapshot endpoint on loopback: serves `photo` as image/png while `up`, answers
+/// 503 while down.
+fn snapshot_server(photo: Vec<u8>, up: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let head = if up.load(std::sync::atomic::Ordering::SeqCst) {
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    photo.len()
+                )
+            } else {
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .into()
+            };
+            let _ = conn.write_all(head.as_bytes());
+            if up.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = conn.write_all(&photo);
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn a_snapshot_url_is_polled_through_an_outage_and_an_unreachable_one_is_named() {
+    use std::sync::{Arc, atomic::AtomicBool, atomic::Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let up = Arc::new(AtomicBool::new(true));
+    let photo = std::fs::read(root().join("examples/scenes/images/00000.png")).unwrap();
+    let port = snapshot_server(photo, up.clone());
+    // Port 1 on loopback: nothing listens there.
+    let url = format!("http://viewer:secret@127.0.0.1:{port}/snapshot.png");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_inspector"))
+        .args([
+            "watch",
+            &url,
+            "http://127.0.0.1:1/snap.jpg",
+            "--interval",
+            "0.5",
+        ])
+        .args(["--events", "events.jsonl", "--data-dir", "data"])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let wait_for = |what: &str| loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("no line with {what:?}"));
+        if line.contains(what) {
+            return line;
+        }
+    };
+    let line = wait_for("camera \"source-2\": down: ");
+    assert!(line.contains("127.0.0.1:1"), "{line}");
+    wait_for("event ");
+    up.store(false, Ordering::SeqCst);
+    let line = wait_for("camera \"source-1\": down: ");
+    assert!(line.contains("HTTP 503"), "{line}");
+    up.store(true, Ordering::SeqCst);
+    wait_for("camera \"source-1\": back up");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = child.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        !stderr.contains("secret"),
+        "credentials redacted:\n{stderr}"
+    );
+    let summary = stderr
+        .lines()
+        .find(|l| l.starts_with("camera \"source-1\" (http://***@127.0.0.1"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(summary.contains(", 1 reconnects"), "{summary}");
+    let events = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    let e: serde_json::Value = serde_json::from_str(events.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        e["source"],
+        format!("http://***@127.0.0.1:{port}/snapshot.png")
+    );
+    assert!(e["time"].as_str().is_some(), "{e}");
+}

@@ -357,10 +357,146 @@ impl FolderSource {
     }
 }
 
+/// The largest snapshot accepted.
+const MAX_SNAPSHOT: u64 = 32 << 20;
+
+/// A camera's snapshot URL (`http(s)://…/snapshot.jpg`), fetched every `interval` seconds.
+/// A failed fetch is retried with backoff (1 s, doubling up to 60 s): the source is live and
+/// never ends by itself. [`SnapshotUrl::status`] says whether it is up; `reconnects` counts the
+/// outages. Times are seconds since the epoch.
+pub struct SnapshotUrl {
+    url: String,
+    name: String,
+    interval: f64,
+    agent: ureq::Agent,
+    next_try: std::time::Instant,
+    backoff: f64,
+    down_since: Option<std::time::Instant>,
+    reconnects: usize,
+    last_error: Option<String>,
+}
+
+/// What [`SnapshotUrl::poll`] has to report besides frames: a change of state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    Up,
+    /// Down since this many seconds, with the last error; retrying in `retry_s`.
+    Down {
+        for_s: f64,
+        error: String,
+        retry_s: f64,
+    },
+}
+
+impl SnapshotUrl {
+    /// `name` is how messages name the source (credentials redacted).
+    pub fn open(url: &str, name: &str, interval: f64) -> Result<SnapshotUrl, SourceError> {
+        if !(interval.is_finite() && interval > 0.0) {
+            return Err(SourceError::Failed {
+                name: name.to_string(),
+                message: format!("the interval must be > 0 seconds, not {interval}"),
+            });
+        }
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(15))
+            .build();
+        Ok(SnapshotUrl {
+            url: url.to_string(),
+            name: name.to_string(),
+            interval,
+            agent,
+            next_try: std::time::Instant::now(),
+            backoff: 1.0,
+            down_since: None,
+            reconnects: 0,
+            last_error: None,
+        })
+    }
+
+    /// Outages so far (each ended or ongoing outage counts once).
+    pub fn reconnects(&self) -> usize {
+        self.reconnects
+    }
+
+    pub fn status(&self) -> Status {
+        match (self.down_since, &self.last_error) {
+            (Some(since), Some(e)) => Status::Down {
+                for_s: since.elapsed().as_secs_f64(),
+                error: e.clone(),
+                retry_s: self
+                    .next_try
+                    .saturating_duration_since(std::time::Instant::now())
+                    .as_secs_f64(),
+            },
+            _ => Status::Up,
+        }
+    }
+
+    fn fetch(&self) -> Result<Vec<u8>, String> {
+        let resp = self.agent.get(&self.url).call().map_err(|e| match e {
+            ureq::Error::Status(code, _) => format!("HTTP {code}"),
+            ureq::Error::Transport(t) => t.to_string().replace(&self.url, &self.name),
+        })?;
+        let kind = resp.content_type().to_ascii_lowercase();
+        if kind.starts_with("multipart/") {
+            return Err(format!(
+                "the URL serves a {kind} stream; this version reads snapshot URLs (one image \
+                 per request)"
+            ));
+        }
+        let mut bytes = Vec::new();
+        resp.into_reader()
+            .take(MAX_SNAPSHOT + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("reading the snapshot: {e}"))?;
+        if bytes.len() as u64 > MAX_SNAPSHOT {
+            return Err(format!("the snapshot is larger than {MAX_SNAPSHOT} bytes"));
+        }
+        if bytes.is_empty() {
+            return Err("the snapshot is empty".into());
+        }
+        Ok(bytes)
+    }
+
+    /// A frame when one is due and the fetch works; `Wait` between frames and while down
+    /// (outages show in [`SnapshotUrl::status`]). A snapshot URL never ends by itself.
+    pub fn poll(&mut self) -> Next {
+        let now = std::time::Instant::now();
+        if now < self.next_try {
+            return Next::Wait;
+        }
+        match self.fetch() {
+            Ok(png) => {
+                self.down_since = None;
+                self.last_error = None;
+                self.backoff = 1.0;
+                self.next_try = now + std::time::Duration::from_secs_f64(self.interval);
+                let at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                Next::Frame(Frame { at, png })
+            }
+            Err(e) => {
+                if self.down_since.is_none() {
+                    self.down_since = Some(now);
+                    self.reconnects += 1;
+                }
+                self.last_error = Some(e);
+                self.next_try = now + std::time::Duration::from_secs_f64(self.backoff);
+                self.backoff = (self.backoff * 2.0).min(60.0);
+                Next::Wait
+            }
+        }
+    }
+}
+
 /// What kind of source a command-line or config `source` is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceKind {
-    /// rtsp://, rtsps://, http(s)://: not read yet (issue 24's next part).
+    /// http(s)://: a snapshot URL.
+    Http(String),
+    /// rtsp://, rtsps:// and other schemes: not read yet (issue 24's next part).
     Url(String),
     File(PathBuf),
     Folder(PathBuf),
@@ -368,6 +504,10 @@ pub enum SourceKind {
 
 impl SourceKind {
     pub fn of(source: &str) -> SourceKind {
+        let lower = source.to_ascii_lowercase();
+        if lower.starts_with("http://") || lower.starts_with("https://") {
+            return SourceKind::Http(source.to_string());
+        }
         if source.contains("://") {
             return SourceKind::Url(source.to_string());
         }
