@@ -338,19 +338,21 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
             if !fresh.contains(&k) {
                 w.skipped += 1;
             }
-            let Some((seen, finding)) = w.last.clone() else {
+            let Some((seen, finding)) = &w.last else {
                 continue;
             };
             let size = (img.width(), img.height());
-            for trigger in w.alerter.observe(*at, size, &seen) {
+            for trigger in w.alerter.observe(*at, size, seen) {
                 raise(
-                    w,
+                    &w.camera,
+                    w.live,
                     &trigger,
                     png,
-                    &finding,
+                    finding,
                     &events_dir,
                     events_file.as_mut(),
                 )?;
+                w.events += 1;
             }
         }
     }
@@ -402,20 +404,22 @@ fn seen_in(finding: &Finding) -> Vec<Seen> {
 }
 
 /// Stores an event's frame (boxes drawn), then writes the event out.
+#[allow(clippy::too_many_arguments)]
 fn raise(
-    w: &mut Watched,
+    camera: &Camera,
+    live: bool,
     trigger: &Trigger,
     png: &[u8],
     finding: &Finding,
     events_dir: &Path,
     events_file: Option<&mut (std::fs::File, PathBuf)>,
 ) -> anyhow::Result<()> {
-    let source = config::redact(&w.camera.source);
+    let source = config::redact(&camera.source);
     // The same camera, time and rule give the same id: a receiver can drop repeats.
     let id = sha256_hex(
         format!(
             "{}\n{}\n{}\n{}",
-            w.camera.name, source, trigger.at, trigger.rule
+            camera.name, source, trigger.at, trigger.rule
         )
         .as_bytes(),
     )[..16]
@@ -424,10 +428,9 @@ fn raise(
     let jpeg = inspector_server::images::draw_boxes(png, finding, 100_000_000)
         .map_err(|e| anyhow::anyhow!("drawing the event frame: {e}"))?;
     write_atomic(&frame, &jpeg)?;
-    w.events += 1;
     eprintln!(
         "event {id}: camera {:?} at {} s: {} ({})",
-        w.camera.name,
+        camera.name,
         trigger.at,
         trigger.rule,
         trigger.risk.as_str()
@@ -437,7 +440,7 @@ fn raise(
             .unwrap_or_else(|_| frame.display().to_string());
         let mut line = serde_json::json!({
             "id": id,
-            "camera": w.camera.name,
+            "camera": camera.name,
             "source": source,
             "at": trigger.at,
             "rules": [trigger.rule],
@@ -445,7 +448,7 @@ fn raise(
             "frame": frame_rel,
             "violations": trigger.seen,
         });
-        if w.live {
+        if live {
             line["time"] =
                 inspector_server::record::rfc3339((trigger.at * 1000.0).round() as i64).into();
         }

@@ -179,6 +179,67 @@ fn a_video_becomes_events_with_stored_frames_and_a_broken_source_fails_alone() {
     assert_eq!(again, text);
 }
 
+/// `inspector watch ARGS` running in `dir`, its stderr read line by line as it comes.
+struct Watcher {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    reader: std::thread::JoinHandle<String>,
+}
+
+impl Watcher {
+    fn spawn(args: &[&str], dir: &Path) -> Watcher {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_inspector"))
+            .arg("watch")
+            .args(args)
+            .current_dir(dir)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        let stderr = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut all = String::new();
+            for line in std::io::BufReader::new(stderr).lines() {
+                let line = line.unwrap();
+                let _ = tx.send(line.clone());
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        Watcher {
+            child,
+            lines,
+            reader,
+        }
+    }
+
+    /// The next stderr line containing `what` (within 120 s).
+    fn wait_for(&self, what: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(std::time::Duration::from_secs(120))
+                .unwrap_or_else(|_| panic!("no line with {what:?}"));
+            if line.contains(what) {
+                return line;
+            }
+        }
+    }
+
+    /// SIGTERM, then the exit status and the whole stderr.
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let status = self.child.wait().unwrap();
+        (status, self.reader.join().unwrap())
+    }
+}
+
 #[test]
 fn a_folder_is_watched_for_new_photos_until_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -187,9 +248,8 @@ fn a_folder_is_watched_for_new_photos_until_sigterm() {
     let scene = |i: usize| root().join(format!("examples/scenes/images/{i:05}.png"));
     // There before watching starts: not inspected.
     std::fs::copy(scene(2), photos.join("old.png")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_inspector"))
-        .args([
-            "watch",
+    let watcher = Watcher::spawn(
+        &[
             "photos",
             "--interval",
             "0.5",
@@ -197,34 +257,12 @@ fn a_folder_is_watched_for_new_photos_until_sigterm() {
             "events.jsonl",
             "--data-dir",
             "data",
-        ])
-        .current_dir(dir.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // stderr, read as it comes: photos that arrive before watching starts are not new.
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr).lines() {
-            let line = line.unwrap();
-            let _ = tx.send(line.clone());
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    loop {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(120))
-            .expect("watching starts");
-        if line.starts_with("watching ") {
-            assert_eq!(line, "watching \"source-1\" (photos)");
-            break;
-        }
-    }
+        ],
+        dir.path(),
+    );
+    // Photos that arrive before watching starts are not new.
+    let line = watcher.wait_for("watching ");
+    assert_eq!(line, "watching \"source-1\" (photos)");
     // Photos arrive as a camera uploads them: written aside, then renamed in.
     let arrive = |i: usize, name: &str| {
         let tmp = photos.join(format!("{name}.part"));
@@ -253,13 +291,7 @@ fn a_folder_is_watched_for_new_photos_until_sigterm() {
     }
     // Let the photos that arrived be taken (each after one stable poll, one per interval).
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let status = child.wait().unwrap();
-    let stderr = reader.join().unwrap();
+    let (status, stderr) = watcher.stop();
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(
         stderr.contains("stopping: the frames in flight are done"),
@@ -328,40 +360,20 @@ fn a_snapshot_url_is_polled_through_an_outage_and_an_unreachable_one_is_named() 
     let port = snapshot_server(photo, up.clone());
     // Port 1 on loopback: nothing listens there.
     let url = format!("http://viewer:secret@127.0.0.1:{port}/snapshot.png");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_inspector"))
-        .args([
-            "watch",
+    let watcher = Watcher::spawn(
+        &[
             &url,
             "http://127.0.0.1:1/snap.jpg",
             "--interval",
             "0.5",
-        ])
-        .args(["--events", "events.jsonl", "--data-dir", "data"])
-        .current_dir(dir.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr).lines() {
-            let line = line.unwrap();
-            let _ = tx.send(line.clone());
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    let wait_for = |what: &str| loop {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(120))
-            .unwrap_or_else(|_| panic!("no line with {what:?}"));
-        if line.contains(what) {
-            return line;
-        }
-    };
+            "--events",
+            "events.jsonl",
+            "--data-dir",
+            "data",
+        ],
+        dir.path(),
+    );
+    let wait_for = |what: &str| watcher.wait_for(what);
     let line = wait_for("camera \"source-2\": down: ");
     assert!(line.contains("127.0.0.1:1"), "{line}");
     wait_for("event ");
@@ -370,13 +382,7 @@ fn a_snapshot_url_is_polled_through_an_outage_and_an_unreachable_one_is_named() 
     assert!(line.contains("HTTP 503"), "{line}");
     up.store(true, Ordering::SeqCst);
     wait_for("camera \"source-1\": back up");
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let status = child.wait().unwrap();
-    let stderr = reader.join().unwrap();
+    let (status, stderr) = watcher.stop();
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(
         !stderr.contains("secret"),

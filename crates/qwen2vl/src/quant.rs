@@ -215,23 +215,8 @@ impl GgufWeights {
             }));
         }
         for (name, info) in &content.tensor_infos {
-            let elems: Option<usize> = info
-                .shape
-                .dims()
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d));
-            let block = info.ggml_dtype.block_size();
-            let size = elems
-                .filter(|e| e.is_multiple_of(block))
-                .map(|e| e / block * info.ggml_dtype.type_size());
-            let end = size.and_then(|s| {
-                content
-                    .tensor_data_offset
-                    .checked_add(info.offset)?
-                    .checked_add(s as u64)
-            });
-            match end {
-                Some(end) if end <= len => {}
+            match byte_range(&content, info) {
+                Some(r) if r.end <= len => {}
                 _ => {
                     return Err(bad(format!(
                         "tensor {name} ({:?}, {}) lies beyond the end of the file (truncated?)",
@@ -285,15 +270,15 @@ impl GgufWeights {
             .tensor_infos
             .get(name)
             .ok_or_else(|| err("no such tensor".into()))?;
-        let dims = info.shape.dims().to_vec();
-        let elems: usize = dims.iter().product();
-        let size = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
         // `open` checked that every tensor lies inside the file.
-        let start = (self.content.tensor_data_offset + info.offset) as usize;
+        let range =
+            byte_range(&self.content, info).ok_or_else(|| err("its size overflows".into()))?;
+        let (start, size) = (range.start as usize, (range.end - range.start) as usize);
         let bytes = self
             .map
             .get(start..start + size)
             .ok_or_else(|| err("lies beyond the end of the file".into()))?;
+        let dims = info.shape.dims().to_vec();
         // The blocks are read in place as f32, f16 or ggml block structs (alignment ≤ 4);
         // GGUF aligns tensor data to 32 bytes.
         if bytes.as_ptr().align_offset(4) != 0 {
@@ -318,6 +303,26 @@ impl GgufWeights {
     pub fn key_layout(&self) -> Result<KeyLayout, Error> {
         weights::key_layout(|n| self.contains(n), &self.path)
     }
+}
+
+/// Where a tensor's bytes lie in its GGUF file; `None` when its size overflows or its element
+/// count is not whole blocks.
+fn byte_range(
+    content: &gguf_file::Content,
+    info: &gguf_file::TensorInfo,
+) -> Option<std::ops::Range<u64>> {
+    let elems = info
+        .shape
+        .dims()
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))?;
+    let block = info.ggml_dtype.block_size();
+    if !elems.is_multiple_of(block) {
+        return None;
+    }
+    let size = (elems / block).checked_mul(info.ggml_dtype.type_size())? as u64;
+    let start = content.tensor_data_offset.checked_add(info.offset)?;
+    Some(start..start.checked_add(size)?)
 }
 
 /// A `VarBuilder` backend over [`GgufWeights`]: tensors dequantized to the asked dtype, reshaped

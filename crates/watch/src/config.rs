@@ -64,7 +64,7 @@ struct File {
     camera: Vec<Spanned<CameraEntry>>,
 }
 
-#[derive(Deserialize, Default, Clone)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct Settings {
     interval: Option<Spanned<f64>>,
@@ -137,13 +137,6 @@ pub fn parse(
     }
     for entry in &file.camera {
         let c = entry.get_ref();
-        let own = Settings {
-            interval: c.interval.clone(),
-            k: c.k.clone(),
-            m: c.m.clone(),
-            min_risk: c.min_risk.clone(),
-            cooldown: c.cooldown.clone(),
-        };
         let name = c.name.get_ref().trim().to_string();
         if name.is_empty() {
             err(
@@ -173,15 +166,9 @@ pub fn parse(
                 ),
             );
         }
-        let pick = |own: &Option<Spanned<f64>>, dflt: &Option<Spanned<f64>>| {
-            own.as_ref().or(dflt.as_ref()).cloned()
-        };
-        let pick_i = |own: &Option<Spanned<i64>>, dflt: &Option<Spanned<i64>>| {
-            own.as_ref().or(dflt.as_ref()).cloned()
-        };
         let mut policy = Policy::default();
         let mut interval_s = 2.0;
-        if let Some(v) = pick(&own.interval, &base.interval) {
+        if let Some(v) = pick(&c.interval, &base.interval) {
             if !(v.get_ref().is_finite() && *v.get_ref() > 0.0) {
                 err(
                     v.span().start,
@@ -194,8 +181,8 @@ pub fn parse(
             interval_s = *v.get_ref();
         }
         for (field, value, slot) in [
-            ("k", pick_i(&own.k, &base.k), &mut policy.k),
-            ("m", pick_i(&own.m, &base.m), &mut policy.m),
+            ("k", pick(&c.k, &base.k), &mut policy.k),
+            ("m", pick(&c.m, &base.m), &mut policy.m),
         ] {
             if let Some(v) = value {
                 match usize::try_from(*v.get_ref()) {
@@ -207,18 +194,14 @@ pub fn parse(
                 }
             }
         }
-        let k_at = own
-            .k
-            .as_ref()
-            .or(base.k.as_ref())
-            .map_or(entry.span().start, |v| v.span().start);
+        let k_at = pick(&c.k, &base.k).map_or(entry.span().start, |v| v.span().start);
         if policy.k > policy.m {
             err(
                 k_at,
                 format!("k ({}) must not exceed m ({})", policy.k, policy.m),
             );
         }
-        if let Some(v) = own.min_risk.as_ref().or(base.min_risk.as_ref()) {
+        if let Some(v) = pick(&c.min_risk, &base.min_risk) {
             match Risk::parse(v.get_ref()) {
                 Some(r) => policy.min_risk = r,
                 None => err(
@@ -227,7 +210,7 @@ pub fn parse(
                 ),
             }
         }
-        if let Some(v) = pick(&own.cooldown, &base.cooldown) {
+        if let Some(v) = pick(&c.cooldown, &base.cooldown) {
             if !(v.get_ref().is_finite() && *v.get_ref() >= 0.0) {
                 err(
                     v.span().start,
@@ -291,6 +274,14 @@ pub fn parse(
         errors.sort_by_key(|e| e.line);
         Err(errors)
     }
+}
+
+/// A camera's own setting, else the `[defaults]` one.
+fn pick<'a, T>(
+    own: &'a Option<Spanned<T>>,
+    default: &'a Option<Spanned<T>>,
+) -> Option<&'a Spanned<T>> {
+    own.as_ref().or(default.as_ref())
 }
 
 /// `source` with any password (and user) in a URL replaced by `***`, for logs and events.

@@ -27,6 +27,24 @@ pub enum SourceError {
     Failed { name: String, message: String },
 }
 
+/// A source's interval must be a positive number of seconds.
+fn check_interval(name: &str, interval: f64) -> Result<(), SourceError> {
+    if interval.is_finite() && interval > 0.0 {
+        return Ok(());
+    }
+    Err(SourceError::Failed {
+        name: name.to_string(),
+        message: format!("the interval must be > 0 seconds, not {interval}"),
+    })
+}
+
+/// Seconds since the epoch: a live source's frame time.
+fn epoch_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// One sampled frame: its time in the source (seconds of media time for a file, since the
 /// epoch for a live source) and the encoded image (PNG from ffmpeg; a folder's photos as they
 /// are).
@@ -100,11 +118,7 @@ impl VideoFile {
             name: name.to_string(),
             message,
         };
-        if !(interval.is_finite() && interval > 0.0) {
-            return Err(failed(format!(
-                "the interval must be > 0 seconds, not {interval}"
-            )));
-        }
+        check_interval(name, interval)?;
         if !path.is_file() {
             return Err(failed("no such file".into()));
         }
@@ -253,15 +267,7 @@ pub struct FolderSource {
 
 impl FolderSource {
     pub fn open(dir: &Path, name: &str, interval: f64) -> Result<FolderSource, SourceError> {
-        let failed = |message: String| SourceError::Failed {
-            name: name.to_string(),
-            message,
-        };
-        if !(interval.is_finite() && interval > 0.0) {
-            return Err(failed(format!(
-                "the interval must be > 0 seconds, not {interval}"
-            )));
-        }
+        check_interval(name, interval)?;
         let mut src = FolderSource {
             dir: dir.to_path_buf(),
             name: name.to_string(),
@@ -350,10 +356,10 @@ impl FolderSource {
             name: self.name.clone(),
             message: format!("{}: {e}", newest.display()),
         })?;
-        let at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
-        Ok(Next::Frame(Frame { at, png: bytes }))
+        Ok(Next::Frame(Frame {
+            at: epoch_now(),
+            png: bytes,
+        }))
     }
 }
 
@@ -391,12 +397,7 @@ pub enum Status {
 impl SnapshotUrl {
     /// `name` is how messages name the source (credentials redacted).
     pub fn open(url: &str, name: &str, interval: f64) -> Result<SnapshotUrl, SourceError> {
-        if !(interval.is_finite() && interval > 0.0) {
-            return Err(SourceError::Failed {
-                name: name.to_string(),
-                message: format!("the interval must be > 0 seconds, not {interval}"),
-            });
-        }
+        check_interval(name, interval)?;
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(std::time::Duration::from_secs(5))
             .timeout(std::time::Duration::from_secs(15))
@@ -472,10 +473,10 @@ impl SnapshotUrl {
                 self.last_error = None;
                 self.backoff = 1.0;
                 self.next_try = now + std::time::Duration::from_secs_f64(self.interval);
-                let at = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0.0, |d| d.as_secs_f64());
-                Next::Frame(Frame { at, png })
+                Next::Frame(Frame {
+                    at: epoch_now(),
+                    png,
+                })
             }
             Err(e) => {
                 if self.down_since.is_none() {
