@@ -4,8 +4,9 @@
 //! QuickGELU) are differentiable but slow to train: each is five to fifteen tensor ops, and
 //! autograd walks every one of them backwards, allocating a tensor per step. Each op here is a
 //! single pass forward and a single pass backward, parallel over rows. They are used when the
-//! input is f32 on the CPU; any other dtype or device takes the composite path, so a CUDA build
-//! never reaches them. `tests/fused.rs` checks values and gradients against the composite ops.
+//! input is f32 on the CPU ([`crate::ops::kernel_for`] decides); any other dtype or device takes
+//! candle's kernels or the composite path, so a CUDA build never reaches them. `tests/fused.rs`
+//! checks values and gradients against the composite ops.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor, bail,

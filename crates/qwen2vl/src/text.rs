@@ -9,8 +9,7 @@ use crate::proj::Ctx;
 
 use crate::{
     config::TextConfig,
-    fused,
-    ops::{RmsNorm, apply_rotary, softmax_f32},
+    ops::{RmsNorm, apply_rotary},
 };
 
 /// cos/sin for a batch of 3-axis positions, `[B, 1, S, head_dim]` each, f32.
@@ -239,15 +238,9 @@ impl Attention {
         let k = repeat_kv(&k.to_dtype(DType::F32)?, groups)?;
         let v = repeat_kv(&v.to_dtype(DType::F32)?, groups)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = if fused::applies(&q) && fused::applies(mask) {
-            // One op forward and backward that skips masked key blocks.
-            fused::attention(&q, &k, &v, mask, scale)?
-        } else {
-            let scores = (q.matmul(&k.t()?)? * scale)?;
-            let scores = scores.broadcast_add(mask)?;
-            let probs = softmax_f32(&scores, DType::F32)?;
-            probs.matmul(&v)?
-        }; // [B, heads, S, hd]
+        // One dispatcher: the fused CPU op (which skips masked key blocks), or the scores as a
+        // tensor with candle's softmax (inference elsewhere) or the differentiable one.
+        let out = crate::ops::attention(&q, &k, &v, Some(mask), scale)?; // [B, heads, S, hd]
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.num_heads * self.head_dim))?;

@@ -7,8 +7,7 @@ use inspector_lora::Linear;
 
 use crate::{
     config::VisionConfig,
-    fused,
-    ops::{LayerNorm, apply_rotary, quick_gelu, softmax_f32},
+    ops::{LayerNorm, apply_rotary, quick_gelu},
     proj::Ctx,
 };
 
@@ -103,17 +102,11 @@ impl VisionAttention {
             let q = q.narrow(1, start, len)?;
             let k = k.narrow(1, start, len)?;
             let v = v.narrow(1, start, len)?;
-            let out = if fused::applies(&q) {
-                // The decoder's fused attention (forward and backward), with nothing masked:
-                // no `[heads, len, len]` scores tensor is materialised.
-                let mask = Tensor::zeros((1, 1, len, len), DType::F32, q.device())?;
-                let one = |t: &Tensor| t.unsqueeze(0);
-                fused::attention(&one(&q)?, &one(&k)?, &one(&v)?, &mask, scale)?.squeeze(0)?
-            } else {
-                let scores = (q.matmul(&k.t()?)? * scale)?;
-                let probs = softmax_f32(&scores, DType::F32)?;
-                probs.matmul(&v)?
-            };
+            // Nothing is masked within an image: the fused CPU op then materialises no
+            // `[heads, len, len]` scores tensor.
+            let one = |t: &Tensor| t.unsqueeze(0);
+            let out =
+                crate::ops::attention(&one(&q)?, &one(&k)?, &one(&v)?, None, scale)?.squeeze(0)?;
             outs.push(out);
             start += len;
         }

@@ -9,12 +9,29 @@ use candle_core::{DType, Device, IndexOp};
 use common::*;
 use inspector_qwen2vl::{Logits, Qwen2Vl};
 
-#[test]
-fn f32_parity_with_transformers() {
+test_device!(
+    f32_parity,
+    f32_parity_with_transformers_cpu,
+    f32_parity_with_transformers_gpu_kernels_on_cpu,
+    f32_parity_with_transformers_cuda
+);
+test_device!(
+    kv_cache,
+    kv_cache_decoding_equals_full_forward_cpu,
+    kv_cache_decoding_equals_full_forward_gpu_kernels_on_cpu,
+    kv_cache_decoding_equals_full_forward_cuda
+);
+test_device!(
+    bf16_error,
+    bf16_relative_error_cpu,
+    bf16_relative_error_gpu_kernels_on_cpu,
+    bf16_relative_error_cuda
+);
+
+fn f32_parity(device: &Device) {
     let mut report = Vec::new();
     for model_name in MODELS {
-        let (model, _) =
-            Qwen2Vl::load(&fixtures().join(model_name), DType::F32, &Device::Cpu).unwrap();
+        let (model, _) = Qwen2Vl::load(&fixtures().join(model_name), DType::F32, device).unwrap();
         for case in CASES {
             let r = reference(model_name, case);
             let batch = batch(&r);
@@ -61,11 +78,9 @@ fn f32_parity_with_transformers() {
 
 /// Prefill a prefix, then feed the remaining tokens one by one: each step's logits equal the
 /// full forward's at that position.
-#[test]
-fn kv_cache_decoding_equals_full_forward() {
+fn kv_cache(device: &Device) {
     for model_name in MODELS {
-        let (model, _) =
-            Qwen2Vl::load(&fixtures().join(model_name), DType::F32, &Device::Cpu).unwrap();
+        let (model, _) = Qwen2Vl::load(&fixtures().join(model_name), DType::F32, device).unwrap();
         for case in ["text_only", "two_images", "batch_left_pad"] {
             let r = reference(model_name, case);
             let full_batch = batch(&r);
@@ -111,12 +126,10 @@ fn kv_cache_decoding_equals_full_forward() {
     }
 }
 
-#[test]
-fn bf16_relative_error() {
+fn bf16_error(device: &Device) {
     let mut report = Vec::new();
     for model_name in MODELS {
-        let (model, _) =
-            Qwen2Vl::load(&fixtures().join(model_name), DType::BF16, &Device::Cpu).unwrap();
+        let (model, _) = Qwen2Vl::load(&fixtures().join(model_name), DType::BF16, device).unwrap();
         for case in CASES {
             let r = reference(model_name, case);
             let batch = batch(&r);
