@@ -144,6 +144,16 @@ pub enum DatasetCommand {
     },
 }
 
+impl DatasetCommand {
+    /// The model options of a subcommand that loads a model.
+    pub fn model_args(&self) -> Option<&ModelArgs> {
+        match self {
+            DatasetCommand::Complete { model, .. } => Some(model),
+            _ => None,
+        }
+    }
+}
+
 fn parse_format(s: &str) -> Result<Format, String> {
     s.parse()
 }

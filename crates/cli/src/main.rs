@@ -98,6 +98,22 @@ fn main() -> ExitCode {
     if matches!(cli.command, Command::Train(_) | Command::PretrainVision(_)) {
         inspector_train::keep_freed_memory();
     }
+    // The device (and dtype and quantization) comes first: one that cannot be had is the first
+    // error, before any input is read.
+    let model_args = match &cli.command {
+        Command::Chat(a) => Some(&a.model),
+        Command::Detect(a) => Some(&a.model),
+        Command::Eval(a) => Some(&a.model),
+        Command::Active(a) => Some(&a.model),
+        Command::Serve(a) => Some(&a.model),
+        Command::Watch(a) => Some(&a.model),
+        Command::Dataset(cmd) => cmd.model_args(),
+        _ => None,
+    };
+    if let Some(Err(e)) = model_args.map(model_args::ModelArgs::backend) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Rules(cmd) => rules_cmd::run(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),

@@ -3,9 +3,11 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::{Args, ValueEnum};
-use inspector_qwen2vl::{Backend, Quantization, Qwen2Vl, image::ProcessorConfig, resolve};
+use inspector_qwen2vl::{
+    Backend, DeviceRequest, Quantization, Qwen2Vl, image::ProcessorConfig, resolve,
+};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DtypeArg {
@@ -32,6 +34,11 @@ pub struct ModelArgs {
     /// bundled demo model (models/demo: base + adapter) is used.
     #[arg(long, value_name = "DIR|REPO")]
     pub model: Option<String>,
+    /// Where the model computes: `cpu`, `cuda` (the first GPU), `cuda:N`, or `auto` (a GPU when
+    /// this build has CUDA and the machine a GPU, else the CPU). The choice is printed.
+    #[arg(long, value_name = "cpu|cuda|cuda:N|auto", default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceRequest,
+    /// Weight dtype. bf16 needs a GPU of compute capability 8.0 or later (else f16).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
     /// Override the processor's minimum pixels per image.
@@ -52,6 +59,9 @@ pub struct ModelArgs {
     /// another format is refused.
     #[arg(long, value_name = "none|q8_0|q4k", default_value = "none", value_parser = parse_quantization)]
     pub quantize: Quantization,
+    /// The backend once resolved: the device is opened (and the choice printed) once.
+    #[arg(skip)]
+    resolved: std::sync::OnceLock<Backend>,
 }
 
 /// `--quantize`'s parser (ggml's names; the error lists them).
@@ -59,16 +69,58 @@ pub fn parse_quantization(s: &str) -> Result<Quantization, String> {
     s.parse()
 }
 
-/// The one place where device, dtype and quantization are chosen for inference; everything
-/// below the CLI takes the result. The device is the CPU until a build has another.
-pub fn backend(dtype: DtypeArg, quantization: Quantization) -> anyhow::Result<Backend> {
-    let backend = Backend {
-        device: Device::Cpu,
-        dtype: dtype.into(),
+/// `--device`'s parser (the error lists the forms).
+pub fn parse_device(s: &str) -> Result<DeviceRequest, String> {
+    s.parse()
+}
+
+/// The one place where device, dtype and quantization are chosen; everything below the CLI
+/// takes the result. The combination is checked before the device is opened, and the device
+/// before any model file is read; the choice is printed on stderr.
+pub fn backend(
+    device: DeviceRequest,
+    dtype: DtypeArg,
+    quantization: Quantization,
+) -> anyhow::Result<Backend> {
+    let dtype: DType = dtype.into();
+    if quantization.is_quantized() && device != DeviceRequest::Cpu {
+        // The int8 kernels are the CPU's; `auto` means the CPU for a quantized base.
+        anyhow::ensure!(
+            device == DeviceRequest::Auto,
+            "--quantize {quantization} runs on the CPU only: use --device cpu, or --quantize \
+             none with --dtype bf16 or f16 on a GPU"
+        );
+        let backend = Backend {
+            device: candle_core::Device::Cpu,
+            dtype,
+            quantization,
+        };
+        backend.validate().map_err(anyhow::Error::msg)?;
+        eprintln!("device: cpu (quantized base)");
+        return Ok(backend);
+    }
+    Backend {
+        device: candle_core::Device::Cpu,
+        dtype,
         quantization,
-    };
-    backend.validate().map_err(anyhow::Error::msg)?;
-    Ok(backend)
+    }
+    .validate()
+    .map_err(anyhow::Error::msg)?;
+    let (device, what) = device.open(dtype).map_err(anyhow::Error::msg)?;
+    eprintln!("device: {what}");
+    Ok(Backend {
+        device,
+        dtype,
+        quantization,
+    })
+}
+
+/// The device a training command runs on, opened (and printed) before any data or weights are
+/// read. `dtype` is the base weights' dtype (bf16 needs a GPU that has it).
+pub fn training_device(device: DeviceRequest, dtype: DType) -> anyhow::Result<candle_core::Device> {
+    let (device, what) = device.open(dtype).map_err(anyhow::Error::msg)?;
+    eprintln!("device: {what}");
+    Ok(device)
 }
 
 /// Sets the CPU thread count for candle and its GEMM (before any model work starts a thread).
@@ -92,9 +144,15 @@ pub struct LoadedModel {
 }
 
 impl ModelArgs {
-    /// The backend these options ask for ([`backend`]).
+    /// The backend these options ask for ([`backend`]), resolved on the first call. Commands
+    /// call it before reading any input, so that a device that cannot be had is the first
+    /// error.
     pub fn backend(&self) -> anyhow::Result<Backend> {
-        backend(self.dtype, self.quantize)
+        if let Some(b) = self.resolved.get() {
+            return Ok(b.clone());
+        }
+        let b = backend(self.device, self.dtype, self.quantize)?;
+        Ok(self.resolved.get_or_init(|| b).clone())
     }
 
     pub fn load(&self) -> anyhow::Result<LoadedModel> {

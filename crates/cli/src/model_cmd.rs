@@ -11,10 +11,11 @@ use candle_core::{DType, Device, Tensor};
 use clap::Subcommand;
 use inspector_core::answer::Prompt;
 use inspector_qwen2vl::{
-    Backend, Batch, ConfigLayout, KeyLayout, Logits, Quantization, Qwen2Vl, VisionInput, image,
+    Backend, Batch, ConfigLayout, DeviceRequest, KeyLayout, Logits, Quantization, Qwen2Vl,
+    VisionInput, image,
 };
 
-use crate::model_args::{DtypeArg, backend, parse_quantization};
+use crate::model_args::{DtypeArg, backend, parse_device, parse_quantization};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -35,6 +36,9 @@ pub enum ModelCommand {
         /// Comma-separated token ids.
         #[arg(long, value_name = "ID,ID,...")]
         input_ids: String,
+        /// `cpu`, `cuda`, `cuda:N` or `auto` (as for every command that loads a model).
+        #[arg(long, value_name = "cpu|cuda|cuda:N|auto", default_value = "auto", value_parser = parse_device)]
+        device: DeviceRequest,
         #[arg(long, value_enum, default_value = "f32")]
         dtype: DtypeArg,
         /// Override the processor's minimum pixels per image.
@@ -102,6 +106,9 @@ pub enum ModelCommand {
     Info {
         #[arg(long, value_name = "DIR")]
         model: PathBuf,
+        /// `cpu`, `cuda`, `cuda:N` or `auto`.
+        #[arg(long, value_name = "cpu|cuda|cuda:N|auto", default_value = "auto", value_parser = parse_device)]
+        device: DeviceRequest,
         #[arg(long, value_enum, default_value = "f32")]
         dtype: DtypeArg,
         /// Report the model as `--quantize` would load it (`none`, `q8_0`, `q4k`).
@@ -116,6 +123,7 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
             model,
             images,
             input_ids,
+            device,
             dtype,
             min_pixels,
             max_pixels,
@@ -127,16 +135,17 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
             adapter.as_deref(),
             &images,
             &input_ids,
-            &backend(dtype, quantize)?,
+            &backend(device, dtype, quantize)?,
             min_pixels,
             max_pixels,
             &out,
         ),
         ModelCommand::Info {
             model,
+            device,
             dtype,
             quantize,
-        } => info(&model, &backend(dtype, quantize)?),
+        } => info(&model, &backend(device, dtype, quantize)?),
         ModelCommand::Quantize {
             model,
             adapter,
@@ -352,7 +361,12 @@ fn forward(
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     tensors.insert(
         "logits".into(),
-        output.logits.squeeze(0)?.to_dtype(DType::F32)?,
+        // The output file is written from host memory, whatever device computed.
+        output
+            .logits
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?,
     );
     tensors.insert(
         "input_ids".into(),

@@ -66,6 +66,9 @@ pub struct PretrainArgs {
     pub min_pixels: usize,
     #[arg(long, default_value_t = inspector_core::DEFAULT_MAX_PIXELS)]
     pub max_pixels: usize,
+    /// Where to train: `cpu`, `cuda`, `cuda:N` or `auto`.
+    #[arg(long, value_name = "cpu|cuda|cuda:N|auto", default_value = "auto", value_parser = crate::model_args::parse_device)]
+    pub device: inspector_qwen2vl::DeviceRequest,
     #[command(flatten)]
     pub db: DbArgs,
 }
@@ -77,6 +80,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(r) = args.lora_r {
         check_lora(r, args.lora_alpha, args.lora_dropout)?;
     }
+    let device = crate::model_args::training_device(args.device, candle_core::DType::F32)?;
     let model_out = args.out.join(if args.lora_r.is_some() {
         "adapter"
     } else {
@@ -128,21 +132,15 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         ..Default::default()
     };
-    let mut trainer = match args.lora_r {
-        None => VisionPretrainer::new(&args.model, classes.len(), config)?,
-        Some(r) => VisionPretrainer::with_lora(
-            &args.model,
-            classes.len(),
-            config,
-            LoraConfig {
-                r,
-                alpha: args.lora_alpha,
-                dropout: args.lora_dropout,
-                seed: args.seed,
-                ..Default::default()
-            },
-        )?,
-    };
+    let lora = args.lora_r.map(|r| LoraConfig {
+        r,
+        alpha: args.lora_alpha,
+        dropout: args.lora_dropout,
+        seed: args.seed,
+        ..Default::default()
+    });
+    let mut trainer =
+        VisionPretrainer::on_device(&args.model, classes.len(), config, lora, &device)?;
     trainer.model.processor = processor.clone();
     let merge = processor.merge_size;
     std::fs::create_dir_all(&args.out)

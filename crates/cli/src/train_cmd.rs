@@ -94,6 +94,10 @@ pub struct TrainArgs {
     /// fresh.
     #[arg(long, value_name = "DIR", conflicts_with = "full")]
     pub init_adapter: Option<PathBuf>,
+    /// Where to train: `cpu`, `cuda`, `cuda:N` or `auto` (a GPU when this build has CUDA and
+    /// the machine a GPU).
+    #[arg(long, value_name = "cpu|cuda|cuda:N|auto", default_value = "auto", value_parser = crate::model_args::parse_device)]
+    pub device: inspector_qwen2vl::DeviceRequest,
     /// Continue from the newest checkpoint in OUT/checkpoints.
     #[arg(long)]
     pub resume: bool,
@@ -245,6 +249,7 @@ pub(crate) const PIXEL_CACHE_BYTES: usize = 2 << 30;
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let config = settings(&args)?;
+    let device = crate::model_args::training_device(args.device, config.dtype.dtype())?;
     let store = open_with_rules(&args.db.db)?;
     let rules = store.rules(&RuleFilter::default())?;
     // Every problem of both files is listed before any training starts.
@@ -293,7 +298,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     };
     anyhow::ensure!(!train.is_empty(), "no training sample is left");
 
-    let mut trainer = Trainer::new(&args.model, train, eval, config, &args.out)?;
+    let mut trainer = Trainer::on_device(&args.model, train, eval, config, &args.out, &device)?;
     trainer.model.processor = processor;
     if args.resume {
         let step = trainer.resume()?;

@@ -96,6 +96,137 @@ pub fn type_name(t: Option<GgmlDType>) -> &'static str {
     }
 }
 
+/// `--device`: where the model computes. `auto` takes the first GPU when this build has CUDA
+/// and the machine a GPU, else the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceRequest {
+    #[default]
+    Auto,
+    Cpu,
+    /// A CUDA GPU by ordinal (`cuda` is `cuda:0`).
+    Cuda(usize),
+}
+
+impl fmt::Display for DeviceRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceRequest::Auto => f.write_str("auto"),
+            DeviceRequest::Cpu => f.write_str("cpu"),
+            DeviceRequest::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceRequest {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let unknown = || format!("unknown device {s:?}: expected cpu, cuda, cuda:N or auto");
+        match s {
+            "auto" => Ok(DeviceRequest::Auto),
+            "cpu" => Ok(DeviceRequest::Cpu),
+            "cuda" => Ok(DeviceRequest::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceRequest::Cuda)
+                .ok_or_else(unknown),
+        }
+    }
+}
+
+/// Whether this binary was built with the `cuda` feature.
+pub const BUILT_WITH_CUDA: bool = cfg!(feature = "cuda");
+
+impl DeviceRequest {
+    /// Opens the device for weights of `dtype`, with a line that says what was chosen and why
+    /// (`auto` says it). Every refusal names the fix: the `cuda` feature on a CPU-only build, a
+    /// GPU ordinal out of range, bf16 on a GPU without it (f16 instead).
+    pub fn open(self, dtype: DType) -> Result<(Device, String), String> {
+        match self {
+            DeviceRequest::Cpu => Ok((Device::Cpu, "cpu".into())),
+            DeviceRequest::Cuda(n) if !BUILT_WITH_CUDA => Err(format!(
+                "--device cuda:{n}: this inspector was built without CUDA; rebuild it with the \
+                 `cuda` feature (`cargo build --release --features cuda`, see the README's \
+                 \"GPU (CUDA)\" section) or use --device cpu"
+            )),
+            DeviceRequest::Cuda(n) => gpu::open(n, dtype),
+            DeviceRequest::Auto if !BUILT_WITH_CUDA => {
+                Ok((Device::Cpu, "cpu (auto: this build has no CUDA)".into()))
+            }
+            DeviceRequest::Auto => match gpu::count() {
+                Ok(n) if n > 0 => {
+                    let (device, what) = gpu::open(0, dtype)?;
+                    Ok((device, format!("{what} (auto)")))
+                }
+                Ok(_) => Ok((Device::Cpu, "cpu (auto: no GPU found)".into())),
+                Err(e) => Ok((Device::Cpu, format!("cpu (auto: {e})"))),
+            },
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    use candle_core::{DType, Device};
+
+    /// How many GPUs the driver sees (an error when the driver is missing or fails).
+    pub fn count() -> Result<usize, String> {
+        result::init().map_err(|e| format!("the CUDA driver did not start: {e}"))?;
+        let n = result::device::get_count().map_err(|e| format!("counting GPUs: {e}"))?;
+        Ok(n.max(0) as usize)
+    }
+
+    pub fn open(ordinal: usize, dtype: DType) -> Result<(Device, String), String> {
+        let n = count().map_err(|e| format!("--device cuda:{ordinal}: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "--device cuda:{ordinal}: no CUDA GPU found on this machine; use --device cpu"
+            ));
+        }
+        if ordinal >= n {
+            return Err(format!(
+                "--device cuda:{ordinal} is out of range: this machine has {n} GPU(s), \
+                 cuda:0 to cuda:{}",
+                n - 1
+            ));
+        }
+        let attr = |a| -> Result<i32, String> {
+            let dev = result::device::get(ordinal as i32).map_err(|e| e.to_string())?;
+            // SAFETY: `dev` is a valid device handle from the initialised driver.
+            unsafe { result::device::get_attribute(dev, a) }.map_err(|e| e.to_string())
+        };
+        let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        if dtype == DType::BF16 && major < 8 {
+            return Err(format!(
+                "--dtype bf16: cuda:{ordinal} (compute capability {major}.{minor}) has no bf16 \
+                 arithmetic; use --dtype f16"
+            ));
+        }
+        let device = Device::new_cuda(ordinal)
+            .map_err(|e| format!("--device cuda:{ordinal}: cannot open the GPU: {e}"))?;
+        Ok((
+            device,
+            format!("cuda:{ordinal} (compute capability {major}.{minor})"),
+        ))
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod gpu {
+    use candle_core::{DType, Device};
+
+    pub fn count() -> Result<usize, String> {
+        Ok(0)
+    }
+
+    pub fn open(ordinal: usize, _dtype: DType) -> Result<(Device, String), String> {
+        Err(format!("--device cuda:{ordinal}: this build has no CUDA"))
+    }
+}
+
 /// Device, dense dtype and quantization of one loaded model.
 #[derive(Debug, Clone)]
 pub struct Backend {
@@ -139,13 +270,26 @@ impl Backend {
     pub fn describe(&self) -> String {
         let device = match &self.device {
             Device::Cpu => "cpu".to_string(),
-            Device::Cuda(_) => "cuda".to_string(),
+            Device::Cuda(d) => format!("cuda:{}", cuda_ordinal(d)),
             Device::Metal(_) => "metal".to_string(),
         };
         match self.quantization {
             Quantization::None => format!("{device} {}", self.dtype.as_str()),
             q => format!("{device} {q}"),
         }
+    }
+}
+
+/// The GPU ordinal of a CUDA device (0 on builds without CUDA, where none exists).
+#[allow(unused_variables)]
+fn cuda_ordinal(d: &candle_core::CudaDevice) -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        d.cuda_stream().context().ordinal()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
     }
 }
 
@@ -184,6 +328,33 @@ mod tests {
             "100 rows are not whole 16-row tiles"
         );
         assert_eq!(Quantization::None.weight_type(1536, 1536), None);
+    }
+
+    #[test]
+    fn devices_parse_and_a_cpu_build_refuses_cuda_by_naming_the_feature() {
+        assert_eq!("auto".parse::<DeviceRequest>(), Ok(DeviceRequest::Auto));
+        assert_eq!("cpu".parse::<DeviceRequest>(), Ok(DeviceRequest::Cpu));
+        assert_eq!("cuda".parse::<DeviceRequest>(), Ok(DeviceRequest::Cuda(0)));
+        assert_eq!(
+            "cuda:3".parse::<DeviceRequest>(),
+            Ok(DeviceRequest::Cuda(3))
+        );
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CPU"] {
+            let err = bad.parse::<DeviceRequest>().unwrap_err();
+            assert!(err.contains(bad) && err.contains("cuda:N"), "{err}");
+        }
+        let (device, what) = DeviceRequest::Cpu.open(DType::F32).unwrap();
+        assert!(device.is_cpu() && what == "cpu");
+        if !BUILT_WITH_CUDA {
+            let err = DeviceRequest::Cuda(1).open(DType::F32).unwrap_err();
+            assert!(
+                err.contains("`cuda` feature") && err.contains("cuda:1"),
+                "{err}"
+            );
+            let (device, what) = DeviceRequest::Auto.open(DType::BF16).unwrap();
+            assert!(device.is_cpu(), "{what}");
+            assert!(what.contains("no CUDA"), "{what}");
+        }
     }
 
     #[test]

@@ -59,6 +59,7 @@ pub mod positions;
 mod proj;
 pub mod quant;
 pub mod resolve;
+pub mod test_utils;
 pub mod text;
 pub mod vision;
 pub mod vmath;
@@ -66,7 +67,7 @@ pub mod weights;
 
 use std::path::{Path, PathBuf};
 
-pub use backend::{Backend, Quantization};
+pub use backend::{Backend, DeviceRequest, Quantization};
 pub use config::{Config, ConfigLayout, TextConfig, TokenIds, VisionConfig};
 pub use inspector_lora::{Lora, LoraConfig};
 pub use model::{Batch, DecodeState, Logits, ModelInfo, Output, Qwen2Vl};

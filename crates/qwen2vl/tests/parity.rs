@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp};
 use common::*;
-use inspector_qwen2vl::{Logits, Qwen2Vl};
+use inspector_qwen2vl::{Logits, Qwen2Vl, test_device};
 
 test_device!(
     f32_parity,

@@ -138,7 +138,7 @@ impl AdamW {
                         slot.dims()
                     );
                 }
-                *slot = t.to_dtype(DType::F32)?;
+                *slot = t.to_dtype(DType::F32)?.to_device(slot.device())?;
             }
         }
         let step = state

@@ -232,7 +232,7 @@ fn io(path: &Path, e: std::io::Error) -> Error {
 }
 
 impl Trainer {
-    /// A new run on `model_dir` (f32, CPU) writing into `out`.
+    /// A new run on `model_dir` on the CPU, writing into `out`.
     pub fn new(
         model_dir: &Path,
         train: Vec<Example>,
@@ -240,13 +240,27 @@ impl Trainer {
         config: TrainConfig,
         out: &Path,
     ) -> Result<Trainer, Error> {
+        Self::on_device(model_dir, train, eval, config, out, &Device::Cpu)
+    }
+
+    /// A new run on `device`: the base weights in `config.dtype`, the LoRA weights, the
+    /// gradients and the optimizer state in f32, all on the device; checkpoints are written
+    /// from host copies and read back onto the device.
+    pub fn on_device(
+        model_dir: &Path,
+        train: Vec<Example>,
+        eval: Vec<Example>,
+        config: TrainConfig,
+        out: &Path,
+        device: &Device,
+    ) -> Result<Trainer, Error> {
         if train.is_empty() {
             return Err(Error::Input("no training examples".into()));
         }
         // Quantized weights have no backward pass: the gradients of every layer below them
         // would be lost without a word.
         inspector_qwen2vl::adapter::refuse_quantized(model_dir, "train")?;
-        let device = Device::Cpu;
+        let device = device.clone();
         let adamw = AdamWConfig {
             lr: config.lr,
             weight_decay: config.weight_decay,
@@ -336,7 +350,7 @@ impl Trainer {
         } else {
             let weights = candle_core::safetensors::load(
                 dir.join(inspector_lora::ADAPTER_WEIGHTS),
-                &Device::Cpu,
+                self.model.device(),
             )?;
             let pairs = self.lora.pairs();
             if weights.len() != 2 * pairs.len() {
@@ -368,7 +382,8 @@ impl Trainer {
                 }
             }
         }
-        let opt = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
+        let opt =
+            candle_core::safetensors::load(dir.join("optimizer.safetensors"), self.model.device())?;
         self.opt.load_state(&opt)?;
         let state_path = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&state_path).map_err(|e| io(&state_path, e))?;
@@ -385,7 +400,7 @@ impl Trainer {
     fn restore_weights(&self, dir: &Path) -> Result<(), Error> {
         let mut found: HashMap<String, Tensor> = HashMap::new();
         for file in inspector_qwen2vl::weights::safetensors_files(dir)? {
-            found.extend(candle_core::safetensors::load(&file, &Device::Cpu)?);
+            found.extend(candle_core::safetensors::load(&file, self.model.device())?);
         }
         for (name, var) in &self.weights {
             let t = found.get(name).ok_or_else(|| Error::Checkpoint {

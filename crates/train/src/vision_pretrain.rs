@@ -186,7 +186,7 @@ impl VisionPretrainer {
         n_classes: usize,
         config: VisionPretrainConfig,
     ) -> Result<VisionPretrainer, Error> {
-        Self::build(model_dir, n_classes, config, None)
+        Self::on_device(model_dir, n_classes, config, None, &Device::Cpu)
     }
 
     /// Loads `model_dir` (f32, CPU) frozen, with a new LoRA adapter on the vision tower's and
@@ -198,20 +198,22 @@ impl VisionPretrainer {
         config: VisionPretrainConfig,
         lora: LoraConfig,
     ) -> Result<VisionPretrainer, Error> {
-        Self::build(model_dir, n_classes, config, Some(lora))
+        Self::on_device(model_dir, n_classes, config, Some(lora), &Device::Cpu)
     }
 
-    fn build(
+    /// [`VisionPretrainer::new`] (`lora: None`) or [`VisionPretrainer::with_lora`] on `device`.
+    pub fn on_device(
         model_dir: &Path,
         n_classes: usize,
         config: VisionPretrainConfig,
         lora: Option<LoraConfig>,
+        device: &Device,
     ) -> Result<VisionPretrainer, Error> {
         if n_classes == 0 {
             return Err(Error::Input("no hazard class to pretrain on".into()));
         }
         inspector_qwen2vl::adapter::refuse_quantized(model_dir, "train")?;
-        let device = Device::Cpu;
+        let device = device.clone();
         let (model, weights, lora) = match lora {
             None => {
                 let (model, _, weights) = Qwen2Vl::load_trainable(model_dir, DType::F32, &device)?;

@@ -5,19 +5,37 @@
 
 use candle_core::{DType, Device};
 use common::{max_abs, max_diff_masked, reference, tiny_a};
-use inspector_qwen2vl::{Logits, adapter};
+use inspector_qwen2vl::{Logits, adapter, test_device};
 use inspector_train::loss::causal_lm_loss;
 
 mod common;
 
-#[test]
-fn loss_and_every_lora_gradient_equal_peft() {
+test_device!(
+    lora_gradients,
+    loss_and_every_lora_gradient_equal_peft_cpu,
+    loss_and_every_lora_gradient_equal_peft_gpu_kernels_on_cpu,
+    loss_and_every_lora_gradient_equal_peft_cuda
+);
+test_device!(
+    peft_logits,
+    a_peft_adapter_gives_pefts_logits_cpu,
+    a_peft_adapter_gives_pefts_logits_gpu_kernels_on_cpu,
+    a_peft_adapter_gives_pefts_logits_cuda
+);
+test_device!(
+    gradient_after_one_step,
+    every_lora_tensor_gets_a_gradient_after_one_step_cpu,
+    every_lora_tensor_gets_a_gradient_after_one_step_gpu_kernels_on_cpu,
+    every_lora_tensor_gets_a_gradient_after_one_step_cuda
+);
+
+fn lora_gradients(device: &Device) {
     let r = reference();
     let (model, _, lora) = adapter::load(
         &tiny_a(),
         &common::fixtures().join("peft/adapter"),
         DType::F32,
-        &Device::Cpu,
+        device,
     )
     .unwrap();
     let (loss, n) = causal_lm_loss(&model, &r.batch, &r.labels).unwrap();
@@ -42,7 +60,7 @@ fn loss_and_every_lora_gradient_equal_peft() {
                 .get(var)
                 .unwrap_or_else(|| panic!("{key}: no gradient reached it"));
             assert!(max_abs(g) > 0.0, "{key}: zero gradient");
-            let diff = max_abs(&(g - reference).unwrap());
+            let diff = max_abs(&(g.to_device(&Device::Cpu).unwrap() - reference).unwrap());
             let rel = diff / max_abs(reference);
             assert!(rel <= 1e-4, "{key}: max |Δ| / max |ref| = {rel:e}");
             worst = worst.max(rel);
@@ -53,14 +71,13 @@ fn loss_and_every_lora_gradient_equal_peft() {
     eprintln!("loss {ours} vs PEFT {theirs}; worst gradient max|Δ|/max|ref| = {worst:e}");
 }
 
-#[test]
-fn a_peft_adapter_gives_pefts_logits() {
+fn peft_logits(device: &Device) {
     let r = reference();
     let (model, _, _) = adapter::load(
         &tiny_a(),
         &common::fixtures().join("peft/adapter"),
         DType::F32,
-        &Device::Cpu,
+        device,
     )
     .unwrap();
     let logits = model.forward(&r.batch, Logits::All).unwrap().logits;
@@ -68,15 +85,14 @@ fn a_peft_adapter_gives_pefts_logits() {
     let diff = max_diff_masked(&logits, &r.tensors["logits"], &mask);
     assert!(diff <= 1e-4, "max |Δ logits| = {diff:e}");
     // Without the adapter the logits differ: the adapter is really applied.
-    let (base, _) = inspector_qwen2vl::Qwen2Vl::load(&tiny_a(), DType::F32, &Device::Cpu).unwrap();
+    let (base, _) = inspector_qwen2vl::Qwen2Vl::load(&tiny_a(), DType::F32, device).unwrap();
     let plain = base.forward(&r.batch, Logits::All).unwrap().logits;
     assert!(max_diff_masked(&plain, &r.tensors["logits"], &mask) > 1e-2);
 }
 
 /// With PEFT's initialisation (B = 0) A's first gradient is zero; after one optimizer step
 /// every LoRA tensor — language model, vision tower and merger — receives a non-zero gradient.
-#[test]
-fn every_lora_tensor_gets_a_gradient_after_one_step() {
+fn gradient_after_one_step(device: &Device) {
     use inspector_train::{
         optim::{AdamW, AdamWConfig},
         trainer::TrainConfig,
@@ -89,10 +105,9 @@ fn every_lora_tensor_gets_a_gradient_after_one_step() {
         lora_vision: true,
         ..Default::default()
     };
-    let lora = inspector_qwen2vl::Lora::new(config.lora_config(), &Device::Cpu);
+    let lora = inspector_qwen2vl::Lora::new(config.lora_config(), device);
     let (model, _) =
-        inspector_qwen2vl::Qwen2Vl::load_with(&tiny_a(), DType::F32, &Device::Cpu, Some(&lora))
-            .unwrap();
+        inspector_qwen2vl::Qwen2Vl::load_with(&tiny_a(), DType::F32, device, Some(&lora)).unwrap();
     let pairs = lora.pairs();
     assert_eq!(
         pairs.len(),

@@ -102,42 +102,6 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(f32_cpu(a) - f32_cpu(b)).unwrap())
 }
 
-/// The first GPU, with TF32 off for f32 products (the parity bounds are f32's).
-#[cfg(feature = "cuda")]
-pub fn cuda_device() -> Device {
-    candle_core::cuda_backend::set_gemm_reduced_precision_f32(false);
-    Device::new_cuda(0).expect("a CUDA build's GPU tests need a GPU")
-}
-
-/// One test body, run once per device as candle's `test_device!` does: `$cpu` on the CPU with
-/// the kernels it takes there (the fused ones); `$gpu_kernels` on the CPU with the kernels a
-/// GPU takes in inference (candle's, which have no backward pass), so that on a GPU only the
-/// device is new; `$cuda` on the first GPU, compiled only with the `cuda` feature.
-#[macro_export]
-macro_rules! test_device {
-    ($body:ident, $cpu:ident, $gpu_kernels:ident, $cuda:ident) => {
-        #[test]
-        fn $cpu() {
-            $body(&candle_core::Device::Cpu)
-        }
-
-        #[test]
-        fn $gpu_kernels() {
-            use inspector_qwen2vl::ops;
-            let _candle = ops::force(ops::Kernel::Candle);
-            let before = ops::candle_calls();
-            $body(&candle_core::Device::Cpu);
-            assert!(ops::candle_calls() > before, "candle's kernels were used");
-        }
-
-        #[cfg(feature = "cuda")]
-        #[test]
-        fn $cuda() {
-            $body(&common::cuda_device())
-        }
-    };
-}
-
 /// Copies a fixture model directory's files into `to`, for tests that break a copy.
 pub fn copy_model(name: &str, to: &std::path::Path) {
     for entry in std::fs::read_dir(fixtures().join(name)).unwrap() {
