@@ -141,7 +141,39 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(hint) = out_of_memory_hint(&e) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What to lower when the device ran out of memory (CUDA's `CUDA_ERROR_OUT_OF_MEMORY`, or an
+/// allocation candle could not make); the error itself names the step through its context.
+fn out_of_memory_hint(e: &anyhow::Error) -> Option<&'static str> {
+    let text = format!("{e:#}").to_lowercase();
+    (text.contains("out_of_memory") || text.contains("out of memory")).then_some(
+        "the device ran out of memory: lower --max-pixels (fewer image tokens), --batch-size \
+         or --grad-accum's micro-batch size, use --dtype bf16, or train fewer layers \
+         (--lora-r, no --lora-vision); on a GPU also see nvidia-smi for other processes",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::out_of_memory_hint;
+
+    #[test]
+    fn an_out_of_memory_error_gets_a_hint_and_others_do_not() {
+        let oom = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")")
+            .context("training step 12");
+        let hint = out_of_memory_hint(&oom).expect("a hint");
+        assert!(
+            hint.contains("--max-pixels") && hint.contains("--batch-size"),
+            "{hint}"
+        );
+        assert!(format!("{oom:#}").starts_with("training step 12: "));
+        assert!(out_of_memory_hint(&anyhow::anyhow!("photos: no such file")).is_none());
     }
 }

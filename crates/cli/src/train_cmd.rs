@@ -347,7 +347,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             if *best { " (best)" } else { "" }
         )),
         Event::Saved { path, .. } => bar.println(format!("saved {}", path.display())),
-    })?;
+    });
+    // Name the step that failed (an out-of-memory on a GPU, say; main adds what to lower).
+    let ending = ending.with_context(|| format!("training step {}", trainer.state.step + 1))?;
     bar.finish_and_clear();
     match ending {
         Ending::Finished => {

@@ -18,7 +18,8 @@ use inspector_store::{RuleFilter, RuleStore};
 use inspector_watch::{
     Alerter, Policy, Seen, Trigger, Zones,
     config::{self, Camera},
-    source::{ChangeGate, FolderSource, Next, SnapshotUrl, SourceKind, Status, VideoFile},
+    source::{self, ChangeGate, FolderSource, Next, SnapshotUrl, SourceKind, Status, VideoFile},
+    webhook,
 };
 
 /// An open source.
@@ -89,9 +90,16 @@ pub struct WatchArgs {
     /// media time for a file), rules, risk, frame (relative to FILE's folder), violations.
     #[arg(long, value_name = "FILE")]
     pub events: Option<PathBuf>,
-    /// Where event frames are stored (in `events/`).
+    /// Where events are stored: `events/<id>.json` (the record) and `events/<id>.jpg` (the
+    /// frame, boxes drawn), and the webhooks' delivery state (`webhooks/`).
     #[arg(long, default_value = "data", value_name = "DIR")]
     pub data_dir: PathBuf,
+    /// POST every event as JSON to URL (repeatable), at least once: retried with backoff while
+    /// the watcher runs, and what is undelivered at exit is sent on the next start. With
+    /// INSPECTOR_WEBHOOK_SECRET set, each request is signed (`X-Inspector-Signature: sha256=`,
+    /// HMAC-SHA256 of `<X-Inspector-Timestamp>.<body>`); `X-Inspector-Event` is the event id.
+    #[arg(long, value_name = "URL")]
+    pub webhook: Vec<String>,
     /// Mean grey-level change (0–255, on 32 × 32 thumbnails) below which a frame repeats the
     /// last result instead of being inspected; 0 inspects every frame.
     #[arg(long, default_value_t = 2.0, value_name = "LEVELS")]
@@ -130,6 +138,21 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         args.change_threshold.is_finite() && args.change_threshold >= 0.0,
         "--change-threshold must be ≥ 0"
     );
+    for url in &args.webhook {
+        let lower = url.to_ascii_lowercase();
+        anyhow::ensure!(
+            lower.starts_with("http://") || lower.starts_with("https://"),
+            "--webhook {}: expected an http:// or https:// URL",
+            config::redact(url)
+        );
+    }
+    let secret = std::env::var("INSPECTOR_WEBHOOK_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(String::into_bytes);
+    if !args.webhook.is_empty() && secret.is_none() {
+        eprintln!("note: INSPECTOR_WEBHOOK_SECRET is not set: webhook requests are not signed");
+    }
     let store = open_with_rules(&args.db.db)?;
     let rules = store.rules(&RuleFilter::default())?;
     let mut cameras: Vec<Camera> = Vec::new();
@@ -179,6 +202,18 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let events_dir = args.data_dir.join("events");
     std::fs::create_dir_all(&events_dir)
         .with_context(|| format!("creating {}", events_dir.display()))?;
+    let deliverer = webhook::Deliverer::start(
+        args.webhook
+            .iter()
+            .map(|url| webhook::Webhook {
+                url: url.clone(),
+                secret: secret.clone(),
+            })
+            .collect(),
+        &events_dir,
+        &args.data_dir.join("webhooks"),
+    )
+    .with_context(|| format!("starting the webhooks in {}", args.data_dir.display()))?;
     let mut events_file = match &args.events {
         Some(f) => Some((
             std::fs::OpenOptions::new()
@@ -343,7 +378,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
             };
             let size = (img.width(), img.height());
             for trigger in w.alerter.observe(*at, size, seen) {
-                raise(
+                let id = raise(
                     &w.camera,
                     w.live,
                     &trigger,
@@ -352,9 +387,17 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                     &events_dir,
                     events_file.as_mut(),
                 )?;
+                deliverer.stored(&id);
                 w.events += 1;
             }
         }
+    }
+    // Deliveries in flight get a short grace; the rest stay pending for the next start.
+    for hook in deliverer.finish(std::time::Duration::from_secs(10)) {
+        eprintln!(
+            "webhook {}: {} delivered, {} failed attempts, {} pending",
+            hook.url, hook.delivered, hook.failures, hook.pending
+        );
     }
     let mut failed = 0;
     for w in &watched {
@@ -403,7 +446,8 @@ fn seen_in(finding: &Finding) -> Vec<Seen> {
         .collect()
 }
 
-/// Stores an event's frame (boxes drawn), then writes the event out.
+/// Stores an event (its frame with the boxes drawn, then its record `<id>.json`), then
+/// writes it to the events file. Returns its id; notifications go out only after this.
 #[allow(clippy::too_many_arguments)]
 fn raise(
     camera: &Camera,
@@ -413,7 +457,7 @@ fn raise(
     finding: &Finding,
     events_dir: &Path,
     events_file: Option<&mut (std::fs::File, PathBuf)>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     let source = config::redact(&camera.source);
     // The same camera, time and rule give the same id: a receiver can drop repeats.
     let id = sha256_hex(
@@ -435,25 +479,33 @@ fn raise(
         trigger.rule,
         trigger.risk.as_str()
     );
+    let mut event = serde_json::json!({
+        "id": id,
+        "camera": camera.name,
+        "source": source,
+        "at": trigger.at,
+        "rules": [trigger.rule],
+        "risk": trigger.risk,
+        "frame": format!("{id}.jpg"),
+        "violations": trigger.seen,
+    });
+    if live {
+        event["time"] =
+            inspector_server::record::rfc3339((trigger.at * 1000.0).round() as i64).into();
+    }
+    // The record, beside its frame: what webhooks deliver, and what survives a crash.
+    let mut record = event.clone();
+    record["stored_at_ms"] = ((source::epoch_now() * 1000.0) as u64).into();
+    write_atomic(
+        &webhook::record_path(events_dir, &id),
+        record.to_string().as_bytes(),
+    )?;
     if let Some((file, dir)) = events_file {
-        let frame_rel = inspector_dataset::relative_to(&frame, dir)
-            .unwrap_or_else(|_| frame.display().to_string());
-        let mut line = serde_json::json!({
-            "id": id,
-            "camera": camera.name,
-            "source": source,
-            "at": trigger.at,
-            "rules": [trigger.rule],
-            "risk": trigger.risk,
-            "frame": frame_rel,
-            "violations": trigger.seen,
-        });
-        if live {
-            line["time"] =
-                inspector_server::record::rfc3339((trigger.at * 1000.0).round() as i64).into();
-        }
-        writeln!(file, "{line}").context("writing the events file")?;
+        event["frame"] = inspector_dataset::relative_to(&frame, dir)
+            .unwrap_or_else(|_| frame.display().to_string())
+            .into();
+        writeln!(file, "{event}").context("writing the events file")?;
         file.sync_data().context("writing the events file")?;
     }
-    Ok(())
+    Ok(id)
 }

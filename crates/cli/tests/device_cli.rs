@@ -120,3 +120,30 @@ fn auto_chooses_the_cpu_and_says_so() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("runs on the CPU only"), "{err}");
 }
+
+/// On a CUDA build (run by tools/gpu/check.sh on a GPU machine): an ordinal beyond the GPUs
+/// present is refused with the range, and `auto` takes the first GPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_ordinal_out_of_range_is_refused_and_auto_takes_the_gpu() {
+    let tiny = root().join("crates/qwen2vl/tests/fixtures/tiny-a");
+    let (code, _, err) = inspector(&[
+        "model",
+        "info",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--device",
+        "cuda:99",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cuda:99 is out of range") && err.contains("cuda:0 to"),
+        "{err}"
+    );
+    let (code, _, err) = inspector(&["model", "info", "--model", tiny.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("device: cuda:0") && err.contains("(auto)"),
+        "{err}"
+    );
+}

@@ -188,9 +188,14 @@ struct Watcher {
 
 impl Watcher {
     fn spawn(args: &[&str], dir: &Path) -> Watcher {
+        Self::spawn_with(args, dir, &[])
+    }
+
+    fn spawn_with(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Watcher {
         let mut child = Command::new(env!("CARGO_BIN_EXE_inspector"))
             .arg("watch")
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(dir)
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -226,6 +231,12 @@ impl Watcher {
                 return line;
             }
         }
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     /// SIGTERM, then the exit status and the whole stderr.
@@ -400,4 +411,210 @@ fn a_snapshot_url_is_polled_through_an_outage_and_an_unreachable_one_is_named() 
         format!("http://***@127.0.0.1:{port}/snapshot.png")
     );
     assert!(e["time"].as_str().is_some(), "{e}");
+}
+
+/// One webhook request as the receiver saw it.
+#[derive(Debug, Clone)]
+struct Delivery {
+    event: String,
+    signature_ok: bool,
+    status: u16,
+    body: serde_json::Value,
+}
+
+/// A webhook receiver on loopback: answers 500 to the first `fail_first` requests, then 200
+/// (or 500 to all while `refuse` is set), checking each signature with `secret` as a receiver
+/// would: HMAC-SHA256 of `<timestamp>.<raw body>`.
+fn webhook_receiver(
+    secret: &'static [u8],
+    fail_first: usize,
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Delivery>>>) {
+    use hmac::{KeyInit, Mac};
+    use std::io::{BufRead, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(conn) = conn else { continue };
+            let mut reader = std::io::BufReader::new(conn);
+            let mut headers = std::collections::HashMap::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':') {
+                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                }
+            }
+            let len: usize = headers
+                .get("content-length")
+                .map_or(0, |v| v.parse().unwrap());
+            let mut body = vec![0u8; len];
+            reader.read_exact(&mut body).unwrap();
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+            mac.update(
+                headers
+                    .get("x-inspector-timestamp")
+                    .map_or("", |s| s)
+                    .as_bytes(),
+            );
+            mac.update(b".");
+            mac.update(&body);
+            let want: String = mac
+                .finalize()
+                .into_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let signature_ok =
+                headers.get("x-inspector-signature") == Some(&format!("sha256={want}"));
+            let status = if n < fail_first || refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                500
+            } else {
+                200
+            };
+            log.lock().unwrap().push(Delivery {
+                event: headers
+                    .get("x-inspector-event")
+                    .cloned()
+                    .unwrap_or_default(),
+                signature_ok,
+                status,
+                body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+            });
+            let mut conn = reader.into_inner();
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    (port, seen)
+}
+
+/// Waits until `done` holds of the receiver's log (within 60 s).
+fn until(log: &std::sync::Mutex<Vec<Delivery>>, done: impl Fn(&[Delivery]) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done(&log.lock().unwrap()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:#?}",
+            log.lock().unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Every event reaches a webhook that fails twice before it answers 200, each request signed;
+/// then a watcher killed with SIGKILL before it could deliver loses nothing: the next start
+/// delivers what was stored.
+#[test]
+fn webhooks_get_every_event_signed_at_least_once_even_across_kill_9() {
+    use std::sync::{Arc, atomic::AtomicBool, atomic::Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let photo = std::fs::read(root().join("examples/scenes/images/00000.png")).unwrap();
+    let camera_up = Arc::new(AtomicBool::new(true));
+    let camera = format!(
+        "http://127.0.0.1:{}/snap.png",
+        snapshot_server(photo, camera_up.clone())
+    );
+    let refuse = Arc::new(AtomicBool::new(false));
+    let (port, log) = webhook_receiver(b"s3cret", 2, refuse.clone());
+    let hook = format!("http://127.0.0.1:{port}/hook");
+    let spawn = |source: &str| {
+        let args = [
+            source,
+            "--interval",
+            "0.5",
+            "--events",
+            "events.jsonl",
+            "--data-dir",
+            "data",
+            "--webhook",
+            &hook,
+        ];
+        Watcher::spawn_with(&args, dir.path(), &[("INSPECTOR_WEBHOOK_SECRET", "s3cret")])
+    };
+
+    // 1. Two failures, then every event delivered, signed.
+    let watcher = spawn(&camera);
+    watcher.wait_for("event ");
+    let ids = || -> Vec<String> {
+        std::fs::read_to_string(dir.path().join("events.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].to_string())
+            .map(|id| id.trim_matches('"').to_string())
+            .collect()
+    };
+    until(&log, |d| {
+        let ok: Vec<&str> = d
+            .iter()
+            .filter(|x| x.status == 200)
+            .map(|x| x.event.as_str())
+            .collect();
+        !ok.is_empty() && ids().iter().all(|id| ok.contains(&id.as_str()))
+    });
+    let (status, stderr) = watcher.stop();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let first_ids = ids();
+    {
+        let d = log.lock().unwrap();
+        assert!(d.iter().all(|x| x.signature_ok), "{d:#?}");
+        assert_eq!(d.iter().filter(|x| x.status == 500).count(), 2, "{d:#?}");
+        for x in d.iter() {
+            assert!(first_ids.contains(&x.event), "an unknown id: {x:?}");
+            assert_eq!(x.body["id"], x.event.as_str(), "{x:?}");
+            assert!(
+                x.body["rules"][0].is_string() && x.body["frame"].is_string(),
+                "{x:?}"
+            );
+        }
+    }
+    assert!(stderr.contains("retrying in 1 s"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{} delivered, 2 failed attempts, 0 pending",
+            first_ids.len()
+        )),
+        "{stderr}"
+    );
+
+    // 2. The receiver refuses everything; new events are stored; the watcher is killed.
+    refuse.store(true, Ordering::SeqCst);
+    std::fs::remove_file(dir.path().join("events.jsonl")).unwrap();
+    // A second camera URL: new event ids.
+    let watcher = spawn(&format!("{camera}?second"));
+    let line = watcher.wait_for("event ");
+    let id = line
+        .strip_prefix("event ")
+        .and_then(|l| l.split(':').next())
+        .unwrap()
+        .to_string();
+    until(&log, |d| d.iter().any(|x| x.event == id && x.status == 500));
+    watcher.kill();
+    assert!(dir.path().join(format!("data/events/{id}.json")).is_file());
+
+    // 3. The next start, with nothing new to see, delivers it.
+    refuse.store(false, Ordering::SeqCst);
+    camera_up.store(false, Ordering::SeqCst);
+    let watcher = spawn(&camera);
+    until(&log, |d| d.iter().any(|x| x.event == id && x.status == 200));
+    let (status, stderr) = watcher.stop();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    // Nothing delivered before is sent again.
+    let d = log.lock().unwrap();
+    for old in &first_ids {
+        assert_eq!(
+            d.iter()
+                .filter(|x| &x.event == old && x.status == 200)
+                .count(),
+            1,
+            "{old} delivered once: {d:#?}"
+        );
+    }
 }

@@ -173,6 +173,16 @@ mod gpu {
 
     /// How many GPUs the driver sees (an error when the driver is missing or fails).
     pub fn count() -> Result<usize, String> {
+        // candle's CUDA libraries are loaded at run time (a vendor patch), so a CUDA build
+        // starts on a machine without the NVIDIA driver and can say so.
+        // SAFETY: only tries to open the driver library.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(
+                "no NVIDIA driver found (libcuda.so.1 is not on the library path): \
+                 this machine has no usable GPU"
+                    .into(),
+            );
+        }
         result::init().map_err(|e| format!("the CUDA driver did not start: {e}"))?;
         let n = result::device::get_count().map_err(|e| format!("counting GPUs: {e}"))?;
         Ok(n.max(0) as usize)

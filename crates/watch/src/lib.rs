@@ -31,6 +31,7 @@
 
 pub mod config;
 pub mod source;
+pub mod webhook;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 

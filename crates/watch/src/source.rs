@@ -39,7 +39,7 @@ fn check_interval(name: &str, interval: f64) -> Result<(), SourceError> {
 }
 
 /// Seconds since the epoch: a live source's frame time.
-fn epoch_now() -> f64 {
+pub fn epoch_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
