@@ -18,7 +18,10 @@ use inspector_store::{RuleFilter, RuleStore};
 use inspector_watch::{
     Alerter, Policy, Seen, Trigger, Zones,
     config::{self, Camera},
-    source::{self, ChangeGate, FolderSource, Next, SnapshotUrl, SourceKind, Status, VideoFile},
+    source::{
+        self, ChangeGate, FolderSource, LiveStream, Next, SnapshotUrl, SourceKind, Status,
+        VideoFile,
+    },
     webhook,
 };
 
@@ -27,6 +30,7 @@ enum Reader {
     Video(VideoFile),
     Folder(FolderSource),
     Snapshot(SnapshotUrl),
+    Stream(LiveStream),
 }
 
 impl Reader {
@@ -35,18 +39,28 @@ impl Reader {
             Reader::Video(v) => v.poll(),
             Reader::Folder(f) => f.poll(),
             Reader::Snapshot(u) => Ok(u.poll()),
+            Reader::Stream(s) => s.poll(),
         }
     }
 
     fn is_live(&self) -> bool {
-        matches!(self, Reader::Folder(_) | Reader::Snapshot(_))
+        !matches!(self, Reader::Video(_))
     }
 
-    /// Whether the source is down now (a snapshot URL between retries), and its reconnects.
+    /// Whether the source is down now (a URL between retries), and its reconnects.
     fn status(&self) -> (Option<Status>, usize) {
         match self {
             Reader::Snapshot(u) => (Some(u.status()), u.reconnects()),
+            Reader::Stream(s) => (Some(s.status()), s.reconnects()),
             _ => (None, 0),
+        }
+    }
+
+    /// Frames dropped because newer ones came before they were inspected (live streams).
+    fn dropped(&self) -> usize {
+        match self {
+            Reader::Stream(s) => s.dropped(),
+            _ => 0,
         }
     }
 }
@@ -124,6 +138,8 @@ struct Watched {
     read: usize,
     inspected: usize,
     skipped: usize,
+    /// Live frames dropped because newer ones came before they were inspected.
+    dropped: usize,
     events: usize,
     error: Option<String>,
 }
@@ -191,8 +207,8 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     for c in &cameras {
         if let SourceKind::Url(_) = SourceKind::of(&c.source) {
             anyhow::bail!(
-                "camera {:?}: {} is a stream; this version of `inspector watch` reads video \
-                 files, folders and http(s) snapshot URLs",
+                "camera {:?}: unsupported source {}: expected rtsp:// or rtsps:// (a stream), \
+                 http(s):// (an MJPEG stream or a snapshot URL), a video file or a folder",
                 c.name,
                 config::redact(&c.source)
             );
@@ -237,6 +253,9 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                 SourceKind::Http(url) => {
                     SnapshotUrl::open(&url, &name, camera.interval_s).map(Reader::Snapshot)
                 }
+                SourceKind::Rtsp(url) => {
+                    LiveStream::open(&url, &name, camera.interval_s).map(Reader::Stream)
+                }
                 _ => VideoFile::open(Path::new(&camera.source), &name, camera.interval_s)
                     .map(Reader::Video),
             };
@@ -260,6 +279,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                 read: 0,
                 inspected: 0,
                 skipped: 0,
+                dropped: 0,
                 events: 0,
                 error,
             }
@@ -315,6 +335,26 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                     w.error = Some(e.to_string());
                     w.frames = None;
                 }
+            }
+            // A snapshot URL that serves an MJPEG stream is read as the stream it is.
+            if let Some(Reader::Snapshot(u)) = &w.frames
+                && u.is_stream()
+            {
+                let name = config::redact(&w.camera.source);
+                eprintln!(
+                    "camera {:?}: an MJPEG stream; reading it as one",
+                    w.camera.name
+                );
+                match LiveStream::open(&w.camera.source, &name, w.camera.interval_s) {
+                    Ok(s) => w.frames = Some(Reader::Stream(s)),
+                    Err(e) => {
+                        w.error = Some(e.to_string());
+                        w.frames = None;
+                    }
+                }
+            }
+            if let Some(f) = &w.frames {
+                w.dropped = f.dropped();
             }
             if let Some((Some(status), reconnects)) = w.frames.as_ref().map(Reader::status) {
                 w.reconnects = reconnects;
@@ -403,12 +443,13 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     for w in &watched {
         eprintln!(
             "camera {:?} ({}): {} frames read, {} inspected, {} repeated by the change gate, \
-             {} events, {} reconnects{}",
+             {} dropped, {} events, {} reconnects{}",
             w.camera.name,
             config::redact(&w.camera.source),
             w.read,
             w.inspected,
             w.skipped,
+            w.dropped,
             w.events,
             w.reconnects,
             w.error

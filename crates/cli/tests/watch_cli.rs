@@ -45,12 +45,13 @@ fn a_bad_cameras_file_is_reported_line_by_line_and_nothing_starts() {
 }
 
 #[test]
-fn streams_are_refused_by_this_version_with_credentials_redacted() {
+fn unsupported_schemes_are_refused_with_credentials_redacted() {
     let dir = tempfile::tempdir().unwrap();
-    let out = inspector(&["watch", "rtsp://admin:hunter2@10.0.0.5/s1"], dir.path());
+    let out = inspector(&["watch", "rtmp://admin:hunter2@10.0.0.5/s1"], dir.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("rtsp://***@10.0.0.5/s1"), "{stderr}");
+    assert!(stderr.contains("rtmp://***@10.0.0.5/s1"), "{stderr}");
+    assert!(stderr.contains("rtsp://"), "what is supported: {stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
 
@@ -617,4 +618,163 @@ fn webhooks_get_every_event_signed_at_least_once_even_across_kill_9() {
             "{old} delivered once: {d:#?}"
         );
     }
+}
+
+/// The RTSP test server (crates/rtsp-test-server), built with its `gst` feature.
+fn rtsp_server_program() -> PathBuf {
+    let path = std::env::var_os("RTSP_TEST_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/debug/inspector-rtsp-test-server"));
+    assert!(
+        path.is_file(),
+        "{}: build it with `cargo build -p inspector-rtsp-test-server --features gst`",
+        path.display()
+    );
+    path
+}
+
+/// Serves `image` at rtsp://127.0.0.1:`port`/cam until killed.
+fn rtsp_server(port: u16, image: &Path) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = Command::new(rtsp_server_program())
+        .arg(port.to_string())
+        .arg(image)
+        .arg("5")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.starts_with("rtsp://"),
+        "the server did not start: {line:?}"
+    );
+    child
+}
+
+/// A camera's RTSP stream is cut and restored: the watcher reports it down, reconnects with
+/// backoff and resumes (an event before and after), and its summary counts the outage.
+#[test]
+#[ignore = "needs ffmpeg and the RTSP test server (cargo build -p inspector-rtsp-test-server --features gst)"]
+fn an_rtsp_stream_is_cut_and_restored_and_the_watcher_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = root().join("examples/scenes/images/00000.png");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = rtsp_server(port, &image);
+    let url = format!("rtsp://viewer:hunter2@127.0.0.1:{port}/cam");
+    let watcher = Watcher::spawn(
+        &[
+            &url,
+            "--interval",
+            "0.5",
+            "--events",
+            "events.jsonl",
+            "--data-dir",
+            "data",
+        ],
+        dir.path(),
+    );
+    watcher.wait_for("event ");
+    // The cut.
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let line = watcher.wait_for("camera \"source-1\": down: ");
+    assert!(line.contains("retrying in"), "{line}");
+    // Restored on the same address: the watcher comes back by itself.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let mut server = rtsp_server(port, &image);
+    watcher.wait_for("camera \"source-1\": back up");
+    let (status, stderr) = watcher.stop();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        !stderr.contains("hunter2"),
+        "credentials redacted:\n{stderr}"
+    );
+    let summary = stderr
+        .lines()
+        .find(|l| l.starts_with("camera \"source-1\" (rtsp://***@127.0.0.1"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(summary.contains(", 1 reconnects"), "{summary}");
+    let events = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    let e: serde_json::Value = serde_json::from_str(events.lines().next().unwrap()).unwrap();
+    assert_eq!(e["source"], format!("rtsp://***@127.0.0.1:{port}/cam"));
+    assert!(
+        e["time"].as_str().is_some(),
+        "a live source's events carry RFC 3339 time: {e}"
+    );
+}
+
+/// An HTTP MJPEG stream (`multipart/x-mixed-replace`, as IP cameras serve at `/video.mjpg`)
+/// on loopback: the scene as JPEG, five parts a second, to every client.
+fn mjpeg_server(jpeg: Vec<u8>) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let jpeg = jpeg.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: multipart/x-mixed-replace; \
+                            boundary=frame\r\nConnection: close\r\n\r\n";
+                if conn.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                loop {
+                    let part = format!(
+                        "--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n",
+                        jpeg.len()
+                    );
+                    if conn.write_all(part.as_bytes()).is_err()
+                        || conn.write_all(&jpeg).is_err()
+                        || conn.write_all(b"\r\n").is_err()
+                    {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A URL that turns out to serve an MJPEG stream is read as one: frames, an event.
+#[test]
+#[ignore = "needs ffmpeg"]
+fn an_http_mjpeg_stream_is_read_as_a_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = image::open(root().join("examples/scenes/images/00000.png")).unwrap();
+    let mut jpeg = Vec::new();
+    png.write_to(
+        &mut std::io::Cursor::new(&mut jpeg),
+        image::ImageFormat::Jpeg,
+    )
+    .unwrap();
+    let port = mjpeg_server(jpeg);
+    let watcher = Watcher::spawn(
+        &[
+            &format!("http://127.0.0.1:{port}/video.mjpg"),
+            "--interval",
+            "0.5",
+            "--events",
+            "events.jsonl",
+        ],
+        dir.path(),
+    );
+    watcher.wait_for("an MJPEG stream; reading it as one");
+    watcher.wait_for("event ");
+    let (status, stderr) = watcher.stop();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("down:"), "{stderr}");
 }
