@@ -53,12 +53,16 @@ def main() -> None:
     pixels = inputs["pixel_values"].to(dev, dtype)
     grid = inputs["image_grid_thw"].to(dev)
 
-    def batch(b: int) -> dict:
-        return dict(input_ids=ids.repeat(b, 1), attention_mask=torch.ones_like(ids).repeat(b, 1),
-                    pixel_values=pixels.repeat(b, 1), image_grid_thw=grid.repeat(b, 1))
-
     model = Qwen2VLForConditionalGeneration.from_pretrained(
         a.model, dtype=dtype, attn_implementation="eager").to(dev).eval()
+    image_pad = model.config.image_token_id
+
+    def batch(b: int) -> dict:
+        rows = ids.repeat(b, 1)
+        return dict(input_ids=rows, attention_mask=torch.ones_like(rows),
+                    pixel_values=pixels.repeat(b, 1), image_grid_thw=grid.repeat(b, 1),
+                    mm_token_type_ids=(rows == image_pad).long())
+
     kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, temperature=None, top_p=None,
               top_k=None, repetition_penalty=None, eos_token_id=None)
     out = {}

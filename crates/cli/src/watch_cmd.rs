@@ -79,17 +79,19 @@ use crate::{
 /// a `--config` file sets them per camera, with zones.
 ///
 /// Each event's frame is stored with its boxes drawn under `--data-dir`/events before the event
-/// is written out. Video files are read through the `ffmpeg` program (Debian: `apt-get install
-/// ffmpeg`) as fast as the model keeps up, timed in media time. A folder is watched for new
-/// photos (at most one per interval, the newest) until SIGINT or SIGTERM, which finish the
-/// frames in flight.
+/// is written out. Video files and streams are decoded by the `ffmpeg` program (Debian:
+/// `apt-get install ffmpeg`): files as fast as the model keeps up, timed in media time; streams
+/// in real time, keeping only the newest frame (older ones are dropped and counted) and
+/// reconnecting with backoff when they drop. A folder is watched for new photos (at most one
+/// per interval, the newest). Live sources run until SIGINT or SIGTERM, which finish the frames
+/// in flight.
 ///
 /// Exit status: 0 when every source ran to its end (or was stopped by a signal), 1 when any
 /// failed (named on stderr; the others go on).
 #[derive(Debug, Args)]
 pub struct WatchArgs {
-    /// Video files, folders (new photos as they arrive) and snapshot URLs (`http(s)://`, one
-    /// image a request; RTSP and MJPEG streams are the next step of this command). Each is a
+    /// Video files, folders (new photos as they arrive), RTSP/RTSPS streams (`rtsp://`), and
+    /// `http(s)://` URLs: a snapshot URL (one image a request) or an MJPEG stream. Each is a
     /// camera with the default policy and no zones.
     #[arg(value_name = "SOURCE")]
     pub sources: Vec<String>,
