@@ -174,6 +174,8 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         eprintln!("note: INSPECTOR_WEBHOOK_SECRET is not set: webhook requests are not signed");
     }
     let store = open_with_rules(&args.db.db)?;
+    // `inspector serve` reads the events while the watcher writes them.
+    store.enable_wal()?;
     let rules = store.rules(&RuleFilter::default())?;
     let mut cameras: Vec<Camera> = Vec::new();
     if let Some(file) = &args.config {
@@ -430,6 +432,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                     png,
                     finding,
                     &events_dir,
+                    &store,
                     events_file.as_mut(),
                 )?;
                 deliverer.stored(&id);
@@ -525,6 +528,7 @@ fn raise(
     png: &[u8],
     finding: &Finding,
     events_dir: &Path,
+    store: &inspector_store::SqliteStore,
     events_file: Option<&mut (std::fs::File, PathBuf)>,
 ) -> anyhow::Result<String> {
     let source = config::redact(&camera.source);
@@ -563,12 +567,25 @@ fn raise(
             inspector_server::record::rfc3339((trigger.at * 1000.0).round() as i64).into();
     }
     // The record, beside its frame: what webhooks deliver, and what survives a crash.
+    let stored_ms = (source::epoch_now() * 1000.0) as u64;
     let mut record = event.clone();
-    record["stored_at_ms"] = ((source::epoch_now() * 1000.0) as u64).into();
+    record["stored_at_ms"] = stored_ms.into();
     write_atomic(
         &webhook::record_path(events_dir, &id),
         record.to_string().as_bytes(),
     )?;
+    // And in the database, where `inspector serve` lists, streams and acknowledges it.
+    store.insert_event(&inspector_store::NewEvent {
+        id: id.clone(),
+        stored_ms: stored_ms as i64,
+        camera: camera.name.clone(),
+        source: source.clone(),
+        at: trigger.at,
+        rule: trigger.rule.clone(),
+        risk: trigger.risk.as_str().to_string(),
+        frame_file: format!("events/{id}.jpg"),
+        record: event.to_string(),
+    })?;
     if let Some((file, dir)) = events_file {
         event["frame"] = inspector_dataset::relative_to(&frame, dir)
             .unwrap_or_else(|_| frame.display().to_string())

@@ -153,6 +153,53 @@ pub struct InspectionFilter {
     pub limit: usize,
 }
 
+/// A camera alert event, as `inspector watch` stores it (its frame is a file beside it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// The event id (16 hex digits, derived from camera, source, time and rule).
+    pub id: String,
+    /// When it was stored, milliseconds since the Unix epoch.
+    pub stored_ms: i64,
+    pub camera: String,
+    /// The source with credentials redacted.
+    pub source: String,
+    /// Seconds: of media time for a file, since the epoch for a live source.
+    pub at: f64,
+    /// The rule's canonical citation.
+    pub rule: String,
+    /// 高, 中 or 低.
+    pub risk: String,
+    /// The frame, relative to the data dir (`events/<id>.jpg`).
+    pub frame_file: String,
+    /// The whole event as JSON (violations and all).
+    pub record: String,
+}
+
+/// A stored event, its position (for cursors and streams) and its acknowledgement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub seq: i64,
+    pub event: NewEvent,
+    /// When and by whom it was acknowledged.
+    pub acked: Option<(i64, String)>,
+}
+
+/// Which events to list. Empty fields select everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    pub camera: Option<String>,
+    pub rule: Option<String>,
+    pub risk: Option<String>,
+    pub acked: Option<bool>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    /// Newest first, stored before this position (the cursor).
+    pub before_seq: Option<i64>,
+    /// Oldest first, stored after this position (a stream's resumption point).
+    pub after_seq: Option<i64>,
+    pub limit: usize,
+}
+
 /// An API key's record (the key itself is never stored, only its hash).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKey {

@@ -6,8 +6,9 @@ use inspector_core::{Diagnostic, DiagnosticKind, Rule, SourceSpan};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
-    ApiKey, DocumentRecord, DocumentSummary, InspectionFilter, InspectionRow, InspectionViolation,
-    NewInspection, ReplaceOutcome, Result, RuleFilter, RuleStore, StoreError, fts,
+    ApiKey, DocumentRecord, DocumentSummary, EventFilter, EventRow, InspectionFilter,
+    InspectionRow, InspectionViolation, NewEvent, NewInspection, ReplaceOutcome, Result,
+    RuleFilter, RuleStore, StoreError, fts,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. Append
@@ -85,7 +86,46 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%S', 'now')),
         revoked_at TEXT
     );",
+    // 4: camera alert events (`inspector watch`), with their acknowledgement.
+    "CREATE TABLE camera_events (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        id         TEXT NOT NULL UNIQUE,
+        stored_ms  INTEGER NOT NULL,
+        camera     TEXT NOT NULL,
+        source     TEXT NOT NULL,
+        at         REAL NOT NULL,
+        rule       TEXT NOT NULL,
+        risk       TEXT NOT NULL,
+        frame_file TEXT NOT NULL,
+        record     TEXT NOT NULL,
+        acked_ms   INTEGER,
+        acked_by   TEXT
+    );
+    CREATE INDEX camera_events_by_time ON camera_events(stored_ms);",
 ];
+
+const EVENT_COLUMNS: &str =
+    "seq, id, stored_ms, camera, source, at, rule, risk, frame_file, record, acked_ms, acked_by";
+
+fn event_row(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
+    let acked_ms: Option<i64> = r.get(10)?;
+    let acked_by: Option<String> = r.get(11)?;
+    Ok(EventRow {
+        seq: r.get(0)?,
+        event: NewEvent {
+            id: r.get(1)?,
+            stored_ms: r.get(2)?,
+            camera: r.get(3)?,
+            source: r.get(4)?,
+            at: r.get(5)?,
+            rule: r.get(6)?,
+            risk: r.get(7)?,
+            frame_file: r.get(8)?,
+            record: r.get(9)?,
+        },
+        acked: acked_ms.map(|ms| (ms, acked_by.unwrap_or_default())),
+    })
+}
 
 /// Rules, documents and diagnostics in one SQLite file.
 pub struct SqliteStore {
@@ -369,6 +409,116 @@ impl SqliteStore {
             .map_err(q("listing inspections"))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(q("listing inspections"))
+    }
+
+    /// Stores a camera event; `false` when one with its id is already stored (a rerun of the
+    /// same video gives the same ids), which is left as it is.
+    pub fn insert_event(&self, event: &NewEvent) -> Result<bool> {
+        let n = self
+            .conn
+            .execute(
+                "INSERT OR IGNORE INTO camera_events
+                     (id, stored_ms, camera, source, at, rule, risk, frame_file, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    event.id,
+                    event.stored_ms,
+                    event.camera,
+                    event.source,
+                    event.at,
+                    event.rule,
+                    event.risk,
+                    event.frame_file,
+                    event.record,
+                ],
+            )
+            .map_err(q("storing a camera event"))?;
+        Ok(n == 1)
+    }
+
+    /// The event with this id.
+    pub fn event(&self, id: &str) -> Result<Option<EventRow>> {
+        self.conn
+            .query_row(
+                &format!("SELECT {EVENT_COLUMNS} FROM camera_events WHERE id = ?1"),
+                [id],
+                event_row,
+            )
+            .optional()
+            .map_err(q("reading a camera event"))
+    }
+
+    /// Events matching `filter`: newest first, or with `after_seq` oldest first (a stream).
+    pub fn events(&self, filter: &EventFilter) -> Result<Vec<EventRow>> {
+        let mut clauses: Vec<&str> = Vec::new();
+        let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        for (clause, value) in [
+            ("camera = ?", &filter.camera),
+            ("rule = ?", &filter.rule),
+            ("risk = ?", &filter.risk),
+        ] {
+            if let Some(v) = value {
+                clauses.push(clause);
+                args.push(Box::new(v.clone()));
+            }
+        }
+        match filter.acked {
+            Some(true) => clauses.push("acked_ms IS NOT NULL"),
+            Some(false) => clauses.push("acked_ms IS NULL"),
+            None => {}
+        }
+        for (clause, value) in [
+            ("stored_ms >= ?", filter.since_ms),
+            ("stored_ms < ?", filter.until_ms),
+            ("seq < ?", filter.before_seq),
+            ("seq > ?", filter.after_seq),
+        ] {
+            if let Some(v) = value {
+                clauses.push(clause);
+                args.push(Box::new(v));
+            }
+        }
+        let sql_where = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", clauses.join(" AND "))
+        };
+        let order = if filter.after_seq.is_some() {
+            "ASC"
+        } else {
+            "DESC"
+        };
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM camera_events{sql_where} ORDER BY seq {order} LIMIT {}",
+            filter.limit.clamp(1, 1000)
+        );
+        let mut stmt = self
+            .conn
+            .prepare(&sql)
+            .map_err(q("listing camera events"))?;
+        let refs: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a.as_ref()).collect();
+        let rows = stmt
+            .query_map(refs.as_slice(), event_row)
+            .map_err(q("listing camera events"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(q("listing camera events"))
+    }
+
+    /// Acknowledges an event: `None` if there is no such event; `Some(false)` if it was
+    /// already acknowledged (the first acknowledgement stays).
+    pub fn ack_event(&self, id: &str, by: &str, at_ms: i64) -> Result<Option<bool>> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE camera_events SET acked_ms = ?2, acked_by = ?3
+                 WHERE id = ?1 AND acked_ms IS NULL",
+                params![id, at_ms, by],
+            )
+            .map_err(q("acknowledging a camera event"))?;
+        if n == 1 {
+            return Ok(Some(true));
+        }
+        Ok(self.event(id)?.map(|_| false))
     }
 
     /// Stores a new API key under its hash (the key itself is never stored).

@@ -129,10 +129,10 @@ fn migrations_run_once_and_refuse_newer_databases() {
     let path = dir.path().join("inspector.db");
     {
         let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 3);
+        assert_eq!(store.schema_version().unwrap(), 4);
     }
     let store = SqliteStore::open(&path).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 3);
+    assert_eq!(store.schema_version().unwrap(), 4);
     drop(store);
     rusqlite_set_version(&path, 99);
     match SqliteStore::open(&path) {
@@ -305,4 +305,93 @@ fn api_keys_are_found_by_hash_listed_and_revoked() {
     let keys = store.api_keys().unwrap();
     assert_eq!(keys.len(), 2);
     assert!(keys.iter().any(|k| k.id == "k1" && k.revoked_at.is_some()));
+}
+
+#[test]
+fn camera_events_are_stored_once_filtered_streamed_and_acknowledged_once() {
+    use inspector_store::{EventFilter, NewEvent};
+    let store = SqliteStore::open_in_memory().unwrap();
+    let event = |id: &str, camera: &str, rule: &str, ms: i64| NewEvent {
+        id: id.into(),
+        stored_ms: ms,
+        camera: camera.into(),
+        source: "rtsp://***@10.0.0.5/s1".into(),
+        at: ms as f64 / 1000.0,
+        rule: rule.into(),
+        risk: "高".into(),
+        frame_file: format!("events/{id}.jpg"),
+        record: format!("{{\"id\":\"{id}\"}}"),
+    };
+    assert!(
+        store
+            .insert_event(&event("a1", "gate", "r1", 1000))
+            .unwrap()
+    );
+    assert!(store.insert_event(&event("b2", "bay", "r2", 2000)).unwrap());
+    assert!(
+        store
+            .insert_event(&event("c3", "gate", "r2", 3000))
+            .unwrap()
+    );
+    // The same id again (a rerun of the same video) is left as it is.
+    assert!(
+        !store
+            .insert_event(&event("a1", "other", "r9", 9000))
+            .unwrap()
+    );
+    let ids = |f: EventFilter| -> Vec<String> {
+        store
+            .events(&EventFilter { limit: 10, ..f })
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event.id)
+            .collect()
+    };
+    assert_eq!(
+        ids(EventFilter::default()),
+        ["c3", "b2", "a1"],
+        "newest first"
+    );
+    assert_eq!(
+        ids(EventFilter {
+            camera: Some("gate".into()),
+            ..Default::default()
+        }),
+        ["c3", "a1"]
+    );
+    assert_eq!(
+        ids(EventFilter {
+            rule: Some("r2".into()),
+            since_ms: Some(2500),
+            ..Default::default()
+        }),
+        ["c3"]
+    );
+    let first = store.event("a1").unwrap().unwrap();
+    assert_eq!(first.event.camera, "gate", "the first store of an id stays");
+    assert_eq!(
+        ids(EventFilter {
+            after_seq: Some(first.seq),
+            ..Default::default()
+        }),
+        ["b2", "c3"],
+        "a stream resumes after a position, oldest first"
+    );
+    assert_eq!(store.ack_event("b2", "officer", 5000).unwrap(), Some(true));
+    assert_eq!(
+        store.ack_event("b2", "someone else", 6000).unwrap(),
+        Some(false)
+    );
+    assert_eq!(store.ack_event("zz", "officer", 5000).unwrap(), None);
+    assert_eq!(
+        store.event("b2").unwrap().unwrap().acked,
+        Some((5000, "officer".to_string()))
+    );
+    assert_eq!(
+        ids(EventFilter {
+            acked: Some(false),
+            ..Default::default()
+        }),
+        ["c3", "a1"]
+    );
 }

@@ -150,7 +150,7 @@ pub struct ListQuery {
     pub cursor: Option<String>,
 }
 
-fn parse_time(field: &str, text: &str) -> Result<i64, ApiError> {
+pub(crate) fn parse_time(field: &str, text: &str) -> Result<i64, ApiError> {
     chrono::DateTime::parse_from_rfc3339(text)
         .map(|t| t.timestamp_millis())
         .map_err(|e| {
@@ -161,11 +161,11 @@ fn parse_time(field: &str, text: &str) -> Result<i64, ApiError> {
         })
 }
 
-fn encode_cursor(seq: i64) -> String {
+pub(crate) fn encode_cursor(seq: i64) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("seq:{seq}"))
 }
 
-fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
+pub(crate) fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(cursor)
         .ok()

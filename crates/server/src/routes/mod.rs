@@ -7,6 +7,7 @@
 
 pub mod chat;
 pub mod documents;
+pub mod events;
 pub mod inspections;
 pub mod operations;
 pub mod rules;
@@ -24,6 +25,7 @@ use crate::{AppState, auth, error, inspect, record};
     info(title = "Safety Inspector", description = "Inspects site photos against the plant's safety regulations."),
     components(schemas(error::ErrorBody, record::InspectionRecord, record::InspectionPage,
         rules::RuleView, rules::RuleList, documents::DocumentUploaded, inspect::InspectJson,
+        events::EventRecord, events::EventPage,
         inspect::InspectOptions)),
     modifiers(&BearerAuth),
     security(("api_key" = [])),
@@ -52,6 +54,7 @@ pub fn assemble(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi
         .merge(inspections::router())
         .merge(rules::router())
         .merge(documents::router())
+        .merge(events::router())
         .merge(tutorial::router())
         .merge(chat::router())
         .merge(operations::protected())
