@@ -562,37 +562,69 @@ fn keys_are_created_listed_revoked_and_enforced() {
     assert_eq!(inspect(&s, 0).0, 401);
 }
 
-/// Drives the web page in headless Chromium through chromedriver (Debian's `chromium` and
-/// `chromium-driver`; `.ci/run` installs them): uploads a photo with the page's file input and
-/// waits for the result card with its boxes. The screenshot is kept in
-/// `target/test-artifacts/serve-page.png`.
-/// Run: `cargo test -p inspector-cli --test serve_cli -- --ignored`.
-#[test]
-#[ignore = "needs chromium and chromedriver (installed by .ci/run)"]
-fn the_web_page_uploads_a_photo_and_shows_its_boxes_in_chromium() {
-    let tmp = tempfile::tempdir().unwrap();
-    let s = Running::start(tmp.path(), &[]);
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut driver = Command::new("chromedriver")
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromedriver runs");
-    let wd = format!("http://127.0.0.1:{port}");
-    let started = Instant::now();
-    while get(&format!("{wd}/status")).0 != 200 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "chromedriver did not start"
+/// Headless Chromium driven through chromedriver's WebDriver API (Debian's `chromium` and
+/// `chromium-driver`; `.ci/run` installs them).
+struct Browser {
+    driver: Child,
+    wd: String,
+    sid: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn open(url: &str) -> Browser {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver runs");
+        let wd = format!("http://127.0.0.1:{port}");
+        let started = Instant::now();
+        while get(&format!("{wd}/status")).0 != 200 {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "chromedriver did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let profile = tempfile::tempdir().unwrap();
+        let mut b = Browser {
+            driver,
+            wd,
+            sid: String::new(),
+            _profile: profile,
+        };
+        let session = b.call(
+            "POST",
+            "/session",
+            serde_json::json!({"capabilities": {"alwaysMatch": {
+                "browserName": "chrome",
+                "goog:chromeOptions": {
+                    "binary": "/usr/bin/chromium",
+                    "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                             "--no-first-run", "--disable-background-networking",
+                             "--disable-component-update", "--disable-sync",
+                             "--window-size=1200,1100",
+                             format!("--user-data-dir={}", b._profile.path().display())],
+                },
+            }}}),
         );
-        std::thread::sleep(Duration::from_millis(100));
+        b.sid = session["sessionId"].as_str().unwrap().to_string();
+        b.call("POST", &b.p("/url"), serde_json::json!({ "url": url }));
+        b
     }
-    let call = |method: &str, path: &str, body: serde_json::Value| -> serde_json::Value {
-        let url = format!("{wd}{path}");
+
+    fn p(&self, rest: &str) -> String {
+        format!("/session/{}{rest}", self.sid)
+    }
+
+    fn call(&self, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let url = format!("{}{path}", self.wd);
         let r = match method {
             "GET" => agent().get(&url).call(),
             "DELETE" => agent().delete(&url).call(),
@@ -601,28 +633,11 @@ fn the_web_page_uploads_a_photo_and_shows_its_boxes_in_chromium() {
         let (code, text) = answer(r);
         assert_eq!(code, 200, "{method} {path}: {text}");
         json(&text)["value"].clone()
-    };
-    let profile = tempfile::tempdir().unwrap();
-    let session = call(
-        "POST",
-        "/session",
-        serde_json::json!({"capabilities": {"alwaysMatch": {
-            "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": "/usr/bin/chromium",
-                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                         "--no-first-run", "--disable-background-networking",
-                         "--disable-component-update", "--disable-sync",
-                         "--window-size=1200,1100",
-                         format!("--user-data-dir={}", profile.path().display())],
-            },
-        }}}),
-    );
-    let sid = session["sessionId"].as_str().unwrap().to_string();
-    let p = |rest: &str| format!("/session/{sid}{rest}");
-    call("POST", &p("/url"), serde_json::json!({"url": s.url("/")}));
-    let find = |css: &str| -> Option<String> {
-        let url = format!("{wd}{}", p("/elements"));
+    }
+
+    /// The first element matching `css`.
+    fn find(&self, css: &str) -> Option<String> {
+        let url = format!("{}{}", self.wd, self.p("/elements"));
         let (_, text) = answer(
             agent()
                 .post(&url)
@@ -633,78 +648,199 @@ fn the_web_page_uploads_a_photo_and_shows_its_boxes_in_chromium() {
             .and_then(|a| a.first().cloned())
             .and_then(|e| e.as_object().and_then(|o| o.values().next().cloned()))
             .and_then(|v| v.as_str().map(str::to_string))
-    };
-    let input = find("#file-input").expect("the page has a file input");
-    let photo = photo_path(3).canonicalize().unwrap();
-    call(
-        "POST",
-        &p(&format!("/element/{input}/value")),
-        serde_json::json!({"text": photo.display().to_string()}),
-    );
-    let started = Instant::now();
-    while find(".result.done svg rect.box").is_none() {
-        assert!(
-            find(".result.failed").is_none(),
-            "the upload failed on the page"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no result with boxes"
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
-    // The rule text opens on click.
-    let rule = find(".result.done button.rule-link").expect("a cited rule");
-    call(
-        "POST",
-        &p(&format!("/element/{rule}/click")),
-        serde_json::json!({}),
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let shot = call("GET", &p("/screenshot"), serde_json::json!({}));
-    let png = {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD
-            .decode(shot.as_str().unwrap())
-            .unwrap()
-    };
-    let artifacts = root().join("target/test-artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    let path = artifacts.join("serve-page.png");
-    std::fs::write(&path, &png).unwrap();
-    // Chinese by default; the toggle switches the page to English.
-    let text = |css: &str| -> String {
-        let id = find(css).unwrap_or_else(|| panic!("no {css}"));
-        call(
+
+    /// Waits until `css` matches (within `seconds`), calling `meanwhile` between looks.
+    fn wait_for(&self, css: &str, seconds: u64, mut meanwhile: impl FnMut()) -> String {
+        let started = Instant::now();
+        loop {
+            if let Some(id) = self.find(css) {
+                return id;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(seconds),
+                "nothing matched {css} within {seconds} s"
+            );
+            meanwhile();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn click(&self, element: &str) {
+        self.call(
+            "POST",
+            &self.p(&format!("/element/{element}/click")),
+            serde_json::json!({}),
+        );
+    }
+
+    fn text(&self, css: &str) -> String {
+        let id = self.find(css).unwrap_or_else(|| panic!("no {css}"));
+        self.call(
             "GET",
-            &p(&format!("/element/{id}/text")),
+            &self.p(&format!("/element/{id}/text")),
             serde_json::json!({}),
         )
         .as_str()
         .unwrap()
         .to_string()
-    };
-    assert_eq!(text("#tab-inspect"), "检测");
-    let toggle = find("#lang-toggle").expect("a language toggle");
-    call(
-        "POST",
-        &p(&format!("/element/{toggle}/click")),
-        serde_json::json!({}),
-    );
-    assert_eq!(text("#tab-inspect"), "Inspect");
-    call("DELETE", &p(""), serde_json::json!({}));
-    let _ = driver.kill();
-    let _ = driver.wait();
-    // Photo 3's violation is high risk: its red (#d32f2f) box is on the screenshot.
-    let img = image::load_from_memory(&png).unwrap().to_rgb8();
-    let red = img
+    }
+
+    /// A screenshot, kept as `target/test-artifacts/NAME`.
+    fn screenshot(&self, name: &str) -> Vec<u8> {
+        let shot = self.call("GET", &self.p("/screenshot"), serde_json::json!({}));
+        let png = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(shot.as_str().unwrap())
+                .unwrap()
+        };
+        let artifacts = root().join("target/test-artifacts");
+        std::fs::create_dir_all(&artifacts).unwrap();
+        let path = artifacts.join(name);
+        std::fs::write(&path, &png).unwrap();
+        eprintln!("screenshot: {}", path.display());
+        png
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.sid.is_empty() {
+            let _ = agent().delete(&format!("{}{}", self.wd, self.p(""))).call();
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// Pixels of the risk-high red (#d32f2f) on a screenshot.
+fn red_pixels(png: &[u8]) -> usize {
+    image::load_from_memory(png)
+        .unwrap()
+        .to_rgb8()
         .pixels()
         .filter(|p| {
             (p[0] as i32 - 0xd3).abs() < 20
                 && (p[1] as i32 - 0x2f).abs() < 20
                 && (p[2] as i32 - 0x2f).abs() < 20
         })
-        .count();
+        .count()
+}
+
+/// Drives the web page in headless Chromium: uploads a photo with the page's file input and
+/// waits for the result card with its boxes. The screenshot is kept in
+/// `target/test-artifacts/serve-page.png`.
+/// Run: `cargo test -p inspector-cli --test serve_cli -- --ignored`.
+#[test]
+#[ignore = "needs chromium and chromedriver (installed by .ci/run)"]
+fn the_web_page_uploads_a_photo_and_shows_its_boxes_in_chromium() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Running::start(tmp.path(), &[]);
+    let b = Browser::open(&s.url("/"));
+    let input = b.find("#file-input").expect("the page has a file input");
+    let photo = photo_path(3).canonicalize().unwrap();
+    b.call(
+        "POST",
+        &b.p(&format!("/element/{input}/value")),
+        serde_json::json!({"text": photo.display().to_string()}),
+    );
+    b.wait_for(".result.done svg rect.box", 60, || {
+        assert!(
+            b.find(".result.failed").is_none(),
+            "the upload failed on the page"
+        );
+    });
+    // The rule text opens on click.
+    let rule = b
+        .find(".result.done button.rule-link")
+        .expect("a cited rule");
+    b.click(&rule);
+    std::thread::sleep(Duration::from_millis(300));
+    let png = b.screenshot("serve-page.png");
+    // Chinese by default; the toggle switches the page to English.
+    assert_eq!(b.text("#tab-inspect"), "检测");
+    b.click(&b.find("#lang-toggle").expect("a language toggle"));
+    assert_eq!(b.text("#tab-inspect"), "Inspect");
+    // Photo 3's violation is high risk: its red box is on the screenshot.
+    let red = red_pixels(&png);
     assert!(red > 100, "red box pixels on the screenshot: {red}");
-    eprintln!("screenshot: {}", path.display());
+}
+
+/// The alert page: a real `inspector watch` stores events in the server's database and data
+/// dir while the page is open; the alert arrives live over the event stream with its frame,
+/// and acknowledging it takes it out of the inbox. The screenshot of the alert as it arrived
+/// is kept in `target/test-artifacts/alerts-page.png`.
+#[test]
+#[ignore = "needs chromium and chromedriver (installed by .ci/run)"]
+fn the_alert_page_shows_a_live_alert_arriving_in_chromium() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Running::start(tmp.path(), &[]);
+    let b = Browser::open(&s.url("/#/alerts"));
+    assert_eq!(b.text("#tab-alerts"), "告警");
+    b.wait_for("#alerts-live.on", 30, || {});
+    assert!(
+        b.find(".alert-card").is_none(),
+        "no alert before the camera sees one"
+    );
+    // A camera uploading snapshots into a folder, watched with the bundled demo model.
+    let photos = tmp.path().join("camera");
+    std::fs::create_dir(&photos).unwrap();
+    let mut watcher = Command::new(env!("CARGO_BIN_EXE_inspector"))
+        .args(["watch", "camera", "--interval", "0.5"])
+        .arg("--db")
+        .arg(tmp.path().join("inspector.db"))
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .current_dir(tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut n = 0;
+    let card = b.wait_for(".alert-card", 180, || {
+        if n < 60 && (n % 10) == 0 {
+            let scene = root().join(format!("examples/scenes/images/{:05}.png", (n / 10) % 2));
+            let part = photos.join(format!("{n}.part"));
+            std::fs::copy(&scene, &part).unwrap();
+            std::fs::rename(&part, photos.join(format!("{n}.png"))).unwrap();
+        }
+        n += 1;
+    });
+    b.wait_for(".alert-card .alert-frame img[src^='blob:']", 30, || {});
+    b.wait_for("#camera-wall .tile", 10, || {});
+    std::thread::sleep(Duration::from_millis(500));
+    let png = b.screenshot("alerts-page.png");
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    assert!(
+        red_pixels(&png) > 50,
+        "the alert's boxes and badge are on the screenshot"
+    );
+    let id = b
+        .call(
+            "GET",
+            &b.p(&format!("/element/{card}/attribute/data-id")),
+            serde_json::json!({}),
+        )
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, text) = get(&s.url(&format!("/api/v1/events/{id}")));
+    assert_eq!(code, 200, "{text}");
+    assert!(json(&text)["acked_at"].is_null());
+    let ack = b
+        .find(&format!(".alert-card[data-id='{id}'] button"))
+        .unwrap();
+    b.click(&ack);
+    let started = Instant::now();
+    while b.find(&format!(".alert-card[data-id='{id}']")).is_some() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still in the inbox"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, text) = get(&s.url(&format!("/api/v1/events/{id}")));
+    assert_eq!(json(&text)["acked_by"], "local", "{text}");
 }
