@@ -70,7 +70,8 @@ fn candle_kernels_give_the_composite_values() {
         .collect();
         VarBuilder::from_tensors(t, dtype, &Device::Cpu)
     };
-    let layers: Vec<(&str, Box<dyn Fn() -> Tensor>)> = vec![
+    type Layer<'a> = (&'a str, Box<dyn Fn() -> Tensor + 'a>);
+    let layers: Vec<Layer> = vec![
         (
             "rms_norm f32",
             Box::new(|| {
