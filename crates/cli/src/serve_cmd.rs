@@ -1,6 +1,15 @@
 //! `inspector serve` and `inspector keys`.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -79,6 +88,18 @@ pub struct ServeArgs {
     /// Largest answer, in tokens.
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub max_new_tokens: usize,
+    /// Watch the cameras of this file (as `inspector watch --config` does) inside the server:
+    /// their frames go through the same queue and micro-batches as uploads, their events are
+    /// stored in the database and `--data-dir`, and the page's 告警 tab shows each camera's
+    /// latest frame and status (`GET /api/v1/cameras`).
+    #[arg(long, value_name = "FILE")]
+    pub cameras: Option<PathBuf>,
+    /// With --cameras: POST every event to URL (repeatable; see `inspector watch --webhook`).
+    #[arg(long, value_name = "URL", requires = "cameras")]
+    pub webhook: Vec<String>,
+    /// With --cameras: the change gate's threshold (see `inspector watch`).
+    #[arg(long, default_value_t = 2.0, value_name = "LEVELS")]
+    pub change_threshold: f64,
 }
 
 /// `--log-format`.
@@ -109,7 +130,26 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     );
     anyhow::ensure!(args.timeout_s >= 1, "--timeout-s must be at least 1");
     // The bundled example regulations on a fresh database, as `detect` does.
-    drop(open_with_rules(&args.db.db)?);
+    let store = open_with_rules(&args.db.db)?;
+    // The cameras file is checked as a whole before anything starts.
+    let cameras = match &args.cameras {
+        Some(file) => {
+            let rules =
+                inspector_store::RuleStore::rules(&store, &inspector_store::RuleFilter::default())?;
+            let cameras = crate::watch_cmd::read_cameras(file, &rules)?;
+            crate::watch_cmd::check_sources(&cameras)?;
+            anyhow::ensure!(
+                args.change_threshold.is_finite() && args.change_threshold >= 0.0,
+                "--change-threshold must be ≥ 0"
+            );
+            let hooks = crate::watch_cmd::webhooks(&args.webhook)?;
+            // The camera loop writes events on its own connection; the server reads them.
+            store.enable_wal()?;
+            Some((cameras, hooks))
+        }
+        None => None,
+    };
+    drop(store);
     let mut config = ServerConfig::new(args.addr, args.db.db.clone(), args.data_dir.clone());
     config.require_keys |= args.require_keys;
     config.max_body = args.max_body_mib << 20;
@@ -152,7 +192,19 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    let stop = Arc::new(AtomicBool::new(false));
+    let camera_loop = match cameras {
+        Some((cameras, hooks)) => Some(start_cameras(
+            cameras,
+            hooks,
+            &args,
+            server.state(),
+            runtime.handle().clone(),
+            stop.clone(),
+        )?),
+        None => None,
+    };
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.addr)
             .await
             .with_context(|| format!("listening on {}", args.addr))?;
@@ -163,9 +215,69 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.data_dir.display()
         );
         server.serve(listener, shutdown_signal()).await
-    })?;
+    });
+    stop.store(true, Ordering::SeqCst);
+    if let Some(cameras) = camera_loop {
+        let _ = cameras.join();
+    }
+    served?;
     eprintln!("stopped: the queue is drained and every answered inspection is stored");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The camera loop of `serve --cameras`, on a thread of its own: each round's fresh frames go
+/// through the server's queue together (so the worker batches them with uploads), events are
+/// stored as `inspector watch` stores them, and the cameras' state is published for
+/// `/api/v1/cameras` after every round. It ends when `stop` is set or every source has ended.
+fn start_cameras(
+    cameras: Vec<inspector_watch::config::Camera>,
+    hooks: Vec<inspector_watch::webhook::Webhook>,
+    args: &ServeArgs,
+    state: inspector_server::AppState,
+    runtime: tokio::runtime::Handle,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let store = open(&args.db.db)?;
+    let mut cams = crate::watch_cmd::Cameras::open(
+        cameras,
+        args.change_threshold,
+        &args.data_dir,
+        store,
+        hooks,
+        None,
+        true,
+    )?;
+    state.set_cameras(cams.views());
+    let thread = std::thread::Builder::new()
+        .name("cameras".into())
+        .spawn(move || {
+            while !state.is_ready() && !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            while !stop.load(Ordering::SeqCst) {
+                let going = cams.step(&mut |inputs| {
+                    let answers = runtime.block_on(futures_util::future::join_all(
+                        inputs.iter().map(|i| state.inspect_frame(i.bytes.clone())),
+                    ));
+                    answers
+                        .into_iter()
+                        .map(|r| r.map_err(|e| e.to_string()))
+                        .collect()
+                });
+                state.set_cameras(cams.views());
+                match going {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        eprintln!("error: the camera loop stopped: {e:#}");
+                        break;
+                    }
+                }
+            }
+            cams.finish();
+        })
+        .context("starting the camera loop")?;
+    Ok(thread)
 }
 
 /// SIGTERM or Ctrl-C.

@@ -144,8 +144,103 @@ struct Watched {
     dropped: usize,
     /// Seconds from a live frame's arrival to its event being stored, per event.
     latencies: Vec<f64>,
+    /// Frames whose inspection failed or was refused (a full queue): counted as dropped.
+    refused: usize,
+    /// The latest inspected frame with its boxes drawn, when the cameras keep frames.
+    frame: Option<Arc<Vec<u8>>>,
+    /// When the latest inspected frame arrived (epoch ms; media time for a file is not a time).
+    last_frame_ms: Option<i64>,
     events: usize,
     error: Option<String>,
+}
+
+impl Watched {
+    /// Opens `camera`'s source; one that cannot be opened is reported and marked failed.
+    fn open(camera: Camera, change_threshold: f64) -> Watched {
+        let name = config::redact(&camera.source);
+        let opened = match SourceKind::of(&camera.source) {
+            SourceKind::Folder(dir) => {
+                FolderSource::open(&dir, &name, camera.interval_s).map(Reader::Folder)
+            }
+            SourceKind::Http(url) => {
+                SnapshotUrl::open(&url, &name, camera.interval_s).map(Reader::Snapshot)
+            }
+            SourceKind::Rtsp(url) => {
+                LiveStream::open(&url, &name, camera.interval_s).map(Reader::Stream)
+            }
+            _ => VideoFile::open(Path::new(&camera.source), &name, camera.interval_s)
+                .map(Reader::Video),
+        };
+        let (frames, error) = match opened {
+            Ok(r) => (Some(r), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let live = frames.as_ref().is_some_and(Reader::is_live);
+        if let Some(e) = &error {
+            eprintln!("camera {:?}: {e}", camera.name);
+        }
+        Watched {
+            alerter: Alerter::new(camera.policy.clone(), camera.zones.clone()),
+            camera,
+            frames,
+            live,
+            down: false,
+            reconnects: 0,
+            gate: ChangeGate::new(change_threshold),
+            last: None,
+            read: 0,
+            inspected: 0,
+            skipped: 0,
+            dropped: 0,
+            latencies: Vec::new(),
+            refused: 0,
+            frame: None,
+            last_frame_ms: None,
+            events: 0,
+            error,
+        }
+    }
+
+    fn view(&self, index: usize) -> inspector_server::routes::cameras::CameraView {
+        let status = match (&self.frames, &self.error) {
+            (_, Some(_)) => "failed",
+            (None, None) => "ended",
+            (Some(_), None) if self.down => "down",
+            (Some(_), None) => "up",
+        };
+        let down_error = match self.frames.as_ref().map(Reader::status) {
+            Some((Some(Status::Down { error, .. }), _)) => Some(error),
+            _ => None,
+        };
+        let mut sorted = self.latencies.clone();
+        sorted.sort_by(f64::total_cmp);
+        inspector_server::routes::cameras::CameraView {
+            index,
+            name: self.camera.name.clone(),
+            source: config::redact(&self.camera.source),
+            status: status.into(),
+            error: self.error.clone().or(down_error),
+            frames_read: self.read,
+            frames_inspected: self.inspected,
+            frames_repeated: self.skipped,
+            frames_dropped: self.dropped,
+            events: self.events,
+            reconnects: self.reconnects,
+            latency_p50_s: (!sorted.is_empty()).then(|| nearest_rank(&sorted, 0.50)),
+            latency_p99_s: (!sorted.is_empty()).then(|| nearest_rank(&sorted, 0.99)),
+            last_frame_at: self.last_frame_ms.map(inspector_server::record::rfc3339),
+            frame_url: self
+                .frame
+                .is_some()
+                .then(|| format!("/api/v1/cameras/{index}/frame")),
+            frame: self.frame.clone(),
+        }
+    }
+}
+
+/// Nearest rank: the smallest value with at least `q` of the (sorted) samples at or below it.
+fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
+    sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
 pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
@@ -158,45 +253,15 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         args.change_threshold.is_finite() && args.change_threshold >= 0.0,
         "--change-threshold must be ≥ 0"
     );
-    for url in &args.webhook {
-        let lower = url.to_ascii_lowercase();
-        anyhow::ensure!(
-            lower.starts_with("http://") || lower.starts_with("https://"),
-            "--webhook {}: expected an http:// or https:// URL",
-            config::redact(url)
-        );
-    }
-    let secret = std::env::var("INSPECTOR_WEBHOOK_SECRET")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .map(String::into_bytes);
-    if !args.webhook.is_empty() && secret.is_none() {
-        eprintln!("note: INSPECTOR_WEBHOOK_SECRET is not set: webhook requests are not signed");
-    }
+    let hooks = webhooks(&args.webhook)?;
     let store = open_with_rules(&args.db.db)?;
     // `inspector serve` reads the events while the watcher writes them.
     store.enable_wal()?;
     let rules = store.rules(&RuleFilter::default())?;
-    let mut cameras: Vec<Camera> = Vec::new();
-    if let Some(file) = &args.config {
-        let text =
-            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        let citations: std::collections::HashSet<&str> =
-            rules.iter().map(|r| r.citation.as_str()).collect();
-        match config::parse(&text, |c| citations.contains(c)) {
-            Ok(c) => cameras.extend(c),
-            Err(errors) => {
-                for e in &errors {
-                    eprintln!("{}: {e}", file.display());
-                }
-                anyhow::bail!(
-                    "{} has {} error(s); nothing was started",
-                    file.display(),
-                    errors.len()
-                );
-            }
-        }
-    }
+    let mut cameras: Vec<Camera> = match &args.config {
+        Some(file) => read_cameras(file, &rules)?,
+        None => Vec::new(),
+    };
     for (i, source) in args.sources.iter().enumerate() {
         cameras.push(Camera {
             name: format!("source-{}", i + 1),
@@ -210,95 +275,17 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         !cameras.is_empty(),
         "give a SOURCE or a --config with cameras"
     );
-    for c in &cameras {
-        if let SourceKind::Url(_) = SourceKind::of(&c.source) {
-            anyhow::bail!(
-                "camera {:?}: unsupported source {}: expected rtsp:// or rtsps:// (a stream), \
-                 http(s):// (an MJPEG stream or a snapshot URL), a video file or a folder",
-                c.name,
-                config::redact(&c.source)
-            );
-        }
-    }
+    check_sources(&cameras)?;
     let detector = load_detector(&args.model, DetectConfig::default(), &rules)?;
-    let events_dir = args.data_dir.join("events");
-    std::fs::create_dir_all(&events_dir)
-        .with_context(|| format!("creating {}", events_dir.display()))?;
-    let deliverer = webhook::Deliverer::start(
-        args.webhook
-            .iter()
-            .map(|url| webhook::Webhook {
-                url: url.clone(),
-                secret: secret.clone(),
-            })
-            .collect(),
-        &events_dir,
-        &args.data_dir.join("webhooks"),
-    )
-    .with_context(|| format!("starting the webhooks in {}", args.data_dir.display()))?;
-    let mut events_file = match &args.events {
-        Some(f) => Some((
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(f)
-                .with_context(|| format!("opening {}", f.display()))?,
-            folder_of(f)?.to_path_buf(),
-        )),
-        None => None,
-    };
-
-    let mut watched: Vec<Watched> = cameras
-        .into_iter()
-        .map(|camera| {
-            let name = config::redact(&camera.source);
-            let opened = match SourceKind::of(&camera.source) {
-                SourceKind::Folder(dir) => {
-                    FolderSource::open(&dir, &name, camera.interval_s).map(Reader::Folder)
-                }
-                SourceKind::Http(url) => {
-                    SnapshotUrl::open(&url, &name, camera.interval_s).map(Reader::Snapshot)
-                }
-                SourceKind::Rtsp(url) => {
-                    LiveStream::open(&url, &name, camera.interval_s).map(Reader::Stream)
-                }
-                _ => VideoFile::open(Path::new(&camera.source), &name, camera.interval_s)
-                    .map(Reader::Video),
-            };
-            let (frames, error) = match opened {
-                Ok(r) => (Some(r), None),
-                Err(e) => (None, Some(e.to_string())),
-            };
-            let live = frames.as_ref().is_some_and(Reader::is_live);
-            if let Some(e) = &error {
-                eprintln!("camera {:?}: {e}", camera.name);
-            }
-            Watched {
-                alerter: Alerter::new(camera.policy.clone(), camera.zones.clone()),
-                camera,
-                frames,
-                live,
-                down: false,
-                reconnects: 0,
-                gate: ChangeGate::new(args.change_threshold),
-                last: None,
-                read: 0,
-                inspected: 0,
-                skipped: 0,
-                dropped: 0,
-                latencies: Vec::new(),
-                events: 0,
-                error,
-            }
-        })
-        .collect();
-
-    let names: Vec<String> = watched
-        .iter()
-        .map(|w| format!("{:?} ({})", w.camera.name, config::redact(&w.camera.source)))
-        .collect();
-    eprintln!("watching {}", names.join(", "));
-    let started = Instant::now();
+    let mut cams = Cameras::open(
+        cameras,
+        args.change_threshold,
+        &args.data_dir,
+        store,
+        hooks,
+        args.events.as_deref(),
+        false,
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -311,11 +298,162 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
             eprintln!("stopping: the frames in flight are done");
             break;
         }
-        if watched.iter().all(|w| w.frames.is_none()) {
+        let going = cams.step(&mut |inputs| {
+            detector
+                .inspect(inputs, &rules, None, inputs.len().max(1), |_| {})
+                .into_iter()
+                .map(|r| r.map_err(|e| e.to_string()))
+                .collect()
+        })?;
+        if !going {
             break;
         }
+    }
+    Ok(if cams.finish() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Reads and checks a cameras file as a whole against the database's rules; every error is
+/// printed with its line and nothing starts.
+pub fn read_cameras(file: &Path, rules: &[inspector_core::Rule]) -> anyhow::Result<Vec<Camera>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let citations: std::collections::HashSet<&str> =
+        rules.iter().map(|r| r.citation.as_str()).collect();
+    match config::parse(&text, |c| citations.contains(c)) {
+        Ok(c) => Ok(c),
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{}: {e}", file.display());
+            }
+            anyhow::bail!(
+                "{} has {} error(s); nothing was started",
+                file.display(),
+                errors.len()
+            );
+        }
+    }
+}
+
+/// Refuses a source of a scheme that no reader takes, naming the camera and what is taken.
+pub fn check_sources(cameras: &[Camera]) -> anyhow::Result<()> {
+    for c in cameras {
+        if let SourceKind::Url(_) = SourceKind::of(&c.source) {
+            anyhow::bail!(
+                "camera {:?}: unsupported source {}: expected rtsp:// or rtsps:// (a stream), \
+                 http(s):// (an MJPEG stream or a snapshot URL), a video file or a folder",
+                c.name,
+                config::redact(&c.source)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Webhooks from `--webhook` URLs, signed with INSPECTOR_WEBHOOK_SECRET when it is set.
+pub fn webhooks(urls: &[String]) -> anyhow::Result<Vec<webhook::Webhook>> {
+    for url in urls {
+        let lower = url.to_ascii_lowercase();
+        anyhow::ensure!(
+            lower.starts_with("http://") || lower.starts_with("https://"),
+            "--webhook {}: expected an http:// or https:// URL",
+            config::redact(url)
+        );
+    }
+    let secret = std::env::var("INSPECTOR_WEBHOOK_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(String::into_bytes);
+    if !urls.is_empty() && secret.is_none() {
+        eprintln!("note: INSPECTOR_WEBHOOK_SECRET is not set: webhook requests are not signed");
+    }
+    Ok(urls
+        .iter()
+        .map(|url| webhook::Webhook {
+            url: url.clone(),
+            secret: secret.clone(),
+        })
+        .collect())
+}
+
+/// What inspects a round's fresh frames: the detector itself (`watch`), or the server's queue
+/// (`serve --cameras`). One result per input, in order.
+pub type Inspect<'a> = dyn FnMut(&[Input]) -> Vec<Result<Finding, String>> + 'a;
+
+/// The cameras being watched, and where their events go: one round at a time ([`Cameras::step`]).
+pub struct Cameras {
+    watched: Vec<Watched>,
+    events_dir: PathBuf,
+    store: inspector_store::SqliteStore,
+    events_file: Option<(std::fs::File, PathBuf)>,
+    deliverer: webhook::Deliverer,
+    /// Whether to keep each camera's latest inspected frame with its boxes drawn (a server
+    /// shows it; the command line does not need it).
+    keep_frames: bool,
+    started: Instant,
+}
+
+impl Cameras {
+    /// Opens every camera's source (one that cannot be opened is reported and marked failed;
+    /// the others go on) and the event sinks: `data_dir/events`, the database, the webhooks and
+    /// the events file.
+    pub fn open(
+        cameras: Vec<Camera>,
+        change_threshold: f64,
+        data_dir: &Path,
+        store: inspector_store::SqliteStore,
+        hooks: Vec<webhook::Webhook>,
+        events: Option<&Path>,
+        keep_frames: bool,
+    ) -> anyhow::Result<Cameras> {
+        let events_dir = data_dir.join("events");
+        std::fs::create_dir_all(&events_dir)
+            .with_context(|| format!("creating {}", events_dir.display()))?;
+        let deliverer =
+            webhook::Deliverer::start(hooks, &events_dir, &data_dir.join("webhooks"))
+                .with_context(|| format!("starting the webhooks in {}", data_dir.display()))?;
+        let events_file = match events {
+            Some(f) => Some((
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(f)
+                    .with_context(|| format!("opening {}", f.display()))?,
+                folder_of(f)?.to_path_buf(),
+            )),
+            None => None,
+        };
+        let watched: Vec<Watched> = cameras
+            .into_iter()
+            .map(|camera| Watched::open(camera, change_threshold))
+            .collect();
+        let names: Vec<String> = watched
+            .iter()
+            .map(|w| format!("{:?} ({})", w.camera.name, config::redact(&w.camera.source)))
+            .collect();
+        eprintln!("watching {}", names.join(", "));
+        Ok(Cameras {
+            watched,
+            events_dir,
+            store,
+            events_file,
+            deliverer,
+            keep_frames,
+            started: Instant::now(),
+        })
+    }
+
+    /// One round: a frame from each source that has one, the fresh ones inspected as one batch
+    /// by `inspect`, events raised and stored. `false` once every source has ended.
+    pub fn step(&mut self, inspect: &mut Inspect) -> anyhow::Result<bool> {
+        if self.watched.iter().all(|w| w.frames.is_none()) {
+            return Ok(false);
+        }
         let mut batch: Vec<(usize, f64, Vec<u8>, image::DynamicImage)> = Vec::new();
-        for (i, w) in watched.iter_mut().enumerate() {
+        for (i, w) in self.watched.iter_mut().enumerate() {
             let Some(frames) = w.frames.as_mut() else {
                 continue;
             };
@@ -361,7 +499,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             if let Some(f) = &w.frames {
-                w.dropped = f.dropped();
+                w.dropped = w.refused + f.dropped();
             }
             if let Some((Some(status), reconnects)) = w.frames.as_ref().map(Reader::status) {
                 w.reconnects = reconnects;
@@ -384,13 +522,13 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         if batch.is_empty() {
             // Only live sources are left, between frames.
             std::thread::sleep(std::time::Duration::from_millis(50));
-            continue;
+            return Ok(true);
         }
         let fresh: Vec<usize> = batch
             .iter()
             .enumerate()
             .filter(|(_, (i, _, _, img))| {
-                let w = &mut watched[*i];
+                let w = &mut self.watched[*i];
                 // The gate sees every frame, so that its reference is the last inspected one.
                 let changed = w.gate.passes(img);
                 changed || w.last.is_none()
@@ -400,23 +538,38 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         let inputs: Vec<Input> = fresh
             .iter()
             .map(|&k| Input {
-                name: format!("{} at {} s", watched[batch[k].0].camera.name, batch[k].1),
+                name: format!(
+                    "{} at {} s",
+                    self.watched[batch[k].0].camera.name, batch[k].1
+                ),
                 bytes: batch[k].2.clone(),
             })
             .collect();
-        let findings = detector.inspect(&inputs, &rules, None, inputs.len().max(1), |_| {});
+        let findings = inspect(&inputs);
         for (&k, result) in fresh.iter().zip(findings) {
-            let w = &mut watched[batch[k].0];
+            let w = &mut self.watched[batch[k].0];
             match result {
                 Ok(f) => {
                     w.inspected += 1;
+                    if self.keep_frames {
+                        // What the camera wall shows: the frame with its boxes drawn.
+                        w.frame =
+                            inspector_server::images::draw_boxes(&batch[k].2, &f, 100_000_000)
+                                .ok()
+                                .map(Arc::new);
+                        w.last_frame_ms = w.live.then(|| (batch[k].1 * 1000.0) as i64);
+                    }
                     w.last = Some((seen_in(&f), f));
                 }
-                Err(e) => eprintln!("camera {:?}: frame at {} s: {e}", w.camera.name, batch[k].1),
+                Err(e) => {
+                    w.refused += 1;
+                    w.dropped += 1;
+                    eprintln!("camera {:?}: frame at {} s: {e}", w.camera.name, batch[k].1)
+                }
             }
         }
         for (k, (i, at, png, img)) in batch.iter().enumerate() {
-            let w = &mut watched[*i];
+            let w = &mut self.watched[*i];
             if !fresh.contains(&k) {
                 w.skipped += 1;
             }
@@ -431,11 +584,11 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                     &trigger,
                     png,
                     finding,
-                    &events_dir,
-                    &store,
-                    events_file.as_mut(),
+                    &self.events_dir,
+                    &self.store,
+                    self.events_file.as_mut(),
                 )?;
-                deliverer.stored(&id);
+                self.deliverer.stored(&id);
                 w.events += 1;
                 if w.live {
                     // From the frame's arrival to the event stored (live sources' clocks are
@@ -444,45 +597,56 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Ok(true)
     }
-    // Deliveries in flight get a short grace; the rest stay pending for the next start.
-    for hook in deliverer.finish(std::time::Duration::from_secs(10)) {
+
+    /// The cameras' state, for the server's camera wall.
+    pub fn views(&self) -> Vec<inspector_server::routes::cameras::CameraView> {
+        self.watched
+            .iter()
+            .enumerate()
+            .map(|(index, w)| w.view(index))
+            .collect()
+    }
+
+    /// Gives the webhooks their grace, prints each camera's summary, and returns how many
+    /// cameras failed.
+    pub fn finish(self) -> usize {
+        // Deliveries in flight get a short grace; the rest stay pending for the next start.
+        for hook in self.deliverer.finish(std::time::Duration::from_secs(10)) {
+            eprintln!(
+                "webhook {}: {} delivered, {} failed attempts, {} pending",
+                hook.url, hook.delivered, hook.failures, hook.pending
+            );
+        }
+        let mut failed = 0;
+        for w in &self.watched {
+            eprintln!(
+                "camera {:?} ({}): {} frames read, {} inspected, {} repeated by the change gate, \
+                 {} dropped, {} events, {} reconnects{}{}",
+                w.camera.name,
+                config::redact(&w.camera.source),
+                w.read,
+                w.inspected,
+                w.skipped,
+                w.dropped,
+                w.events,
+                w.reconnects,
+                latency_summary(&w.latencies),
+                w.error
+                    .as_ref()
+                    .map(|e| format!("; failed: {e}"))
+                    .unwrap_or_default()
+            );
+            failed += usize::from(w.error.is_some());
+        }
         eprintln!(
-            "webhook {}: {} delivered, {} failed attempts, {} pending",
-            hook.url, hook.delivered, hook.failures, hook.pending
+            "watched {} sources in {:.1} s",
+            self.watched.len(),
+            self.started.elapsed().as_secs_f64()
         );
+        failed
     }
-    let mut failed = 0;
-    for w in &watched {
-        eprintln!(
-            "camera {:?} ({}): {} frames read, {} inspected, {} repeated by the change gate, \
-             {} dropped, {} events, {} reconnects{}{}",
-            w.camera.name,
-            config::redact(&w.camera.source),
-            w.read,
-            w.inspected,
-            w.skipped,
-            w.dropped,
-            w.events,
-            w.reconnects,
-            latency_summary(&w.latencies),
-            w.error
-                .as_ref()
-                .map(|e| format!("; failed: {e}"))
-                .unwrap_or_default()
-        );
-        failed += usize::from(w.error.is_some());
-    }
-    eprintln!(
-        "watched {} sources in {:.1} s",
-        watched.len(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }
 
 /// `; frame-to-event latency p50 X s, p99 Y s` over a camera's events (nothing without any).
@@ -492,13 +656,10 @@ fn latency_summary(latencies: &[f64]) -> String {
     }
     let mut sorted = latencies.to_vec();
     sorted.sort_by(f64::total_cmp);
-    // Nearest rank: the smallest value with at least q of the samples at or below it.
-    let rank =
-        |q: f64| sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
     format!(
         "; frame-to-event latency p50 {:.2} s, p99 {:.2} s",
-        rank(0.50),
-        rank(0.99)
+        nearest_rank(&sorted, 0.50),
+        nearest_rank(&sorted, 0.99)
     )
 }
 

@@ -844,3 +844,55 @@ fn the_alert_page_shows_a_live_alert_arriving_in_chromium() {
     let (_, text) = get(&s.url(&format!("/api/v1/events/{id}")));
     assert_eq!(json(&text)["acked_by"], "local", "{text}");
 }
+
+/// `serve --cameras`: the server watches a camera itself (here a folder a camera uploads
+/// snapshots into), through its own queue; `/api/v1/cameras` shows the camera's status,
+/// counters and latest frame, and its events are served by `/api/v1/events`.
+#[test]
+fn serve_watches_the_cameras_of_a_cameras_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let camera = tmp.path().join("camera");
+    std::fs::create_dir(&camera).unwrap();
+    std::fs::write(
+        tmp.path().join("cameras.toml"),
+        "[[camera]]\nname = \"dock\"\nsource = \"camera\"\ninterval = 0.5\n",
+    )
+    .unwrap();
+    let s = Running::start(tmp.path(), &["--cameras", "cameras.toml"]);
+    let cameras = || json(&get(&s.url("/api/v1/cameras")).1);
+    let c = cameras();
+    assert_eq!(c[0]["name"], "dock");
+    assert_eq!(c[0]["status"], "up");
+    // Photo 3 (a high-risk violation) arrives twice: 2 of 3 frames make an event.
+    let started = Instant::now();
+    let mut n = 0;
+    loop {
+        let events = json(&get(&s.url("/api/v1/events")).1);
+        if !events["items"].as_array().unwrap().is_empty() {
+            assert_eq!(events["items"][0]["camera"], "dock");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no event: {}\n{}",
+            cameras(),
+            s.log()
+        );
+        if n < 6 {
+            let part = camera.join(format!("{n}.part"));
+            std::fs::write(&part, photo(3)).unwrap();
+            std::fs::rename(&part, camera.join(format!("{n}.png"))).unwrap();
+            n += 1;
+        }
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let c = cameras();
+    assert!(c[0]["frames_inspected"].as_u64().unwrap() >= 1, "{c}");
+    assert!(c[0]["events"].as_u64().unwrap() >= 1, "{c}");
+    assert!(c[0]["last_frame_at"].is_string(), "{c}");
+    let frame_url = c[0]["frame_url"].as_str().unwrap();
+    let frame = agent().get(&s.url(frame_url)).call().unwrap();
+    assert_eq!(frame.content_type(), "image/jpeg");
+    let (code, _) = get(&s.url("/api/v1/cameras/7/frame"));
+    assert_eq!(code, 404);
+}

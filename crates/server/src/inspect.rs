@@ -19,7 +19,7 @@ use crate::{
     error::ApiError,
     images,
     record::InspectionRecord,
-    worker::{self, InspectJob, Job, Upload},
+    worker::{self, InspectJob, Job, Reply, Upload},
 };
 
 /// How long a client-supplied name may be before it is refused.
@@ -137,7 +137,7 @@ pub async fn inspect_bytes(
     state.enqueue(Job::Inspect(InspectJob {
         bytes,
         upload,
-        reply: tx,
+        reply: Reply::Stored(tx),
     }))?;
     state.wait(rx).await
 }

@@ -171,6 +171,8 @@ pub struct Inner {
     pub auth_failures: AuthFailures,
     /// The OpenAPI document of the routes served (set by [`router`]).
     pub openapi: OnceLock<Arc<utoipa::openapi::OpenApi>>,
+    /// The cameras this server watches (`serve --cameras`), as their loop last published them.
+    pub cameras: std::sync::RwLock<Vec<routes::cameras::CameraView>>,
 }
 
 /// The handlers' state.
@@ -211,6 +213,36 @@ impl AppState {
         self.inner.front.get().ok_or_else(|| {
             ApiError::unavailable("not_ready", "the model is loading; try again shortly", 5)
         })
+    }
+
+    /// Inspects a camera frame through the same queue and micro-batches as uploads, storing
+    /// nothing (`serve --cameras`): the finding, or why not (503 when the queue is full: the
+    /// camera loop drops the frame and counts it).
+    pub async fn inspect_frame(
+        &self,
+        bytes: Vec<u8>,
+    ) -> Result<inspector_detect::Finding, ApiError> {
+        let probe = images::probe(&bytes, self.inner.config.max_pixels)?;
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(Job::Inspect(worker::InspectJob {
+            bytes,
+            upload: worker::Upload {
+                filename: None,
+                source: None,
+                probe,
+            },
+            reply: worker::Reply::Finding(tx),
+        }))?;
+        self.wait(rx).await
+    }
+
+    /// Publishes the cameras' state (the camera loop calls it after every round).
+    pub fn set_cameras(&self, cameras: Vec<routes::cameras::CameraView>) {
+        *self
+            .inner
+            .cameras
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = cameras;
     }
 
     /// Queues a job, or answers 503 (queue full, model loading, shutting down).
@@ -465,6 +497,7 @@ impl Server {
                 front,
                 auth_failures: AuthFailures::default(),
                 openapi: OnceLock::new(),
+                cameras: std::sync::RwLock::new(Vec::new()),
             }),
         };
         Ok(Server {

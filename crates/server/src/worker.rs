@@ -45,7 +45,32 @@ pub struct Upload {
 pub struct InspectJob {
     pub bytes: Vec<u8>,
     pub upload: Upload,
-    pub reply: oneshot::Sender<Result<InspectionRecord, ApiError>>,
+    pub reply: Reply,
+}
+
+/// Where an inspection's answer goes.
+pub enum Reply {
+    /// An upload: stored (photo, then row) before the record is sent.
+    Stored(oneshot::Sender<Result<InspectionRecord, ApiError>>),
+    /// A camera frame (`serve --cameras`): micro-batched with the uploads, answered with the
+    /// finding alone (the camera loop stores events, not inspections).
+    Finding(oneshot::Sender<Result<Finding, ApiError>>),
+}
+
+impl Reply {
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Reply::Stored(tx) => tx.is_closed(),
+            Reply::Finding(tx) => tx.is_closed(),
+        }
+    }
+
+    fn fail(self, error: ApiError) {
+        match self {
+            Reply::Stored(tx) => drop(tx.send(Err(error))),
+            Reply::Finding(tx) => drop(tx.send(Err(error))),
+        }
+    }
 }
 
 /// A free chat turn (OpenAI-compatible endpoint), rendered and tokenized off the worker.
@@ -262,14 +287,26 @@ fn inspect_batch(
         Err(_) => {
             tracing::error!("the model panicked on a batch of {}", batch.len());
             for job in batch {
-                let _ = job
-                    .reply
-                    .send(Err(ApiError::internal("the model failed on this photo")));
+                job.reply
+                    .fail(ApiError::internal("the model failed on this photo"));
             }
             return;
         }
     };
     for ((job, input), result) in batch.into_iter().zip(inputs).zip(results) {
+        let tx = match job.reply {
+            Reply::Stored(tx) => tx,
+            Reply::Finding(tx) => {
+                let _ = tx.send(result.map_err(|e| match e {
+                    inspector_detect::Error::Image { message, .. } => ApiError::unprocessable(
+                        "corrupt_image",
+                        format!("the frame could not be inspected: {message}"),
+                    ),
+                    e => ApiError::internal(format!("inspection failed: {e}")),
+                }));
+                continue;
+            }
+        };
         let reply = match result {
             Ok(finding) => persist(
                 &mut ctx.store,
@@ -289,7 +326,7 @@ fn inspect_batch(
             )),
             Err(e) => Err(ApiError::internal(format!("inspection failed: {e}"))),
         };
-        let _ = job.reply.send(reply);
+        let _ = tx.send(reply);
     }
 }
 

@@ -5,6 +5,7 @@
 //! Authentication is a layer on the protected routers ([`assemble`]); the public ones (the
 //! page, `/health`, `/ready`, the OpenAPI document) are merged without it.
 
+pub mod cameras;
 pub mod chat;
 pub mod documents;
 pub mod events;
@@ -25,7 +26,7 @@ use crate::{AppState, auth, error, inspect, record};
     info(title = "Safety Inspector", description = "Inspects site photos against the plant's safety regulations."),
     components(schemas(error::ErrorBody, record::InspectionRecord, record::InspectionPage,
         rules::RuleView, rules::RuleList, documents::DocumentUploaded, inspect::InspectJson,
-        events::EventRecord, events::EventPage,
+        events::EventRecord, events::EventPage, cameras::CameraView,
         inspect::InspectOptions)),
     modifiers(&BearerAuth),
     security(("api_key" = [])),
@@ -55,6 +56,7 @@ pub fn assemble(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi
         .merge(rules::router())
         .merge(documents::router())
         .merge(events::router())
+        .merge(cameras::router())
         .merge(tutorial::router())
         .merge(chat::router())
         .merge(operations::protected())
