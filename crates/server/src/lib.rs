@@ -173,6 +173,9 @@ pub struct Inner {
     pub openapi: OnceLock<Arc<utoipa::openapi::OpenApi>>,
     /// The cameras this server watches (`serve --cameras`), as their loop last published them.
     pub cameras: std::sync::RwLock<Vec<routes::cameras::CameraView>>,
+    /// Set when shutdown begins: endless responses (the event stream) end, so that they do
+    /// not hold the shutdown for its whole grace.
+    pub stopping: AtomicBool,
 }
 
 /// The handlers' state.
@@ -498,6 +501,7 @@ impl Server {
                 auth_failures: AuthFailures::default(),
                 openapi: OnceLock::new(),
                 cameras: std::sync::RwLock::new(Vec::new()),
+                stopping: AtomicBool::new(false),
             }),
         };
         Ok(Server {
@@ -555,11 +559,13 @@ impl Server {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let load_error = Arc::new(Mutex::new(None));
         let load_error2 = load_error.clone();
+        let stopping = state.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown => {}
                 Ok(e) = failed_rx => { *load_error2.lock().expect("lock") = Some(e); }
             }
+            stopping.inner.stopping.store(true, Ordering::SeqCst);
             let _ = stop_tx.send(());
         });
         let config = &state.inner.config;

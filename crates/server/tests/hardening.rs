@@ -716,12 +716,24 @@ async fn every_route_is_in_the_openapi_document() {
     let mut operations = 0;
     for (path, item) in paths {
         for method in item.as_object().unwrap().keys() {
-            let uri = path.replace("{id}", "none").replace("{model}", "none");
+            let uri = path
+                .replace("{id}", "none")
+                .replace("{model}", "none")
+                .replace("{index}", "0");
             let req = Request::builder()
                 .method(method.to_uppercase().as_str())
                 .uri(&uri)
                 .body(Body::empty())
                 .unwrap();
+            if path.ends_with("/stream") {
+                // A server-sent-events stream never ends: its head is what is checked.
+                use tower::ServiceExt;
+                let response = s.app.clone().oneshot(req).await.unwrap();
+                assert_eq!(response.status(), 200, "{method} {path}");
+                assert_eq!(response.headers()["content-type"], "text/event-stream");
+                operations += 1;
+                continue;
+            }
             let r = s.call(req).await;
             let text = String::from_utf8_lossy(&r.body);
             assert!(
@@ -731,7 +743,7 @@ async fn every_route_is_in_the_openapi_document() {
             operations += 1;
         }
     }
-    assert_eq!(operations, 18, "{:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(operations, 25, "{:?}", paths.keys().collect::<Vec<_>>());
     // Routes are added only through `routes!`, which documents them.
     let dir = root().join("crates/server/src/routes");
     for entry in std::fs::read_dir(&dir).unwrap() {
@@ -748,4 +760,22 @@ async fn every_route_is_in_the_openapi_document() {
         !lib.contains(".route("),
         "lib.rs adds a route without documenting it"
     );
+}
+
+/// An open event stream (the alerts page keeps one) ends when shutdown begins, instead of
+/// holding the shutdown for its whole grace.
+#[tokio::test]
+async fn an_open_event_stream_does_not_hold_the_shutdown() {
+    let mut live = Live::start(|c| c.shutdown_grace = Duration::from_secs(10)).await;
+    let mut conn = TcpStream::connect(live.addr).await.unwrap();
+    conn.write_all(b"GET /api/v1/events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = conn.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/event-stream"), "{head}");
+    let took = live.shut_down().await;
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
 }

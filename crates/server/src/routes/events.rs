@@ -310,6 +310,14 @@ pub async fn stream_events(
                     return Some((Ok(event), (state, base, last, ready)));
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                if state
+                    .inner
+                    .stopping
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    // The server is shutting down: end the stream (clients reconnect).
+                    return None;
+                }
                 let filter = EventFilter {
                     after_seq: Some(last),
                     ..base.clone()
