@@ -482,6 +482,51 @@ impl Qwen2Vl {
         Ok((hidden, rope, key_mask, cache))
     }
 
+    /// Training with gradient checkpointing ([`crate::text::TextModel::checkpointed`]): the
+    /// embeddings (image features placed) with their graph, the decoder layer by layer, and
+    /// `head` on the final hidden states `[B, S, H]`. Returns `head`'s value (detached) and
+    /// the gradients of every variable, as `head(..).backward()` on the plain forward would.
+    /// `lora`: the set being trained, whose dropout masks the recomputation repeats.
+    pub fn checkpointed_backward(
+        &self,
+        batch: &Batch,
+        head: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+        lora: Option<&Lora>,
+    ) -> Result<(Tensor, candle_core::backprop::GradStore), Error> {
+        let (b, s) = batch_dims(batch)?;
+        let max = self.config.text.max_position_embeddings;
+        if s > max {
+            return Err(Error::TooLong { tokens: s, max });
+        }
+        let embeds = self.input_embeds(batch)?;
+        let rope = self.rope_index(batch)?;
+        let key_mask: Vec<Vec<bool>> = match &batch.attention_mask {
+            Some(m) => m.clone(),
+            None => vec![vec![true; s]; b],
+        };
+        let get = || lora.map_or(0, Lora::rng_position);
+        let set = |at: u128| {
+            if let Some(l) = lora {
+                l.set_rng_position(at);
+            }
+        };
+        let (value, mut grads, upstream) = self.text.checkpointed(
+            &embeds,
+            &rope.positions,
+            &key_mask,
+            head,
+            lora.map(|_| (&get as &dyn Fn() -> u128, &set as &dyn Fn(u128))),
+        )?;
+        // Below the decoder: the embedding table and the vision tower, when they train.
+        if embeds.track_op() {
+            let bottom = (embeds.to_dtype(DType::F32)? * upstream)?
+                .sum_all()?
+                .backward()?;
+            grads.extend(bottom)?;
+        }
+        Ok((value, grads))
+    }
+
     /// The LM head on hidden states `[…, H]` → f32 logits `[…, V]`.
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor, Error> {
         Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)

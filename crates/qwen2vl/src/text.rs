@@ -407,6 +407,70 @@ impl TextModel {
         }
         self.norm.forward(&xs)
     }
+
+    /// Gradient checkpointing: the decoder run forward keeping only each layer's input (the
+    /// activations inside a layer are freed as soon as it has run), `head` applied to the
+    /// final hidden states (after the norm), and the gradients of `head`'s result computed
+    /// layer by layer backwards, each layer's forward recomputed from its saved input. Memory
+    /// holds one layer's activations at a time instead of all of them, for about one more
+    /// forward pass of compute.
+    ///
+    /// `dropout_position` reads and sets the LoRA dropout stream, so that a recomputed layer
+    /// draws the masks it drew the first time. Returns the value of `head` (detached), the
+    /// gradients of every variable reached through the decoder, the norm and `head`, and the
+    /// gradient with respect to `embeds` (for the embeddings and vision tower below).
+    pub fn checkpointed(
+        &self,
+        embeds: &Tensor,
+        positions: &[Vec<Vec<i64>>; 3],
+        key_mask: &[Vec<bool>],
+        head: &dyn Fn(&Tensor) -> Result<Tensor>,
+        dropout_position: Option<(&dyn Fn() -> u128, &dyn Fn(u128))>,
+    ) -> Result<(Tensor, candle_core::backprop::GradStore, Tensor)> {
+        let (b, s, _) = embeds.dims3()?;
+        let device = embeds.device();
+        let (cos, sin) = self.rope.cos_sin(positions, device)?;
+        let mask = attention_mask(b, s, 0, key_mask, device)?;
+        let position = || dropout_position.map(|(get, _)| get());
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut xs = embeds.to_dtype(DType::F32)?.detach();
+        for layer in &self.layers {
+            inputs.push((xs.clone(), position()));
+            let mut cache = LayerCache {
+                keep: false,
+                ..LayerCache::default()
+            };
+            // Detached: the layer's graph, and with it its activations, is dropped here.
+            xs = layer.forward(&xs, &cos, &sin, &mask, &mut cache)?.detach();
+        }
+        let after = position();
+        let top = candle_core::Var::from_tensor(&xs)?;
+        let value = head(&self.norm.forward(top.as_tensor())?)?;
+        let mut grads = value.backward()?;
+        let mut upstream = grads
+            .remove(top.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("no gradient reached the decoder".into()))?;
+        for (layer, (input, at)) in self.layers.iter().zip(inputs).rev() {
+            if let (Some((_, set)), Some(at)) = (dropout_position, at) {
+                set(at);
+            }
+            let x = candle_core::Var::from_tensor(&input)?;
+            let mut cache = LayerCache {
+                keep: false,
+                ..LayerCache::default()
+            };
+            let y = layer.forward(x.as_tensor(), &cos, &sin, &mask, &mut cache)?;
+            let mut layer_grads = (y * &upstream)?.sum_all()?.backward()?;
+            upstream = layer_grads
+                .remove(x.as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg("no gradient reached a layer".into()))?;
+            grads.extend(layer_grads)?;
+        }
+        if let (Some((_, set)), Some(at)) = (dropout_position, after) {
+            set(at);
+        }
+        Ok((value.detach(), grads, upstream))
+    }
 }
 
 /// Additive mask `[B, 1, S, T+S]`, f32: 0 where query i may see key j (causal and not padded),

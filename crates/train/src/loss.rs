@@ -15,8 +15,42 @@ pub fn causal_lm_loss(
     batch: &Batch,
     labels: &[Vec<i64>],
 ) -> Result<(Tensor, usize), Error> {
+    let (rows, targets) = scored_positions(model, batch, labels)?;
+    let n = rows.len();
     let hidden = model.hidden_states(batch)?;
-    let (b, s, h) = hidden.dims3()?;
+    Ok((head_loss(model, &hidden, rows, targets)?, n))
+}
+
+/// [`causal_lm_loss`] times `scale`, with its gradients, through gradient checkpointing
+/// ([`Qwen2Vl::checkpointed_backward`]): the decoder keeps one layer's activations at a time.
+/// Returns the scaled loss's value, the number of tokens scored and the gradients, equal to
+/// those of `(causal_lm_loss(..) * scale).backward()`.
+pub fn causal_lm_loss_checkpointed(
+    model: &Qwen2Vl,
+    batch: &Batch,
+    labels: &[Vec<i64>],
+    scale: f64,
+    lora: Option<&inspector_qwen2vl::Lora>,
+) -> Result<(Tensor, usize, candle_core::backprop::GradStore), Error> {
+    let (rows, targets) = scored_positions(model, batch, labels)?;
+    let n = rows.len();
+    let head = |hidden: &Tensor| -> candle_core::Result<Tensor> {
+        head_loss(model, hidden, rows.clone(), targets.clone())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            * scale
+    };
+    let (value, grads) = model.checkpointed_backward(batch, &head, lora)?;
+    Ok((value, n, grads))
+}
+
+/// The flattened positions scored and their next-token targets.
+fn scored_positions(
+    model: &Qwen2Vl,
+    batch: &Batch,
+    labels: &[Vec<i64>],
+) -> Result<(Vec<u32>, Vec<u32>), Error> {
+    let b = batch.input_ids.len();
+    let s = batch.input_ids.first().map_or(0, Vec::len);
     if labels.len() != b || labels.iter().any(|l| l.len() != s) {
         return Err(Error::Input("labels do not match input_ids".into()));
     }
@@ -38,10 +72,21 @@ pub fn causal_lm_loss(
             }
         }
     }
-    let n = rows.len();
-    if n == 0 {
+    if rows.is_empty() {
         return Err(Error::Input("no answer tokens to score".into()));
     }
+    Ok((rows, targets))
+}
+
+/// The mean negative log-likelihood of `targets` at the `rows` of `hidden` `[B, S, H]`.
+fn head_loss(
+    model: &Qwen2Vl,
+    hidden: &Tensor,
+    rows: Vec<u32>,
+    targets: Vec<u32>,
+) -> Result<Tensor, Error> {
+    let (b, s, h) = hidden.dims3()?;
+    let n = rows.len();
     let device = hidden.device();
     let rows = Tensor::from_vec(rows, (n,), device)?;
     let targets = Tensor::from_vec(targets, (n, 1), device)?;
@@ -49,6 +94,5 @@ pub fn causal_lm_loss(
     let logits = model.lm_logits(&scored)?;
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let picked = log_probs.gather(&targets, 1)?;
-    let loss = (picked.sum_all()?.neg()? / n as f64)?;
-    Ok((loss, n))
+    Ok((picked.sum_all()?.neg()? / n as f64)?)
 }

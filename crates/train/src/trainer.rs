@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     data::{Example, collate},
-    loss::causal_lm_loss,
+    loss::{causal_lm_loss, causal_lm_loss_checkpointed},
     optim::{AdamW, AdamWConfig, clip_grad_norm, cosine_lr},
 };
 
@@ -76,6 +76,11 @@ pub struct TrainConfig {
     /// weights, other targeted modules start fresh. E.g. the vision adapter that
     /// `inspector pretrain-vision --lora-r` trained on the boxes.
     pub init_adapter: Option<PathBuf>,
+    /// Keep only each decoder layer's input through the forward pass and recompute the layer
+    /// during the backward pass: activation memory of one layer instead of all of them (7B,
+    /// long sequences), for about one more forward pass of compute. The gradients are the
+    /// same.
+    pub gradient_checkpointing: bool,
 }
 
 /// Base weight precision for training.
@@ -132,6 +137,7 @@ impl Default for TrainConfig {
             full: false,
             dtype: Precision::F32,
             init_adapter: None,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -475,11 +481,26 @@ impl Trainer {
             for micro in window {
                 let examples: Vec<&Example> = micro.iter().map(|&i| &self.train[i]).collect();
                 let (batch, labels) = collate(&examples, self.pad)?;
-                let (loss, n) = causal_lm_loss(&self.model, &batch, &labels)?;
-                // Token-weighted: the window's loss is the mean over all its answer tokens.
-                let weighted = (loss * (n as f64 / n_tokens as f64))?;
-                loss_sum += weighted.to_scalar::<f32>()? as f64;
-                let g = weighted.backward()?;
+                let g = if self.config.gradient_checkpointing {
+                    // Token-weighted as below; the scale goes into the recomputed pass.
+                    let n: usize = examples.iter().map(|e| e.answer_tokens()).sum();
+                    let lora = (!self.config.full).then_some(&self.lora);
+                    let (value, _, g) = causal_lm_loss_checkpointed(
+                        &self.model,
+                        &batch,
+                        &labels,
+                        n as f64 / n_tokens as f64,
+                        lora,
+                    )?;
+                    loss_sum += value.to_scalar::<f32>()? as f64;
+                    g
+                } else {
+                    let (loss, n) = causal_lm_loss(&self.model, &batch, &labels)?;
+                    // Token-weighted: the window's loss is the mean over all its answer tokens.
+                    let weighted = (loss * (n as f64 / n_tokens as f64))?;
+                    loss_sum += weighted.to_scalar::<f32>()? as f64;
+                    weighted.backward()?
+                };
                 grads = Some(match grads {
                     None => g,
                     Some(mut acc) => {

@@ -145,3 +145,80 @@ fn gradient_after_one_step(device: &Device) {
         }
     }
 }
+
+test_device!(
+    checkpointing,
+    gradient_checkpointing_gives_the_same_gradients_cpu,
+    gradient_checkpointing_gives_the_same_gradients_gpu_kernels_on_cpu,
+    gradient_checkpointing_gives_the_same_gradients_cuda
+);
+
+/// Gradient checkpointing recomputes each decoder layer from its saved input: the loss and
+/// every LoRA gradient (language model, vision tower, merger; dropout on, so the recomputed
+/// layers must draw the same masks) equal the plain backward pass's, and the dropout stream
+/// ends where the plain pass left it.
+fn checkpointing(device: &Device) {
+    use inspector_train::{
+        loss::causal_lm_loss_checkpointed,
+        optim::{AdamW, AdamWConfig},
+        trainer::TrainConfig,
+    };
+    let r = reference();
+    let config = TrainConfig {
+        lora_r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.1,
+        lora_vision: true,
+        ..Default::default()
+    };
+    let lora = inspector_qwen2vl::Lora::new(config.lora_config(), device);
+    let (model, _) =
+        inspector_qwen2vl::Qwen2Vl::load_with(&tiny_a(), DType::F32, device, Some(&lora)).unwrap();
+    lora.set_training(true);
+    // One step first, so that B is non-zero and every gradient is too.
+    let (loss, _) = causal_lm_loss(&model, &r.batch, &r.labels).unwrap();
+    let mut opt = AdamW::new(
+        lora.vars(),
+        AdamWConfig {
+            lr: 1e-2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    opt.step(&loss.backward().unwrap(), 1e-2).unwrap();
+
+    let start = lora.rng_position();
+    let (plain_loss, _) = causal_lm_loss(&model, &r.batch, &r.labels).unwrap();
+    let plain_loss = (plain_loss * 0.5).unwrap();
+    let plain = plain_loss.backward().unwrap();
+    let after = lora.rng_position();
+    assert_ne!(after, start, "dropout drew masks");
+    lora.set_rng_position(start);
+    let (value, n, checkpointed) =
+        causal_lm_loss_checkpointed(&model, &r.batch, &r.labels, 0.5, Some(&lora)).unwrap();
+    assert!(n > 0);
+    assert_eq!(lora.rng_position(), after);
+    let (a, b) = (
+        plain_loss.to_scalar::<f32>().unwrap(),
+        value.to_scalar::<f32>().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-6 * a.abs(), "loss {a} vs {b}");
+    let mut worst = 0f32;
+    for p in lora.pairs() {
+        for (which, var) in [("A", &p.a), ("B", &p.b)] {
+            let want = plain.get(var).unwrap();
+            let got = checkpointed
+                .get(var)
+                .unwrap_or_else(|| panic!("{} {which}: no gradient", p.module));
+            assert!(max_abs(want) > 0.0, "{} {which}: zero gradient", p.module);
+            let rel = max_abs(&(got - want).unwrap()) / max_abs(want);
+            assert!(
+                rel <= 1e-5,
+                "{} {which}: max|Δ|/max|ref| = {rel:e}",
+                p.module
+            );
+            worst = worst.max(rel);
+        }
+    }
+    eprintln!("checkpointed gradients: worst max|Δ|/max|ref| = {worst:e}");
+}

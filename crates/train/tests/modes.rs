@@ -268,3 +268,63 @@ fn bf16_base_weights_train_f32_lora_weights() {
     assert!(opt.values().all(|s| s.dtype() != DType::BF16));
     assert!(out.path().join("loss.png").exists());
 }
+
+/// `gradient_checkpointing` trains the same adapter: two runs of the same seed and data, with
+/// and without it (LoRA with dropout on the language model and the vision tower; full fine-tuning
+/// too), end with the same weights and the same losses.
+#[test]
+fn gradient_checkpointing_trains_the_same_weights() {
+    let data = tempfile::tempdir().unwrap();
+    let train = examples(data.path(), 4);
+    for full in [false, true] {
+        let run = |checkpointing: bool| {
+            let out = tempfile::tempdir().unwrap();
+            let mut t = Trainer::new(
+                &tiny_a(),
+                train.clone(),
+                vec![],
+                TrainConfig {
+                    max_steps: Some(3),
+                    lora_dropout: 0.1,
+                    lora_vision: !full,
+                    gradient_checkpointing: checkpointing,
+                    ..config(full)
+                },
+                out.path(),
+            )
+            .unwrap();
+            let mut losses = Vec::new();
+            t.run(&AtomicBool::new(false), &mut |e| {
+                if let Event::Step { loss, .. } = e {
+                    losses.push(*loss)
+                }
+            })
+            .unwrap();
+            let weights: Vec<Vec<f32>> = if full {
+                t.weights.iter().map(|(_, v)| flat(v.as_tensor())).collect()
+            } else {
+                t.lora.vars().iter().map(|v| flat(v.as_tensor())).collect()
+            };
+            (losses, weights)
+        };
+        let (plain_losses, plain) = run(false);
+        let (ck_losses, ck) = run(true);
+        for (a, b) in plain_losses.iter().zip(&ck_losses) {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "full={full}: losses {plain_losses:?} vs {ck_losses:?}"
+            );
+        }
+        let mut worst = 0f32;
+        for (p, c) in plain.iter().zip(&ck) {
+            let scale = p.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+            for (x, y) in p.iter().zip(c) {
+                worst = worst.max((x - y).abs() / scale);
+            }
+        }
+        assert!(
+            worst <= 1e-4,
+            "full={full}: weights differ by {worst:e} of their scale"
+        );
+    }
+}
