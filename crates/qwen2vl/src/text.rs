@@ -425,7 +425,7 @@ impl TextModel {
         positions: &[Vec<Vec<i64>>; 3],
         key_mask: &[Vec<bool>],
         head: &dyn Fn(&Tensor) -> Result<Tensor>,
-        dropout_position: Option<(&dyn Fn() -> u128, &dyn Fn(u128))>,
+        dropout_position: Option<DropoutPosition>,
     ) -> Result<(Tensor, candle_core::backprop::GradStore, Tensor)> {
         let (b, s, _) = embeds.dims3()?;
         let device = embeds.device();
@@ -472,6 +472,9 @@ impl TextModel {
         Ok((value.detach(), grads, upstream))
     }
 }
+
+/// Reads and sets a LoRA dropout stream's position ([`TextModel::checkpointed`]).
+pub type DropoutPosition<'a> = (&'a dyn Fn() -> u128, &'a dyn Fn(u128));
 
 /// Additive mask `[B, 1, S, T+S]`, f32: 0 where query i may see key j (causal and not padded),
 /// `f32::MIN` elsewhere. A finite minimum (not −∞) keeps fully masked rows (pad queries)
