@@ -231,6 +231,10 @@ impl Worker {
         let mut retry_at: Option<Instant> = None;
         let mut deadline: Option<Instant> = None;
         loop {
+            // Asked to finish and nothing left to send: done, without waiting out the grace.
+            if deadline.is_some() && self.queue.is_empty() {
+                break;
+            }
             // Take in newly stored events; wait when there is nothing to do now.
             let wait = match (self.queue.front(), retry_at) {
                 (None, _) => deadline.map(|d| d.saturating_duration_since(Instant::now())),
