@@ -83,22 +83,17 @@ pub fn backend(
     quantization: Quantization,
 ) -> anyhow::Result<Backend> {
     let dtype: DType = dtype.into();
-    if quantization.is_quantized() && device != DeviceRequest::Cpu {
-        // The int8 kernels are the CPU's; `auto` means the CPU for a quantized base.
+    // The int8 kernels are the CPU's: `auto` means the CPU for a quantized base.
+    let device = if quantization.is_quantized() {
         anyhow::ensure!(
-            device == DeviceRequest::Auto,
+            !matches!(device, DeviceRequest::Cuda(_)),
             "--quantize {quantization} runs on the CPU only: use --device cpu, or --quantize \
              none with --dtype bf16 or f16 on a GPU"
         );
-        let backend = Backend {
-            device: candle_core::Device::Cpu,
-            dtype,
-            quantization,
-        };
-        backend.validate().map_err(anyhow::Error::msg)?;
-        eprintln!("device: cpu (quantized base)");
-        return Ok(backend);
-    }
+        DeviceRequest::Cpu
+    } else {
+        device
+    };
     Backend {
         device: candle_core::Device::Cpu,
         dtype,
@@ -106,18 +101,17 @@ pub fn backend(
     }
     .validate()
     .map_err(anyhow::Error::msg)?;
-    let (device, what) = device.open(dtype).map_err(anyhow::Error::msg)?;
-    eprintln!("device: {what}");
     Ok(Backend {
-        device,
+        device: open_device(device, dtype)?,
         dtype,
         quantization,
     })
 }
 
-/// The device a training command runs on, opened (and printed) before any data or weights are
-/// read. `dtype` is the base weights' dtype (bf16 needs a GPU that has it).
-pub fn training_device(device: DeviceRequest, dtype: DType) -> anyhow::Result<candle_core::Device> {
+/// Opens the device for weights of `dtype` (bf16 needs a GPU that has it) and prints the
+/// choice: for inference through [`backend`], and for the training commands before any data
+/// or weights are read.
+pub fn open_device(device: DeviceRequest, dtype: DType) -> anyhow::Result<candle_core::Device> {
     let (device, what) = device.open(dtype).map_err(anyhow::Error::msg)?;
     eprintln!("device: {what}");
     Ok(device)

@@ -80,7 +80,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(r) = args.lora_r {
         check_lora(r, args.lora_alpha, args.lora_dropout)?;
     }
-    let device = crate::model_args::training_device(args.device, candle_core::DType::F32)?;
+    let device = crate::model_args::open_device(args.device, candle_core::DType::F32)?;
     let model_out = args.out.join(if args.lora_r.is_some() {
         "adapter"
     } else {

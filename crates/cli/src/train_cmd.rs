@@ -254,7 +254,7 @@ pub(crate) const PIXEL_CACHE_BYTES: usize = 2 << 30;
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let config = settings(&args)?;
-    let device = crate::model_args::training_device(args.device, config.dtype.dtype())?;
+    let device = crate::model_args::open_device(args.device, config.dtype.dtype())?;
     let store = open_with_rules(&args.db.db)?;
     let rules = store.rules(&RuleFilter::default())?;
     // Every problem of both files is listed before any training starts.
