@@ -353,24 +353,62 @@ pub fn generate_constrained(
     let mut state = prefill.state;
     let mut logits = prefill.logits;
     let mut done = vec![false; b];
+    // Greedy decoding without a repetition penalty needs no row on the host: on a GPU the
+    // argmax and the token statistics are reduced on the device and four numbers a row come
+    // back per step. A row's logits are copied only when the constraint refuses its argmax.
+    let on_device = config.is_greedy()
+        && config.repetition_penalty.is_none_or(|p| p == 1.0)
+        && (!logits.device().is_cpu() || crate::ops::forced() == Some(crate::ops::Kernel::Candle));
+    let fallback = config.eos.first().copied().unwrap_or(config.pad);
     for step in 0..config.max_new_tokens {
-        let rows = rows_of(&logits)?;
+        let reduced = if on_device {
+            Some(reduce_rows(&logits)?)
+        } else {
+            None
+        };
+        let rows = match reduced {
+            Some(_) => vec![Vec::new(); b],
+            None => rows_of(&logits)?,
+        };
         let mut next = vec![config.pad; b];
         for (i, mut row) in rows.into_iter().enumerate() {
             if done[i] {
                 continue;
             }
-            let raw = row.clone();
-            let t = match constraint.as_deref_mut() {
-                Some(c) => {
-                    let fallback = config.eos.first().copied().unwrap_or(config.pad);
-                    let t = choose(&mut sampler, &mut row, &seen[i], c, i, fallback);
-                    c.push(i, t);
-                    t
-                }
-                None => sampler.next(&mut row, &seen[i]),
+            // The device's greedy choice, when there is one and the constraint takes it.
+            let taken = match (&reduced, constraint.as_deref_mut()) {
+                (Some(r), Some(c)) => c.allows(i, r[i].argmax).then_some(r[i]),
+                (Some(r), None) => Some(r[i]),
+                (None, _) => None,
             };
-            out.stats[i].push(TokenStat::of(&raw, t));
+            let (t, stat) = match taken {
+                Some(r) => {
+                    if let Some(c) = constraint.as_deref_mut() {
+                        c.push(i, r.argmax);
+                    }
+                    (r.argmax, r.stat)
+                }
+                None => {
+                    if reduced.is_some() {
+                        // The argmax was refused: this row comes to the host after all.
+                        row = logits
+                            .get(i)?
+                            .to_dtype(candle_core::DType::F32)?
+                            .to_vec1()?;
+                    }
+                    let raw = row.clone();
+                    let t = match constraint.as_deref_mut() {
+                        Some(c) => {
+                            let t = choose(&mut sampler, &mut row, &seen[i], c, i, fallback);
+                            c.push(i, t);
+                            t
+                        }
+                        None => sampler.next(&mut row, &seen[i]),
+                    };
+                    (t, TokenStat::of(&raw, t))
+                }
+            };
+            out.stats[i].push(stat);
             next[i] = t;
             seen[i].push(t);
             on_token(i, t);
@@ -390,6 +428,46 @@ pub fn generate_constrained(
         logits = model.step(&next, &mut state)?;
     }
     Ok(out)
+}
+
+/// A row's greedy choice and its statistics, reduced where its logits are.
+#[derive(Clone, Copy)]
+struct Reduced {
+    argmax: u32,
+    stat: TokenStat,
+}
+
+/// For each row of `[B, V]` logits: the argmax (the first of equal maxima, as [`argmax`]), and
+/// the probability, top-2 margin and entropy that [`TokenStat::of`] computes on the host. One
+/// `[B, 4]` copy leaves the device.
+fn reduce_rows(logits: &Tensor) -> Result<Vec<Reduced>, Error> {
+    use candle_core::{D, DType};
+    let logits = logits.to_dtype(DType::F32)?;
+    let (_, v) = logits.dims2()?;
+    let argmax = logits.argmax_keepdim(D::Minus1)?; // [B, 1]
+    let probs = candle_nn::ops::softmax_last_dim(&logits.contiguous()?)?;
+    let p1 = probs.max_keepdim(D::Minus1)?;
+    let ids = Tensor::arange(0u32, v as u32, logits.device())?.unsqueeze(0)?;
+    let zeros = probs.zeros_like()?;
+    let others = ids.broadcast_eq(&argmax)?.where_cond(&zeros, &probs)?;
+    let p2 = others.max_keepdim(D::Minus1)?;
+    let plogp = probs
+        .gt(0f32)?
+        .where_cond(&(&probs * probs.log()?)?, &zeros)?;
+    let entropy = plogp.sum_keepdim(D::Minus1)?.neg()?;
+    let summary = Tensor::cat(&[&argmax.to_dtype(DType::F32)?, &p1, &p2, &entropy], 1)?;
+    Ok(summary
+        .to_vec2::<f32>()?
+        .into_iter()
+        .map(|r| Reduced {
+            argmax: r[0] as u32,
+            stat: TokenStat {
+                prob: r[1],
+                entropy: r[3],
+                margin: r[1] - r[2],
+            },
+        })
+        .collect())
 }
 
 fn rows_of(logits: &Tensor) -> Result<Vec<Vec<f32>>, Error> {

@@ -49,6 +49,12 @@ pub fn force(kernel: Kernel) -> Forced {
     Forced(FORCED.with(|f| f.replace(Some(kernel))))
 }
 
+/// The kernel this thread is forced to prefer, if any (decoding takes the GPU's path on the
+/// CPU under [`Kernel::Candle`], so that tests exercise it).
+pub fn forced() -> Option<Kernel> {
+    FORCED.with(Cell::get)
+}
+
 /// How many times candle's backward-less kernels ran on this thread (for tests).
 pub fn candle_calls() -> u64 {
     CANDLE_CALLS.with(Cell::get)

@@ -338,3 +338,88 @@ fn bad_input_tokenizer_template_images_context() {
         "{err}"
     );
 }
+
+/// Refuses every token whose id is a multiple of 3 (and eos only after 5 tokens): the
+/// greedy choice is often refused, so rows fall back to the host.
+struct EveryThirdRefused {
+    eos: u32,
+    emitted: Vec<usize>,
+}
+
+impl inspector_qwen2vl::generate::Constraint for EveryThirdRefused {
+    fn allows(&mut self, row: usize, token: u32) -> bool {
+        if token == self.eos {
+            return self.emitted[row] >= 5;
+        }
+        !token.is_multiple_of(3)
+    }
+
+    fn push(&mut self, row: usize, _token: u32) {
+        self.emitted[row] += 1;
+    }
+}
+
+/// Greedy decoding as a GPU runs it (the argmax and the token statistics reduced where the
+/// logits are, a row copied to the host only when the constraint refuses its argmax), forced
+/// on the CPU: the same tokens as the host path, and the same statistics within 1e-5, with
+/// and without a constraint.
+#[test]
+fn greedy_decoding_on_the_device_equals_the_host_path() {
+    use inspector_qwen2vl::{generate::generate_constrained, ops};
+    let reference = json("chat/generate.json");
+    let (model, dir) = load("tiny-a");
+    let eos = model.config.tokens.eos[0];
+    let pad = model.config.tokens.pad.unwrap();
+    let config = GenerationConfig::greedy(24, vec![eos], pad);
+    let processor = processor(&dir);
+    let b = &reference["models"]["tiny-a"]["batch"];
+    let rows = b["rows"].as_array().unwrap();
+    let mut all_images = Vec::new();
+    for r in rows {
+        all_images.extend(images(&r["images"], &processor));
+    }
+    let batch = Batch {
+        input_ids: rows.iter().map(|r| ids(&r["input_ids"])).collect(),
+        attention_mask: Some(
+            rows.iter()
+                .map(|r| ids(&r["attention_mask"]).iter().map(|&m| m == 1).collect())
+                .collect(),
+        ),
+        images: vision(&all_images),
+    };
+    for constrained in [false, true] {
+        let run = |device_path: bool| {
+            let _k = device_path.then(|| ops::force(ops::Kernel::Candle));
+            let mut c = EveryThirdRefused {
+                eos,
+                emitted: vec![0; rows.len()],
+            };
+            let c: Option<&mut dyn inspector_qwen2vl::generate::Constraint> =
+                constrained.then_some(&mut c as _);
+            generate_constrained(&model, &batch, &config, c, |_, _| {}).unwrap()
+        };
+        let (host, device) = (run(false), run(true));
+        assert_eq!(host.tokens, device.tokens, "constrained: {constrained}");
+        assert_eq!(host.stopped_at_eos, device.stopped_at_eos);
+        if constrained {
+            assert!(
+                host.tokens.iter().flatten().all(|t| !t.is_multiple_of(3)),
+                "the constraint held"
+            );
+        }
+        for (h, d) in host
+            .stats
+            .iter()
+            .flatten()
+            .zip(device.stats.iter().flatten())
+        {
+            for (what, a, b) in [
+                ("prob", h.prob, d.prob),
+                ("entropy", h.entropy, d.entropy),
+                ("margin", h.margin, d.margin),
+            ] {
+                assert!((a - b).abs() <= 1e-5, "{what}: host {a}, device {b}");
+            }
+        }
+    }
+}
