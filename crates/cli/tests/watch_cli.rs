@@ -778,3 +778,140 @@ fn an_http_mjpeg_stream_is_read_as_a_stream() {
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("down:"), "{stderr}");
 }
+
+/// A lossless video of the overfit fixture's photos, each shown for `seconds` in turn.
+fn timeline_video(dir: &Path, photos: &[(usize, u32)]) -> PathBuf {
+    let data = root().join("crates/train/tests/fixtures/overfit/data");
+    let mut list = String::new();
+    for (photo, seconds) in photos {
+        list.push_str(&format!(
+            "file '{}'\nduration {seconds}\n",
+            data.join(format!("{photo}.png")).display()
+        ));
+    }
+    let last = photos.last().unwrap().0;
+    list.push_str(&format!(
+        "file '{}'\n",
+        data.join(format!("{last}.png")).display()
+    ));
+    std::fs::write(dir.join("timeline.txt"), list).unwrap();
+    // PNG in Matroska, RGB: the frames the watcher decodes are the photos, bit for bit.
+    let status = Command::new("ffmpeg")
+        .args([
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-f",
+            "concat",
+            "-safe",
+            "0",
+        ])
+        .args([
+            "-i",
+            "timeline.txt",
+            "-vf",
+            "fps=5",
+            "-c:v",
+            "png",
+            "-pix_fmt",
+            "rgb24",
+        ])
+        .arg("timeline.mkv")
+        .current_dir(dir)
+        .status()
+        .expect("ffmpeg on PATH (Debian: apt-get install ffmpeg)");
+    assert!(status.success());
+    dir.join("timeline.mkv")
+}
+
+/// (rule, at) of every event in `dir/events.jsonl`.
+fn event_times(dir: &Path) -> Vec<(String, f64)> {
+    std::fs::read_to_string(dir.join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let e: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                e["rules"][0].as_str().unwrap().to_string(),
+                e["at"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Hazards appearing and disappearing at known times in a video, with a model that knows
+/// these photos (the overfit adapter on tiny-a: safe photos answered safe): events come at the
+/// right times (the second of two violating frames at 1 s intervals), none in the safe
+/// stretches or for a low-risk hazard; the cooldown holds back a repeat, and a shorter one
+/// lets it through; a zone that leaves out a hazard's box holds its event back.
+#[test]
+#[ignore = "needs ffmpeg"]
+fn events_come_at_the_hazards_times_through_debounce_cooldown_and_zones() {
+    let dir = tempfile::tempdir().unwrap();
+    // 0 safe, 3 high risk (reflective vest), 2 safe, 5 low risk, 1 medium (helmet), 3 again.
+    let video = timeline_video(
+        dir.path(),
+        &[(0, 6), (3, 6), (2, 6), (5, 6), (1, 6), (3, 6)],
+    );
+    let model = |extra: &[&str]| {
+        let mut args = vec![
+            "watch".to_string(),
+            "--interval".into(),
+            "1".into(),
+            "--events".into(),
+            "events.jsonl".into(),
+            "--model".into(),
+            root()
+                .join("crates/qwen2vl/tests/fixtures/tiny-a")
+                .display()
+                .to_string(),
+            "--adapter".into(),
+            root()
+                .join("crates/train/tests/fixtures/overfit/adapter")
+                .display()
+                .to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let vest = "《安全作业规程》第3.4条";
+    let helmet = "《安全作业规程》第3.2条";
+    // Defaults: 2 of 3 frames, 中 and above, a 300 s cooldown.
+    let args = model(&[video.to_str().unwrap()]);
+    let out = inspector(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        event_times(dir.path()),
+        [(vest.to_string(), 7.0), (helmet.to_string(), 25.0)],
+        "{stderr}"
+    );
+    // A 5 s cooldown lets the vest's return through; a zone on the right tenth of the frame
+    // for the helmet rule leaves its box (on the left) out.
+    std::fs::remove_file(dir.path().join("events.jsonl")).unwrap();
+    std::fs::write(
+        dir.path().join("cameras.toml"),
+        format!(
+            "[defaults]\ninterval = 1\ncooldown = 5\n\n[[camera]]\nname = \"bay\"\n\
+             source = \"{}\"\n\n[[camera.zone]]\nname = \"right edge\"\n\
+             polygon = [[0.9, 0], [1, 0], [1, 1], [0.9, 1]]\nrules = [\"{helmet}\"]\n",
+            video.display()
+        ),
+    )
+    .unwrap();
+    let args = model(&["--config", "cameras.toml"]);
+    let out = inspector(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        event_times(dir.path()),
+        [(vest.to_string(), 7.0), (vest.to_string(), 31.0)],
+        "{stderr}"
+    );
+}
