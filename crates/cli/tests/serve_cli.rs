@@ -902,4 +902,20 @@ fn serve_watches_the_cameras_of_a_cameras_file() {
     assert_eq!(frame.content_type(), "image/jpeg");
     let (code, _) = get(&s.url("/api/v1/cameras/7/frame"));
     assert_eq!(code, 404);
+    // The same per camera in Prometheus' format.
+    let (_, metrics) = get(&s.url("/metrics"));
+    let value = |line_start: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {line_start} in\n{metrics}"))
+    };
+    assert!(value("inspector_camera_frames{camera=\"dock\",kind=\"inspected\"}") >= 1.0);
+    assert!(value("inspector_camera_events{camera=\"dock\"}") >= 1.0);
+    assert_eq!(value("inspector_camera_up{camera=\"dock\"}"), 1.0);
+    assert!(
+        value("inspector_camera_event_latency_seconds{camera=\"dock\",quantile=\"0.5\"}") > 0.0
+    );
 }

@@ -241,6 +241,41 @@ impl AppState {
 
     /// Publishes the cameras' state (the camera loop calls it after every round).
     pub fn set_cameras(&self, cameras: Vec<routes::cameras::CameraView>) {
+        let m = &self.inner.metrics.cameras;
+        for c in &cameras {
+            let camera = || metrics::CameraLabels {
+                camera: c.name.clone(),
+            };
+            for (kind, n) in [
+                ("read", c.frames_read),
+                ("inspected", c.frames_inspected),
+                ("repeated", c.frames_repeated),
+                ("dropped", c.frames_dropped),
+            ] {
+                m.frames
+                    .get_or_create(&metrics::CameraFrameLabels {
+                        camera: c.name.clone(),
+                        kind: kind.into(),
+                    })
+                    .set(n as i64);
+            }
+            m.events.get_or_create(&camera()).set(c.events as i64);
+            m.reconnects
+                .get_or_create(&camera())
+                .set(c.reconnects as i64);
+            m.up.get_or_create(&camera())
+                .set(i64::from(c.status == "up"));
+            for (quantile, value) in [("0.5", c.latency_p50_s), ("0.99", c.latency_p99_s)] {
+                if let Some(v) = value {
+                    m.latency
+                        .get_or_create(&metrics::CameraQuantileLabels {
+                            camera: c.name.clone(),
+                            quantile: quantile.into(),
+                        })
+                        .set(v);
+                }
+            }
+        }
         *self
             .inner
             .cameras

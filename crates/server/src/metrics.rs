@@ -1,5 +1,6 @@
 //! Prometheus metrics (`GET /metrics`): requests and latency by route, queue depth, batch
-//! sizes, cache hits, cancelled and refused jobs, inspections by status and violations by risk.
+//! sizes, cache hits, cancelled and refused jobs, inspections by status and violations by risk,
+//! and with `serve --cameras` each camera's frames, events, reconnects, status and latency.
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -30,6 +31,34 @@ pub struct StatusLabels {
     pub status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CameraLabels {
+    pub camera: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CameraFrameLabels {
+    pub camera: String,
+    /// `read`, `inspected`, `repeated` (by the change gate) or `dropped`.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CameraQuantileLabels {
+    pub camera: String,
+    pub quantile: String,
+}
+
+/// The cameras of `serve --cameras`, set from each round's published state.
+pub struct CameraMetrics {
+    pub frames: Family<CameraFrameLabels, Gauge>,
+    pub events: Family<CameraLabels, Gauge>,
+    pub reconnects: Family<CameraLabels, Gauge>,
+    /// 1 while the camera is up, 0 while it is down, ended or failed.
+    pub up: Family<CameraLabels, Gauge>,
+    pub latency: Family<CameraQuantileLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -41,6 +70,7 @@ pub struct Metrics {
     pub queue_full: Counter,
     pub inspections: Family<StatusLabels, Counter>,
     pub violations: Family<RiskLabels, Counter>,
+    pub cameras: CameraMetrics,
 }
 
 impl Default for Metrics {
@@ -65,6 +95,38 @@ impl Metrics {
         let queue_full = Counter::default();
         let inspections = Family::<StatusLabels, Counter>::default();
         let violations = Family::<RiskLabels, Counter>::default();
+        let cameras = CameraMetrics {
+            frames: Family::default(),
+            events: Family::default(),
+            reconnects: Family::default(),
+            up: Family::default(),
+            latency: Family::default(),
+        };
+        registry.register(
+            "camera_frames",
+            "Frames of each camera (serve --cameras) by kind: read, inspected, repeated, dropped",
+            cameras.frames.clone(),
+        );
+        registry.register(
+            "camera_events",
+            "Alert events raised by each camera",
+            cameras.events.clone(),
+        );
+        registry.register(
+            "camera_reconnects",
+            "Outages of each camera's stream",
+            cameras.reconnects.clone(),
+        );
+        registry.register(
+            "camera_up",
+            "1 while the camera is up, 0 otherwise",
+            cameras.up.clone(),
+        );
+        registry.register(
+            "camera_event_latency_seconds",
+            "Frame-to-event latency of each camera's events, by quantile",
+            cameras.latency.clone(),
+        );
         registry.register(
             "http_requests",
             "HTTP requests by method, route and status",
@@ -121,6 +183,7 @@ impl Metrics {
             queue_full,
             inspections,
             violations,
+            cameras,
         }
     }
 
