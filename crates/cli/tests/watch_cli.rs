@@ -7,6 +7,11 @@ use std::{
     process::{Command, Output},
 };
 
+#[path = "../../watch/tests/common/slideshow.rs"]
+mod slideshow;
+
+use slideshow::slideshow;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -58,43 +63,10 @@ fn unsupported_schemes_are_refused_with_credentials_redacted() {
 /// A 15-second video: five example scenes, 3 s each.
 fn scenes_video(dir: &Path) -> PathBuf {
     let images = root().join("examples/scenes/images");
-    let mut list = String::new();
-    for i in 0..5 {
-        list.push_str(&format!(
-            "file '{}'\nduration 3\n",
-            images.join(format!("{i:05}.png")).display()
-        ));
-    }
-    list.push_str(&format!("file '{}'\n", images.join("00004.png").display()));
-    std::fs::write(dir.join("list.txt"), list).unwrap();
-    let status = Command::new("ffmpeg")
-        .args([
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-f",
-            "concat",
-            "-safe",
-            "0",
-            "-i",
-            "list.txt",
-        ])
-        .args([
-            "-vf",
-            "fps=5",
-            "-c:v",
-            "mpeg4",
-            "-q:v",
-            "2",
-            "-pix_fmt",
-            "yuv420p",
-            "scenes.mp4",
-        ])
-        .current_dir(dir)
-        .status()
-        .expect("ffmpeg on PATH (Debian: apt-get install ffmpeg)");
-    assert!(status.success());
-    dir.join("scenes.mp4")
+    let stills: Vec<(PathBuf, u32)> = (0..5)
+        .map(|i| (images.join(format!("{i:05}.png")), 3))
+        .collect();
+    slideshow(dir, "scenes.mp4", &stills, 5, false)
 }
 
 #[test]
@@ -779,49 +751,15 @@ fn an_http_mjpeg_stream_is_read_as_a_stream() {
     assert!(!stderr.contains("down:"), "{stderr}");
 }
 
-/// A lossless video of the overfit fixture's photos, each shown for `seconds` in turn.
+/// A lossless video of the overfit fixture's photos, each shown for `seconds` in turn: the
+/// frames the watcher decodes are the photos, bit for bit.
 fn timeline_video(dir: &Path, photos: &[(usize, u32)]) -> PathBuf {
     let data = root().join("crates/train/tests/fixtures/overfit/data");
-    let mut list = String::new();
-    for (photo, seconds) in photos {
-        list.push_str(&format!(
-            "file '{}'\nduration {seconds}\n",
-            data.join(format!("{photo}.png")).display()
-        ));
-    }
-    let last = photos.last().unwrap().0;
-    list.push_str(&format!(
-        "file '{}'\n",
-        data.join(format!("{last}.png")).display()
-    ));
-    std::fs::write(dir.join("timeline.txt"), list).unwrap();
-    // PNG in Matroska, RGB: the frames the watcher decodes are the photos, bit for bit.
-    let status = Command::new("ffmpeg")
-        .args([
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-f",
-            "concat",
-            "-safe",
-            "0",
-        ])
-        .args([
-            "-i",
-            "timeline.txt",
-            "-vf",
-            "fps=5",
-            "-c:v",
-            "png",
-            "-pix_fmt",
-            "rgb24",
-        ])
-        .arg("timeline.mkv")
-        .current_dir(dir)
-        .status()
-        .expect("ffmpeg on PATH (Debian: apt-get install ffmpeg)");
-    assert!(status.success());
-    dir.join("timeline.mkv")
+    let stills: Vec<(PathBuf, u32)> = photos
+        .iter()
+        .map(|(photo, seconds)| (data.join(format!("{photo}.png")), *seconds))
+        .collect();
+    slideshow(dir, "timeline.mkv", &stills, 5, true)
 }
 
 /// (rule, at) of every event in `dir/events.jsonl`.

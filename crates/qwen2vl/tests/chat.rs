@@ -139,6 +139,23 @@ fn with_eos(tokens: &[u32], stopped: bool, eos: u32) -> Vec<u32> {
     t
 }
 
+/// The left-padded batch of the reference's `rows`, with their images.
+fn reference_batch(rows: &[Value], processor: &ProcessorConfig) -> Batch {
+    let mut all_images = Vec::new();
+    for r in rows {
+        all_images.extend(images(&r["images"], processor));
+    }
+    Batch {
+        input_ids: rows.iter().map(|r| ids(&r["input_ids"])).collect(),
+        attention_mask: Some(
+            rows.iter()
+                .map(|r| ids(&r["attention_mask"]).iter().map(|&m| m == 1).collect())
+                .collect(),
+        ),
+        images: vision(&all_images),
+    }
+}
+
 #[test]
 fn greedy_generation_equals_transformers_generate() {
     let reference = json("chat/generate.json");
@@ -163,21 +180,10 @@ fn greedy_generation_equals_transformers_generate() {
             "{model_name}: single sequence"
         );
 
-        let b = &reference["models"][model_name]["batch"];
-        let rows = b["rows"].as_array().unwrap();
-        let mut all_images = Vec::new();
-        for r in rows {
-            all_images.extend(images(&r["images"], &processor));
-        }
-        let batch = Batch {
-            input_ids: rows.iter().map(|r| ids(&r["input_ids"])).collect(),
-            attention_mask: Some(
-                rows.iter()
-                    .map(|r| ids(&r["attention_mask"]).iter().map(|&m| m == 1).collect())
-                    .collect(),
-            ),
-            images: vision(&all_images),
-        };
+        let rows = reference["models"][model_name]["batch"]["rows"]
+            .as_array()
+            .unwrap();
+        let batch = reference_batch(rows, &processor);
         let out = generate(&model, &batch, &config, |_, _| {}).unwrap();
         for (i, r) in rows.iter().enumerate() {
             assert_eq!(
@@ -372,21 +378,10 @@ fn greedy_decoding_on_the_device_equals_the_host_path() {
     let pad = model.config.tokens.pad.unwrap();
     let config = GenerationConfig::greedy(24, vec![eos], pad);
     let processor = processor(&dir);
-    let b = &reference["models"]["tiny-a"]["batch"];
-    let rows = b["rows"].as_array().unwrap();
-    let mut all_images = Vec::new();
-    for r in rows {
-        all_images.extend(images(&r["images"], &processor));
-    }
-    let batch = Batch {
-        input_ids: rows.iter().map(|r| ids(&r["input_ids"])).collect(),
-        attention_mask: Some(
-            rows.iter()
-                .map(|r| ids(&r["attention_mask"]).iter().map(|&m| m == 1).collect())
-                .collect(),
-        ),
-        images: vision(&all_images),
-    };
+    let rows = reference["models"]["tiny-a"]["batch"]["rows"]
+        .as_array()
+        .unwrap();
+    let batch = reference_batch(rows, &processor);
     for constrained in [false, true] {
         let run = |device_path: bool| {
             let _k = device_path.then(|| ops::force(ops::Kernel::Candle));

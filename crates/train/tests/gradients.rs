@@ -90,24 +90,31 @@ fn peft_logits(device: &Device) {
     assert!(max_diff_masked(&plain, &r.tensors["logits"], &mask) > 1e-2);
 }
 
-/// With PEFT's initialisation (B = 0) A's first gradient is zero; after one optimizer step
-/// every LoRA tensor — language model, vision tower and merger — receives a non-zero gradient.
-fn gradient_after_one_step(device: &Device) {
-    use inspector_train::{
-        optim::{AdamW, AdamWConfig},
-        trainer::TrainConfig,
-    };
-    let r = reference();
-    let config = TrainConfig {
+/// A new LoRA set (r 4, α 8, PEFT's initialisation) on tiny-a's language model, vision tower
+/// and merger, and the model built with it.
+fn fresh_lora(
+    device: &Device,
+    dropout: f32,
+) -> (inspector_qwen2vl::Lora, inspector_qwen2vl::Qwen2Vl) {
+    let config = inspector_train::trainer::TrainConfig {
         lora_r: 4,
         lora_alpha: 8.0,
-        lora_dropout: 0.0,
+        lora_dropout: dropout,
         lora_vision: true,
         ..Default::default()
     };
     let lora = inspector_qwen2vl::Lora::new(config.lora_config(), device);
     let (model, _) =
         inspector_qwen2vl::Qwen2Vl::load_with(&tiny_a(), DType::F32, device, Some(&lora)).unwrap();
+    (lora, model)
+}
+
+/// With PEFT's initialisation (B = 0) A's first gradient is zero; after one optimizer step
+/// every LoRA tensor — language model, vision tower and merger — receives a non-zero gradient.
+fn gradient_after_one_step(device: &Device) {
+    use inspector_train::optim::{AdamW, AdamWConfig};
+    let r = reference();
+    let (lora, model) = fresh_lora(device, 0.0);
     let pairs = lora.pairs();
     assert_eq!(
         pairs.len(),
@@ -161,19 +168,9 @@ fn checkpointing(device: &Device) {
     use inspector_train::{
         loss::causal_lm_loss_checkpointed,
         optim::{AdamW, AdamWConfig},
-        trainer::TrainConfig,
     };
     let r = reference();
-    let config = TrainConfig {
-        lora_r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.1,
-        lora_vision: true,
-        ..Default::default()
-    };
-    let lora = inspector_qwen2vl::Lora::new(config.lora_config(), device);
-    let (model, _) =
-        inspector_qwen2vl::Qwen2Vl::load_with(&tiny_a(), DType::F32, device, Some(&lora)).unwrap();
+    let (lora, model) = fresh_lora(device, 0.1);
     lora.set_training(true);
     // One step first, so that B is non-zero and every gradient is too.
     let (loss, _) = causal_lm_loss(&model, &r.batch, &r.labels).unwrap();

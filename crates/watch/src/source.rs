@@ -122,33 +122,17 @@ impl VideoFile {
         if !path.is_file() {
             return Err(failed("no such file".into()));
         }
-        let mut child = Command::new("ffmpeg")
-            .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-i"])
-            .arg(path)
-            .args(["-an", "-sn", "-vf"])
-            .arg(format!("fps=fps=1/{interval}"))
-            .args(["-f", "image2pipe", "-c:v", "png", "-"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| match e.kind() {
-                ErrorKind::NotFound => SourceError::MissingProgram { program: "ffmpeg" },
-                _ => failed(format!("could not start ffmpeg: {e}")),
-            })?;
-        let stdout = child.stdout.take().expect("piped");
-        let mut stderr = child.stderr.take().expect("piped");
-        // Drained on its own thread so that a chatty ffmpeg never blocks on a full pipe.
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
+        let mut input = vec![std::ffi::OsString::from("-i")];
+        input.push(path.as_os_str().to_owned());
+        let ffmpeg = spawn_ffmpeg(&input, interval).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => SourceError::MissingProgram { program: "ffmpeg" },
+            _ => failed(format!("could not start ffmpeg: {e}")),
+        })?;
         Ok(VideoFile {
             name: name.to_string(),
-            child,
-            frames: PngStream::new(BufReader::with_capacity(1 << 20, stdout)),
-            stderr: Some(stderr),
+            child: ffmpeg.child,
+            frames: ffmpeg.frames,
+            stderr: Some(ffmpeg.stderr),
             interval,
             index: 0,
             done: false,
@@ -195,18 +179,12 @@ impl VideoFile {
             .take()
             .and_then(|h| h.join().ok())
             .unwrap_or_default();
-        let said = stderr
-            .trim()
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim()
-            .to_string();
+        let said = last_line(&stderr);
         let ok = status.as_ref().is_ok_and(|s| s.success());
         if ok && stream_error.is_none() && self.index > 0 {
             return Ok(());
         }
-        let message = if !said.is_empty() {
+        let message = if let Some(said) = said {
             format!("ffmpeg: {said}")
         } else if let Some(e) = stream_error {
             format!("reading ffmpeg's frames: {e}")
@@ -612,24 +590,64 @@ impl Drop for LiveStream {
     }
 }
 
-/// ffmpeg's arguments for a live `url`: RTSP over TCP (through NAT and firewalls, and no lost
-/// packets smearing frames), a 10 s I/O timeout so that a cut stream ends ffmpeg, one frame
-/// every `interval` seconds as PNG on stdout.
-fn live_args(url: &str, interval: f64) -> Vec<String> {
-    let lower = url.to_ascii_lowercase();
-    let mut args: Vec<String> = ["-nostdin", "-hide_banner", "-loglevel", "error"]
-        .map(String::from)
-        .to_vec();
-    if lower.starts_with("rtsp") {
-        args.extend(["-rtsp_transport", "tcp", "-timeout", "10000000"].map(String::from));
+/// ffmpeg's input options for a live `url`: RTSP over TCP (through NAT and firewalls, and no
+/// lost packets smearing frames), and a 10 s I/O timeout so that a cut stream ends ffmpeg.
+fn live_input(url: &str) -> Vec<std::ffi::OsString> {
+    let options: &[&str] = if url.to_ascii_lowercase().starts_with("rtsp") {
+        &["-rtsp_transport", "tcp", "-timeout", "10000000"]
     } else {
-        args.extend(["-rw_timeout", "10000000"].map(String::from));
-    }
-    args.extend(["-i".to_string(), url.to_string()]);
-    args.extend(["-an", "-sn", "-vf"].map(String::from));
-    args.push(format!("fps=fps=1/{interval}"));
-    args.extend(["-f", "image2pipe", "-c:v", "png", "-"].map(String::from));
-    args
+        &["-rw_timeout", "10000000"]
+    };
+    options
+        .iter()
+        .chain(&["-i", url])
+        .map(std::ffi::OsString::from)
+        .collect()
+}
+
+/// ffmpeg decoding one input, one frame every `interval` seconds as PNG on stdout.
+struct Ffmpeg {
+    child: Child,
+    frames: PngStream<BufReader<ChildStdout>>,
+    /// Its stderr, drained on its own thread so that a chatty ffmpeg never blocks on a full
+    /// pipe.
+    stderr: JoinHandle<String>,
+}
+
+/// Starts ffmpeg on `input` (`-i` with its options).
+fn spawn_ffmpeg(input: &[std::ffi::OsString], interval: f64) -> std::io::Result<Ffmpeg> {
+    let mut child = Command::new("ffmpeg")
+        .args(["-nostdin", "-hide_banner", "-loglevel", "error"])
+        .args(input)
+        .args(["-an", "-sn", "-vf"])
+        .arg(format!("fps=fps=1/{interval}"))
+        .args(["-f", "image2pipe", "-c:v", "png", "-"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    Ok(Ffmpeg {
+        child,
+        frames: PngStream::new(BufReader::with_capacity(1 << 20, stdout)),
+        stderr,
+    })
+}
+
+/// The last thing ffmpeg said on stderr (its error, when it failed).
+fn last_line(stderr: &str) -> Option<String> {
+    stderr
+        .trim()
+        .lines()
+        .last()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
 }
 
 fn live_loop(
@@ -643,14 +661,12 @@ fn live_loop(
     let lock = || shared.lock().unwrap_or_else(|p| p.into_inner());
     let mut backoff = 1.0f64;
     while !stop.load(Ordering::SeqCst) {
-        let mut child = match Command::new("ffmpeg")
-            .args(live_args(url, interval))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-        {
-            Ok(c) => c,
+        let Ffmpeg {
+            child,
+            mut frames,
+            stderr,
+        } = match spawn_ffmpeg(&live_input(url), interval) {
+            Ok(f) => f,
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 lock().missing_program = true;
                 return;
@@ -661,8 +677,6 @@ fn live_loop(
                 continue;
             }
         };
-        let stdout = child.stdout.take().expect("piped");
-        let mut stderr = child.stderr.take().expect("piped");
         {
             let mut s = lock();
             s.child = Some(child);
@@ -673,12 +687,6 @@ fn live_loop(
                 let _ = c.kill();
             }
         }
-        let said = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
-        let mut frames = PngStream::new(BufReader::with_capacity(1 << 20, stdout));
         let ended = loop {
             match frames.next_png() {
                 Ok(Some(png)) => {
@@ -701,12 +709,9 @@ fn live_loop(
             let _ = child.kill();
             let _ = child.wait();
         }
-        let said = said.join().unwrap_or_default();
-        let reason = said
-            .trim()
-            .lines()
-            .last()
-            .map(|l| format!("ffmpeg: {}", l.trim()))
+        let said = stderr.join().unwrap_or_default();
+        let reason = last_line(&said)
+            .map(|l| format!("ffmpeg: {l}"))
             .unwrap_or(ended)
             .replace(url, name);
         if stop.load(Ordering::SeqCst) {

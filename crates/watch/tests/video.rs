@@ -3,9 +3,13 @@
 //! default: `.ci/run` installs FFmpeg and runs them (`cargo test -p inspector-watch --test video
 //! -- --ignored`).
 
-use std::{path::Path, process::Command};
+#[path = "common/slideshow.rs"]
+mod slideshow;
+
+use std::path::Path;
 
 use inspector_watch::source::{ChangeGate, PngStream, SourceError, VideoFile};
+use slideshow::slideshow;
 
 /// A 6-second video at 10 frames/s: red for 2 s, then green for 2 s, then blue for 2 s.
 fn three_colours(dir: &Path) -> std::path::PathBuf {
@@ -17,33 +21,14 @@ fn three_colours(dir: &Path) -> std::path::PathBuf {
             .save(dir.join(format!("c{i}.png")))
             .unwrap();
     }
-    let list = dir.join("list.txt");
-    std::fs::write(
-        &list,
-        "file 'c0.png'\nduration 2\nfile 'c1.png'\nduration 2\nfile 'c2.png'\nduration 2\nfile 'c2.png'\n",
+    let still = |i: usize| (dir.join(format!("c{i}.png")), 2);
+    slideshow(
+        dir,
+        "colours.mp4",
+        &[still(0), still(1), still(2)],
+        10,
+        false,
     )
-    .unwrap();
-    let out = dir.join("colours.mp4");
-    let status = Command::new("ffmpeg")
-        .args([
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-f",
-            "concat",
-            "-safe",
-            "0",
-            "-i",
-        ])
-        .arg(&list)
-        .args([
-            "-vf", "fps=10", "-c:v", "mpeg4", "-q:v", "2", "-pix_fmt", "yuv420p",
-        ])
-        .arg(&out)
-        .status()
-        .expect("ffmpeg on PATH (Debian: apt-get install ffmpeg)");
-    assert!(status.success());
-    out
 }
 
 fn mean_rgb(png: &[u8]) -> [f64; 3] {

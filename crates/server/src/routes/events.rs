@@ -14,7 +14,6 @@ use axum::{
         sse::{Event, KeepAlive, Sse},
     },
 };
-use inspector_core::Risk;
 use inspector_store::{EventFilter, EventRow};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -119,42 +118,26 @@ fn checked_id(id: &str) -> Result<&str, ApiError> {
 }
 
 fn filter(q: EventQuery) -> Result<(EventFilter, usize), ApiError> {
-    let bad = |m: &str| ApiError::bad_request("invalid_query", m.to_string());
-    let risk = q
-        .risk
-        .as_deref()
-        .map(|r| {
-            Risk::parse(r)
-                .map(|r| r.as_str().to_string())
-                .ok_or_else(|| bad("`risk` must be 高, 中 or 低 (high, medium, low)"))
-        })
-        .transpose()?;
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(bad("`limit` must be 1 to 200"));
-    }
-    let time = |field: &str, t: &Option<String>| {
-        t.as_deref()
-            .map(|t| super::inspections::parse_time(field, t))
-            .transpose()
-    };
+    let common = super::inspections::ListCommon::check(
+        q.risk.as_deref(),
+        q.since.as_deref(),
+        q.until.as_deref(),
+        q.cursor.as_deref(),
+        q.limit,
+    )?;
     Ok((
         EventFilter {
             camera: q.camera,
             rule: q.rule,
-            risk,
+            risk: common.risk,
             acked: q.acked,
-            since_ms: time("since", &q.since)?,
-            until_ms: time("until", &q.until)?,
-            before_seq: q
-                .cursor
-                .as_deref()
-                .map(super::inspections::decode_cursor)
-                .transpose()?,
+            since_ms: common.since_ms,
+            until_ms: common.until_ms,
+            before_seq: common.before_seq,
             after_seq: None,
-            limit: limit + 1,
+            limit: common.limit + 1,
         },
-        limit,
+        common.limit,
     ))
 }
 
@@ -167,11 +150,8 @@ pub async fn list_events(
 ) -> Result<Json<EventPage>, ApiError> {
     let Query(q) = query?;
     let (filter, limit) = filter(q)?;
-    let mut rows = state.read(move |s| s.events(&filter)).await?;
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    let next_cursor =
-        more.then(|| super::inspections::encode_cursor(rows.last().expect("limit ≥ 1").seq));
+    let rows = state.read(move |s| s.events(&filter)).await?;
+    let (rows, next_cursor) = super::inspections::page(rows, limit, |r| r.seq);
     Ok(Json(EventPage {
         items: rows.iter().map(EventRecord::from_row).collect(),
         next_cursor,

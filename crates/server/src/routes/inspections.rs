@@ -150,7 +150,67 @@ pub struct ListQuery {
     pub cursor: Option<String>,
 }
 
-pub(crate) fn parse_time(field: &str, text: &str) -> Result<i64, ApiError> {
+/// The list parameters that inspections and events share, checked: the risk in its canonical
+/// form, the time range in ms, the cursor's position and the page size.
+pub(crate) struct ListCommon {
+    pub risk: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub before_seq: Option<i64>,
+    pub limit: usize,
+}
+
+impl ListCommon {
+    pub fn check(
+        risk: Option<&str>,
+        since: Option<&str>,
+        until: Option<&str>,
+        cursor: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<ListCommon, ApiError> {
+        let risk = risk
+            .map(|r| {
+                Risk::parse(r)
+                    .map(|r| r.as_str().to_string())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_query",
+                            "`risk` must be 高, 中 or 低 (high, medium, low)",
+                        )
+                    })
+            })
+            .transpose()?;
+        let limit = limit.unwrap_or(50);
+        if !(1..=200).contains(&limit) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "`limit` must be 1 to 200",
+            ));
+        }
+        Ok(ListCommon {
+            risk,
+            since_ms: since.map(|t| parse_time("since", t)).transpose()?,
+            until_ms: until.map(|t| parse_time("until", t)).transpose()?,
+            before_seq: cursor.map(decode_cursor).transpose()?,
+            limit,
+        })
+    }
+}
+
+/// Cuts `rows`, fetched with one more than `limit`, to a page, with the cursor of the next
+/// page when there is one.
+pub(crate) fn page<T>(
+    mut rows: Vec<T>,
+    limit: usize,
+    seq: impl Fn(&T) -> i64,
+) -> (Vec<T>, Option<String>) {
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next = more.then(|| encode_cursor(seq(rows.last().expect("limit ≥ 1"))));
+    (rows, next)
+}
+
+fn parse_time(field: &str, text: &str) -> Result<i64, ApiError> {
     chrono::DateTime::parse_from_rfc3339(text)
         .map(|t| t.timestamp_millis())
         .map_err(|e| {
@@ -161,11 +221,11 @@ pub(crate) fn parse_time(field: &str, text: &str) -> Result<i64, ApiError> {
         })
 }
 
-pub(crate) fn encode_cursor(seq: i64) -> String {
+fn encode_cursor(seq: i64) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("seq:{seq}"))
 }
 
-pub(crate) fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
+fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(cursor)
         .ok()
@@ -195,48 +255,25 @@ pub async fn list_inspections(
             "`status` must be violation, safe or unparsed",
         ));
     }
-    let risk = q
-        .risk
-        .as_deref()
-        .map(|r| {
-            Risk::parse(r)
-                .map(|r| r.as_str().to_string())
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid_query",
-                        "`risk` must be 高, 中 or 低 (high, medium, low)",
-                    )
-                })
-        })
-        .transpose()?;
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "`limit` must be 1 to 200",
-        ));
-    }
+    let common = ListCommon::check(
+        q.risk.as_deref(),
+        q.since.as_deref(),
+        q.until.as_deref(),
+        q.cursor.as_deref(),
+        q.limit,
+    )?;
+    let limit = common.limit;
     let filter = InspectionFilter {
         status: q.status,
-        risk,
+        risk: common.risk,
         rule: q.rule,
-        since_ms: q
-            .since
-            .as_deref()
-            .map(|t| parse_time("since", t))
-            .transpose()?,
-        until_ms: q
-            .until
-            .as_deref()
-            .map(|t| parse_time("until", t))
-            .transpose()?,
-        before_seq: q.cursor.as_deref().map(decode_cursor).transpose()?,
+        since_ms: common.since_ms,
+        until_ms: common.until_ms,
+        before_seq: common.before_seq,
         limit: limit + 1,
     };
-    let mut rows = state.read(move |s| s.inspections(&filter)).await?;
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    let next_cursor = more.then(|| encode_cursor(rows.last().expect("limit ≥ 1").seq));
+    let rows = state.read(move |s| s.inspections(&filter)).await?;
+    let (rows, next_cursor) = page(rows, limit, |r| r.seq);
     let items = rows
         .iter()
         .map(InspectionRecord::from_row)
