@@ -143,13 +143,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 "--change-threshold must be ≥ 0"
             );
             let hooks = crate::watch_cmd::webhooks(&args.webhook)?;
-            // The camera loop writes events on its own connection; the server reads them.
+            // This connection becomes the camera loop's, writing events; the server reads them.
             store.enable_wal()?;
-            Some((cameras, hooks))
+            Some((cameras, hooks, store))
         }
         None => None,
     };
-    drop(store);
     let mut config = ServerConfig::new(args.addr, args.db.db.clone(), args.data_dir.clone());
     config.require_keys |= args.require_keys;
     config.max_body = args.max_body_mib << 20;
@@ -194,9 +193,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     let stop = Arc::new(AtomicBool::new(false));
     let camera_loop = match cameras {
-        Some((cameras, hooks)) => Some(start_cameras(
+        Some((cameras, hooks, store)) => Some(start_cameras(
             cameras,
             hooks,
+            store,
             &args,
             server.state(),
             runtime.handle().clone(),
@@ -232,12 +232,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 fn start_cameras(
     cameras: Vec<inspector_watch::config::Camera>,
     hooks: Vec<inspector_watch::webhook::Webhook>,
+    store: inspector_store::SqliteStore,
     args: &ServeArgs,
     state: inspector_server::AppState,
     runtime: tokio::runtime::Handle,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let store = open(&args.db.db)?;
     let mut cams = crate::watch_cmd::Cameras::open(
         cameras,
         args.change_threshold,
