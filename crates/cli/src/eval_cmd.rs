@@ -204,7 +204,12 @@ fn prediction(image: &str, f: &Finding, rules: &[Rule]) -> Prediction {
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let store = open_with_rules(&args.db.db)?;
     let rules = store.rules(&RuleFilter::default())?;
-    let gold = load_data(&args.data, &rules, "nothing was scored")?;
+    let (gold, photos) = load_data(&args.data, &rules, "nothing was scored")?;
+    anyhow::ensure!(
+        matches!(photos, inspector_train::data::Photos::Files),
+        "--data {}: eval reads its photos from files; write the scenes with `inspector synth` first",
+        args.data.display()
+    );
     let findings: Vec<(usize, Finding)> = match &args.predictions {
         Some(_) if args.model.model.is_some() || args.model.adapter.is_some() => {
             anyhow::bail!("--predictions scores a file: it takes no --model or --adapter")

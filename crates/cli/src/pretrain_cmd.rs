@@ -9,7 +9,7 @@ use inspector_lora::LoraConfig;
 use inspector_qwen2vl::image::ProcessorConfig;
 use inspector_store::{RuleFilter, RuleStore};
 use inspector_train::{
-    data::{ExampleImage, build_in_parallel, processed_batch},
+    data::{build_in_parallel, processed_batch},
     vision_pretrain::{
         PretrainSample, Tally, VisionPretrainConfig, VisionPretrainer, token_targets,
     },
@@ -93,7 +93,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     );
     let store = open_with_rules(&args.db.db)?;
     let rules = store.rules(&RuleFilter::default())?;
-    let data = load_data(&args.data, &rules, "nothing was trained")?;
+    let (data, photos) = load_data(&args.data, &rules, "nothing was trained")?;
     let classes: Vec<String> = data
         .records
         .iter()
@@ -178,7 +178,8 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         &data.records,
         PIXEL_CACHE_BYTES,
         |r| {
-            ExampleImage::load(&r.path, &processor)
+            photos
+                .image(r, &processor)
                 .with_context(|| format!("{}:{}", data.file.display(), r.line))
         },
         |photo| Some(photo),

@@ -16,7 +16,7 @@ use inspector_dataset::Dataset;
 use inspector_qwen2vl::{Config, chat::ChatTokenizer, image::ProcessorConfig};
 use inspector_store::{RuleFilter, RuleStore};
 use inspector_train::{
-    data::{Example, build_in_parallel, example_with, model_prompt},
+    data::{Example, Photos, build_in_parallel, example_from, model_prompt},
     trainer::{Ending, Event, TrainConfig, Trainer},
 };
 
@@ -178,13 +178,17 @@ pub(crate) fn check_lora(r: usize, alpha: f64, dropout: f32) -> anyhow::Result<(
     Ok(())
 }
 
-/// Loads an annotation file, printing every problem; `refused` says what did not happen.
+/// Loads an annotation file, or the scenes of a `synth:` spec ([`crate::synth_cmd::data_spec`]),
+/// printing every problem; `refused` says what did not happen.
 pub(crate) fn load_data(
     path: &Path,
     rules: &[inspector_core::Rule],
     refused: &'static str,
-) -> anyhow::Result<Dataset> {
-    inspector_dataset::load_file(path, rules).map_err(|e| {
+) -> anyhow::Result<(Dataset, Photos)> {
+    if let Some(spec) = crate::synth_cmd::data_spec(path) {
+        return spec?.load(rules).context(refused);
+    }
+    let dataset = inspector_dataset::load_file(path, rules).map_err(|e| {
         if let inspector_dataset::Error::Invalid { file, report } = &e {
             for p in &report.errors {
                 eprintln!(
@@ -197,12 +201,13 @@ pub(crate) fn load_data(
             }
         }
         anyhow::Error::from(e).context(refused)
-    })
+    })?;
+    Ok((dataset, Photos::Files))
 }
 
 fn examples(
     prompt: inspector_core::answer::Prompt,
-    dataset: &Dataset,
+    (dataset, photos): &(Dataset, Photos),
     chat: &ChatTokenizer,
     processor: &ProcessorConfig,
     max_len: usize,
@@ -218,7 +223,7 @@ fn examples(
         &dataset.records,
         PIXEL_CACHE_BYTES,
         |r| {
-            example_with(prompt, chat, processor, r, max_len)
+            example_from(prompt, chat, processor, r, photos, max_len)
                 .with_context(|| format!("{}:{}", dataset.file.display(), r.line))
         },
         |built| built.as_mut().ok().map(|e| &mut e.image),

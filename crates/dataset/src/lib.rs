@@ -44,7 +44,8 @@ pub use build::{
 pub use split::{Split, split};
 pub use stats::{Stats, stats};
 pub use validate::{
-    Dataset, Problem, Record, Report, SAFE_CATEGORY, load_file, validate_file, validate_text,
+    Dataset, Problem, Record, Report, SAFE_CATEGORY, load_file, load_generated, validate_file,
+    validate_text,
 };
 
 /// What can go wrong in a dataset step. Every variant names the file (and line) at fault.

@@ -368,7 +368,44 @@ fn nearest<'a>(citation: &str, rules: &'a [Rule]) -> Option<&'a Rule> {
 
 /// Checks every line. Images are read and decoded in parallel first (the slow part); the
 /// problems are then reported in line order.
+/// Checks annotation text whose photos are not files but made on demand (synthetic scenes
+/// rendered when a batch needs them): `name` stands for the file in messages and paths, every
+/// photo is `size`, and a photo's hash is that of its name. Refused as [`load_file`] refuses.
+pub fn load_generated(
+    name: &Path,
+    text: &str,
+    size: (u32, u32),
+    rules: &[Rule],
+) -> Result<Dataset, Error> {
+    let (report, records) = check_with(text, name, rules, |path| ImageCheck {
+        sha256: Some(Sha256::digest(path.as_os_str().as_encoded_bytes()).into()),
+        size: Ok(size),
+    });
+    if !report.errors.is_empty() {
+        return Err(Error::Invalid {
+            file: name.to_path_buf(),
+            report: Box::new(report),
+        });
+    }
+    Ok(Dataset {
+        file: name.to_path_buf(),
+        base: name.to_path_buf(),
+        records,
+        warnings: report.warnings,
+    })
+}
+
 fn check(text: &str, base: &Path, rules: &[Rule]) -> (Report, Vec<Record>) {
+    check_with(text, base, rules, check_image)
+}
+
+/// [`check`] with `image` telling each photo's hash and size.
+fn check_with(
+    text: &str,
+    base: &Path,
+    rules: &[Rule],
+    image: impl Fn(&Path) -> ImageCheck + Sync,
+) -> (Report, Vec<Record>) {
     let lines: Vec<(usize, Result<Value, String>)> = text
         .lines()
         .enumerate()
@@ -391,7 +428,7 @@ fn check(text: &str, base: &Path, rules: &[Rule]) -> (Report, Vec<Record>) {
     let images: HashMap<PathBuf, ImageCheck> = paths
         .into_par_iter()
         .map(|p| {
-            let check = check_image(&p);
+            let check = image(&p);
             (p, check)
         })
         .collect();

@@ -1399,6 +1399,19 @@ fn draw_tools(cv: &mut Canvas, rng: &mut ChaCha8Rng, x: f32, y: f32, w: f32, u: 
     }
 }
 
+/// The name scene `index` has in a dataset: `images/00042.png`.
+pub fn scene_name(index: u64) -> String {
+    format!("images/{index:05}.png")
+}
+
+/// The index a [`scene_name`] stands for.
+pub fn scene_index(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("images/")?.strip_suffix(".png")?;
+    (digits.len() >= 5 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
 /// Writes `n` scenes of `seed` to `out/images/NNNNN.png` and `out/annotations.jsonl` (atomically:
 /// each file through a temporary file and a rename). `progress` is called after each image.
 pub fn write_dataset(
@@ -1415,8 +1428,8 @@ pub fn write_dataset(
         .into_par_iter()
         .map(|i| -> anyhow::Result<Annotation> {
             let scene = render(config, seed, i);
-            let name = format!("{i:05}.png");
-            let path = images.join(&name);
+            let name = scene_name(i);
+            let path = out.join(&name);
             let mut png = Vec::new();
             scene
                 .image
@@ -1425,7 +1438,7 @@ pub fn write_dataset(
             inspector_dataset::write_atomic(&path, &png)?;
             progress();
             Ok(Annotation {
-                image: format!("images/{name}"),
+                image: name,
                 violations: scene.violations,
             })
         })

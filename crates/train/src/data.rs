@@ -7,7 +7,10 @@
 //! closes it, everything else `-100`. A sample whose answer would be cut by the maximum length
 //! is reported and left out — never trained on half an answer.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use candle_core::Tensor;
 use inspector_core::answer::Prompt;
@@ -45,6 +48,61 @@ pub enum ExampleImage {
         processor: Box<ProcessorConfig>,
         grid_thw: [usize; 3],
     },
+    /// Made again by `source` each time a batch needs it (nothing kept in memory or on disk).
+    Generated {
+        source: Arc<dyn PhotoSource>,
+        /// The photo's name in the annotations (`images/00042.png`).
+        name: String,
+        processor: Box<ProcessorConfig>,
+        grid_thw: [usize; 3],
+    },
+}
+
+/// Photos made on demand instead of read from files: synthetic scenes rendered again when
+/// their batch comes, so that a run can learn from more fresh photos than a disk holds.
+pub trait PhotoSource: Send + Sync + std::fmt::Debug {
+    /// The photo an annotation names; the same name always gives the same pixels.
+    fn photo(&self, name: &str) -> Result<image::RgbImage, Error>;
+}
+
+/// Where a dataset's photos come from.
+#[derive(Debug, Clone)]
+pub enum Photos {
+    /// The files the records name.
+    Files,
+    /// Made by a source from each record's image name; every photo has the record's size.
+    Generated(Arc<dyn PhotoSource>),
+}
+
+impl Photos {
+    /// A record's photo: read and resized now from its file, or, when generated, only sized
+    /// (its pixels are made when a batch needs them).
+    pub fn image(
+        &self,
+        record: &Record,
+        processor: &ProcessorConfig,
+    ) -> Result<ExampleImage, Error> {
+        match self {
+            Photos::Files => ExampleImage::load(&record.path, processor),
+            Photos::Generated(source) => {
+                let (w, h) = record.size;
+                let (rh, rw) = inspector_qwen2vl::image::smart_resize(
+                    h as usize,
+                    w as usize,
+                    processor.factor(),
+                    processor.min_pixels,
+                    processor.max_pixels,
+                )?;
+                let p = processor.patch_size;
+                Ok(ExampleImage::Generated {
+                    source: source.clone(),
+                    name: record.annotation.image.clone(),
+                    processor: Box::new(processor.clone()),
+                    grid_thw: [1, rh / p, rw / p],
+                })
+            }
+        }
+    }
 }
 
 impl ExampleImage {
@@ -60,7 +118,9 @@ impl ExampleImage {
     pub fn grid_thw(&self) -> [usize; 3] {
         match self {
             ExampleImage::Loaded { photo, .. } => photo.grid_thw,
-            ExampleImage::OnDisk { grid_thw, .. } => *grid_thw,
+            ExampleImage::OnDisk { grid_thw, .. } | ExampleImage::Generated { grid_thw, .. } => {
+                *grid_thw
+            }
         }
     }
 
@@ -91,6 +151,21 @@ impl ExampleImage {
                 }
                 Ok(p)
             }
+            ExampleImage::Generated {
+                source,
+                name,
+                processor,
+                grid_thw,
+            } => {
+                let p = inspector_qwen2vl::image::process_rgb(&source.photo(name)?, processor)?;
+                if p.grid_thw != *grid_thw {
+                    return Err(Error::Input(format!(
+                        "{name}: the generated photo has patch grid {:?}, its record says {:?}",
+                        p.grid_thw, grid_thw
+                    )));
+                }
+                Ok(p)
+            }
         }
     }
 
@@ -103,17 +178,19 @@ impl ExampleImage {
     pub fn bytes_in_memory(&self) -> usize {
         match self {
             ExampleImage::Loaded { photo, .. } => photo.bytes(),
-            ExampleImage::OnDisk { .. } => 0,
+            ExampleImage::OnDisk { .. } | ExampleImage::Generated { .. } => 0,
         }
     }
 
     /// Drops the pixels from memory; they are read again from `path` (the photo this image
     /// was loaded from) each time they are needed.
+    /// A generated photo holds no pixels and stays as it is.
     pub fn unload(&mut self, path: &Path) {
         let processor = match self {
             ExampleImage::Loaded { processor, .. } | ExampleImage::OnDisk { processor, .. } => {
                 processor.clone()
             }
+            ExampleImage::Generated { .. } => return,
         };
         *self = ExampleImage::OnDisk {
             path: path.to_path_buf(),
@@ -261,6 +338,18 @@ pub fn example_with(
     record: &Record,
     max_len: usize,
 ) -> Result<Result<Example, Skipped>, Error> {
+    example_from(prompt, chat, processor, record, &Photos::Files, max_len)
+}
+
+/// [`example_with`] with the record's photo from `photos`.
+pub fn example_from(
+    prompt: Prompt,
+    chat: &ChatTokenizer,
+    processor: &ProcessorConfig,
+    record: &Record,
+    photos: &Photos,
+    max_len: usize,
+) -> Result<Result<Example, Skipped>, Error> {
     let sample = inspector_dataset::conversation_with(
         prompt,
         &record.annotation,
@@ -272,7 +361,7 @@ pub fn example_with(
         .strip_prefix(IMAGE_PLACEHOLDER)
         .unwrap_or(&sample.messages[0].content);
     let answer = &sample.messages[1].content;
-    let image = ExampleImage::load(&record.path, processor)?;
+    let image = photos.image(record, processor)?;
     let (input_ids, labels) = encode_turns(
         chat,
         instruction,
