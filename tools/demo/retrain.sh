@@ -1,81 +1,143 @@
 #!/usr/bin/env bash
-# Retrains the bundled demo model (models/demo) from scratch on this machine's CPUs, then
-# evaluates it. Every step is seeded: the same seeds give the same scenes, tokenizer and
-# initial weights; training results agree within float-summation noise across thread counts.
+# Retrains the bundled demo model (models/demo) from scratch on this machine's CPUs. Every step
+# is seeded: the same seeds give the same scenes, tokenizer and initial weights; training
+# results agree within float-summation noise across CPUs and thread counts.
+#
+# The whole recipe takes hours on 2 cores, so it can stop and go on: run it again with the same
+# WORK_DIR and it skips the stages that finished, and the long training stages continue from
+# their newest checkpoint (`train --resume`, which continues the very run that stopped).
+# WORK_DIR/times.tsv records each stage's wall time (summed over the sittings it took).
 #
 # Usage: tools/demo/retrain.sh [WORK_DIR] [--install]
 #   WORK_DIR   scratch folder (default /tmp/inspector-demo); about 1 GB
 #   --install  copy the result over models/demo/base and models/demo/adapter
-# Environment: STAGE0_STEPS, STAGE1_STEPS, STAGE2A_STEPS and STAGE2_STEPS shorten the run (the
-# ignored test `demo_retrain_shortened` uses them).
+# Environment: STAGE0_STEPS, STAGE1_STEPS, STAGE2A_STEPS and STAGE2_STEPS shorten the run, and
+# SAVE_EVERY sets the training stages' checkpoint interval (the ignored test
+# `demo_retrain_shortened` uses them, and stops and continues a run).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 WORK="${1:-/tmp/inspector-demo}"
 INSTALL="${2:-}"
-STAGE0_STEPS="${STAGE0_STEPS:-1500}"
-STAGE1_STEPS="${STAGE1_STEPS:-2400}"
+STAGE0_STEPS="${STAGE0_STEPS:-4000}"
+STAGE1_STEPS="${STAGE1_STEPS:-16000}"
 STAGE2A_STEPS="${STAGE2A_STEPS:-300}"
 STAGE2_STEPS="${STAGE2_STEPS:-900}"
+SAVE_EVERY="${SAVE_EVERY:-200}"
 BATCH=8
+SIZE=320
 BIN="${INSPECTOR_BIN:-$ROOT/target/release/inspector}"
 if [ ! -x "$BIN" ]; then
   (cd "$ROOT" && cargo build --release --locked -p inspector-cli)
 fi
-mkdir -p "$WORK"
+mkdir -p "$WORK/done"
 DB="$WORK/rules.sqlite"
 PIX=(--min-pixels 3136 --max-pixels 60000)
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
-stamp "scenes"
-# The tokenizer corpus shows every hazard (it teaches words, not what they look like).
-"$BIN" synth --n 2000 --seed 3 --size 320 --out "$WORK/corpus"
-# Stage 1 never shows the held-out hazard (stack-too-high); stage 2 teaches it.
-"$BIN" synth --n $(( STAGE1_STEPS * BATCH )) --seed 1 --size 320 --exclude stack-too-high --out "$WORK/stage1"
-# Stage 2 goes over its scenes three times.
-"$BIN" synth --n $(( STAGE2_STEPS * BATCH / 3 )) --seed 2 --size 320 --boost stack-too-high --out "$WORK/stage2"
+# Runs a stage unless an earlier sitting finished it, and adds this sitting's wall time to the
+# stage's line in times.tsv.
+stage() {
+  local name="$1"
+  shift
+  if [ -e "$WORK/done/$name" ]; then
+    stamp "$name: finished earlier"
+    return
+  fi
+  stamp "$name"
+  local start
+  start=$(date +%s)
+  local status=0
+  "$@" || status=$?
+  local spent=$(( $(date +%s) - start ))
+  local before
+  before=$(awk -F'\t' -v s="$name" '$1 == s { print $2 }' "$WORK/times.tsv" 2>/dev/null || true)
+  { grep -v "^$name	" "$WORK/times.tsv" 2>/dev/null || true; printf '%s\t%s\n' "$name" "$(( ${before:-0} + spent ))"; } > "$WORK/times.tsv.tmp"
+  mv "$WORK/times.tsv.tmp" "$WORK/times.tsv"
+  [ "$status" -eq 0 ] || exit "$status"
+  touch "$WORK/done/$name"
+}
 
-stamp "tokenizer and initial weights"
-"$BIN" dataset build "$WORK/corpus/annotations.jsonl" --out "$WORK/corpus/conversations.jsonl" --db "$DB"
-rm -rf "$WORK/init"
-"$BIN" model init --config "$ROOT/tools/demo/config.json" \
-  --tokenizer-corpus "$WORK/corpus/conversations.jsonl" --out "$WORK/init" --seed 0 --prompt brief
+# `train` continues from its newest checkpoint when an earlier sitting stopped it.
+resume_flag() {
+  if [ -d "$1/checkpoints" ] && [ -n "$(ls -A "$1/checkpoints")" ]; then
+    echo --resume
+  else
+    rm -rf "$1"
+  fi
+}
 
-stamp "stage 0: vision tower pretrained on the boxes"
-rm -rf "$WORK/vision"
-"$BIN" pretrain-vision --model "$WORK/init" --data "$WORK/stage1/annotations.jsonl" \
-  --out "$WORK/vision" --steps "$STAGE0_STEPS" --batch-size 16 --lr 2e-3 --seed 0 \
-  --db "$DB" "${PIX[@]}"
+scenes() {
+  rm -rf "$WORK/corpus" "$WORK/stage2"
+  # The tokenizer corpus shows every hazard (it teaches words, not what they look like).
+  "$BIN" synth --n 2000 --seed 3 --size $SIZE --out "$WORK/corpus"
+  # Stage 2 goes over its scenes three times; they are files because stage 2b's data comes
+  # from the base model's answers for them (`dataset complete`).
+  "$BIN" synth --n $(( STAGE2_STEPS * BATCH / 3 )) --seed 2 --size $SIZE --boost stack-too-high --out "$WORK/stage2"
+}
 
-stamp "stage 1: full training"
-rm -rf "$WORK/base"
-"$BIN" train --model "$WORK/vision/model" --data "$WORK/stage1/annotations.jsonl" --out "$WORK/base" \
-  --full --lr 1e-3 --batch-size $BATCH --grad-accum 1 --max-steps "$STAGE1_STEPS" \
-  --save-every 200 --seed 1 --db "$DB" "${PIX[@]}"
+init() {
+  "$BIN" dataset build "$WORK/corpus/annotations.jsonl" --out "$WORK/corpus/conversations.jsonl" --db "$DB"
+  rm -rf "$WORK/init"
+  "$BIN" model init --config "$ROOT/tools/demo/config.json" \
+    --tokenizer-corpus "$WORK/corpus/conversations.jsonl" --out "$WORK/init" --seed 0 --prompt brief
+}
+
+# Stages 0 and 1 never show the held-out hazard (stack-too-high); stage 2 teaches it. They learn
+# from fresh scenes, rendered when their batch comes (`--data synth:…`): no scene is seen twice.
+stage0() {
+  rm -rf "$WORK/vision"
+  "$BIN" pretrain-vision --model "$WORK/init" \
+    --data "synth:n=$(( STAGE0_STEPS * 16 )),seed=1,size=$SIZE,exclude=stack-too-high" \
+    --out "$WORK/vision" --steps "$STAGE0_STEPS" --batch-size 16 --lr 2e-3 --seed 0 \
+    --db "$DB" "${PIX[@]}"
+}
+
+stage1() {
+  local resume
+  resume=$(resume_flag "$WORK/base")
+  "$BIN" train --model "$WORK/vision/model" \
+    --data "synth:n=$(( STAGE1_STEPS * BATCH )),seed=4,size=$SIZE,exclude=stack-too-high" \
+    --out "$WORK/base" --full --lr 1e-3 --batch-size $BATCH --grad-accum 1 \
+    --max-steps "$STAGE1_STEPS" --save-every "$SAVE_EVERY" --seed 1 --db "$DB" "${PIX[@]}" $resume
+}
 
 # Stage 2 teaches the held-out hazard without changing the base: first a vision adapter learns
 # the new hazard's boxes (the tower itself stays frozen), then the language model's adapter is
 # trained on top of it, continuing the vision adapter.
-stamp "stage 2a: vision adapter on the boxes"
-rm -rf "$WORK/vision2"
-"$BIN" pretrain-vision --model "$WORK/base/model" --data "$WORK/stage2/annotations.jsonl" \
-  --out "$WORK/vision2" --steps "$STAGE2A_STEPS" --batch-size 16 --lr 3e-3 --seed 2 \
-  --lora-r 16 --lora-alpha 32 --db "$DB" "${PIX[@]}"
+stage2a() {
+  rm -rf "$WORK/vision2"
+  "$BIN" pretrain-vision --model "$WORK/base/model" --data "$WORK/stage2/annotations.jsonl" \
+    --out "$WORK/vision2" --steps "$STAGE2A_STEPS" --batch-size 16 --lr 3e-3 --seed 2 \
+    --lora-r 16 --lora-alpha 32 --db "$DB" "${PIX[@]}"
+}
 
 # Stage 2b learns the held-out hazard's findings from the annotations and every other finding
 # from the base's own answers for the same scenes (learning without forgetting): the adapter
 # adds the new hazard to what the base answers instead of relearning the other hazards.
-stamp "stage 2b data: the base's answers for the other hazards"
-"$BIN" dataset complete "$WORK/stage2/annotations.jsonl" --keep "《现场管理标准》第3.2条" \
-  --out "$WORK/stage2/completed.jsonl" --model "$WORK/base/model" --batch-size 32 --db "$DB"
+stage2b_data() {
+  "$BIN" dataset complete "$WORK/stage2/annotations.jsonl" --keep "《现场管理标准》第3.2条" \
+    --out "$WORK/stage2/completed.jsonl" --model "$WORK/base/model" --batch-size 32 --db "$DB"
+}
 
-stamp "stage 2b: LoRA for the held-out hazard"
-rm -rf "$WORK/lora"
-"$BIN" train --model "$WORK/base/model" --data "$WORK/stage2/completed.jsonl" --out "$WORK/lora" \
-  --init-adapter "$WORK/vision2/adapter" --lora-vision --lora-r 16 --lora-alpha 32 --lora-dropout 0.05 --lr 2e-3 \
-  --batch-size $BATCH --grad-accum 1 --max-steps "$STAGE2_STEPS" \
-  --save-every 200 --seed 2 --db "$DB" "${PIX[@]}"
-stamp "training done"
+stage2b() {
+  local resume
+  resume=$(resume_flag "$WORK/lora")
+  "$BIN" train --model "$WORK/base/model" --data "$WORK/stage2/completed.jsonl" --out "$WORK/lora" \
+    --init-adapter "$WORK/vision2/adapter" --lora-vision --lora-r 16 --lora-alpha 32 --lora-dropout 0.05 --lr 2e-3 \
+    --batch-size $BATCH --grad-accum 1 --max-steps "$STAGE2_STEPS" \
+    --save-every "$SAVE_EVERY" --seed 2 --db "$DB" "${PIX[@]}" $resume
+}
+
+stage scenes scenes
+stage init init
+stage stage0 stage0
+stage stage1 stage1
+stage stage2a stage2a
+stage stage2b-data stage2b_data
+stage stage2b stage2b
+stamp "training done; wall time of each stage (s):"
+cat "$WORK/times.tsv"
 
 # Whether this run reproduced the bundled weights bit for bit. The same seeds and step counts on
 # a 2-core machine of the kind that trained them do; another CPU or thread count may change float

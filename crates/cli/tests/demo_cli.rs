@@ -253,33 +253,76 @@ fn final_loss(metrics: &Path) -> f64 {
     v["loss"].as_f64().unwrap()
 }
 
-/// `tools/demo/retrain.sh` with 20 + 30 + 5 + 12 steps instead of 1,500 + 2,400 + 300 + 900,
-/// run twice: every stage runs, the outputs load, the final adapter holds both the vision and
-/// the language model's layers, the second run's weights are byte-identical to the first's and
-/// its losses (both vision pretrainings' too) equal the first's (same seeds) within 1e-4
-/// relative, and the script reports that a shortened run's weights differ from the bundled ones. Run: `cargo test --release -p inspector-cli --test demo_cli -- --ignored`.
+/// `tools/demo/retrain.sh` with 20 + 30 + 5 + 12 steps instead of the recipe's, run twice, the
+/// second time stopped during stage 1 (Ctrl-C to its `train`) and then run again, which skips
+/// the finished stages and continues stage 1 from its checkpoint: every stage runs, the outputs
+/// load, the final adapter holds both the vision and the language model's layers, the second
+/// run's weights are byte-identical to the first's and its losses (both vision pretrainings'
+/// too) equal the first's (same seeds) within 1e-4 relative, and the script reports that a
+/// shortened run's weights differ from the bundled ones. Run: `cargo test --release -p
+/// inspector-cli --test demo_cli -- --ignored`.
 #[test]
 #[ignore = "trains twice for a few minutes"]
 fn demo_retrain_shortened_runs_end_to_end_and_reproduces() {
     let (mut losses, mut weights) = (Vec::new(), Vec::new());
-    for _ in 0..2 {
+    for sitting in 0..2 {
         let work = tempfile::tempdir().unwrap();
-        let out = Command::new("bash")
-            .arg(root().join("tools/demo/retrain.sh"))
-            .arg(work.path())
-            .env("INSPECTOR_BIN", env!("CARGO_BIN_EXE_inspector"))
-            .env("STAGE0_STEPS", "20")
-            .env("STAGE1_STEPS", "30")
-            .env("STAGE2A_STEPS", "5")
-            .env("STAGE2_STEPS", "12")
-            .output()
-            .unwrap();
+        let script = || {
+            let mut c = Command::new("bash");
+            c.arg(root().join("tools/demo/retrain.sh"))
+                .arg(work.path())
+                .env("INSPECTOR_BIN", env!("CARGO_BIN_EXE_inspector"))
+                .env("STAGE0_STEPS", "20")
+                .env("STAGE1_STEPS", "30")
+                .env("STAGE2A_STEPS", "5")
+                .env("STAGE2_STEPS", "12")
+                .env("SAVE_EVERY", "5");
+            c
+        };
+        if sitting == 1 {
+            // Stopped once stage 1 has a checkpoint, as a session's end stops it.
+            let child = script()
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let first = work.path().join("base/checkpoints/step-5");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
+            while !first.exists() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "stage 1 wrote no checkpoint"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let pattern = format!(
+                "train --model {}",
+                work.path().join("vision/model").display()
+            );
+            let killed = Command::new("pkill")
+                .args(["-INT", "-f", &pattern])
+                .status()
+                .unwrap();
+            assert!(killed.success(), "no stage-1 process to stop");
+            let out = child.wait_with_output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(!out.status.success(), "{stdout}");
+            assert!(stdout.contains("continue with --resume"), "{stdout}");
+            assert!(!work.path().join("done/stage1").exists());
+        }
+        let out = script().output().unwrap();
         assert!(
             out.status.success(),
             "{}\n{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if sitting == 1 {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(stdout.contains("stage0: finished earlier"), "{stdout}");
+            let times = std::fs::read_to_string(work.path().join("times.tsv")).unwrap();
+            assert!(times.contains("stage1\t"), "{times}");
+        }
         let base = work.path().join("base/model");
         let adapter = work.path().join("lora/adapter");
         assert!(base.join("config.json").is_file());
