@@ -306,8 +306,13 @@ fn print_summary(r: &Report, missing: usize) {
     );
     println!("按条款：");
     for (rule, p) in &r.per_rule {
+        let boxes = bx
+            .per_rule
+            .get(rule)
+            .map(|b| format!("  框 P {:.3} R {:.3}", b.precision, b.recall))
+            .unwrap_or_default();
         println!(
-            "  {rule}  P {:.3}  R {:.3}  F1 {:.3}  (gold {}, predicted {})",
+            "  {rule}  P {:.3}  R {:.3}  F1 {:.3}  (gold {}, predicted {}){boxes}",
             p.precision, p.recall, p.f1, p.support, p.predicted
         );
     }

@@ -115,7 +115,7 @@ pub struct Binary {
 }
 
 /// Box quality over matched violations.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BoxMetrics {
     pub precision: f64,
     pub recall: f64,
@@ -124,6 +124,18 @@ pub struct BoxMetrics {
     pub predicted_boxes: u64,
     /// COCO AP at IoU 0.5, per rule, averaged; `None` without scores or gold boxes.
     pub ap50: Option<f64>,
+    /// The same precision and recall for each rule's matched violations (`ap50` left out).
+    #[serde(default)]
+    pub per_rule: BTreeMap<String, BoxCounts>,
+}
+
+/// Box precision and recall of one rule's matched violations.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BoxCounts {
+    pub precision: f64,
+    pub recall: f64,
+    pub gold_boxes: u64,
+    pub predicted_boxes: u64,
 }
 
 /// Everything `inspector eval --json` prints.
@@ -155,6 +167,8 @@ pub fn evaluate(pairs: &[(Gold, Prediction)]) -> Report {
     let mut categories: BTreeMap<String, [u64; 3]> = BTreeMap::new();
     let mut risks: BTreeMap<String, [u64; 3]> = BTreeMap::new();
     let (mut box_tp, mut box_gold, mut box_pred) = (0u64, 0u64, 0u64);
+    // rule → (tp, gold, predicted) boxes.
+    let mut rule_boxes: BTreeMap<String, [u64; 3]> = BTreeMap::new();
     let mut gts = Vec::new();
     let mut dets = Vec::new();
     let mut scored = true;
@@ -229,9 +243,14 @@ pub fn evaluate(pairs: &[(Gold, Prediction)]) -> Report {
             if g.is_empty() || p.is_empty() {
                 continue;
             }
+            let tp = greedy_matches(&g, &p, 0.5);
             box_gold += g.len() as u64;
             box_pred += p.len() as u64;
-            box_tp += greedy_matches(&g, &p, 0.5);
+            box_tp += tp;
+            let e = rule_boxes.entry(rule.to_string()).or_default();
+            e[0] += tp;
+            e[1] += g.len() as u64;
+            e[2] += p.len() as u64;
         }
 
         // COCO: every boxed violation, one category per rule.
@@ -295,6 +314,18 @@ pub fn evaluate(pairs: &[(Gold, Prediction)]) -> Report {
             } else {
                 None
             },
+            per_rule: rule_boxes
+                .into_iter()
+                .map(|(rule, [tp, gold, pred])| {
+                    let counts = BoxCounts {
+                        precision: div(tp, pred),
+                        recall: div(tp, gold),
+                        gold_boxes: gold,
+                        predicted_boxes: pred,
+                    };
+                    (rule, counts)
+                })
+                .collect(),
         },
     }
 }

@@ -158,6 +158,29 @@ fn metrics_equal_sklearn_and_pycocotools() {
             bx["predicted_boxes"].as_u64().unwrap(),
             "{name}"
         );
+        // The per-rule box counts add up to the reference's totals.
+        let per_rule = &r.r#box.per_rule;
+        let sum =
+            |f: &dyn Fn(&inspector_eval::BoxCounts) -> f64| per_rule.values().map(f).sum::<f64>();
+        assert_eq!(
+            sum(&|b| b.gold_boxes as f64) as u64,
+            bx["gold_boxes"].as_u64().unwrap(),
+            "{name}: per-rule gold boxes"
+        );
+        assert_eq!(
+            sum(&|b| b.predicted_boxes as f64) as u64,
+            bx["predicted_boxes"].as_u64().unwrap(),
+            "{name}: per-rule predicted boxes"
+        );
+        close(
+            sum(&|b| b.precision * b.predicted_boxes as f64),
+            bx["precision"].as_f64().unwrap() * bx["predicted_boxes"].as_f64().unwrap(),
+            &format!("{name}: per-rule matched boxes"),
+        );
+        assert!(
+            per_rule.keys().all(|k| r.per_rule.contains_key(k)),
+            "{name}"
+        );
         match (r.r#box.ap50, bx["ap50"].as_f64()) {
             (Some(ours), Some(theirs)) => {
                 close(ours, theirs, &format!("{name}: ap50"));
