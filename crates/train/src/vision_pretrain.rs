@@ -17,6 +17,11 @@
 //! The loss is binary cross-entropy on the logits, positives weighted
 //! ([`VisionPretrainConfig::pos_weight`]), written with differentiable ops only
 //! (`max(x, 0) − x·y + log(1 + e^−|x|)`).
+//!
+//! With [`VisionPretrainConfig::box_weight`] above zero, a second linear head also asks every
+//! covered token where its box's edges lie, as distances from the token's cell in cells
+//! ([`token_box_targets`], as FCOS does), under a smooth L1 loss: the tower learns to carry a
+//! box's extent in each of its tokens, which the language model later has to write out.
 
 use std::path::Path;
 
@@ -41,6 +46,8 @@ pub struct VisionPretrainConfig {
     /// Optimizer steps (one batch each).
     pub steps: u64,
     pub seed: u64,
+    /// The weight of the box-edge loss ([`token_box_targets`]); 0 leaves the box head out.
+    pub box_weight: f64,
 }
 
 impl Default for VisionPretrainConfig {
@@ -53,6 +60,7 @@ impl Default for VisionPretrainConfig {
             pos_weight: 8.0,
             steps: 1000,
             seed: 0,
+            box_weight: 0.0,
         }
     }
 }
@@ -99,10 +107,62 @@ pub fn token_targets(
     out
 }
 
-/// One image and its targets ([`token_targets`]).
+/// Where the box covering each (token, class) lies, for the box head: `offsets` is
+/// `[tokens · classes · 4]`, the distances from the token's cell centre to the box's left, top,
+/// right and bottom edges in cells (negative where an edge lies past the centre); `mask` is
+/// `[tokens · classes]`, 1 where a box of the class covers the token by [`token_targets`]'s rule
+/// (the smallest such box when several do), else 0 with offsets 0.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoxTargets {
+    pub offsets: Vec<f32>,
+    pub mask: Vec<f32>,
+}
+
+/// The [`BoxTargets`] of one image; the arguments are [`token_targets`]'s.
+pub fn token_box_targets(
+    size: (u32, u32),
+    grid_thw: [usize; 3],
+    merge: usize,
+    boxes: &[(usize, BBox)],
+    n_classes: usize,
+) -> BoxTargets {
+    let [t, gh, gw] = grid_thw;
+    let (rows, cols) = (gh / merge, gw / merge);
+    let (cw, ch) = (size.0 as f64 / cols as f64, size.1 as f64 / rows as f64);
+    let cells = t * rows * cols * n_classes;
+    let mut offsets = vec![0f32; cells * 4];
+    let mut mask = vec![0f32; cells];
+    // The area of the box each (token, class) holds so far.
+    let mut held = vec![f64::INFINITY; cells];
+    for &(class, b) in boxes {
+        let area = (b[2] - b[0]) * (b[3] - b[1]);
+        let single = [(class, b)];
+        let covered = token_targets(size, grid_thw, merge, &single, n_classes);
+        for (k, _) in covered.iter().enumerate().filter(|(_, v)| **v > 0.5) {
+            if area >= held[k] {
+                continue;
+            }
+            held[k] = area;
+            mask[k] = 1.0;
+            let cell = (k / n_classes) % (rows * cols);
+            let (r, c) = (cell / cols, cell % cols);
+            let (cx, cy) = ((c as f64 + 0.5) * cw, (r as f64 + 0.5) * ch);
+            offsets[4 * k..4 * k + 4].copy_from_slice(&[
+                ((cx - b[0]) / cw) as f32,
+                ((cy - b[1]) / ch) as f32,
+                ((b[2] - cx) / cw) as f32,
+                ((b[3] - cy) / ch) as f32,
+            ]);
+        }
+    }
+    BoxTargets { offsets, mask }
+}
+
+/// One image and its targets ([`token_targets`]; with a box head, [`token_box_targets`] too).
 pub struct PretrainSample<'a> {
     pub image: &'a ProcessedImage,
     pub targets: &'a [f32],
+    pub boxes: Option<&'a BoxTargets>,
 }
 
 /// How a batch's token × class answers compare with the targets (logit ≥ 0 means "covered").
@@ -115,6 +175,10 @@ pub struct Tally {
     pub true_pos: Vec<u64>,
     pub false_pos: Vec<u64>,
     pub false_neg: Vec<u64>,
+    /// With a box head: the summed absolute error of the predicted edges of covered tokens, in
+    /// cells, and how many edges that is.
+    pub box_abs_error: f64,
+    pub box_edges: u64,
 }
 
 impl Tally {
@@ -131,6 +195,8 @@ impl Tally {
         }
         self.right += other.right;
         self.total += other.total;
+        self.box_abs_error += other.box_abs_error;
+        self.box_edges += other.box_edges;
         for (a, b) in [
             (&mut self.true_pos, &other.true_pos),
             (&mut self.false_pos, &other.false_pos),
@@ -143,6 +209,11 @@ impl Tally {
     }
 
     /// Per class: (precision, recall) of the covered tokens; `None` where undefined.
+    /// The mean absolute error of covered tokens' box edges, in cells (with a box head).
+    pub fn box_error(&self) -> Option<f64> {
+        (self.box_edges > 0).then(|| self.box_abs_error / self.box_edges as f64)
+    }
+
     pub fn precision_recall(&self) -> Vec<(Option<f64>, Option<f64>)> {
         (0..self.true_pos.len())
             .map(|c| {
@@ -167,6 +238,8 @@ pub struct VisionPretrainer {
     model_dir: std::path::PathBuf,
     /// `[hidden, classes]` and `[classes]`.
     pub head: (Var, Var),
+    /// The box head ([`VisionPretrainConfig::box_weight`]): 4 edges per class.
+    pub box_head: Option<(Var, Var)>,
     opt: AdamW,
     pub config: VisionPretrainConfig,
     pub step: u64,
@@ -259,9 +332,25 @@ impl VisionPretrainer {
             Var::from_tensor(&Tensor::from_vec(w, (hidden, n_classes), &device)?)?,
             Var::from_tensor(&Tensor::zeros(n_classes, DType::F32, &device)?)?,
         );
+        // Drawn after the class head, so that a run without it starts as before.
+        let box_head = if config.box_weight > 0.0 {
+            let w: Vec<f32> = (0..hidden * 4 * n_classes)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            Some((
+                Var::from_tensor(&Tensor::from_vec(w, (hidden, 4 * n_classes), &device)?)?,
+                Var::from_tensor(&Tensor::zeros(4 * n_classes, DType::F32, &device)?)?,
+            ))
+        } else {
+            None
+        };
         let (mut vars, mut decay): (Vec<Var>, Vec<bool>) = trained.into_iter().unzip();
         vars.extend([head.0.clone(), head.1.clone()]);
         decay.extend([true, false]);
+        if let Some((w, b)) = &box_head {
+            vars.extend([w.clone(), b.clone()]);
+            decay.extend([true, false]);
+        }
         let opt = AdamW::grouped(
             vars,
             decay,
@@ -277,6 +366,7 @@ impl VisionPretrainer {
             lora,
             model_dir: model_dir.to_path_buf(),
             head,
+            box_head,
             opt,
             config,
             step: 0,
@@ -321,7 +411,40 @@ impl VisionPretrainer {
         // max(x, 0) − x·y + log(1 + e^−|x|), every op differentiable.
         let bce = (x.relu()? - (&x * &y)? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
         let weight = ((&y * (self.config.pos_weight - 1.0))? + 1.0)?;
-        let loss = (bce * weight)?.mean_all()?;
+        let mut loss = (bce * weight)?.mean_all()?;
+        let mut box_abs_error = 0.0;
+        let mut box_edges = 0u64;
+        if let Some((w, b)) = &self.box_head {
+            let mut offsets = Vec::with_capacity(n * 4 * self.n_classes);
+            let mut mask = Vec::with_capacity(n * 4 * self.n_classes);
+            for s in batch {
+                let t = s.boxes.ok_or_else(|| {
+                    Error::Input("the box head needs every sample's box targets".into())
+                })?;
+                offsets.extend_from_slice(&t.offsets);
+                mask.extend(t.mask.iter().flat_map(|&m| [m; 4]));
+            }
+            if offsets.len() != n * 4 * self.n_classes || mask.len() != offsets.len() {
+                return Err(Error::Input(format!(
+                    "{} box targets for {n} image tokens of {} classes",
+                    offsets.len() / 4,
+                    self.n_classes
+                )));
+            }
+            let covered: f32 = mask.iter().sum();
+            let shape = (n, 4 * self.n_classes);
+            let target = Tensor::from_vec(offsets, shape, embeds.device())?;
+            let mask = Tensor::from_vec(mask, shape, embeds.device())?;
+            let predicted = embeds.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?;
+            // Smooth L1 (β = 1), differentiable: 0.5·min(|d|, 1)² + (|d| − min(|d|, 1)).
+            let a = (predicted - target)?.abs()?;
+            let q = a.clamp(0.0, 1.0)?;
+            let smooth = ((q.sqr()? * 0.5)? + (&a - &q)?)?;
+            let box_loss = ((smooth * &mask)?.sum_all()? / f64::from(covered.max(1.0)))?;
+            loss = (loss + (box_loss * self.config.box_weight)?)?;
+            box_abs_error = (a * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
+            box_edges = covered as u64;
+        }
         let said: Vec<Vec<f32>> = x.ge(0.0)?.to_dtype(DType::F32)?.to_vec2()?;
         let truth: Vec<Vec<f32>> = y.to_vec2()?;
         let mut tally = Tally {
@@ -330,6 +453,8 @@ impl VisionPretrainer {
             true_pos: vec![0; self.n_classes],
             false_pos: vec![0; self.n_classes],
             false_neg: vec![0; self.n_classes],
+            box_abs_error,
+            box_edges,
         };
         for (s_row, t_row) in said.iter().zip(&truth) {
             for (c, (&s, &t)) in s_row.iter().zip(t_row).enumerate() {

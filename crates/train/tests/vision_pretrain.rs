@@ -10,7 +10,8 @@ use inspector_qwen2vl::{
 use inspector_train::{
     trainer::{TrainConfig, Trainer},
     vision_pretrain::{
-        PretrainSample, Tally, VisionPretrainConfig, VisionPretrainer, token_targets,
+        BoxTargets, PretrainSample, Tally, VisionPretrainConfig, VisionPretrainer,
+        token_box_targets, token_targets,
     },
 };
 
@@ -62,7 +63,11 @@ fn samples<'a>(photos: &'a [Photo], targets: &'a [Vec<f32>]) -> Vec<PretrainSamp
     photos
         .iter()
         .zip(targets)
-        .map(|((image, _), targets)| PretrainSample { image, targets })
+        .map(|((image, _), targets)| PretrainSample {
+            image,
+            targets,
+            boxes: None,
+        })
         .collect()
 }
 
@@ -112,10 +117,12 @@ fn every_vision_weight_and_the_head_get_a_gradient() {
         PretrainSample {
             image: &a,
             targets: &ta,
+            boxes: None,
         },
         PretrainSample {
             image: &b,
             targets: &tb,
+            boxes: None,
         },
     ];
     let (loss, _) = p.loss(&batch).unwrap();
@@ -133,8 +140,101 @@ fn every_vision_weight_and_the_head_get_a_gradient() {
     let short = [PretrainSample {
         image: &a,
         targets: &ta[..3],
+        boxes: None,
     }];
     assert!(p.loss(&short).is_err());
+}
+
+#[test]
+fn box_targets_give_each_covered_cell_the_distances_to_its_box_edges() {
+    // 4×4 cells of 28 px; the box covers cells 0 and 1 (as in the test above).
+    let b = [0.0, 0.0, 42.0, 20.0];
+    let t = token_box_targets((112, 112), [1, 8, 8], 2, &[(1, b)], 2);
+    let covered = token_targets((112, 112), [1, 8, 8], 2, &[(1, b)], 2);
+    assert_eq!(t.mask, covered, "the mask is the class targets");
+    // Cell 1 (class 1): centre (42, 14): left edge 1.5 cells to the left, top 0.5 up, right
+    // edge at the centre (0), bottom 6 px down (3/14 of a cell).
+    let k = 2 + 1;
+    let got = &t.offsets[4 * k..4 * k + 4];
+    let want = [1.5, 0.5, 0.0, 6.0 / 28.0];
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+    }
+    assert!(
+        t.offsets
+            .iter()
+            .enumerate()
+            .all(|(i, &v)| t.mask[i / 4] > 0.0 || v == 0.0)
+    );
+    // Where two boxes of a class cover a cell, the smaller one is its target.
+    let big = [0.0, 0.0, 112.0, 112.0];
+    let small = [30.0, 30.0, 50.0, 50.0];
+    let t = token_box_targets((112, 112), [1, 8, 8], 2, &[(0, big), (0, small)], 1);
+    let k = 4 + 1; // cell (1, 1), centre (42, 42): covered by both
+    let want = [12.0 / 28.0, 12.0 / 28.0, 8.0 / 28.0, 8.0 / 28.0];
+    for (g, w) in t.offsets[4 * k..4 * k + 4].iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{:?}", &t.offsets[4 * k..4 * k + 4]);
+    }
+    // Cell (0, 0), centre (14, 14): only the big box.
+    assert_eq!(&t.offsets[..4], &[0.5, 0.5, 3.5, 3.5]);
+}
+
+#[test]
+fn the_box_head_learns_the_edges_and_every_weight_gets_a_gradient() {
+    let (photos, targets) = six_photos();
+    let box_targets: Vec<BoxTargets> = photos
+        .iter()
+        .map(|(p, b)| token_box_targets((112, 112), p.grid_thw, 2, &[(0, *b)], 1))
+        .collect();
+    let batch: Vec<PretrainSample> = photos
+        .iter()
+        .zip(&targets)
+        .zip(&box_targets)
+        .map(|(((image, _), targets), boxes)| PretrainSample {
+            image,
+            targets,
+            boxes: Some(boxes),
+        })
+        .collect();
+    let config = VisionPretrainConfig {
+        steps: 80,
+        lr: 3e-3,
+        box_weight: 1.0,
+        ..Default::default()
+    };
+    let mut p = VisionPretrainer::new(&tiny_a(), 1, config.clone()).unwrap();
+    // The class head starts as without the box head (drawn first from the same seed).
+    let plain = VisionPretrainer::new(&tiny_a(), 1, VisionPretrainConfig::default()).unwrap();
+    assert_eq!(
+        max_abs(&(p.head.0.as_tensor() - plain.head.0.as_tensor()).unwrap()),
+        0.0
+    );
+    let (loss, _) = p.loss(&batch).unwrap();
+    let grads = loss.backward().unwrap();
+    let (w, b) = p.box_head.clone().expect("a box head");
+    for (name, var) in p
+        .weights
+        .iter()
+        .map(|(n, v)| (n.as_str(), v))
+        .chain([("box head w", &w), ("box head b", &b)])
+    {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name}: no gradient reached it"));
+        assert!(max_abs(g) > 0.0, "{name}: zero gradient");
+    }
+    // Without its targets the box head refuses the batch.
+    let bare = samples(&photos, &targets);
+    assert!(p.loss(&bare).is_err());
+
+    let (_, first, _) = p.train_step(&batch).unwrap();
+    let mut end = first.clone();
+    for _ in 1..config.steps {
+        end = p.train_step(&batch).unwrap().1;
+    }
+    let (e0, e1) = (first.box_error().unwrap(), end.box_error().unwrap());
+    eprintln!("box edge error {e0:.3} → {e1:.3} cells");
+    assert!(e1 < 0.35 * e0 && e1 < 0.3, "box edge error {e0} → {e1}");
 }
 
 #[test]
