@@ -85,11 +85,13 @@ init() {
 
 # Stages 0 and 1 never show the held-out hazard (stack-too-high); stage 2 teaches it. They learn
 # from fresh scenes, rendered when their batch comes (`--data synth:…`): no scene is seen twice.
+# Stage 0 also learns each covered token's box edges (--box-loss): the language model has to
+# write boxes out, and reads them best from tokens that carry them.
 stage0() {
   rm -rf "$WORK/vision"
   "$BIN" pretrain-vision --model "$WORK/init" \
     --data "synth:n=$(( STAGE0_STEPS * 16 )),seed=1,size=$SIZE,exclude=stack-too-high" \
-    --out "$WORK/vision" --steps "$STAGE0_STEPS" --batch-size 16 --lr 2e-3 --seed 0 \
+    --out "$WORK/vision" --steps "$STAGE0_STEPS" --batch-size 16 --lr 2e-3 --box-loss 0.25 --seed 0 \
     --db "$DB" "${PIX[@]}"
 }
 
