@@ -35,8 +35,17 @@ PIX=(--min-pixels 3136 --max-pixels 60000)
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
+# Adds seconds to a stage's line in times.tsv.
+add_time() {
+  local before
+  before=$(awk -F'\t' -v s="$1" '$1 == s { print $2 }' "$WORK/times.tsv" 2>/dev/null || true)
+  { grep -v "^$1	" "$WORK/times.tsv" 2>/dev/null || true; printf '%s\t%s\n' "$1" "$(( ${before:-0} + $2 ))"; } > "$WORK/times.tsv.tmp"
+  mv "$WORK/times.tsv.tmp" "$WORK/times.tsv"
+}
+
 # Runs a stage unless an earlier sitting finished it, and adds this sitting's wall time to the
-# stage's line in times.tsv.
+# stage's line in times.tsv. A sitting killed outright (the machine stopped) counts up to its
+# last write into WORK (metrics lines come every 10 steps, checkpoints every SAVE_EVERY).
 stage() {
   local name="$1"
   shift
@@ -44,16 +53,22 @@ stage() {
     stamp "$name: finished earlier"
     return
   fi
-  stamp "$name"
+  if [ -e "$WORK/done/$name.started" ]; then
+    local s0 last
+    s0=$(cat "$WORK/done/$name.started")
+    last=$(find "$WORK" -path "$WORK/done" -prune -o -type f -printf '%T@\n' | sort -n | tail -1 | cut -d. -f1)
+    add_time "$name" $(( last > s0 ? last - s0 : 0 ))
+    stamp "$name: an earlier sitting was stopped in it; going on"
+  else
+    stamp "$name"
+  fi
   local start
   start=$(date +%s)
+  echo "$start" > "$WORK/done/$name.started"
   local status=0
   "$@" || status=$?
-  local spent=$(( $(date +%s) - start ))
-  local before
-  before=$(awk -F'\t' -v s="$name" '$1 == s { print $2 }' "$WORK/times.tsv" 2>/dev/null || true)
-  { grep -v "^$name	" "$WORK/times.tsv" 2>/dev/null || true; printf '%s\t%s\n' "$name" "$(( ${before:-0} + spent ))"; } > "$WORK/times.tsv.tmp"
-  mv "$WORK/times.tsv.tmp" "$WORK/times.tsv"
+  add_time "$name" $(( $(date +%s) - start ))
+  rm -f "$WORK/done/$name.started"
   [ "$status" -eq 0 ] || exit "$status"
   touch "$WORK/done/$name"
 }
