@@ -366,8 +366,6 @@ fn nearest<'a>(citation: &str, rules: &'a [Rule]) -> Option<&'a Rule> {
         .map(|(_, r)| r)
 }
 
-/// Checks every line. Images are read and decoded in parallel first (the slow part); the
-/// problems are then reported in line order.
 /// Checks annotation text whose photos are not files but made on demand (synthetic scenes
 /// rendered when a batch needs them): `name` stands for the file in messages and paths, every
 /// photo is `size`, and a photo's hash is that of its name. Refused as [`load_file`] refuses.
@@ -399,7 +397,9 @@ fn check(text: &str, base: &Path, rules: &[Rule]) -> (Report, Vec<Record>) {
     check_with(text, base, rules, check_image)
 }
 
-/// [`check`] with `image` telling each photo's hash and size.
+/// Checks every line. Images are read and decoded in parallel first (the slow part, done by
+/// `image`, which tells each photo's hash and size); the problems are then reported in line
+/// order.
 fn check_with(
     text: &str,
     base: &Path,
