@@ -29,44 +29,15 @@ const NEW_TOKENS: usize = 64;
 const THREADS: usize = 2;
 const PROMPT: &str = "你是工厂安全巡检员。请检查这张现场照片，找出其中违反安全规章制度的行为，对每一处违规说明违反的条款、风险等级、整改建议和位置。只输出一个JSON对象。";
 
+mod common;
+use common::timed;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn inspector() -> Command {
     Command::new(env!("CARGO_BIN_EXE_inspector"))
-}
-
-/// A whole process: wall seconds, peak RSS (MB), stdout.
-struct Run {
-    wall_s: f64,
-    rss_mb: f64,
-    stdout: String,
-}
-
-/// Runs `cmd` under `/usr/bin/time`, which reports wall time and the peak RSS.
-fn timed(program: &str, args: &[String], env: &[(&str, String)]) -> Run {
-    let out = Command::new("/usr/bin/time")
-        .args(["-f", "TIMED %e %M"])
-        .arg(program)
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .expect("/usr/bin/time (Debian's `time` package)");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{program} {args:?} failed:\n{stderr}");
-    let line = stderr
-        .lines()
-        .rfind(|l| l.starts_with("TIMED "))
-        .expect("time's line");
-    let mut f = line.split_whitespace().skip(1);
-    let wall_s: f64 = f.next().unwrap().parse().unwrap();
-    let rss_kb: f64 = f.next().unwrap().parse().unwrap();
-    Run {
-        wall_s,
-        rss_mb: rss_kb / 1024.0,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-    }
 }
 
 fn json_line(stdout: &str) -> serde_json::Value {

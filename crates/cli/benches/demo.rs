@@ -22,27 +22,19 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+#[allow(dead_code)] // only the time and the memory are read here
+mod common;
+
 /// Wall seconds and peak RSS (MB) of one `detect` process.
 fn detect(model: &Path, photos: &[PathBuf], db: &Path) -> (f64, f64) {
-    let out = Command::new("/usr/bin/time")
-        .args(["-f", "TIMED %e %M"])
-        .arg(env!("CARGO_BIN_EXE_inspector"))
-        .args(["detect", "--batch-size", "8", "--no-cache", "--db"])
-        .arg(db)
-        .args(photos)
-        .env("INSPECTOR_DEMO_MODEL", model)
-        .output()
-        .expect("/usr/bin/time (Debian's `time` package)");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "detect failed:\n{stderr}");
-    let line = stderr
-        .lines()
-        .rfind(|l| l.starts_with("TIMED "))
-        .expect("time's line");
-    let mut f = line.split_whitespace().skip(1);
-    let wall: f64 = f.next().unwrap().parse().unwrap();
-    let rss_kb: f64 = f.next().unwrap().parse().unwrap();
-    (wall, rss_kb / 1024.0)
+    let mut args: Vec<String> = ["detect", "--batch-size", "8", "--no-cache", "--db"]
+        .map(String::from)
+        .into();
+    args.push(db.display().to_string());
+    args.extend(photos.iter().map(|p| p.display().to_string()));
+    let env = [("INSPECTOR_DEMO_MODEL", model.display().to_string())];
+    let run = common::timed(env!("CARGO_BIN_EXE_inspector"), &args, &env);
+    (run.wall_s, run.rss_mb)
 }
 
 /// The previous demo, unpacked from git history into `dir`.
