@@ -227,36 +227,20 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
             picked.push(order.pop().expect("refilled"));
         }
         let images = processed_batch(picked.iter().map(|&i| &photos[i]))?;
-        let targets: Vec<Vec<f32>> = picked
+        // Each photo's class targets, and with a box head its box targets.
+        let (targets, box_targets): (Vec<Vec<f32>>, Vec<Option<BoxTargets>>) = picked
             .iter()
             .zip(&images)
             .map(|(&i, image)| {
-                token_targets(
-                    data.records[i].size,
-                    image.grid_thw,
-                    merge,
-                    &boxes[i],
-                    classes.len(),
+                let (size, grid) = (data.records[i].size, image.grid_thw);
+                let n = classes.len();
+                (
+                    token_targets(size, grid, merge, &boxes[i], n),
+                    (args.box_loss > 0.0)
+                        .then(|| token_box_targets(size, grid, merge, &boxes[i], n)),
                 )
             })
-            .collect();
-        let box_targets: Vec<BoxTargets> = if args.box_loss > 0.0 {
-            picked
-                .iter()
-                .zip(&images)
-                .map(|(&i, image)| {
-                    token_box_targets(
-                        data.records[i].size,
-                        image.grid_thw,
-                        merge,
-                        &boxes[i],
-                        classes.len(),
-                    )
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+            .unzip();
         let batch: Vec<PretrainSample> = images
             .iter()
             .zip(&targets)
@@ -264,7 +248,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
             .map(|(k, (image, targets))| PretrainSample {
                 image,
                 targets,
-                boxes: box_targets.get(k),
+                boxes: box_targets[k].as_ref(),
             })
             .collect();
         let (loss, tally, norm) = trainer.train_step(&batch)?;
