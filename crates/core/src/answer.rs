@@ -132,6 +132,74 @@ pub struct Answer {
     pub violations: Vec<AnswerViolation>,
 }
 
+/// The canonical answer as a JSON schema (for `response_format` when another engine serves the
+/// model), keys in the answer's order. `citations` are the values `rule` may take (the rules in
+/// the database); empty allows any string. JSON Schema's subset cannot say "exactly four
+/// integers of 0–1000", so `box` is at most four integers; a shorter box is dropped when the
+/// answer is read.
+pub fn json_schema(citations: &[String]) -> crate::json_schema::Json {
+    use crate::json_schema::Json;
+    let string = || Json::object([("type", Json::str("string"))]);
+    let choice = |values: Vec<Json>| {
+        Json::object([("type", Json::str("string")), ("enum", Json::Array(values))])
+    };
+    let rule = if citations.is_empty() {
+        string()
+    } else {
+        choice(citations.iter().map(|c| Json::str(c.as_str())).collect())
+    };
+    let violation = Json::object([
+        ("type", Json::str("object")),
+        (
+            "properties",
+            Json::object([
+                ("description", string()),
+                ("rule", rule),
+                (
+                    "risk",
+                    choice([Risk::High, Risk::Medium, Risk::Low].map(|r| Json::str(r.as_str())).into()),
+                ),
+                ("suggestion", string()),
+                (
+                    "box",
+                    Json::object([
+                        ("type", Json::str("array")),
+                        ("items", Json::object([("type", Json::str("integer"))])),
+                        ("maxItems", Json::Number(4.into())),
+                    ]),
+                ),
+            ]),
+        ),
+        (
+            "required",
+            Json::Array(vec![
+                Json::str("description"),
+                Json::str("rule"),
+                Json::str("risk"),
+            ]),
+        ),
+        ("additionalProperties", Json::Bool(false)),
+    ]);
+    Json::object([
+        ("type", Json::str("object")),
+        (
+            "properties",
+            Json::object([
+                ("status", choice(vec![Json::str("safe"), Json::str("violation")])),
+                (
+                    "violations",
+                    Json::object([("type", Json::str("array")), ("items", violation)]),
+                ),
+            ]),
+        ),
+        (
+            "required",
+            Json::Array(vec![Json::str("status"), Json::str("violations")]),
+        ),
+        ("additionalProperties", Json::Bool(false)),
+    ])
+}
+
 /// Pixel box → 0–1000 box (rounded, clamped).
 pub fn box_to_scale(b: &BBox, (w, h): (u32, u32)) -> [u32; 4] {
     let f = |v: f64, side: u32| (v / side as f64 * BOX_SCALE).round().clamp(0.0, BOX_SCALE) as u32;
@@ -369,6 +437,36 @@ mod tests {
     use sha2::{Digest, Sha256};
 
     use super::*;
+
+    /// The answer schema's grammar takes the canonical answers, safe or not, and holds `rule` to
+    /// the citations given.
+    #[test]
+    fn the_answer_schema_takes_canonical_answers_and_only_given_citations() {
+        use crate::{grammar::Viability, json_schema::SchemaGrammar};
+        let citations = vec!["《安全作业规程》第3.1条".to_string()];
+        let g = SchemaGrammar::compile(&json_schema(&citations)).unwrap();
+        let violation = |rule: &str| crate::Violation {
+            description: "未戴安全帽".into(),
+            rule: rule.into(),
+            risk: Risk::Medium,
+            suggestion: Some("佩戴".into()),
+            bbox: Some([1.0, 2.0, 30.0, 40.0]),
+        };
+        let answer = |v: Vec<crate::Violation>| {
+            Answer::from_annotation(&Annotation { image: "a.png".into(), violations: v }, (64, 48))
+                .to_json()
+        };
+        for text in [answer(vec![]), answer(vec![violation(&citations[0]); 2])] {
+            assert_eq!(g.check(text.as_bytes()), Viability::Complete, "{text}");
+        }
+        let other = answer(vec![violation("《电气安全规程》第12条")]);
+        assert_eq!(g.check(other.as_bytes()), Viability::Invalid);
+        // Without citations, any rule string.
+        let free = SchemaGrammar::compile(&json_schema(&[])).unwrap();
+        assert_eq!(free.check(other.as_bytes()), Viability::Complete);
+        // Keys in the answer's order.
+        assert!(json_schema(&[]).to_json().starts_with(r#"{"type":"object","properties":{"status""#));
+    }
 
     /// Changing the instruction without bumping the version would mix caches and adapters of
     /// two prompts. If this fails: bump `PROMPT_VERSION`, then update the hash here.

@@ -8,6 +8,8 @@
 //! - [`citation`]: turning a citation written by a person or a model into one rule;
 //! - [`answer`]: the canonical instruction ([`answer::INSTRUCTION`], versioned), the JSON answer
 //!   the model is trained to give, and the numbered Chinese list older tools write;
+//! - [`grammar`] and [`json_schema`]: byte-prefix grammars for constrained decoding (the answer;
+//!   any schema of a stated subset, for `response_format`);
 //! - [`reply`]: reading what a model wrote (tolerant JSON, the numbered list, truncation);
 //! - [`Annotation`]: one annotated photo, as annotation files hold it.
 //!
@@ -29,6 +31,7 @@ mod annotation;
 pub mod answer;
 pub mod citation;
 pub mod grammar;
+pub mod json_schema;
 pub mod numerals;
 pub mod reply;
 mod rule;

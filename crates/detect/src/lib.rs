@@ -45,6 +45,7 @@ use inspector_core::{
     answer::{BOX_SCALE, PROMPT_VERSION, Prompt},
     citation::{Resolution, resolve},
     grammar::{AnswerGrammar, Viability},
+    json_schema::SchemaGrammar,
     reply::{ReplyFormat, ReplyStatus, parse_reply, violation_spans},
 };
 use inspector_qwen2vl::{
@@ -81,6 +82,10 @@ pub enum Error {
     Store(#[from] inspector_store::StoreError),
     #[error("the prompt is {tokens} tokens long, above the limit of {limit}")]
     PromptTooLong { tokens: usize, limit: usize },
+    #[error(
+        "the response format's shortest answer needs {needed} tokens, more than max_tokens {max_tokens}"
+    )]
+    SchemaBudget { needed: usize, max_tokens: usize },
 }
 
 /// Decoding settings for inspection: greedy, no repetition penalty, at most 512 new tokens,
@@ -272,6 +277,48 @@ impl Constraint for GrammarConstraint<'_> {
         if let Some(Some(piece)) = self.pieces.get(token as usize) {
             self.texts[row].extend_from_slice(piece);
             self.complete[row] = self.grammar.check(&self.texts[row]) == Viability::Complete;
+        }
+    }
+}
+
+/// Decoding to a JSON schema (one row): only tokens that keep the text a prefix of an instance
+/// whose shortest completion, one byte a token, still fits in the tokens left before the eos.
+struct SchemaConstraint<'a> {
+    grammar: &'a SchemaGrammar,
+    pieces: &'a [Option<Vec<u8>>],
+    eos: u32,
+    /// `max_new_tokens`, the eos included.
+    budget: usize,
+    text: Vec<u8>,
+    emitted: usize,
+    complete: bool,
+}
+
+impl Constraint for SchemaConstraint<'_> {
+    fn allows(&mut self, _row: usize, token: u32) -> bool {
+        if token == self.eos {
+            return self.complete;
+        }
+        if self.complete {
+            return false;
+        }
+        let Some(Some(piece)) = self.pieces.get(token as usize) else {
+            return false;
+        };
+        // Tokens left after this one, of which the eos takes the last.
+        let left = self.budget.saturating_sub(self.emitted + 1);
+        let mut text = self.text.clone();
+        text.extend_from_slice(piece);
+        self.grammar
+            .remaining(&text)
+            .is_some_and(|need| need < left)
+    }
+
+    fn push(&mut self, _row: usize, token: u32) {
+        self.emitted += 1;
+        if let Some(Some(piece)) = self.pieces.get(token as usize) {
+            self.text.extend_from_slice(piece);
+            self.complete = self.grammar.remaining(&self.text) == Some(0);
         }
     }
 }
@@ -526,7 +573,8 @@ impl Detector {
 
     /// A free chat turn (OpenAI-compatible serving): `messages` in transformers' form, where
     /// each `{"type": "image"}` part is one of `images` in order. Greedy when `temperature` is
-    /// 0; no answer grammar.
+    /// 0; no answer grammar, but with `schema` the reply is an instance of that JSON schema
+    /// (see [`Detector::chat_prepared`]).
     pub fn chat(
         &self,
         messages: &serde_json::Value,
@@ -534,19 +582,32 @@ impl Detector {
         max_new_tokens: usize,
         temperature: f64,
         seed: u64,
+        schema: Option<&SchemaGrammar>,
     ) -> Result<ChatAnswer, Error> {
         let prepared = self.chat_prompter().prepare(messages, images, usize::MAX)?;
-        self.chat_prepared(prepared, max_new_tokens, temperature, seed)
+        self.chat_prepared(prepared, max_new_tokens, temperature, seed, schema)
     }
 
-    /// Answers a chat turn that [`ChatPrompter::prepare`] rendered and tokenized.
+    /// Answers a chat turn that [`ChatPrompter::prepare`] rendered and tokenized. With `schema`,
+    /// decoding is constrained to it: the reply is an instance that closes within
+    /// `max_new_tokens` (the eos included), or [`Error::SchemaBudget`] when even its shortest
+    /// instance does not fit.
     pub fn chat_prepared(
         &self,
         prepared: PreparedChat,
         max_new_tokens: usize,
         temperature: f64,
         seed: u64,
+        schema: Option<&SchemaGrammar>,
     ) -> Result<ChatAnswer, Error> {
+        if let Some(g) = schema
+            && g.min_len() + 1 > max_new_tokens
+        {
+            return Err(Error::SchemaBudget {
+                needed: g.min_len() + 1,
+                max_tokens: max_new_tokens,
+            });
+        }
         let PreparedChat { input_ids, images } = prepared;
         let prompt_tokens = input_ids.len();
         let images = if images.is_empty() {
@@ -580,7 +641,22 @@ impl Detector {
             pad: self.pad,
         };
         self.generate_calls.fetch_add(1, Ordering::Relaxed);
-        let out = inspector_qwen2vl::generate::generate(&self.model, &batch, &settings, |_, _| {})?;
+        let mut constraint = schema.map(|grammar| SchemaConstraint {
+            grammar,
+            pieces: &self.pieces,
+            eos: self.im_end,
+            budget: max_new_tokens,
+            text: Vec::new(),
+            emitted: 0,
+            complete: false,
+        });
+        let out = generate_constrained(
+            &self.model,
+            &batch,
+            &settings,
+            constraint.as_mut().map(|c| c as &mut dyn Constraint),
+            |_, _| {},
+        )?;
         Ok(ChatAnswer {
             text: self.chat.decode(&out.tokens[0])?,
             prompt_tokens,

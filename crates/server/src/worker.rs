@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use inspector_core::{Risk, Rule, reply::ReplyStatus};
+use inspector_core::{Risk, Rule, json_schema::SchemaGrammar, reply::ReplyStatus};
 use inspector_detect::{
     AnswerCache, ChatAnswer, ChatPrompter, Detector, Finding, Input, PreparedChat,
     citations_fingerprint,
@@ -79,6 +79,8 @@ pub struct ChatJob {
     pub max_tokens: usize,
     pub temperature: f64,
     pub seed: u64,
+    /// `response_format`'s schema, when it asks for one.
+    pub schema: Option<Arc<SchemaGrammar>>,
     pub reply: oneshot::Sender<Result<ChatAnswer, ApiError>>,
 }
 
@@ -202,10 +204,21 @@ pub fn run(
                     ctx.metrics.cancelled.inc();
                     continue;
                 }
-                let (prepared, max_tokens, temperature, seed) =
-                    (job.prepared, job.max_tokens, job.temperature, job.seed);
+                let (prepared, max_tokens, temperature, seed, schema) = (
+                    job.prepared,
+                    job.max_tokens,
+                    job.temperature,
+                    job.seed,
+                    job.schema,
+                );
                 let answer = catch_unwind(AssertUnwindSafe(|| {
-                    detector.chat_prepared(prepared, max_tokens, temperature, seed)
+                    detector.chat_prepared(
+                        prepared,
+                        max_tokens,
+                        temperature,
+                        seed,
+                        schema.as_deref(),
+                    )
                 }))
                 .unwrap_or_else(|_| {
                     Err(inspector_detect::Error::Model {
@@ -220,6 +233,9 @@ pub fn run(
                             "invalid_messages",
                             inspector_qwen2vl_error.to_string(),
                         )
+                    }
+                    e @ inspector_detect::Error::SchemaBudget { .. } => {
+                        ApiError::bad_request("invalid_field", e.to_string())
                     }
                     other => ApiError::internal(other.to_string()),
                 });

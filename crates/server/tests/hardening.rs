@@ -706,6 +706,134 @@ async fn the_openai_client_talks_to_keyless_loopback() {
     live.shut_down().await;
 }
 
+/// `response_format` with a JSON schema, through a real OpenAI client: the answer about a photo
+/// is an instance of the schema (checked by an independent validator), with `rule` one of the
+/// database's citations, closed within `max_tokens` even when that is barely enough; a schema
+/// outside the subset is refused with a 400 that names the keyword.
+#[tokio::test]
+async fn response_format_json_schema_gives_schema_valid_answers() {
+    use async_openai::{
+        Client,
+        config::OpenAIConfig,
+        error::OpenAIError,
+        types::{
+            ChatCompletionRequestMessageContentPartImageArgs,
+            ChatCompletionRequestMessageContentPartTextArgs, ChatCompletionRequestUserMessageArgs,
+            CreateChatCompletionRequestArgs, FinishReason, ImageUrlArgs, ResponseFormat,
+            ResponseFormatJsonSchema,
+        },
+    };
+    use inspector_store::RuleStore;
+    let mut live = Live::start(|_| {}).await;
+    let client = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("http://{}/v1", live.addr))
+            .with_api_key("unused"),
+    );
+    let store = inspector_store::SqliteStore::open(&live.state.inner.config.db).unwrap();
+    let citations: Vec<String> = store
+        .rules(&Default::default())
+        .unwrap()
+        .into_iter()
+        .map(|r| r.citation)
+        .collect();
+    assert!(citations.len() > 5);
+    let schema = inspector_core::answer::json_schema(&citations);
+    let schema_value: Value = serde_json::from_str(&schema.to_json()).unwrap();
+    let validator = jsonschema::validator_for(&schema_value).unwrap();
+    let request = |schema: Value, max_tokens: u32| {
+        CreateChatCompletionRequestArgs::default()
+            .model("inspector")
+            .max_tokens(max_tokens)
+            .temperature(0.8)
+            .seed(3)
+            .messages([ChatCompletionRequestUserMessageArgs::default()
+                .content(vec![
+                    ChatCompletionRequestMessageContentPartImageArgs::default()
+                        .image_url(
+                            ImageUrlArgs::default()
+                                .url(format!("data:image/png;base64,{}", b64(&photo(0))))
+                                .build()
+                                .unwrap(),
+                        )
+                        .build()
+                        .unwrap()
+                        .into(),
+                    ChatCompletionRequestMessageContentPartTextArgs::default()
+                        .text(inspector_core::answer::INSTRUCTION)
+                        .build()
+                        .unwrap()
+                        .into(),
+                ])
+                .build()
+                .unwrap()
+                .into()])
+            .response_format(ResponseFormat::JsonSchema {
+                json_schema: ResponseFormatJsonSchema {
+                    name: "inspection".into(),
+                    description: None,
+                    schema: Some(schema),
+                    strict: Some(true),
+                },
+            })
+            .build()
+            .unwrap()
+    };
+    // The shortest answer is `{"status":"safe","violations":[]}` (34 bytes), and the eos.
+    let shortest = r#"{"status":"safe","violations":[]}"#.len() as u32 + 1;
+    for max_tokens in [shortest, shortest + 6, 48, 160] {
+        let answer = client
+            .chat()
+            .create(request(schema_value.clone(), max_tokens))
+            .await
+            .unwrap();
+        let choice = &answer.choices[0];
+        let content = choice.message.content.clone().unwrap();
+        let instance: Value = serde_json::from_str(&content)
+            .unwrap_or_else(|e| panic!("not JSON at max_tokens {max_tokens}: {e}: {content}"));
+        let errors: Vec<String> = validator
+            .iter_errors(&instance)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{content}: {errors:?}");
+        assert_eq!(choice.finish_reason, Some(FinishReason::Stop), "{content}");
+        let usage = answer.usage.unwrap();
+        assert!(usage.completion_tokens <= max_tokens, "{usage:?}");
+        if max_tokens == shortest {
+            assert_eq!(content, r#"{"status":"safe","violations":[]}"#);
+        }
+    }
+    // Outside the subset: refused, naming the keyword; so is a budget no answer fits in.
+    let mut pattern = schema_value.clone();
+    pattern["properties"]["violations"]["items"]["properties"]["description"]["pattern"] =
+        json!("^.+$");
+    for (schema, max_tokens, words) in [
+        (pattern, 160, "`pattern` at /properties/violations/items/properties/description/pattern"),
+        (json!({"type": "object", "properties": {"a": {"type": ["string", "null"]}}}), 160, "`type`"),
+        (schema_value.clone(), shortest - 1, "too small"),
+    ] {
+        match client.chat().create(request(schema, max_tokens)).await {
+            Err(OpenAIError::ApiError(e)) => assert!(e.message.contains(words), "{e:?}"),
+            other => panic!("{words}: {other:?}"),
+        }
+    }
+    // The code and the message, as a raw client sees them.
+    let body = json!({"messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x",
+            "schema": {"type": "object", "patternProperties": {}}}}})
+    .to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        live.addr,
+        body.len()
+    );
+    let (_, raw) = send(live.addr, &[head.as_bytes(), body.as_bytes()].concat()).await;
+    raw.assert_error(400, "unsupported_schema");
+    assert!(raw.json()["error"]["message"].as_str().unwrap().contains("`patternProperties` at /patternProperties"));
+    live.shut_down().await;
+}
+
 /// The OpenAPI document and the router come from the same modules: every documented
 /// operation is served, and no module adds a route around the document.
 #[tokio::test]

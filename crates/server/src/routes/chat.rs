@@ -8,6 +8,9 @@ use axum::{
     Json,
     extract::{Path, State, rejection::JsonRejection},
 };
+use std::sync::Arc;
+
+use inspector_core::json_schema::{Json as OrderedJson, SchemaGrammar};
 use inspector_detect::Input;
 use serde::Deserialize;
 use tokio::sync::oneshot;
@@ -46,6 +49,52 @@ pub struct ChatRequest {
     pub seed: Option<u64>,
     /// Streaming is not offered; `true` is refused.
     pub stream: Option<bool>,
+    /// `{"type": "text"}` (the default) or `{"type": "json_schema", "json_schema": {"name": …,
+    /// "schema": {…}}}`: the reply is then an instance of the schema, for the subset described
+    /// in `inspector_core::json_schema`; any other keyword is refused with a 400 naming it.
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<OrderedJson>,
+}
+
+/// The grammar `response_format` asks for, if any.
+fn response_schema(format: Option<&OrderedJson>) -> Result<Option<SchemaGrammar>, ApiError> {
+    let bad = |code: &'static str, m: String| ApiError::bad_request(code, m);
+    let Some(format) = format else {
+        return Ok(None);
+    };
+    match format.get("type").and_then(OrderedJson::as_str) {
+        Some("text") => Ok(None),
+        Some("json_schema") => {
+            let schema = format
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .ok_or_else(|| {
+                    bad(
+                        "invalid_field",
+                        "`response_format.json_schema.schema` is missing".into(),
+                    )
+                })?;
+            SchemaGrammar::compile(schema).map(Some).map_err(|e| {
+                bad(
+                    "unsupported_schema",
+                    format!(
+                        "response_format.json_schema.schema: `{}` at {} is not supported: {}",
+                        e.keyword, e.path, e.message
+                    ),
+                )
+            })
+        }
+        Some(other) => Err(bad(
+            "unsupported",
+            format!(
+                "response_format type `{other}` is not supported: use `text` or `json_schema`"
+            ),
+        )),
+        None => Err(bad(
+            "invalid_field",
+            "`response_format.type` must be a string".into(),
+        )),
+    }
 }
 
 /// Turns OpenAI messages into transformers' form, taking out the images (data URIs only).
@@ -156,6 +205,19 @@ pub async fn chat_completions(
             "`temperature` must be 0 to 2",
         ));
     }
+    let schema = response_schema(req.response_format.as_ref())?;
+    if let Some(g) = &schema
+        && g.min_len() + 1 > max_tokens
+    {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            format!(
+                "`max_tokens` {max_tokens} is too small for the response format: its shortest \
+                 answer takes {} tokens",
+                g.min_len() + 1
+            ),
+        ));
+    }
     let max_prompt_tokens = state.inner.config.max_prompt_tokens;
     let text_bytes = text_bytes(&req.messages);
     let max_bytes = max_prompt_tokens.saturating_mul(BYTES_PER_PROMPT_TOKEN);
@@ -196,6 +258,7 @@ pub async fn chat_completions(
         max_tokens,
         temperature,
         seed: req.seed.unwrap_or(0),
+        schema: schema.map(Arc::new),
         reply: tx,
     }))?;
     let answer = state.wait(rx).await?;
