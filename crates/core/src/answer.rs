@@ -157,7 +157,11 @@ pub fn json_schema(citations: &[String]) -> crate::json_schema::Json {
                 ("rule", rule),
                 (
                     "risk",
-                    choice([Risk::High, Risk::Medium, Risk::Low].map(|r| Json::str(r.as_str())).into()),
+                    choice(
+                        [Risk::High, Risk::Medium, Risk::Low]
+                            .map(|r| Json::str(r.as_str()))
+                            .into(),
+                    ),
                 ),
                 ("suggestion", string()),
                 (
@@ -185,7 +189,10 @@ pub fn json_schema(citations: &[String]) -> crate::json_schema::Json {
         (
             "properties",
             Json::object([
-                ("status", choice(vec![Json::str("safe"), Json::str("violation")])),
+                (
+                    "status",
+                    choice(vec![Json::str("safe"), Json::str("violation")]),
+                ),
                 (
                     "violations",
                     Json::object([("type", Json::str("array")), ("items", violation)]),
@@ -453,8 +460,14 @@ mod tests {
             bbox: Some([1.0, 2.0, 30.0, 40.0]),
         };
         let answer = |v: Vec<crate::Violation>| {
-            Answer::from_annotation(&Annotation { image: "a.png".into(), violations: v }, (64, 48))
-                .to_json()
+            Answer::from_annotation(
+                &Annotation {
+                    image: "a.png".into(),
+                    violations: v,
+                },
+                (64, 48),
+            )
+            .to_json()
         };
         for text in [answer(vec![]), answer(vec![violation(&citations[0]); 2])] {
             assert_eq!(g.check(text.as_bytes()), Viability::Complete, "{text}");
@@ -465,7 +478,11 @@ mod tests {
         let free = SchemaGrammar::compile(&json_schema(&[])).unwrap();
         assert_eq!(free.check(other.as_bytes()), Viability::Complete);
         // Keys in the answer's order.
-        assert!(json_schema(&[]).to_json().starts_with(r#"{"type":"object","properties":{"status""#));
+        assert!(
+            json_schema(&[])
+                .to_json()
+                .starts_with(r#"{"type":"object","properties":{"status""#)
+        );
     }
 
     /// Changing the instruction without bumping the version would mix caches and adapters of

@@ -97,7 +97,9 @@ impl From<&serde_json::Value> for Json {
             Value::Number(n) => Json::Number(n.clone()),
             Value::String(s) => Json::String(s.clone()),
             Value::Array(a) => Json::Array(a.iter().map(Json::from).collect()),
-            Value::Object(o) => Json::Object(o.iter().map(|(k, v)| (k.clone(), v.into())).collect()),
+            Value::Object(o) => {
+                Json::Object(o.iter().map(|(k, v)| (k.clone(), v.into())).collect())
+            }
         }
     }
 }
@@ -265,7 +267,11 @@ macro_rules! step {
 fn lit(s: &[u8], i: usize, l: &[u8]) -> P {
     let rest = &s[i.min(s.len())..];
     if rest.len() >= l.len() {
-        if &rest[..l.len()] == l { Done(i + l.len()) } else { Bad }
+        if &rest[..l.len()] == l {
+            Done(i + l.len())
+        } else {
+            Bad
+        }
     } else if l.starts_with(rest) {
         More(l.len() - rest.len())
     } else {
@@ -359,7 +365,12 @@ fn text(s: &[u8], i: usize, max: Option<usize>) -> P {
 /// A JSON number: an integer, or with `fraction` also a fraction and exponent. At the end of the
 /// input, a number that is already whole needs nothing more (it may still grow).
 fn number(s: &[u8], i: usize, fraction: bool) -> P {
-    let digits = |j: usize| s[j.min(s.len())..].iter().take_while(|c| c.is_ascii_digit()).count();
+    let digits = |j: usize| {
+        s[j.min(s.len())..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count()
+    };
     let mut j = i;
     if s.get(j) == Some(&b'-') {
         j += 1;
@@ -528,7 +539,11 @@ fn array(items: &Node, max: Option<usize>, s: &[u8], i: usize) -> P {
 fn error(keyword: &str, path: &str, message: impl Into<String>) -> SchemaError {
     SchemaError {
         keyword: keyword.into(),
-        path: if path.is_empty() { "/".into() } else { path.into() },
+        path: if path.is_empty() {
+            "/".into()
+        } else {
+            path.into()
+        },
         message: message.into(),
     }
 }
@@ -793,11 +808,11 @@ mod tests {
         }
         assert_eq!(g.check(bytes), Viability::Complete);
         assert_eq!(g.remaining(b""), Some(g.min_len()));
+        assert_eq!(g.min_len(), r#"{"status":"safe","violations":[]}"#.len());
         assert_eq!(
-            g.min_len(),
-            r#"{"status":"safe","violations":[]}"#.len()
+            g.check(br#"{"status":"safe","violations":[]}"#),
+            Viability::Complete
         );
-        assert_eq!(g.check(br#"{"status":"safe","violations":[]}"#), Viability::Complete);
     }
 
     #[test]
@@ -806,12 +821,24 @@ mod tests {
         for (prefix, shortest) in [
             (r#"{"#, r#""status":"safe","violations":[]}"#),
             (r#"{"status": "v"#, r#"iolation","violations":[]}"#),
-            (r#"{"status":"safe","violations":[{"des"#, r#"cription":"","rule":"《电气安全规程》第12条","risk":"高"}]}"#),
-            (r#"{"status":"safe","violations":[{"description":"a","rule":"《电"#, r#"气安全规程》第12条","risk":"高"}]}"#),
+            (
+                r#"{"status":"safe","violations":[{"des"#,
+                r#"cription":"","rule":"《电气安全规程》第12条","risk":"高"}]}"#,
+            ),
+            (
+                r#"{"status":"safe","violations":[{"description":"a","rule":"《电"#,
+                r#"气安全规程》第12条","risk":"高"}]}"#,
+            ),
             (r#"{"status":"safe","violations":[], "score": 1."#, r#"0}"#),
             (r#"{"status":"safe","violations":[], "score": 12"#, r#"}"#),
-            (r#"{"status":"safe","violations":[], "ch"#, r#"ecked":true}"#),
-            (r#"{"status":"safe","violations":[{"description":"a\u00"#, r#"00","rule":"《电气安全规程》第12条","risk":"高"}]}"#),
+            (
+                r#"{"status":"safe","violations":[], "ch"#,
+                r#"ecked":true}"#,
+            ),
+            (
+                r#"{"status":"safe","violations":[{"description":"a\u00"#,
+                r#"00","rule":"《电气安全规程》第12条","risk":"高"}]}"#,
+            ),
         ] {
             let whole = format!("{prefix}{shortest}");
             assert_eq!(g.check(whole.as_bytes()), Viability::Complete, "{whole}");
@@ -857,7 +884,10 @@ mod tests {
         // maxItems 3.
         let v = r#"{"description":"a","rule":"《电气安全规程》第12条","risk":"高"}"#;
         let three = format!(r#"{{"status":"violation","violations":[{v},{v},{v}"#);
-        assert_eq!(g.check(format!("{three}]}}").as_bytes()), Viability::Complete);
+        assert_eq!(
+            g.check(format!("{three}]}}").as_bytes()),
+            Viability::Complete
+        );
         assert_eq!(g.check(format!("{three},").as_bytes()), Viability::Invalid);
         // Invalid UTF-8 in a string.
         let mut b = br#"{"status":"safe","violations":[{"description":""#.to_vec();
@@ -870,10 +900,21 @@ mod tests {
         let g = grammar(
             r#"{"type":"object","properties":{"b":{"type":"integer"},"a":{"type":"integer"},"c":{"type":"integer"}},"required":["c"]}"#,
         );
-        for ok in [r#"{"c":1}"#, r#"{"b":1,"c":2}"#, r#"{"a":1,"c":2}"#, r#"{"b":1, "a":2, "c":3}"#] {
+        for ok in [
+            r#"{"c":1}"#,
+            r#"{"b":1,"c":2}"#,
+            r#"{"a":1,"c":2}"#,
+            r#"{"b":1, "a":2, "c":3}"#,
+        ] {
             assert_eq!(g.check(ok.as_bytes()), Viability::Complete, "{ok}");
         }
-        for bad in [r#"{"a":1,"b"#, r#"{"c":1,"a"#, r#"{}"#, r#"{"b":1}"#, r#"{"b":1,"b"#] {
+        for bad in [
+            r#"{"a":1,"b"#,
+            r#"{"c":1,"a"#,
+            r#"{}"#,
+            r#"{"b":1}"#,
+            r#"{"b":1,"b"#,
+        ] {
             assert_eq!(g.check(bad.as_bytes()), Viability::Invalid, "{bad}");
         }
         // Nothing required: `{}` is whole.
@@ -885,28 +926,86 @@ mod tests {
     #[test]
     fn keywords_outside_the_subset_are_named() {
         for (text, keyword, path) in [
-            (r#"{"type":"object","properties":{"a":{"type":"string","pattern":"x"}}}"#, "pattern", "/properties/a/pattern"),
-            (r#"{"type":"object","properties":{"a":{"type":["string","null"]}}}"#, "type", "/properties/a/type"),
-            (r##"{"type":"object","properties":{"a":{"$ref":"#/$defs/x"}}}"##, "type", "/properties/a"),
-            (r##"{"type":"object","properties":{"a":{"type":"string","$ref":"#/$defs/x"}}}"##, "$ref", "/properties/a/$ref"),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"string","pattern":"x"}}}"#,
+                "pattern",
+                "/properties/a/pattern",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":["string","null"]}}}"#,
+                "type",
+                "/properties/a/type",
+            ),
+            (
+                r##"{"type":"object","properties":{"a":{"$ref":"#/$defs/x"}}}"##,
+                "type",
+                "/properties/a",
+            ),
+            (
+                r##"{"type":"object","properties":{"a":{"type":"string","$ref":"#/$defs/x"}}}"##,
+                "$ref",
+                "/properties/a/$ref",
+            ),
             (r#"{"type":"object","$defs":{}}"#, "$defs", "/$defs"),
-            (r#"{"type":"object","additionalProperties":true}"#, "additionalProperties", "/additionalProperties"),
-            (r#"{"type":"object","required":["nope"]}"#, "required", "/required"),
-            (r#"{"type":"array","items":{"type":"string"}}"#, "type", "/type"),
-            (r#"{"type":"object","properties":{"n":{"type":"integer","minimum":0}}}"#, "minimum", "/properties/n/minimum"),
-            (r#"{"type":"object","properties":{"l":{"type":"array","items":{"type":"null"}}}}"#, "type", "/properties/l/items/type"),
-            (r#"{"type":"object","properties":{"l":{"type":"array","items":{"type":"string"},"minItems":1}}}"#, "minItems", "/properties/l/minItems"),
-            (r#"{"type":"object","properties":{"e":{"enum":[1,2]}}}"#, "enum", "/properties/e/enum"),
-            (r#"{"type":"object","properties":{"s":{"type":"string","maxLength":-1}}}"#, "maxLength", "/properties/s/maxLength"),
-            (r#"{"type":"object","properties":{"a/b":{"type":"string","format":"date"}}}"#, "format", "/properties/a~1b/format"),
+            (
+                r#"{"type":"object","additionalProperties":true}"#,
+                "additionalProperties",
+                "/additionalProperties",
+            ),
+            (
+                r#"{"type":"object","required":["nope"]}"#,
+                "required",
+                "/required",
+            ),
+            (
+                r#"{"type":"array","items":{"type":"string"}}"#,
+                "type",
+                "/type",
+            ),
+            (
+                r#"{"type":"object","properties":{"n":{"type":"integer","minimum":0}}}"#,
+                "minimum",
+                "/properties/n/minimum",
+            ),
+            (
+                r#"{"type":"object","properties":{"l":{"type":"array","items":{"type":"null"}}}}"#,
+                "type",
+                "/properties/l/items/type",
+            ),
+            (
+                r#"{"type":"object","properties":{"l":{"type":"array","items":{"type":"string"},"minItems":1}}}"#,
+                "minItems",
+                "/properties/l/minItems",
+            ),
+            (
+                r#"{"type":"object","properties":{"e":{"enum":[1,2]}}}"#,
+                "enum",
+                "/properties/e/enum",
+            ),
+            (
+                r#"{"type":"object","properties":{"s":{"type":"string","maxLength":-1}}}"#,
+                "maxLength",
+                "/properties/s/maxLength",
+            ),
+            (
+                r#"{"type":"object","properties":{"a/b":{"type":"string","format":"date"}}}"#,
+                "format",
+                "/properties/a~1b/format",
+            ),
             (r#"{"type":"object","anyOf":[]}"#, "anyOf", "/anyOf"),
             (r#"true"#, "schema", "/"),
         ] {
             let e = SchemaGrammar::compile(&schema(text)).unwrap_err();
-            assert_eq!((e.keyword.as_str(), e.path.as_str()), (keyword, path), "{text}: {e}");
+            assert_eq!(
+                (e.keyword.as_str(), e.path.as_str()),
+                (keyword, path),
+                "{text}: {e}"
+            );
         }
         // Annotations are fine.
-        grammar(r#"{"type":"object","title":"t","description":"d","$schema":"x","properties":{"a":{"type":"string","description":"d","default":"x"}}}"#);
+        grammar(
+            r#"{"type":"object","title":"t","description":"d","$schema":"x","properties":{"a":{"type":"string","description":"d","default":"x"}}}"#,
+        );
     }
 
     #[test]
@@ -925,10 +1024,40 @@ mod tests {
         let g = grammar(ANSWER);
         let mut vocab: Vec<Vec<u8>> = (0u8..=255).map(|b| vec![b]).collect();
         for piece in [
-            "{\"", "\":", "\": \"", "\", \"", "status", "violation", "violations", "safe", "[{",
-            "}]", "description", "rule", "risk", "《安全作业规程》", "第3.1条", "第12条", "高", "中",
-            "低", "suggestion", "box", "1000", "12", "true", "false", "score", "checked", "作业",
-            "安全帽", "\\u4e2a", "\\n", ", ", "e+", ".5",
+            "{\"",
+            "\":",
+            "\": \"",
+            "\", \"",
+            "status",
+            "violation",
+            "violations",
+            "safe",
+            "[{",
+            "}]",
+            "description",
+            "rule",
+            "risk",
+            "《安全作业规程》",
+            "第3.1条",
+            "第12条",
+            "高",
+            "中",
+            "低",
+            "suggestion",
+            "box",
+            "1000",
+            "12",
+            "true",
+            "false",
+            "score",
+            "checked",
+            "作业",
+            "安全帽",
+            "\\u4e2a",
+            "\\n",
+            ", ",
+            "e+",
+            ".5",
         ] {
             vocab.push(piece.as_bytes().to_vec());
         }
@@ -948,7 +1077,11 @@ mod tests {
                             g.remaining(&t).is_some_and(|n| n <= left)
                         })
                         .collect();
-                    assert!(!allowed.is_empty(), "stuck at {:?}", String::from_utf8_lossy(&text));
+                    assert!(
+                        !allowed.is_empty(),
+                        "stuck at {:?}",
+                        String::from_utf8_lossy(&text)
+                    );
                     text.extend_from_slice(allowed[rng.random_range(0..allowed.len())]);
                     tokens += 1;
                 }
@@ -956,7 +1089,10 @@ mod tests {
                 let v: serde_json::Value = serde_json::from_str(s).unwrap();
                 assert!(v["status"].is_string() && v["violations"].is_array(), "{s}");
                 for item in v["violations"].as_array().unwrap() {
-                    assert!(item["description"].as_str().unwrap().chars().count() <= 20, "{s}");
+                    assert!(
+                        item["description"].as_str().unwrap().chars().count() <= 20,
+                        "{s}"
+                    );
                     assert!(item["risk"].is_string() && item["rule"].is_string(), "{s}");
                 }
             }

@@ -86,9 +86,7 @@ fn response_schema(format: Option<&OrderedJson>) -> Result<Option<SchemaGrammar>
         }
         Some(other) => Err(bad(
             "unsupported",
-            format!(
-                "response_format type `{other}` is not supported: use `text` or `json_schema`"
-            ),
+            format!("response_format type `{other}` is not supported: use `text` or `json_schema`"),
         )),
         None => Err(bad(
             "invalid_field",
