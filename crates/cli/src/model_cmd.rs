@@ -163,7 +163,7 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// `--prompt`.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PromptArg {
     Full,
     Brief,

@@ -13,12 +13,16 @@ use std::{
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use inspector_detect::DetectConfig;
+use inspector_detect::{
+    DetectConfig,
+    remote::{RemoteConfig, RemoteEngine, redact},
+};
 use inspector_server::{Server, ServerConfig, worker::BatchConfig};
 
 use crate::{
     detect_cmd::load_detector,
     model_args::ModelArgs,
+    model_cmd::PromptArg,
     rules_cmd::{DbArgs, open, open_with_rules},
 };
 
@@ -100,6 +104,81 @@ pub struct ServeArgs {
     /// With --cameras: the change gate's threshold (see `inspector watch`).
     #[arg(long, default_value_t = 2.0, value_name = "LEVELS")]
     pub change_threshold: f64,
+    /// Where the model runs: `local` (in this process, from --model) or `openai`: an engine that
+    /// speaks OpenAI's chat API (vLLM, SGLang or TGI serving the merged fine-tuned model, or
+    /// another `inspector serve`). With `openai`, photos go to the engine with the answer's JSON
+    /// schema; this server still checks citations, caches, stores and reports.
+    #[arg(long, value_enum, default_value_t = BackendKind::Local)]
+    pub backend: BackendKind,
+    /// With --backend openai: the API base, `/v1` included (e.g. http://gpu-1:8000/v1).
+    #[arg(long, value_name = "URL", required_if_eq("backend", "openai"))]
+    pub backend_url: Option<String>,
+    /// With --backend openai: the model name the engine serves.
+    #[arg(long, value_name = "NAME", required_if_eq("backend", "openai"))]
+    pub backend_model: Option<String>,
+    /// With --backend openai: the environment variable holding the engine's API key (never the
+    /// key itself on the command line); a variable that is not set stops the server at start.
+    #[arg(long, value_name = "VAR")]
+    pub backend_key_env: Option<String>,
+    /// With --backend openai: the instruction the engine's model was fine-tuned with.
+    #[arg(long, value_enum, default_value_t = PromptArg::Full)]
+    pub backend_prompt: PromptArg,
+    /// With --backend openai: the longest wait for one answer from the engine.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    pub backend_timeout_s: u64,
+}
+
+/// `--backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    Local,
+    Openai,
+}
+
+/// The remote engine `--backend openai` names, checked: an http(s) URL, and the key's variable
+/// set when one is named.
+fn remote_engine(args: &ServeArgs) -> anyhow::Result<Option<RemoteConfig>> {
+    if args.backend == BackendKind::Local {
+        anyhow::ensure!(
+            args.backend_url.is_none()
+                && args.backend_model.is_none()
+                && args.backend_key_env.is_none(),
+            "--backend-url, --backend-model and --backend-key-env go with --backend openai"
+        );
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        args.model.model.is_none() && args.model.adapter.is_none(),
+        "--backend openai: the model is the engine's; --model and --adapter are not used"
+    );
+    let url = args.backend_url.as_deref().unwrap_or_default();
+    anyhow::ensure!(
+        url.starts_with("http://") || url.starts_with("https://"),
+        "--backend-url {}: must be an http:// or https:// URL (the API base, /v1 included)",
+        redact(url)
+    );
+    anyhow::ensure!(
+        args.backend_timeout_s >= 1,
+        "--backend-timeout-s must be at least 1"
+    );
+    let mut config = RemoteConfig::new(
+        url,
+        args.backend_model.as_deref().unwrap_or_default(),
+        args.backend_prompt.into(),
+    );
+    config.max_tokens = args.max_new_tokens;
+    config.timeout = Duration::from_secs(args.backend_timeout_s);
+    if let Some(var) = &args.backend_key_env {
+        let key = std::env::var(var).map_err(|_| {
+            anyhow::anyhow!("--backend-key-env {var}: the environment variable is not set")
+        })?;
+        anyhow::ensure!(
+            !key.trim().is_empty(),
+            "--backend-key-env {var}: the variable is empty"
+        );
+        config.api_key = Some(key.trim().to_string());
+    }
+    Ok(Some(config))
 }
 
 /// `--log-format`.
@@ -129,6 +208,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "--max-megapixels must be positive"
     );
     anyhow::ensure!(args.timeout_s >= 1, "--timeout-s must be at least 1");
+    let remote = remote_engine(&args)?;
     // The bundled example regulations on a fresh database, as `detect` does.
     let store = open_with_rules(&args.db.db)?;
     // The cameras file is checked as a whole before anything starts.
@@ -184,9 +264,18 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     let model = args.model.clone();
-    // The worker gives the detector the database's citations before its first job.
-    let load = move || load_detector(&model, detect, &[]);
-    let server = Server::start(config, load)?;
+    // The worker gives the engine the database's citations before its first job.
+    let server = match remote {
+        Some(remote) => {
+            eprintln!(
+                "the model is {} at {}",
+                remote.model,
+                redact(&remote.base_url)
+            );
+            Server::start(config, move || Ok(RemoteEngine::new(remote)))?
+        }
+        None => Server::start(config, move || load_detector(&model, detect, &[]))?,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -31,18 +31,31 @@ impl Running {
     /// Starts `inspector serve` on a free loopback port over `dir` (database and data dir) and
     /// waits until the model is loaded.
     fn start(dir: &Path, extra: &[&str]) -> Running {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--model".into(),
+            root().join("crates/qwen2vl/tests/fixtures/tiny-a").into(),
+            "--adapter".into(),
+            root()
+                .join("crates/train/tests/fixtures/overfit/adapter")
+                .into(),
+            "--addr".into(),
+            "127.0.0.1:0".into(),
+            "--max-new-tokens".into(),
+            "160".into(),
+        ];
+        args.extend(extra.iter().map(Into::into));
+        Running::spawn(dir, &args)
+    }
+
+    /// Starts `inspector serve ARGS` over `dir` and waits until it is ready.
+    fn spawn(dir: &Path, args: &[std::ffi::OsString]) -> Running {
         let mut child = Command::new(env!("CARGO_BIN_EXE_inspector"))
             .arg("serve")
-            .arg("--model")
-            .arg(root().join("crates/qwen2vl/tests/fixtures/tiny-a"))
-            .arg("--adapter")
-            .arg(root().join("crates/train/tests/fixtures/overfit/adapter"))
-            .args(["--addr", "127.0.0.1:0", "--max-new-tokens", "160"])
             .arg("--db")
             .arg(dir.join("inspector.db"))
             .arg("--data-dir")
             .arg(dir.join("data"))
-            .args(extra)
+            .args(args)
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -918,4 +931,156 @@ fn serve_watches_the_cameras_of_a_cameras_file() {
     assert!(
         value("inspector_camera_event_latency_seconds{camera=\"dock\",quantile=\"0.5\"}") > 0.0
     );
+}
+
+/// The inspections `server` has stored (at most 200).
+fn stored_ids(server: &Running) -> Vec<String> {
+    let (code, body) = get(&server.url("/api/v1/inspections?limit=200"));
+    assert_eq!(code, 200, "{body}");
+    json(&body)["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// What a finding says, for comparing two servers' answers about one photo.
+fn violations_of(finding: &serde_json::Value) -> Vec<serde_json::Value> {
+    finding["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            serde_json::json!([
+                v["description"],
+                v["rule"],
+                v["risk"],
+                v["suggestion"],
+                v["box"],
+                v["resolved"]["id"]
+            ])
+        })
+        .collect()
+}
+
+/// `serve --backend openai` with another `inspector serve` (the bundled demo model) as its
+/// engine: the same findings as the engine's own local inspection of the example scenes; with
+/// the engine killed, inspections answer 503 within a second and nothing is stored, and `/ready`
+/// says so; once the engine is back, inspections succeed again.
+#[test]
+fn a_remote_engine_gives_the_local_findings_and_an_outage_answers_503() {
+    let engine_dir = tempfile::tempdir().unwrap();
+    let front_dir = tempfile::tempdir().unwrap();
+    let local = ["--addr", "127.0.0.1:0"].map(std::ffi::OsString::from);
+    let mut engine = Running::spawn(engine_dir.path(), &local);
+    let port = engine.base.rsplit(':').next().unwrap().to_string();
+    let remote: Vec<std::ffi::OsString> = [
+        "--addr",
+        "127.0.0.1:0",
+        "--backend",
+        "openai",
+        "--backend-url",
+        &format!("{}/v1", engine.base),
+        "--backend-model",
+        "demo",
+        "--backend-prompt",
+        "brief",
+    ]
+    .map(Into::into)
+    .to_vec();
+    let front = Running::spawn(front_dir.path(), &remote);
+    assert!(
+        front.log().contains("the model is demo at"),
+        "{}",
+        front.log()
+    );
+    let scenes = root().join("examples/scenes/images");
+    let mut names: Vec<_> = std::fs::read_dir(&scenes)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let mut violations = 0;
+    for name in &names {
+        let bytes = std::fs::read(scenes.join(name)).unwrap();
+        let (ct, body) = multipart("image", name, &bytes);
+        let (code, here) = post(&engine.url("/api/v1/inspections"), &ct, &body);
+        assert_eq!(code, 201, "{here}");
+        let (code, there) = post(&front.url("/api/v1/inspections"), &ct, &body);
+        assert_eq!(code, 201, "{there}");
+        let (here, there) = (json(&here), json(&there));
+        assert_eq!(
+            here["finding"]["status"], there["finding"]["status"],
+            "{name}"
+        );
+        assert_eq!(
+            violations_of(&here["finding"]),
+            violations_of(&there["finding"]),
+            "{name}: {}\nvs\n{}",
+            here["finding"]["raw"],
+            there["finding"]["raw"]
+        );
+        violations += here["finding"]["violations"].as_array().unwrap().len();
+    }
+    assert!(violations > 0, "the scenes show violations");
+    // The engine goes down: fresh photos (not in the cache) fail fast, and nothing is stored.
+    let fresh = front_dir.path().join("fresh");
+    let made = Command::new(env!("CARGO_BIN_EXE_inspector"))
+        .args([
+            "synth", "--n", "3", "--seed", "4242", "--size", "320", "--out",
+        ])
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let fresh_photo = |i: usize| std::fs::read(fresh.join(format!("images/{i:05}.png"))).unwrap();
+    let before = stored_ids(&front);
+    engine.child.kill().unwrap();
+    engine.child.wait().unwrap();
+    for i in 0..2 {
+        let (ct, body) = multipart("image", "fresh.png", &fresh_photo(i));
+        let started = Instant::now();
+        let response = agent()
+            .post(&front.url("/api/v1/inspections"))
+            .set("Content-Type", &ct)
+            .send_bytes(&body);
+        let took = started.elapsed();
+        match response {
+            Err(ureq::Error::Status(503, r)) => {
+                assert!(r.header("Retry-After").is_some());
+                let text = r.into_string().unwrap();
+                assert_eq!(json(&text)["error"]["code"], "engine_unavailable", "{text}");
+            }
+            other => panic!("expected 503, got {:?}", other.map(|r| r.status())),
+        }
+        assert!(took < Duration::from_secs(1), "503 after {took:?}");
+    }
+    assert_eq!(get(&front.url("/ready")).0, 503);
+    assert_eq!(
+        stored_ids(&front),
+        before,
+        "nothing is stored while the engine is down"
+    );
+    // The engine returns on the same port: inspections succeed again.
+    let again: Vec<std::ffi::OsString> = ["--addr", &format!("127.0.0.1:{port}")]
+        .map(Into::into)
+        .to_vec();
+    let _engine = Running::spawn(engine_dir.path(), &again);
+    assert_eq!(get(&front.url("/ready")).0, 200);
+    let started = Instant::now();
+    loop {
+        let (ct, body) = multipart("image", "fresh.png", &fresh_photo(2));
+        let (code, text) = post(&front.url("/api/v1/inspections"), &ct, &body);
+        if code == 201 {
+            break;
+        }
+        assert_eq!(code, 503, "{text}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "still failing after the engine returned: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(stored_ids(&front).len(), before.len() + 1);
 }

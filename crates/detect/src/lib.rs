@@ -59,6 +59,7 @@ use sha2::{Digest, Sha256};
 
 pub mod active;
 pub mod fingerprint;
+pub mod remote;
 pub mod report;
 
 pub use inspector_qwen2vl::{Backend, Quantization};
@@ -86,6 +87,15 @@ pub enum Error {
         "the response format's shortest answer needs {needed} tokens, more than max_tokens {max_tokens}"
     )]
     SchemaBudget { needed: usize, max_tokens: usize },
+    /// The remote model engine is down or failing (see [`remote`]): try again later.
+    #[error("{message}")]
+    Unavailable {
+        message: String,
+        retry_after: std::time::Duration,
+    },
+    /// The remote model engine answered, but not with an answer.
+    #[error("{0}")]
+    Remote(String),
 }
 
 /// Decoding settings for inspection: greedy, no repetition penalty, at most 512 new tokens,

@@ -65,7 +65,6 @@ use axum::{
     http::{HeaderName, HeaderValue, Method, header},
     middleware,
 };
-use inspector_detect::Detector;
 use inspector_store::{RuleFilter, RuleStore, SqliteStore};
 use tokio::sync::oneshot;
 use tower_http::{
@@ -478,9 +477,9 @@ pub struct Server {
 impl Server {
     /// Opens the database and data dir and starts the worker, which loads the model with
     /// `load` (the server answers `/health` meanwhile; `/ready` says when it is done).
-    pub fn start(
+    pub fn start<E: Into<worker::Engine>>(
         config: ServerConfig,
-        load: impl FnOnce() -> anyhow::Result<Detector> + Send + 'static,
+        load: impl FnOnce() -> anyhow::Result<E> + Send + 'static,
     ) -> anyhow::Result<Server> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
@@ -520,7 +519,7 @@ impl Server {
         };
         let worker = std::thread::Builder::new()
             .name("inspector-model".into())
-            .spawn(move || worker::run(rx, load, ctx, loaded_tx))
+            .spawn(move || worker::run(rx, || load().map(Into::into), ctx, loaded_tx))
             .context("starting the model worker")?;
         let state = AppState {
             inner: Arc::new(Inner {

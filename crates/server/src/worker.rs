@@ -21,7 +21,7 @@ use std::{
 use inspector_core::{Risk, Rule, json_schema::SchemaGrammar, reply::ReplyStatus};
 use inspector_detect::{
     AnswerCache, ChatAnswer, ChatPrompter, Detector, Finding, Input, PreparedChat,
-    citations_fingerprint,
+    citations_fingerprint, remote::RemoteEngine,
 };
 use inspector_store::{InspectionViolation, NewInspection, SqliteStore};
 use tokio::sync::oneshot;
@@ -102,11 +102,49 @@ impl Job {
     }
 }
 
-/// What the request threads use of the loaded model: the chat prompter and the answer cache's
-/// keys. Published by the worker once the model is loaded.
+/// What the request threads use of the loaded model: the chat prompter (none with a remote
+/// engine), the answer cache's keys and, with a remote engine, a handle to probe it. Published
+/// by the worker once the model is loaded.
 pub struct Front {
-    pub prompter: ChatPrompter,
+    pub prompter: Option<ChatPrompter>,
     pub cache: AnswerCache,
+    pub remote: Option<Arc<RemoteEngine>>,
+}
+
+/// What the worker answers with: a model loaded in this process, or a remote engine
+/// (`serve --backend openai`).
+pub enum Engine {
+    Local(Detector),
+    Remote(RemoteEngine),
+}
+
+impl From<Detector> for Engine {
+    fn from(d: Detector) -> Engine {
+        Engine::Local(d)
+    }
+}
+
+impl From<RemoteEngine> for Engine {
+    fn from(r: RemoteEngine) -> Engine {
+        Engine::Remote(r)
+    }
+}
+
+impl Engine {
+    fn set_citations(&mut self, rules: &[Rule]) {
+        match self {
+            Engine::Local(d) => d.set_citations(rules),
+            Engine::Remote(r) => r.set_citations(rules),
+        }
+    }
+
+    /// The model and adapter fingerprints stored with each inspection.
+    fn fingerprints(&self) -> (&str, Option<&str>) {
+        match self {
+            Engine::Local(d) => (&d.model_fingerprint, d.adapter_fingerprint.as_deref()),
+            Engine::Remote(r) => (&r.model_fingerprint, None),
+        }
+    }
 }
 
 /// Batching settings.
@@ -157,24 +195,35 @@ pub struct WorkerContext {
 /// Runs the worker until the queue closes: loads the model with `load`, then answers jobs.
 pub fn run(
     rx: Receiver<Job>,
-    load: impl FnOnce() -> anyhow::Result<Detector>,
+    load: impl FnOnce() -> anyhow::Result<Engine>,
     mut ctx: WorkerContext,
     loaded: std::sync::mpsc::Sender<Result<(), String>>,
 ) {
-    let mut detector = match load() {
+    let mut engine = match load() {
         Ok(d) => d,
         Err(e) => {
             let _ = loaded.send(Err(format!("{e:#}")));
             return;
         }
     };
-    detector.model.processor.max_decode_pixels = ctx.max_pixels;
+    let front = match &mut engine {
+        Engine::Local(detector) => {
+            detector.model.processor.max_decode_pixels = ctx.max_pixels;
+            Front {
+                prompter: Some(detector.chat_prompter()),
+                cache: detector.answer_cache(),
+                remote: None,
+            }
+        }
+        Engine::Remote(remote) => Front {
+            prompter: None,
+            cache: remote.answer_cache(),
+            remote: Some(Arc::new(RemoteEngine::new(remote.config().clone()))),
+        },
+    };
     let mut rules_version = u64::MAX;
     let mut rules = Arc::new(Vec::new());
-    let _ = ctx.front.set(Front {
-        prompter: detector.chat_prompter(),
-        cache: detector.answer_cache(),
-    });
+    let _ = ctx.front.set(front);
     ctx.ready.store(true, Ordering::SeqCst);
     let _ = loaded.send(Ok(()));
     let mut held: Option<Job> = None;
@@ -192,7 +241,7 @@ pub fn run(
         let version = ctx.rules.version.load(Ordering::SeqCst);
         if version != rules_version {
             rules = ctx.rules.get();
-            detector.set_citations(&rules);
+            engine.set_citations(&rules);
             rules_version = version;
         }
         match job {
@@ -211,6 +260,10 @@ pub fn run(
                     job.seed,
                     job.schema,
                 );
+                let Engine::Local(detector) = &engine else {
+                    let _ = job.reply.send(Err(remote_chat()));
+                    continue;
+                };
                 let answer = catch_unwind(AssertUnwindSafe(|| {
                     detector.chat_prepared(
                         prepared,
@@ -269,7 +322,7 @@ pub fn run(
                 batch.retain(|j| !j.reply.is_closed());
                 ctx.metrics.cancelled.inc_by((before - batch.len()) as u64);
                 if !batch.is_empty() {
-                    inspect_batch(&detector, &rules, &mut ctx, batch);
+                    inspect_batch(&engine, &rules, &mut ctx, batch);
                 }
             }
         }
@@ -280,8 +333,40 @@ pub fn run(
     }
 }
 
+/// The chat endpoint's answer when the model is remote: ask the engine itself.
+pub fn remote_chat() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::NOT_IMPLEMENTED,
+        "remote_model",
+        "this server inspects through a remote model engine: send chat requests to the engine",
+    )
+}
+
+/// An inspection's failure as the client gets it (`what`: "image" or "frame").
+fn inspect_error(e: inspector_detect::Error, what: &str) -> ApiError {
+    use inspector_detect::Error as E;
+    match e {
+        E::Image { message, .. } => ApiError::unprocessable(
+            "corrupt_image",
+            format!("the {what} could not be inspected: {message}"),
+        ),
+        E::Unavailable {
+            message,
+            retry_after,
+        } => ApiError::unavailable(
+            "engine_unavailable",
+            message,
+            retry_after.as_secs_f64().ceil().max(1.0) as u64,
+        ),
+        E::Remote(message) => {
+            ApiError::new(axum::http::StatusCode::BAD_GATEWAY, "engine_error", message)
+        }
+        e => ApiError::internal(format!("inspection failed: {e}")),
+    }
+}
+
 fn inspect_batch(
-    detector: &Detector,
+    engine: &Engine,
     rules: &[Rule],
     ctx: &mut WorkerContext,
     mut batch: Vec<InspectJob>,
@@ -296,8 +381,9 @@ fn inspect_batch(
         .collect();
     let cache = ctx.use_cache.then_some(&ctx.store);
     // A panic in the model answers this batch with 500s; the worker goes on.
-    let results = match catch_unwind(AssertUnwindSafe(|| {
-        detector.inspect(&inputs, rules, cache, batch.len(), |_| {})
+    let results = match catch_unwind(AssertUnwindSafe(|| match engine {
+        Engine::Local(detector) => detector.inspect(&inputs, rules, cache, batch.len(), |_| {}),
+        Engine::Remote(remote) => remote.inspect(&inputs, rules, cache),
     })) {
         Ok(results) => results,
         Err(_) => {
@@ -313,13 +399,7 @@ fn inspect_batch(
         let tx = match job.reply {
             Reply::Stored(tx) => tx,
             Reply::Finding(tx) => {
-                let _ = tx.send(result.map_err(|e| match e {
-                    inspector_detect::Error::Image { message, .. } => ApiError::unprocessable(
-                        "corrupt_image",
-                        format!("the frame could not be inspected: {message}"),
-                    ),
-                    e => ApiError::internal(format!("inspection failed: {e}")),
-                }));
+                let _ = tx.send(result.map_err(|e| inspect_error(e, "frame")));
                 continue;
             }
         };
@@ -331,16 +411,9 @@ fn inspect_batch(
                 &job.upload,
                 &input.bytes,
                 finding,
-                (
-                    &detector.model_fingerprint,
-                    detector.adapter_fingerprint.as_deref(),
-                ),
+                engine.fingerprints(),
             ),
-            Err(inspector_detect::Error::Image { message, .. }) => Err(ApiError::unprocessable(
-                "corrupt_image",
-                format!("the image could not be inspected: {message}"),
-            )),
-            Err(e) => Err(ApiError::internal(format!("inspection failed: {e}"))),
+            Err(e) => Err(inspect_error(e, "image")),
         };
         let _ = tx.send(reply);
     }

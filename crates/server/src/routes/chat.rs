@@ -225,7 +225,11 @@ pub async fn chat_completions(
              ({max_prompt_tokens} tokens)"
         )));
     }
-    let prompter = state.front()?.prompter.clone();
+    let prompter = state
+        .front()?
+        .prompter
+        .clone()
+        .ok_or_else(crate::worker::remote_chat)?;
     // Decoding the photos, rendering and tokenizing run on the blocking pool.
     let max_pixels = state.inner.config.max_pixels;
     let prepared = tokio::task::spawn_blocking(move || {

@@ -1,5 +1,7 @@
 //! Operations: the web page, liveness, readiness, metrics and the OpenAPI document.
 
+use std::time::Duration;
+
 use axum::{
     Json,
     extract::State,
@@ -37,15 +39,28 @@ pub async fn health() -> Json<serde_json::Value> {
     }))
 }
 
-/// Readiness: 200 once the model is loaded, else 503.
+/// Readiness: 200 once the model is loaded (with a remote engine: while the engine answers
+/// `GET /v1/models` within a second), else 503.
 #[utoipa::path(get, path = "/ready", tag = "operations", security(()),
     responses((status = 200), (status = 503, body = ErrorBody)))]
 pub async fn ready(State(state): State<AppState>) -> Response {
-    if state.is_ready() {
-        Json(serde_json::json!({"ready": true, "model": crate::MODEL_NAME})).into_response()
-    } else {
-        ApiError::unavailable("not_ready", "the model is loading", 5).into_response()
+    if !state.is_ready() {
+        return ApiError::unavailable("not_ready", "the model is loading", 5).into_response();
     }
+    if let Some(remote) = state.front().ok().and_then(|f| f.remote.clone()) {
+        let probed = tokio::task::spawn_blocking(move || remote.probe(Duration::from_secs(1)))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(e) = probed {
+            return ApiError::unavailable(
+                "engine_unavailable",
+                format!("the model engine does not answer: {e}"),
+                5,
+            )
+            .into_response();
+        }
+    }
+    Json(serde_json::json!({"ready": true, "model": crate::MODEL_NAME})).into_response()
 }
 
 /// Prometheus metrics.
