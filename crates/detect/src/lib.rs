@@ -16,6 +16,10 @@
 //! settings; citations are resolved again when a cached answer is read, so a changed rules
 //! database shows.
 //!
+//! [`remote::RemoteEngine`] does the same through a model served elsewhere (vLLM, SGLang, TGI or
+//! another `inspector serve`) over OpenAI's chat API, with the answer's JSON schema as
+//! `response_format`.
+//!
 //! ```no_run
 //! use inspector_detect::{DetectConfig, Detector, Input};
 //!

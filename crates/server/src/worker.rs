@@ -114,19 +114,19 @@ pub struct Front {
 /// What the worker answers with: a model loaded in this process, or a remote engine
 /// (`serve --backend openai`).
 pub enum Engine {
-    Local(Detector),
-    Remote(RemoteEngine),
+    Local(Box<Detector>),
+    Remote(Box<RemoteEngine>),
 }
 
 impl From<Detector> for Engine {
     fn from(d: Detector) -> Engine {
-        Engine::Local(d)
+        Engine::Local(Box::new(d))
     }
 }
 
 impl From<RemoteEngine> for Engine {
     fn from(r: RemoteEngine) -> Engine {
-        Engine::Remote(r)
+        Engine::Remote(Box::new(r))
     }
 }
 
