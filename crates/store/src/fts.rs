@@ -69,6 +69,45 @@ pub fn match_query(query: &str) -> Option<String> {
     )
 }
 
+/// The text a rule is indexed under: its citation, text and categories.
+pub fn rule_body(rule: &inspector_core::Rule) -> String {
+    format!(
+        "{} {} {}",
+        rule.citation,
+        rule.text,
+        rule.categories.join(" ")
+    )
+}
+
+/// FTS5's `bm25()` score, negated (higher is better), for a row holding `tokens`: each query
+/// term weighs `idf × tf(k1 + 1) / (tf + k1(1 − b + b·len/avglen))` with k1 1.2 and b 0.75, and
+/// `idf = ln((rows − hits + 0.5) / (hits + 0.5))`, at least 1e-6. `hits[i]` is how many rows
+/// hold `terms[i]`; `rows` and `total_tokens` are the index's.
+pub fn bm25(
+    terms: &[String],
+    tokens: &[String],
+    hits: &[i64],
+    rows: i64,
+    total_tokens: i64,
+) -> f64 {
+    const K1: f64 = 1.2;
+    const B: f64 = 0.75;
+    let rows_f = rows as f64;
+    let avg = total_tokens as f64 / rows_f;
+    let len = tokens.len() as f64;
+    let mut score = 0.0;
+    for (term, &n) in terms.iter().zip(hits) {
+        let n = n as f64;
+        let mut idf = ((rows_f - n + 0.5) / (n + 0.5)).ln();
+        if idf <= 0.0 {
+            idf = 1e-6;
+        }
+        let tf = tokens.iter().filter(|t| *t == term).count() as f64;
+        score += idf * (tf * (K1 + 1.0)) / (tf + K1 * (1.0 - B + B * len / avg));
+    }
+    score
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

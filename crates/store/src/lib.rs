@@ -23,11 +23,82 @@
 //! ```
 
 mod fts;
+mod pgpass;
+mod postgres;
 mod sqlite;
+#[doc(hidden)]
+pub mod testing;
 
 use inspector_core::{Diagnostic, Rule};
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+
+/// Everything the product keeps, behind one interface with two implementations: [`SqliteStore`]
+/// (one file, the embedded default) and [`PostgresStore`] (a server shared by replicas).
+/// [`open`] picks one by the `--db` value.
+pub trait Store: RuleStore + Send {
+    /// The schema version this database is at (the same numbering on both dialects).
+    fn schema_version(&self) -> Result<i64>;
+    /// Increases whenever a document's rules are replaced (servers reload their rules when it
+    /// changes, so a document uploaded through one replica is cited by all).
+    fn rules_version(&self) -> Result<i64>;
+    /// The cached model answer stored under `key`.
+    fn cached_answer(&self, key: &str) -> Result<Option<String>>;
+    /// Stores (or replaces) a model answer under `key`.
+    fn cache_answer(&self, key: &str, answer: &str) -> Result<()>;
+    /// Stores an answered inspection and its violations in one transaction.
+    fn insert_inspection(
+        &mut self,
+        inspection: &NewInspection,
+        violations: &[InspectionViolation],
+    ) -> Result<i64>;
+    fn inspection(&self, id: &str) -> Result<Option<InspectionRow>>;
+    /// Newest first, at most `filter.limit`.
+    fn inspections(&self, filter: &InspectionFilter) -> Result<Vec<InspectionRow>>;
+    /// `false` when an event with its id is already stored (left as it is).
+    fn insert_event(&self, event: &NewEvent) -> Result<bool>;
+    fn event(&self, id: &str) -> Result<Option<EventRow>>;
+    /// Newest first, or with `after_seq` oldest first (a stream).
+    fn events(&self, filter: &EventFilter) -> Result<Vec<EventRow>>;
+    /// `None`: no such event; `Some(false)`: acknowledged before (the first one stays).
+    fn ack_event(&self, id: &str, by: &str, at_ms: i64) -> Result<Option<bool>>;
+    fn create_api_key(&self, id: &str, name: &str, hash: &str, admin: bool) -> Result<()>;
+    /// The live (not revoked) key with this hash.
+    fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>>;
+    /// The key with this hash, revoked or not.
+    fn api_key_with_hash(&self, hash: &str) -> Result<Option<ApiKey>>;
+    /// Every key, oldest first.
+    fn api_keys(&self) -> Result<Vec<ApiKey>>;
+    /// `false` when no live key has this id.
+    fn revoke_api_key(&self, id: &str) -> Result<bool>;
+}
+
+/// Opens the database `db` names: a `postgres://` (or `postgresql://`) URL, or a SQLite file
+/// (optionally written `sqlite:PATH`). PostgreSQL passwords come from the URL, `PGPASSWORD` or
+/// the password file (`PGPASSFILE`, else `~/.pgpass`); errors never show them.
+pub fn open(db: &str) -> Result<Box<dyn Store>> {
+    if db.starts_with("postgres://") || db.starts_with("postgresql://") {
+        return Ok(Box::new(PostgresStore::open(db)?));
+    }
+    let path = db.strip_prefix("sqlite:").unwrap_or(db);
+    Ok(Box::new(SqliteStore::open(std::path::Path::new(path))?))
+}
+
+/// A database URL with its password (and user) hidden, for logs and errors.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}@{}", &rest[at + 1..])
+        }
+        None => url.to_string(),
+    }
+}
 
 /// Errors from the store, with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +109,8 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("database {url}: {message}")]
+    Postgres { url: String, message: String },
     #[error(
         "database {path} was written by a newer inspector (schema version {found}, this one knows {known})"
     )]
@@ -51,6 +124,12 @@ pub enum StoreError {
         doing: &'static str,
         #[source]
         source: rusqlite::Error,
+    },
+    #[error("database error while {doing}: {source}")]
+    PgQuery {
+        doing: &'static str,
+        #[source]
+        source: ::postgres::Error,
     },
     #[error("database holds an invalid value in {field}: {message}")]
     Corrupt {

@@ -8,12 +8,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::{
     ApiKey, DocumentRecord, DocumentSummary, EventFilter, EventRow, InspectionFilter,
     InspectionRow, InspectionViolation, NewEvent, NewInspection, ReplaceOutcome, Result,
-    RuleFilter, RuleStore, StoreError, fts,
+    RuleFilter, RuleStore, Store, StoreError, fts,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. Append
 /// only: a released migration never changes.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: documents, rules, diagnostics, full-text index.
     "CREATE TABLE documents (
         title        TEXT PRIMARY KEY,
@@ -102,6 +102,12 @@ const MIGRATIONS: &[&str] = &[
         acked_by   TEXT
     );
     CREATE INDEX camera_events_by_time ON camera_events(stored_ms);",
+    // 5: the rules' version (bumped by every document replaced), for servers sharing a database.
+    "CREATE TABLE rules_version (
+        one     INTEGER PRIMARY KEY CHECK (one = 1),
+        version INTEGER NOT NULL
+    );
+    INSERT INTO rules_version (one, version) VALUES (1, 0);",
 ];
 
 const EVENT_COLUMNS: &str =
@@ -165,7 +171,12 @@ impl SqliteStore {
             .map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(open_err)?;
-        let version: i64 = conn
+        // The version is read inside a write transaction, so processes opening a new database
+        // together migrate it once: the others wait on the lock, then find it current.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(open_err)?;
+        let version: i64 = tx
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(open_err)?;
         let known = MIGRATIONS.len() as i64;
@@ -177,14 +188,13 @@ impl SqliteStore {
             });
         }
         if version < known {
-            let tx = conn.transaction().map_err(open_err)?;
             for sql in &MIGRATIONS[version as usize..] {
                 tx.execute_batch(sql).map_err(open_err)?;
             }
             tx.pragma_update(None, "user_version", known)
                 .map_err(open_err)?;
-            tx.commit().map_err(open_err)?;
         }
+        tx.commit().map_err(open_err)?;
         Ok(SqliteStore { conn })
     }
 
@@ -587,7 +597,7 @@ impl SqliteStore {
     }
 }
 
-fn kind_name(kind: DiagnosticKind) -> &'static str {
+pub(crate) fn kind_name(kind: DiagnosticKind) -> &'static str {
     match kind {
         DiagnosticKind::Unparsable => "unparsable",
         DiagnosticKind::Duplicate => "duplicate",
@@ -596,7 +606,7 @@ fn kind_name(kind: DiagnosticKind) -> &'static str {
     }
 }
 
-fn kind_from(name: &str) -> Option<DiagnosticKind> {
+pub(crate) fn kind_from(name: &str) -> Option<DiagnosticKind> {
     Some(match name {
         "unparsable" => DiagnosticKind::Unparsable,
         "duplicate" => DiagnosticKind::Duplicate,
@@ -606,8 +616,73 @@ fn kind_from(name: &str) -> Option<DiagnosticKind> {
     })
 }
 
-fn bare_title(s: &str) -> &str {
+pub(crate) fn bare_title(s: &str) -> &str {
     s.trim().trim_start_matches('《').trim_end_matches('》')
+}
+
+impl SqliteStore {
+    /// Increases whenever a document's rules are replaced.
+    pub fn rules_version(&self) -> Result<i64> {
+        self.conn
+            .query_row("SELECT version FROM rules_version", [], |r| r.get(0))
+            .map_err(q("reading the rules' version"))
+    }
+}
+
+/// [`Store`] by the inherent methods of the same names.
+impl Store for SqliteStore {
+    fn schema_version(&self) -> Result<i64> {
+        SqliteStore::schema_version(self)
+    }
+    fn rules_version(&self) -> Result<i64> {
+        SqliteStore::rules_version(self)
+    }
+    fn cached_answer(&self, key: &str) -> Result<Option<String>> {
+        SqliteStore::cached_answer(self, key)
+    }
+    fn cache_answer(&self, key: &str, answer: &str) -> Result<()> {
+        SqliteStore::cache_answer(self, key, answer)
+    }
+    fn insert_inspection(
+        &mut self,
+        inspection: &NewInspection,
+        violations: &[InspectionViolation],
+    ) -> Result<i64> {
+        SqliteStore::insert_inspection(self, inspection, violations)
+    }
+    fn inspection(&self, id: &str) -> Result<Option<InspectionRow>> {
+        SqliteStore::inspection(self, id)
+    }
+    fn inspections(&self, filter: &InspectionFilter) -> Result<Vec<InspectionRow>> {
+        SqliteStore::inspections(self, filter)
+    }
+    fn insert_event(&self, event: &NewEvent) -> Result<bool> {
+        SqliteStore::insert_event(self, event)
+    }
+    fn event(&self, id: &str) -> Result<Option<EventRow>> {
+        SqliteStore::event(self, id)
+    }
+    fn events(&self, filter: &EventFilter) -> Result<Vec<EventRow>> {
+        SqliteStore::events(self, filter)
+    }
+    fn ack_event(&self, id: &str, by: &str, at_ms: i64) -> Result<Option<bool>> {
+        SqliteStore::ack_event(self, id, by, at_ms)
+    }
+    fn create_api_key(&self, id: &str, name: &str, hash: &str, admin: bool) -> Result<()> {
+        SqliteStore::create_api_key(self, id, name, hash, admin)
+    }
+    fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>> {
+        SqliteStore::api_key_by_hash(self, hash)
+    }
+    fn api_key_with_hash(&self, hash: &str) -> Result<Option<ApiKey>> {
+        SqliteStore::api_key_with_hash(self, hash)
+    }
+    fn api_keys(&self) -> Result<Vec<ApiKey>> {
+        SqliteStore::api_keys(self)
+    }
+    fn revoke_api_key(&self, id: &str) -> Result<bool> {
+        SqliteStore::revoke_api_key(self, id)
+    }
 }
 
 impl RuleStore for SqliteStore {
@@ -688,12 +763,7 @@ impl RuleStore for SqliteStore {
                         .execute(params![rule.id, category])
                         .map_err(q("storing categories"))?;
                 }
-                let body = fts::index_text(&format!(
-                    "{} {} {}",
-                    rule.citation,
-                    rule.text,
-                    rule.categories.join(" ")
-                ));
+                let body = fts::index_text(&fts::rule_body(rule));
                 insert_fts
                     .execute(params![rule.id, body])
                     .map_err(q("indexing rules"))?;
@@ -712,6 +782,8 @@ impl RuleStore for SqliteStore {
                     .map_err(q("storing diagnostics"))?;
             }
         }
+        tx.execute("UPDATE rules_version SET version = version + 1", [])
+            .map_err(q("bumping the rules' version"))?;
         tx.commit().map_err(q("committing"))?;
         Ok(ReplaceOutcome {
             removed,

@@ -1,9 +1,67 @@
-//! The rules database: replacement semantics, filters, Chinese full-text search, migrations.
+//! The database, on both stores (SQLite, and a PostgreSQL server the tests start): replacement
+//! semantics, filters, Chinese full-text search (the same answers on both), migrations, the
+//! answer cache, inspections, keys and camera events.
 
 use std::path::PathBuf;
 
 use inspector_rules::{Categorizer, Document, extract_bytes, extract_file};
-use inspector_store::{DocumentRecord, RuleFilter, RuleStore, SqliteStore, StoreError};
+use inspector_store::{DocumentRecord, RuleFilter, SqliteStore, Store, StoreError};
+
+/// A fresh database of one kind, reopenable by its location.
+struct Db {
+    location: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Db {
+    fn sqlite() -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        Db {
+            location: dir.path().join("inspector.db").display().to_string(),
+            _dir: Some(dir),
+        }
+    }
+
+    fn postgres() -> Db {
+        Db {
+            location: inspector_store::testing::postgres().fresh_database(),
+            _dir: None,
+        }
+    }
+
+    fn is_postgres(&self) -> bool {
+        self.location.starts_with("postgres://")
+    }
+
+    fn open(&self) -> Box<dyn Store> {
+        inspector_store::open(&self.location).unwrap()
+    }
+}
+
+/// Each test `name(db: &Db)` runs as `sqlite::name` and `postgres::name`.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test] fn $name() { super::$name(&super::Db::sqlite()) })*
+        }
+        mod postgres {
+            $(#[test] fn $name() { super::$name(&super::Db::postgres()) })*
+        }
+    };
+}
+
+on_both!(
+    re_extracting_unchanged_keeps_the_count,
+    a_changed_document_replaces_its_rules,
+    chinese_search_finds_the_clause,
+    filters_by_category_and_document,
+    migrations_run_once_and_refuse_newer_databases,
+    the_answer_cache_stores_replaces_and_survives_reopening,
+    inspections_filter_page_and_survive_reopening,
+    api_keys_are_found_by_hash_listed_and_revoked,
+    camera_events_are_stored_once_filtered_streamed_and_acknowledged_once,
+    the_rules_version_moves_with_every_document,
+);
 
 fn example(name: &str) -> Document {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -20,8 +78,8 @@ fn record(doc: &Document) -> DocumentRecord {
     }
 }
 
-fn store_all() -> SqliteStore {
-    let mut store = SqliteStore::open_in_memory().unwrap();
+fn store_all(db: &Db) -> Box<dyn Store> {
+    let mut store = db.open();
     for name in [
         "safety-operation.md",
         "site-management.txt",
@@ -35,9 +93,8 @@ fn store_all() -> SqliteStore {
     store
 }
 
-#[test]
-fn re_extracting_unchanged_keeps_the_count() {
-    let mut store = store_all();
+fn re_extracting_unchanged_keeps_the_count(db: &Db) {
+    let mut store = store_all(db);
     let before = store.rules(&RuleFilter::default()).unwrap();
     let doc = example("safety-operation.md");
     let outcome = store
@@ -50,9 +107,8 @@ fn re_extracting_unchanged_keeps_the_count() {
     assert_eq!(after.len(), 26 + 24 + 25);
 }
 
-#[test]
-fn a_changed_document_replaces_its_rules() {
-    let mut store = store_all();
+fn a_changed_document_replaces_its_rules(db: &Db) {
+    let mut store = store_all(db);
     let text = "《安全作业规程》\n第一条 新的第一条。\n第二条 新的第二条，佩戴安全帽。\n";
     let doc = extract_bytes("new.txt", text.as_bytes(), &Categorizer::default()).unwrap();
     let outcome = store
@@ -79,9 +135,8 @@ fn a_changed_document_replaces_its_rules() {
     assert_eq!(store.search("新的第二条", 10).unwrap()[0].clause, "2");
 }
 
-#[test]
-fn chinese_search_finds_the_clause() {
-    let store = store_all();
+fn chinese_search_finds_the_clause(db: &Db) {
+    let store = store_all(db);
     let top = |q: &str| {
         store
             .search(q, 5)
@@ -103,9 +158,8 @@ fn chinese_search_finds_the_clause() {
     assert!(store.search("\" OR *", 5).unwrap().is_empty());
 }
 
-#[test]
-fn filters_by_category_and_document() {
-    let store = store_all();
+fn filters_by_category_and_document(db: &Db) {
+    let store = store_all(db);
     let by_category = store
         .rules(&RuleFilter {
             category: Some("应急处理".into()),
@@ -123,42 +177,103 @@ fn filters_by_category_and_document() {
     assert_eq!(docs.iter().map(|d| d.rules).sum::<usize>(), 75);
 }
 
-#[test]
-fn migrations_run_once_and_refuse_newer_databases() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("inspector.db");
-    {
-        let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 4);
+fn migrations_run_once_and_refuse_newer_databases(db: &Db) {
+    // Replicas starting together: every one opens, the schema is migrated once.
+    let openers: Vec<_> = (0..4)
+        .map(|_| {
+            let location = db.location.clone();
+            std::thread::spawn(move || {
+                inspector_store::open(&location)
+                    .unwrap()
+                    .schema_version()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for o in openers {
+        assert_eq!(o.join().unwrap(), 5);
     }
-    let store = SqliteStore::open(&path).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 4);
-    drop(store);
-    rusqlite_set_version(&path, 99);
-    match SqliteStore::open(&path) {
+    assert_eq!(db.open().schema_version().unwrap(), 5);
+    if db.is_postgres() {
+        let mut c = ::postgres::Client::connect(&db.location, ::postgres::NoTls).unwrap();
+        c.execute("UPDATE inspector_schema SET version = 99", &[])
+            .unwrap();
+    } else {
+        let conn = rusqlite::Connection::open(&db.location).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+    }
+    match inspector_store::open(&db.location) {
         Err(StoreError::TooNew { found: 99, .. }) => {}
         Err(other) => panic!("unexpected error {other}"),
         Ok(_) => panic!("a newer database must be refused"),
     }
 }
 
-fn rusqlite_set_version(path: &std::path::Path, version: i64) {
-    let conn = rusqlite::Connection::open(path).unwrap();
-    conn.pragma_update(None, "user_version", version).unwrap();
+fn the_rules_version_moves_with_every_document(db: &Db) {
+    let mut store = db.open();
+    assert_eq!(store.rules_version().unwrap(), 0);
+    let doc = example("safety-operation.md");
+    store
+        .replace_document(&record(&doc), &doc.rules, &doc.diagnostics)
+        .unwrap();
+    // Another connection (another replica) sees it.
+    assert_eq!(db.open().rules_version().unwrap(), 1);
+    store
+        .replace_document(&record(&doc), &doc.rules, &doc.diagnostics)
+        .unwrap();
+    assert_eq!(db.open().rules_version().unwrap(), 2);
 }
 
+/// The bundled regulations' search queries give the same rules in the same order on PostgreSQL
+/// as on SQLite's FTS5 (whose BM25 the PostgreSQL store computes itself).
 #[test]
-fn the_answer_cache_stores_replaces_and_survives_reopening() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("inspector.db");
+fn search_answers_the_same_on_both_stores() {
+    let sqlite = Db::sqlite();
+    let postgres = Db::postgres();
+    let (a, b) = (store_all(&sqlite), store_all(&postgres));
+    let mut compared = 0;
+    for query in [
+        "安全帽",
+        "反光背心",
+        "上锁挂牌 配电柜",
+        "杂物 通道",
+        "帽",
+        "消防",
+        "安全",
+        "作业",
+        "电气 安全",
+        "高处作业 安全带",
+        "叉车",
+        "应急 疏散 通道",
+        "5S",
+        "LOTO",
+        "量子计算",
+        "检修",
+        "配电",
+        "安全 安全",
+    ] {
+        let ids = |s: &Box<dyn Store>| -> Vec<String> {
+            s.search(query, 20)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id)
+                .collect()
+        };
+        assert_eq!(ids(&a), ids(&b), "{query}");
+        compared += ids(&a).len();
+    }
+    assert!(compared > 50, "the queries find rules ({compared})");
+}
+
+fn the_answer_cache_stores_replaces_and_survives_reopening(db: &Db) {
     {
-        let store = SqliteStore::open(&path).unwrap();
+        let store = db.open();
         assert_eq!(store.cached_answer("k").unwrap(), None);
         store.cache_answer("k", "{\"raw\": 1}").unwrap();
         store.cache_answer("k", "{\"raw\": 2}").unwrap();
         store.cache_answer("other", "x").unwrap();
     }
-    let store = SqliteStore::open(&path).unwrap();
+    let store = db.open();
     assert_eq!(
         store.cached_answer("k").unwrap().as_deref(),
         Some("{\"raw\": 2}")
@@ -181,14 +296,16 @@ fn inspection(id: &str, ms: i64, status: &str) -> inspector_store::NewInspection
     }
 }
 
-#[test]
-fn inspections_filter_page_and_survive_reopening() {
+fn inspections_filter_page_and_survive_reopening(db: &Db) {
     use inspector_store::{InspectionFilter, InspectionViolation};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("inspector.db");
+    if !db.is_postgres() {
+        SqliteStore::open(db.location.as_ref())
+            .unwrap()
+            .enable_wal()
+            .unwrap();
+    }
     {
-        let mut store = SqliteStore::open(&path).unwrap();
-        store.enable_wal().unwrap();
+        let mut store = db.open();
         let v = |rule: &str, risk: &str| InspectionViolation {
             rule_id: Some(rule.into()),
             citation: Some(format!("《规程》第{rule}条")),
@@ -213,7 +330,7 @@ fn inspections_filter_page_and_survive_reopening() {
                 .is_err()
         );
     }
-    let store = SqliteStore::open(&path).unwrap();
+    let store = db.open();
     let ids = |f: InspectionFilter| -> Vec<String> {
         store
             .inspections(&InspectionFilter { limit: 10, ..f })
@@ -290,9 +407,8 @@ fn inspections_filter_page_and_survive_reopening() {
     assert!(store.inspection("nope").unwrap().is_none());
 }
 
-#[test]
-fn api_keys_are_found_by_hash_listed_and_revoked() {
-    let store = SqliteStore::open_in_memory().unwrap();
+fn api_keys_are_found_by_hash_listed_and_revoked(db: &Db) {
+    let store = db.open();
     store.create_api_key("k1", "camera 3", "h1", false).unwrap();
     store.create_api_key("k2", "admin", "h2", true).unwrap();
     assert!(store.create_api_key("k3", "dup", "h1", false).is_err());
@@ -307,10 +423,9 @@ fn api_keys_are_found_by_hash_listed_and_revoked() {
     assert!(keys.iter().any(|k| k.id == "k1" && k.revoked_at.is_some()));
 }
 
-#[test]
-fn camera_events_are_stored_once_filtered_streamed_and_acknowledged_once() {
+fn camera_events_are_stored_once_filtered_streamed_and_acknowledged_once(db: &Db) {
     use inspector_store::{EventFilter, NewEvent};
-    let store = SqliteStore::open_in_memory().unwrap();
+    let store = db.open();
     let event = |id: &str, camera: &str, rule: &str, ms: i64| NewEvent {
         id: id.into(),
         stored_ms: ms,

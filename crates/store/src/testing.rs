@@ -1,0 +1,194 @@
+//! A private PostgreSQL server for tests: the first call starts one from the PostgreSQL
+//! binaries installed here (`PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`, else `PATH`),
+//! on a free loopback port with its data in a temporary directory, and every test takes a fresh
+//! database of its own. A watchdog process stops the server and removes its directory when the
+//! test process ends. There is no skipping: without PostgreSQL the tests fail, saying what to
+//! install.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+/// A running test server.
+pub struct TestPostgres {
+    pub port: u16,
+    /// The directory holding the data and the socket.
+    pub dir: PathBuf,
+}
+
+static SERVER: OnceLock<TestPostgres> = OnceLock::new();
+static DATABASES: AtomicUsize = AtomicUsize::new(0);
+
+/// The server of this test process, started on first use.
+pub fn postgres() -> &'static TestPostgres {
+    SERVER.get_or_init(|| {
+        start().unwrap_or_else(|e| {
+            panic!(
+                "cannot start a PostgreSQL server for the tests: {e}\n\
+                 (install Debian's `postgresql` package; `.ci/run` does)"
+            )
+        })
+    })
+}
+
+impl TestPostgres {
+    /// The URL of database `name` on this server.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// A new empty database, by URL.
+    pub fn fresh_database(&self) -> String {
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            DATABASES.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut client = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
+            .expect("connecting to the test server");
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("creating a test database");
+        self.url(&name)
+    }
+}
+
+fn bin_dir() -> Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os("PG_BIN") {
+        return Ok(dir.into());
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Ok(bin);
+    }
+    let found = Command::new("sh")
+        .args(["-c", "command -v initdb"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let path = String::from_utf8_lossy(&found.stdout).trim().to_string();
+    Path::new(&path)
+        .parent()
+        .filter(|_| found.status.success())
+        .map(Path::to_path_buf)
+        .ok_or_else(|| "no initdb: set PG_BIN or install PostgreSQL".into())
+}
+
+/// A command run as the `postgres` user when we are root (PostgreSQL refuses to run as root).
+fn as_server_user(program: &Path, root: bool) -> Command {
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(mut c: Command, what: &str) -> Result<(), String> {
+    let out = c
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{what}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn start() -> Result<TestPostgres, String> {
+    let bin = bin_dir()?;
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let dir = std::env::temp_dir().join(format!(
+        "inspector-pg-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if root {
+        run(
+            {
+                let mut c = Command::new("chown");
+                c.arg("postgres:").arg(&dir);
+                c
+            },
+            "chown",
+        )?;
+    }
+    let data = dir.join("data");
+    let mut initdb = as_server_user(&bin.join("initdb"), root);
+    initdb
+        .arg("-D")
+        .arg(&data)
+        .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
+        .args(["--locale", "C.UTF-8"]);
+    run(initdb, "initdb")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let mut pg_ctl = as_server_user(&bin.join("pg_ctl"), root);
+    pg_ctl
+        .arg("-D")
+        .arg(&data)
+        .arg("-l")
+        .arg(dir.join("log"))
+        .arg("-w")
+        .arg("-o")
+        .arg(format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+             -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+            dir.display()
+        ))
+        .arg("start");
+    run(pg_ctl, "pg_ctl start")?;
+    // Stop the server and remove its files once this process is gone, however it ends.
+    let stop = format!(
+        "{} -D '{}' stop -m immediate",
+        if root {
+            format!("runuser -u postgres -- '{}'", bin.join("pg_ctl").display())
+        } else {
+            format!("'{}'", bin.join("pg_ctl").display())
+        },
+        data.display()
+    );
+    let watchdog = format!(
+        "while kill -0 {} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{}'",
+        std::process::id(),
+        dir.display()
+    );
+    Command::new("sh")
+        .args(["-c", &watchdog])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting the watchdog: {e}"))?;
+    Ok(TestPostgres { port, dir })
+}
