@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use inspector_detect::{DetectConfig, Input, active};
-use inspector_store::{RuleFilter, RuleStore};
+use inspector_store::RuleFilter;
 
 use crate::{
     detect_cmd::{expand, load_detector},

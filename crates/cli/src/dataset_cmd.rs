@@ -16,7 +16,7 @@ use inspector_dataset::{
     jsonl,
 };
 use inspector_detect::DetectConfig;
-use inspector_store::{RuleFilter, RuleStore};
+use inspector_store::RuleFilter;
 
 use crate::{
     detect_cmd::{inspect_paths, load_detector},

@@ -15,7 +15,7 @@ use inspector_detect::{
     report::{self, Entry, Lang},
 };
 use inspector_qwen2vl::chat::ChatTokenizer;
-use inspector_store::{RuleFilter, RuleStore};
+use inspector_store::RuleFilter;
 
 use crate::{
     model_args::ModelArgs,
@@ -188,7 +188,7 @@ pub fn inspect_paths(
     detector: &Detector,
     paths: &[PathBuf],
     rules: &[inspector_core::Rule],
-    cache: Option<&inspector_store::SqliteStore>,
+    cache: Option<&dyn inspector_store::Store>,
     batch_size: usize,
 ) -> Vec<Inspected> {
     let mut read: Vec<(PathBuf, Result<Vec<u8>, String>)> = paths
@@ -252,7 +252,7 @@ pub fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
         constrained: !args.unconstrained,
     };
     let detector = load_detector(&args.model, config, &rules)?;
-    let cache = (!args.no_cache).then_some(&store);
+    let cache = (!args.no_cache).then_some(store.as_ref());
     let done = inspect_paths(&detector, &paths, &rules, cache, args.batch_size);
 
     let names: Vec<String> = done.iter().map(|d| d.path.display().to_string()).collect();

@@ -15,7 +15,7 @@ use inspector_core::{
 };
 use inspector_detect::{DetectConfig, Finding, ImageInfo, RawAnswer, Timings};
 use inspector_eval::{Gold, GoldViolation, PredictedViolation, Prediction, Report, evaluate};
-use inspector_store::{RuleFilter, RuleStore};
+use inspector_store::RuleFilter;
 
 use crate::{
     detect_cmd::{inspect_paths, load_detector},
@@ -218,7 +218,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         None => {
             let detector = load_detector(&args.model, DetectConfig::default(), &rules)?;
             let paths: Vec<PathBuf> = gold.records.iter().map(|r| r.path.clone()).collect();
-            let done = inspect_paths(&detector, &paths, &rules, Some(&store), args.batch_size);
+            let done = inspect_paths(
+                &detector,
+                &paths,
+                &rules,
+                Some(store.as_ref()),
+                args.batch_size,
+            );
             let mut out = Vec::new();
             for (i, d) in done.into_iter().enumerate() {
                 match d.result {

@@ -7,7 +7,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use inspector_lora::LoraConfig;
 use inspector_qwen2vl::image::ProcessorConfig;
-use inspector_store::{RuleFilter, RuleStore};
+use inspector_store::RuleFilter;
 use inspector_train::{
     data::{build_in_parallel, processed_batch},
     vision_pretrain::{

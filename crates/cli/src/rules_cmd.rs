@@ -13,7 +13,7 @@ use inspector_core::{
     citation::{self, Resolution},
 };
 use inspector_rules::{Categorizer, Document, extract_file};
-use inspector_store::{DocumentRecord, RuleFilter, RuleStore, SqliteStore};
+use inspector_store::{DocumentRecord, RuleFilter, Store};
 
 use crate::{bundled, output::write_atomic};
 
@@ -27,9 +27,11 @@ macro_rules! out {
 /// The database option every command that touches the database takes.
 #[derive(Debug, Clone, Args)]
 pub struct DbArgs {
-    /// The project database (SQLite); created if missing.
-    #[arg(long, value_name = "PATH", default_value = "inspector.db")]
-    pub db: PathBuf,
+    /// The project database: a SQLite file (created if missing), or a PostgreSQL server
+    /// (`postgres://user@host:port/db`; the password from PGPASSWORD or ~/.pgpass, never the
+    /// command line).
+    #[arg(long, value_name = "PATH|URL", default_value = "inspector.db")]
+    pub db: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,7 +169,7 @@ pub fn run(cmd: RulesCommand) -> anyhow::Result<ExitCode> {
             let store = open(&db.db)?;
             let docs = store.documents()?;
             if docs.is_empty() {
-                out!("no documents in {}", db.db.display());
+                out!("no documents in {}", inspector_store::redact(&db.db));
             }
             for d in docs {
                 out!(
@@ -187,17 +189,17 @@ pub fn run(cmd: RulesCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-pub fn open(path: &Path) -> anyhow::Result<SqliteStore> {
-    if path.is_dir() {
-        bail!("{}: is a directory, not a database file", path.display());
+pub fn open(db: &str) -> anyhow::Result<Box<dyn Store>> {
+    if Path::new(db).is_dir() {
+        bail!("{db}: is a directory, not a database file");
     }
-    Ok(SqliteStore::open(path)?)
+    Ok(inspector_store::open(db)?)
 }
 
 /// Opens the database; when it holds no documents, loads the bundled example regulations
 /// first, and says so, so that citations resolve on a fresh clone.
-pub fn open_with_rules(path: &Path) -> anyhow::Result<SqliteStore> {
-    let mut store = open(path)?;
+pub fn open_with_rules(db: &str) -> anyhow::Result<Box<dyn Store>> {
+    let mut store = open(db)?;
     if store.documents()?.is_empty() {
         let docs = bundled::documents(&Categorizer::default())?;
         for doc in &docs {
@@ -205,7 +207,7 @@ pub fn open_with_rules(path: &Path) -> anyhow::Result<SqliteStore> {
         }
         eprintln!(
             "note: {} had no rules; loaded the {} bundled example regulations",
-            path.display(),
+            inspector_store::redact(db),
             docs.len()
         );
     }
@@ -224,7 +226,7 @@ fn extract(
     files: &[PathBuf],
     categories: Option<&Path>,
     list: bool,
-    db: &Path,
+    db: &str,
 ) -> anyhow::Result<ExitCode> {
     let categorizer = match categories {
         None => Categorizer::default(),
@@ -236,7 +238,7 @@ fn extract(
     };
     // The database is opened only once a file has extracted, so that a run where every file
     // fails leaves no trace, not even a new empty database.
-    let mut store: Option<SqliteStore> = None;
+    let mut store: Option<Box<dyn Store>> = None;
     let mut failed = 0;
     for file in files {
         let doc = match extract_file(file, &categorizer) {
@@ -282,7 +284,7 @@ fn extract(
     Ok(ExitCode::SUCCESS)
 }
 
-fn show(query: &str, json: bool, db: &Path) -> anyhow::Result<ExitCode> {
+fn show(query: &str, json: bool, db: &str) -> anyhow::Result<ExitCode> {
     let store = open_with_rules(db)?;
     if let Some(rule) = store.rule(query.trim())? {
         print_rule(&rule, json)?;

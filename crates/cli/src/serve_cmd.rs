@@ -214,8 +214,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // The cameras file is checked as a whole before anything starts.
     let cameras = match &args.cameras {
         Some(file) => {
-            let rules =
-                inspector_store::RuleStore::rules(&store, &inspector_store::RuleFilter::default())?;
+            let rules = inspector_store::RuleStore::rules(
+                store.as_ref(),
+                &inspector_store::RuleFilter::default(),
+            )?;
             let cameras = crate::watch_cmd::read_cameras(file, &rules)?;
             crate::watch_cmd::check_sources(&cameras)?;
             anyhow::ensure!(
@@ -254,8 +256,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 "warning: API keys are required on {} and {} holds none: create one with \
                  `inspector keys create --db {}`",
                 args.addr,
-                args.db.db.display(),
-                args.db.db.display()
+                inspector_store::redact(&args.db.db),
+                args.db.db
             );
         }
     }
@@ -300,7 +302,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         eprintln!(
             "serving on http://{} (database {}, photos in {}); the model is loading",
             listener.local_addr()?,
-            args.db.db.display(),
+            inspector_store::redact(&args.db.db),
             args.data_dir.display()
         );
         server.serve(listener, shutdown_signal()).await
@@ -321,7 +323,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 fn start_cameras(
     cameras: Vec<inspector_watch::config::Camera>,
     hooks: Vec<inspector_watch::webhook::Webhook>,
-    store: inspector_store::SqliteStore,
+    store: Box<dyn inspector_store::Store>,
     args: &ServeArgs,
     state: inspector_server::AppState,
     runtime: tokio::runtime::Handle,
@@ -419,7 +421,7 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         KeysCommand::Create { admin, name, db } => {
             let store = open(&db.db)?;
-            let (id, key) = inspector_server::auth::create_key(&store, &name, admin)?;
+            let (id, key) = inspector_server::auth::create_key(store.as_ref(), &name, admin)?;
             eprintln!(
                 "created {} key {id}; it is shown once, store it now:",
                 if admin { "an admin" } else { "a" }
@@ -430,7 +432,7 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
             let store = open(&db.db)?;
             let keys = store.api_keys()?;
             if keys.is_empty() {
-                eprintln!("no API keys in {}", db.db.display());
+                eprintln!("no API keys in {}", inspector_store::redact(&db.db));
             }
             for k in keys {
                 println!(
@@ -448,7 +450,10 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
         KeysCommand::Revoke { id, db } => {
             let store = open(&db.db)?;
             if !store.revoke_api_key(&id)? {
-                anyhow::bail!("no active key with id `{id}` in {}", db.db.display());
+                anyhow::bail!(
+                    "no active key with id `{id}` in {}",
+                    inspector_store::redact(&db.db)
+                );
             }
             eprintln!("revoked {id}");
         }

@@ -14,7 +14,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use inspector_dataset::Dataset;
 use inspector_qwen2vl::{Config, chat::ChatTokenizer, image::ProcessorConfig};
-use inspector_store::{RuleFilter, RuleStore};
+use inspector_store::RuleFilter;
 use inspector_train::{
     data::{Example, Photos, build_in_parallel, example_from, model_prompt},
     trainer::{Ending, Event, TrainConfig, Trainer},

@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context;
 use clap::Args;
 use inspector_detect::{DetectConfig, Finding, Input, sha256_hex};
-use inspector_store::{RuleFilter, RuleStore};
+use inspector_store::RuleFilter;
 use inspector_watch::{
     Alerter, Policy, Seen, Trigger, Zones,
     config::{self, Camera},
@@ -387,7 +387,7 @@ pub type Inspect<'a> = dyn FnMut(&[Input]) -> Vec<Result<Finding, String>> + 'a;
 pub struct Cameras {
     watched: Vec<Watched>,
     events_dir: PathBuf,
-    store: inspector_store::SqliteStore,
+    store: Box<dyn inspector_store::Store>,
     events_file: Option<(std::fs::File, PathBuf)>,
     deliverer: webhook::Deliverer,
     /// Whether to keep each camera's latest inspected frame with its boxes drawn (a server
@@ -404,7 +404,7 @@ impl Cameras {
         cameras: Vec<Camera>,
         change_threshold: f64,
         data_dir: &Path,
-        store: inspector_store::SqliteStore,
+        store: Box<dyn inspector_store::Store>,
         hooks: Vec<webhook::Webhook>,
         events: Option<&Path>,
         keep_frames: bool,
@@ -585,7 +585,7 @@ impl Cameras {
                     png,
                     finding,
                     &self.events_dir,
-                    &self.store,
+                    self.store.as_ref(),
                     self.events_file.as_mut(),
                 )?;
                 self.deliverer.stored(&id);
@@ -689,7 +689,7 @@ fn raise(
     png: &[u8],
     finding: &Finding,
     events_dir: &Path,
-    store: &inspector_store::SqliteStore,
+    store: &dyn inspector_store::Store,
     events_file: Option<&mut (std::fs::File, PathBuf)>,
 ) -> anyhow::Result<String> {
     let source = config::redact(&camera.source);

@@ -11,7 +11,7 @@
 //! pixels and scores each violation by the mean probability of the tokens that wrote it.
 //!
 //! Photos run in batches (left-padded, mixed sizes); greedy batched answers equal one-by-one
-//! answers. With a cache ([`inspector_store::SqliteStore`]) an answer is stored under the hash
+//! answers. With a cache (an [`inspector_store::Store`]) an answer is stored under the hash
 //! of the image bytes, the model and adapter fingerprints, the prompt version and the decoding
 //! settings; citations are resolved again when a cached answer is read, so a changed rules
 //! database shows.
@@ -775,7 +775,7 @@ impl Detector {
         &self,
         inputs: &[Input],
         rules: &[Rule],
-        cache: Option<&inspector_store::SqliteStore>,
+        cache: Option<&dyn inspector_store::Store>,
         batch_size: usize,
         mut on_done: impl FnMut(usize),
     ) -> Vec<Result<Finding, Error>> {
@@ -841,7 +841,7 @@ impl Detector {
         chunk: &[(usize, ProcessedImage, ImageInfo, String, f64)],
         inputs: &[Input],
         rules: &[Rule],
-        cache: Option<&inspector_store::SqliteStore>,
+        cache: Option<&dyn inspector_store::Store>,
         results: &mut [Option<Result<Finding, Error>>],
         on_done: &mut impl FnMut(usize),
     ) {
@@ -956,7 +956,7 @@ impl AnswerCache {
     /// is when the photo's handling began (its timings).
     pub fn lookup(
         &self,
-        store: &inspector_store::SqliteStore,
+        store: &dyn inspector_store::Store,
         key: &str,
         image: ImageInfo,
         rules: &[Rule],

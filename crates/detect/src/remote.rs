@@ -174,7 +174,7 @@ impl RemoteEngine {
         &self,
         inputs: &[Input],
         rules: &[Rule],
-        cache: Option<&inspector_store::SqliteStore>,
+        cache: Option<&dyn inspector_store::Store>,
     ) -> Vec<Result<Finding, Error>> {
         let answers = self.answer_cache();
         let mut results: Vec<Option<Result<Finding, Error>>> =

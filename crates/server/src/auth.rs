@@ -24,7 +24,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use inspector_store::{ApiKey, SqliteStore};
+use inspector_store::{ApiKey, Store};
 
 use crate::{AppState, error::ApiError};
 
@@ -55,7 +55,7 @@ pub fn hash_key(key: &str) -> String {
 
 /// Creates a key in the database and returns `(id, key)`; the key is shown once.
 pub fn create_key(
-    store: &SqliteStore,
+    store: &dyn Store,
     name: &str,
     admin: bool,
 ) -> Result<(String, String), inspector_store::StoreError> {

@@ -168,7 +168,7 @@ async fn from_cache(state: &AppState, bytes: Vec<u8>, upload: &Upload) -> Result
         };
         let looked_up = {
             let store = inner.reader.lock().expect("reader lock");
-            cache.lookup(&store, &key, image, &rules, started)
+            cache.lookup(store.as_ref(), &key, image, &rules, started)
         };
         let Some(finding) = looked_up.map_err(|e| match e {
             inspector_detect::Error::Store(e) => ApiError::from(e),
@@ -180,7 +180,7 @@ async fn from_cache(state: &AppState, bytes: Vec<u8>, upload: &Upload) -> Result
         // The photo is written without holding the database, which other requests read.
         let relative = worker::store_photo(&inner.config.data_dir, &upload, &bytes, &finding)?;
         let record = worker::record(
-            &mut inner.reader.lock().expect("reader lock"),
+            inner.reader.lock().expect("reader lock").as_mut(),
             &inner.metrics,
             &upload,
             relative,

@@ -25,7 +25,7 @@
 //! use inspector_server::{ServerConfig, Server};
 //!
 //! # async fn run() -> anyhow::Result<()> {
-//! let config = ServerConfig::new("127.0.0.1:8080".parse()?, "inspector.db".into(), "data".into());
+//! let config = ServerConfig::new("127.0.0.1:8080".parse()?, "inspector.db", "data".into());
 //! let load = || inspector_detect::Detector::load(
 //!     "models/demo/base".as_ref(), Some("models/demo/adapter".as_ref()),
 //!     &inspector_detect::Backend::cpu(), Default::default(),
@@ -65,7 +65,7 @@ use axum::{
     http::{HeaderName, HeaderValue, Method, header},
     middleware,
 };
-use inspector_store::{RuleFilter, RuleStore, SqliteStore};
+use inspector_store::{RuleFilter, Store};
 use tokio::sync::oneshot;
 use tower_http::{
     catch_panic::CatchPanicLayer, cors::CorsLayer, set_header::SetResponseHeaderLayer,
@@ -92,7 +92,8 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub addr: SocketAddr,
-    pub db: PathBuf,
+    /// The database: a SQLite file, or a `postgres://` URL (see [`inspector_store::open`]).
+    pub db: String,
     pub data_dir: PathBuf,
     /// Refuse requests without a key (always true off loopback).
     pub require_keys: bool,
@@ -127,11 +128,11 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     /// The defaults for an address: keys required off loopback.
-    pub fn new(addr: SocketAddr, db: PathBuf, data_dir: PathBuf) -> Self {
+    pub fn new(addr: SocketAddr, db: impl AsRef<std::path::Path>, data_dir: PathBuf) -> Self {
         ServerConfig {
             require_keys: !addr.ip().is_loopback(),
             addr,
-            db,
+            db: db.as_ref().to_string_lossy().into_owned(),
             data_dir,
             max_body: 48 << 20,
             max_pixels: inspector_imaging::DEFAULT_MAX_DECODE_PIXELS,
@@ -157,7 +158,7 @@ impl ServerConfig {
 pub struct Inner {
     pub config: ServerConfig,
     /// Reads (and the rare admin write); the worker writes inspections on its own connection.
-    pub reader: Mutex<SqliteStore>,
+    pub reader: Mutex<Box<dyn Store>>,
     queue: Mutex<Option<SyncSender<Job>>>,
     pub metrics: Arc<Metrics>,
     pub limiter: Limiter,
@@ -344,10 +345,10 @@ impl AppState {
     /// Runs a read on the database off the async threads.
     pub async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&SqliteStore) -> inspector_store::Result<T> + Send + 'static,
+        f: impl FnOnce(&dyn Store) -> inspector_store::Result<T> + Send + 'static,
     ) -> Result<T, ApiError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner.reader.lock().expect("reader lock")))
+        tokio::task::spawn_blocking(move || f(inner.reader.lock().expect("reader lock").as_ref()))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(ApiError::from)
@@ -356,14 +357,41 @@ impl AppState {
     /// Runs a write on the handlers' connection off the async threads.
     pub async fn write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut SqliteStore) -> inspector_store::Result<T> + Send + 'static,
+        f: impl FnOnce(&mut dyn Store) -> inspector_store::Result<T> + Send + 'static,
     ) -> Result<T, ApiError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&mut inner.reader.lock().expect("reader lock")))
+        tokio::task::spawn_blocking(move || f(inner.reader.lock().expect("reader lock").as_mut()))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(ApiError::from)
     }
+}
+
+/// Reloads the rules whenever the store's rules version moves (a document replaced through
+/// another replica sharing the database, or `inspector rules extract`), checking twice a second
+/// on a connection of its own; ends when the server is gone.
+fn watch_rules(store: Box<dyn Store>, rules: Arc<SharedRules>) -> anyhow::Result<()> {
+    let mut seen = store.rules_version()?;
+    std::thread::Builder::new()
+        .name("inspector-rules".into())
+        .spawn(move || {
+            while Arc::strong_count(&rules) > 1 {
+                std::thread::sleep(Duration::from_millis(500));
+                match store.rules_version() {
+                    Ok(v) if v != seen => match store.rules(&RuleFilter::default()) {
+                        Ok(current) => {
+                            rules.set(current);
+                            seen = v;
+                        }
+                        Err(e) => tracing::warn!("reloading the rules: {e}"),
+                    },
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("reading the rules' version: {e}"),
+                }
+            }
+        })
+        .context("starting the rules watcher")?;
+    Ok(())
 }
 
 /// The router with every endpoint and layer.
@@ -495,12 +523,13 @@ impl Server {
                 config.data_dir.display()
             );
         }
-        let reader = SqliteStore::open(&config.db)?;
+        let reader = inspector_store::open(&config.db)?;
         reader.enable_wal()?;
-        let writer = SqliteStore::open(&config.db)?;
+        let writer = inspector_store::open(&config.db)?;
         writer.enable_wal()?;
         let rules = Arc::new(SharedRules::default());
         rules.set(reader.rules(&RuleFilter::default())?);
+        watch_rules(inspector_store::open(&config.db)?, rules.clone())?;
         let metrics = Arc::new(Metrics::new());
         let ready = Arc::new(AtomicBool::new(false));
         let front = Arc::new(OnceLock::new());

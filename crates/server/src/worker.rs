@@ -23,7 +23,7 @@ use inspector_detect::{
     AnswerCache, ChatAnswer, ChatPrompter, Detector, Finding, Input, PreparedChat,
     citations_fingerprint, remote::RemoteEngine,
 };
-use inspector_store::{InspectionViolation, NewInspection, SqliteStore};
+use inspector_store::{InspectionViolation, NewInspection, Store};
 use tokio::sync::oneshot;
 
 use crate::{
@@ -181,7 +181,7 @@ impl SharedRules {
 
 /// What the worker needs besides its queue.
 pub struct WorkerContext {
-    pub store: SqliteStore,
+    pub store: Box<dyn Store>,
     pub use_cache: bool,
     pub data_dir: PathBuf,
     pub max_pixels: u64,
@@ -379,7 +379,7 @@ fn inspect_batch(
             bytes: std::mem::take(&mut j.bytes),
         })
         .collect();
-    let cache = ctx.use_cache.then_some(&ctx.store);
+    let cache = ctx.use_cache.then_some(ctx.store.as_ref());
     // A panic in the model answers this batch with 500s; the worker goes on.
     let results = match catch_unwind(AssertUnwindSafe(|| match engine {
         Engine::Local(detector) => detector.inspect(&inputs, rules, cache, batch.len(), |_| {}),
@@ -405,7 +405,7 @@ fn inspect_batch(
         };
         let reply = match result {
             Ok(finding) => persist(
-                &mut ctx.store,
+                ctx.store.as_mut(),
                 &ctx.data_dir,
                 &ctx.metrics,
                 &job.upload,
@@ -427,7 +427,7 @@ pub fn new_id(now_ms: i64) -> String {
 /// Stores an answered inspection (the photo by content hash, then its row) and counts it;
 /// the record is what the client gets.
 pub fn persist(
-    store: &mut SqliteStore,
+    store: &mut dyn Store,
     data_dir: &Path,
     metrics: &Metrics,
     upload: &Upload,
@@ -456,7 +456,7 @@ pub fn store_photo(
 /// The second half of [`persist`]: the inspection's row, once its photo is stored, and the
 /// metrics.
 pub fn record(
-    store: &mut SqliteStore,
+    store: &mut dyn Store,
     metrics: &Metrics,
     upload: &Upload,
     relative: String,

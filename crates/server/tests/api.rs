@@ -192,9 +192,9 @@ async fn rules_are_listed_searched_and_uploaded_by_admins_only() {
         .await
         .assert_error(403, "forbidden");
     // A user key may not either; a wrong key is refused outright.
-    let store = inspector_store::SqliteStore::open(&s.server.config().db).unwrap();
-    let (_, user) = inspector_server::auth::create_key(&store, "camera", false).unwrap();
-    let (_, admin) = inspector_server::auth::create_key(&store, "admin", true).unwrap();
+    let store = open_db(&s.server.config().db);
+    let (_, user) = inspector_server::auth::create_key(store.as_ref(), "camera", false).unwrap();
+    let (_, admin) = inspector_server::auth::create_key(store.as_ref(), "admin", true).unwrap();
     let with_key = |key: &str| {
         let (ct, body) = multipart(parts);
         Request::post("/api/v1/documents")
@@ -547,8 +547,8 @@ async fn keys_are_required_off_loopback_and_rate_limits_apply() {
         .assert_error(401, "unauthorized");
     assert_eq!(s.get("/health").await.status, 200);
     assert_eq!(s.get("/").await.status, 200);
-    let store = inspector_store::SqliteStore::open(&s.server.config().db).unwrap();
-    let (id, key) = inspector_server::auth::create_key(&store, "cam", false).unwrap();
+    let store = open_db(&s.server.config().db);
+    let (id, key) = inspector_server::auth::create_key(store.as_ref(), "cam", false).unwrap();
     let get = |key: String| {
         Request::get("/api/v1/rules")
             .header("authorization", format!("Bearer {key}"))
@@ -701,4 +701,58 @@ async fn a_client_that_disconnects_is_not_inspected() {
     assert_eq!(metric("inspector_batch_size_count ").await, 0.0);
     stop.send(()).unwrap();
     serving.await.unwrap().unwrap();
+}
+
+/// A document replaced in the shared database by someone else (another replica, or
+/// `inspector rules extract`) is cited from then on: the server reloads its rules when the
+/// store's rules version moves, without a restart.
+#[tokio::test]
+async fn rules_replaced_elsewhere_in_the_database_are_picked_up() {
+    use inspector_store::{DocumentRecord, RuleFilter};
+    let s = TestServer::start(|_| {});
+    let state = s.server.state();
+    let before = state.inner.rules.get().len();
+    let text = "《车间补充规定》\n第一条 叉车作业区禁止行人穿行。\n";
+    let doc = inspector_rules::extract_bytes(
+        "supplement.txt",
+        text.as_bytes(),
+        &inspector_rules::Categorizer::default(),
+    )
+    .unwrap();
+    let db = s.server.config().db.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut other = open_db(&db);
+        let record = DocumentRecord {
+            title: doc.title.clone(),
+            file: doc.file.clone(),
+            sha256: doc.sha256.clone(),
+        };
+        other
+            .replace_document(&record, &doc.rules, &doc.diagnostics)
+            .unwrap();
+        assert_eq!(
+            other.rules(&RuleFilter::default()).unwrap().len(),
+            before + 1
+        );
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    while !state
+        .inner
+        .rules
+        .get()
+        .iter()
+        .any(|r| r.citation == "《车间补充规定》第1条")
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "the server did not reload its rules"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(state.inner.rules.get().len(), before + 1);
+    // The API lists it too.
+    let r = s.get("/api/v1/rules?q=叉车作业区").await.json();
+    assert!(r.to_string().contains("车间补充规定"), "{r}");
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::{body::Body, http::Request};
 use common::*;
 use http_body_util::BodyExt;
-use inspector_store::{NewEvent, SqliteStore};
+use inspector_store::NewEvent;
 use tower::ServiceExt;
 
 /// Stores an event as `inspector watch` does: its frame in `data/events/`, its row in the
@@ -18,7 +18,7 @@ fn store_event(s: &TestServer, id: &str, camera: &str, rule: &str, risk: &str) {
     let data = s.dir.path().join("data/events");
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join(format!("{id}.jpg")), b"\xff\xd8\xff\xe0 a frame").unwrap();
-    let store = SqliteStore::open(&s.dir.path().join("inspector.db")).unwrap();
+    let store = open_db(&s.server.config().db);
     let record = serde_json::json!({
         "id": id, "camera": camera, "rules": [rule], "risk": risk,
         "violations": [{"rule": rule, "risk": risk, "bbox": [10, 20, 30, 40]}],

@@ -335,8 +335,8 @@ async fn early_refusals_close_the_connection_and_say_so() {
     assert_eq!(answer.header("connection").as_deref(), Some("close"));
     assert!(closed_within(&mut conn, Duration::from_secs(2)).await);
     // 401 (a revoked key) before the body is read.
-    let store = inspector_store::SqliteStore::open(&live.state.inner.config.db).unwrap();
-    let (id, key) = inspector_server::auth::create_key(&store, "old", false).unwrap();
+    let store = open_db(&live.state.inner.config.db);
+    let (id, key) = inspector_server::auth::create_key(store.as_ref(), "old", false).unwrap();
     store.revoke_api_key(&id).unwrap();
     let request = format!(
         "POST /api/v1/inspections HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\
@@ -419,8 +419,8 @@ async fn foreign_hosts_and_origins_are_refused() {
         c.require_keys = true;
         c.cors_origins = vec!["https://portal.plant.lan".into()];
     });
-    let store = inspector_store::SqliteStore::open(&keyed.server.config().db).unwrap();
-    let (_, key) = inspector_server::auth::create_key(&store, "cam", false).unwrap();
+    let store = open_db(&keyed.server.config().db);
+    let (_, key) = inspector_server::auth::create_key(store.as_ref(), "cam", false).unwrap();
     let keyed_post = |origin: &str| {
         let (ct, body) = multipart(&[("image", Some("0.png"), &photo(0))]);
         with_host(Method::POST, "/api/v1/inspections", "inspector.example.com")
@@ -490,9 +490,9 @@ async fn authentication_details() {
         c.require_keys = true;
         c.rate_per_minute = 0;
     });
-    let store = inspector_store::SqliteStore::open(&s.server.config().db).unwrap();
-    let (_, good) = inspector_server::auth::create_key(&store, "good", false).unwrap();
-    let (old_id, old) = inspector_server::auth::create_key(&store, "old", false).unwrap();
+    let store = open_db(&s.server.config().db);
+    let (_, good) = inspector_server::auth::create_key(store.as_ref(), "good", false).unwrap();
+    let (old_id, old) = inspector_server::auth::create_key(store.as_ref(), "old", false).unwrap();
     store.revoke_api_key(&old_id).unwrap();
     let req = |headers: &[(&str, &str)]| {
         let mut b = Request::get("/api/v1/rules");
@@ -697,8 +697,8 @@ async fn the_openai_client_talks_to_keyless_loopback() {
     assert!(answer.choices[0].message.content.is_some());
     assert!(answer.usage.unwrap().prompt_tokens > 0);
     // A revoked key is still refused, through the client too.
-    let store = inspector_store::SqliteStore::open(&live.state.inner.config.db).unwrap();
-    let (id, key) = inspector_server::auth::create_key(&store, "old", false).unwrap();
+    let store = open_db(&live.state.inner.config.db);
+    let (id, key) = inspector_server::auth::create_key(store.as_ref(), "old", false).unwrap();
     store.revoke_api_key(&id).unwrap();
     let revoked = Client::with_config(OpenAIConfig::new().with_api_base(&base).with_api_key(key));
     let err = revoked.chat().create(request).await.unwrap_err();
@@ -723,14 +723,13 @@ async fn response_format_json_schema_gives_schema_valid_answers() {
             ResponseFormatJsonSchema,
         },
     };
-    use inspector_store::RuleStore;
     let mut live = Live::start(|_| {}).await;
     let client = Client::with_config(
         OpenAIConfig::new()
             .with_api_base(format!("http://{}/v1", live.addr))
             .with_api_key("unused"),
     );
-    let store = inspector_store::SqliteStore::open(&live.state.inner.config.db).unwrap();
+    let store = open_db(&live.state.inner.config.db);
     let citations: Vec<String> = store
         .rules(&Default::default())
         .unwrap()

@@ -38,6 +38,11 @@ pub use sqlite::SqliteStore;
 /// (one file, the embedded default) and [`PostgresStore`] (a server shared by replicas).
 /// [`open`] picks one by the `--db` value.
 pub trait Store: RuleStore + Send {
+    /// Makes every commit durable before it returns and lets readers go on while one writes
+    /// (SQLite: write-ahead logging with a full sync; PostgreSQL always is). For the server.
+    fn enable_wal(&self) -> Result<()> {
+        Ok(())
+    }
     /// The schema version this database is at (the same numbering on both dialects).
     fn schema_version(&self) -> Result<i64>;
     /// Increases whenever a document's rules are replaced (servers reload their rules when it

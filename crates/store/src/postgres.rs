@@ -129,12 +129,45 @@ const MIGRATIONS: &[&str] = &[
 
 const _: () = assert!(MIGRATIONS.len() == SQLITE_MIGRATIONS.len());
 
+/// The locked connection.
+struct Conn<'a>(std::sync::MutexGuard<'a, Option<Client>>);
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.0
+            .as_ref()
+            .expect("the connection is only taken when the store is dropped")
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.0
+            .as_mut()
+            .expect("the connection is only taken when the store is dropped")
+    }
+}
+
+impl Drop for PostgresStore {
+    /// The client's own runtime may not be dropped inside another: it goes on a thread.
+    fn drop(&mut self) {
+        let client = self.client.get_mut().ok().and_then(Option::take);
+        if let Some(client) = client
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            let _ = std::thread::spawn(move || drop(client)).join();
+        }
+    }
+}
+
 /// The advisory lock key migrations hold ("inspect" in ASCII).
 const MIGRATION_LOCK: i64 = 0x696e_7370_6563_74;
 
 /// A PostgreSQL database (one connection; the server opens one store per thread that needs it).
 pub struct PostgresStore {
-    client: Mutex<Client>,
+    /// `None` only while the store is dropped.
+    client: Mutex<Option<Client>>,
     /// The URL without its password, for errors.
     shown: String,
 }
@@ -241,6 +274,12 @@ impl Where {
 impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:port/db`) and migrates the database.
     pub fn open(url: &str) -> Result<PostgresStore> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let url = url.to_string();
+            return std::thread::spawn(move || Self::open(&url))
+                .join()
+                .expect("opening the database panicked");
+        }
         let shown = crate::redact(url);
         let fail = |message: String| StoreError::Postgres {
             url: shown.clone(),
@@ -262,7 +301,7 @@ impl PostgresStore {
             other => other,
         })?;
         Ok(PostgresStore {
-            client: Mutex::new(client),
+            client: Mutex::new(Some(client)),
             shown,
         })
     }
@@ -304,10 +343,21 @@ impl PostgresStore {
         &self.shown
     }
 
-    fn client(&self) -> std::sync::MutexGuard<'_, Client> {
+    fn client(&self) -> Conn<'_> {
         // A panic while holding the connection leaves it usable: each call is one statement or
         // one transaction that PostgreSQL rolls back if it did not commit.
-        self.client.lock().unwrap_or_else(|e| e.into_inner())
+        Conn(self.client.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Runs `f` where the synchronous client may block: here, or on a thread of its own when
+    /// this thread drives an async runtime (the client runs one of its own, which may not
+    /// start inside another).
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::scope(|s| s.spawn(f).join().expect("the database call panicked"))
+        } else {
+            f()
+        }
     }
 
     fn rules_where(&self, sql_where: &str, args: &[&(dyn ToSql + Sync)]) -> Result<Vec<Rule>> {
@@ -350,39 +400,47 @@ impl PostgresStore {
 
 impl Store for PostgresStore {
     fn schema_version(&self) -> Result<i64> {
-        Ok(self
-            .client()
-            .query_one("SELECT version FROM inspector_schema", &[])
-            .map_err(q("reading the schema version"))?
-            .get(0))
+        self.run(|| {
+            Ok(self
+                .client()
+                .query_one("SELECT version FROM inspector_schema", &[])
+                .map_err(q("reading the schema version"))?
+                .get(0))
+        })
     }
 
     fn rules_version(&self) -> Result<i64> {
-        Ok(self
-            .client()
-            .query_one("SELECT version FROM rules_version", &[])
-            .map_err(q("reading the rules' version"))?
-            .get(0))
+        self.run(|| {
+            Ok(self
+                .client()
+                .query_one("SELECT version FROM rules_version", &[])
+                .map_err(q("reading the rules' version"))?
+                .get(0))
+        })
     }
 
     fn cached_answer(&self, key: &str) -> Result<Option<String>> {
-        Ok(self
-            .client()
-            .query_opt("SELECT answer FROM answer_cache WHERE key = $1", &[&key])
-            .map_err(q("reading the answer cache"))?
-            .map(|r| r.get(0)))
+        self.run(|| {
+            Ok(self
+                .client()
+                .query_opt("SELECT answer FROM answer_cache WHERE key = $1", &[&key])
+                .map_err(q("reading the answer cache"))?
+                .map(|r| r.get(0)))
+        })
     }
 
     fn cache_answer(&self, key: &str, answer: &str) -> Result<()> {
-        self.client()
-            .execute(
-                "INSERT INTO answer_cache (key, answer) VALUES ($1, $2)
-                 ON CONFLICT (key) DO UPDATE SET answer = excluded.answer,
-                     created_at = excluded.created_at",
-                &[&key, &answer],
-            )
-            .map(|_| ())
-            .map_err(q("writing the answer cache"))
+        self.run(|| {
+            self.client()
+                .execute(
+                    "INSERT INTO answer_cache (key, answer) VALUES ($1, $2)
+                     ON CONFLICT (key) DO UPDATE SET answer = excluded.answer,
+                         created_at = excluded.created_at",
+                    &[&key, &answer],
+                )
+                .map(|_| ())
+                .map_err(q("writing the answer cache"))
+        })
     }
 
     fn insert_inspection(
@@ -390,249 +448,273 @@ impl Store for PostgresStore {
         inspection: &NewInspection,
         violations: &[InspectionViolation],
     ) -> Result<i64> {
-        let mut client = self.client();
-        let mut tx = client.transaction().map_err(q("storing an inspection"))?;
-        let seq: i64 = tx
-            .query_one(
-                "INSERT INTO inspections (id, created_ms, filename, source, image_sha256,
-                     image_file, status, finding, model_fingerprint, adapter_fingerprint)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING seq",
-                &[
-                    &inspection.id,
-                    &inspection.created_ms,
-                    &inspection.filename,
-                    &inspection.source,
-                    &inspection.image_sha256,
-                    &inspection.image_file,
-                    &inspection.status,
-                    &inspection.finding,
-                    &inspection.model_fingerprint,
-                    &inspection.adapter_fingerprint,
-                ],
-            )
-            .map_err(q("storing an inspection"))?
-            .get(0);
-        for v in violations {
-            tx.execute(
-                "INSERT INTO inspection_violations (inspection_seq, rule_id, citation, risk)
-                 VALUES ($1, $2, $3, $4)",
-                &[&seq, &v.rule_id, &v.citation, &v.risk],
-            )
-            .map_err(q("storing an inspection's violations"))?;
-        }
-        tx.commit().map_err(q("storing an inspection"))?;
-        Ok(seq)
+        self.run(|| {
+            let mut client = self.client();
+            let mut tx = client.transaction().map_err(q("storing an inspection"))?;
+            let seq: i64 = tx
+                .query_one(
+                    "INSERT INTO inspections (id, created_ms, filename, source, image_sha256,
+                         image_file, status, finding, model_fingerprint, adapter_fingerprint)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING seq",
+                    &[
+                        &inspection.id,
+                        &inspection.created_ms,
+                        &inspection.filename,
+                        &inspection.source,
+                        &inspection.image_sha256,
+                        &inspection.image_file,
+                        &inspection.status,
+                        &inspection.finding,
+                        &inspection.model_fingerprint,
+                        &inspection.adapter_fingerprint,
+                    ],
+                )
+                .map_err(q("storing an inspection"))?
+                .get(0);
+            for v in violations {
+                tx.execute(
+                    "INSERT INTO inspection_violations (inspection_seq, rule_id, citation, risk)
+                     VALUES ($1, $2, $3, $4)",
+                    &[&seq, &v.rule_id, &v.citation, &v.risk],
+                )
+                .map_err(q("storing an inspection's violations"))?;
+            }
+            tx.commit().map_err(q("storing an inspection"))?;
+            Ok(seq)
+        })
     }
 
     fn inspection(&self, id: &str) -> Result<Option<InspectionRow>> {
-        Ok(self
-            .client()
-            .query_opt(
-                &format!("SELECT {INSPECTION_COLUMNS} FROM inspections WHERE id = $1"),
-                &[&id],
-            )
-            .map_err(q("reading an inspection"))?
-            .as_ref()
-            .map(inspection_row))
+        self.run(|| {
+            Ok(self
+                .client()
+                .query_opt(
+                    &format!("SELECT {INSPECTION_COLUMNS} FROM inspections WHERE id = $1"),
+                    &[&id],
+                )
+                .map_err(q("reading an inspection"))?
+                .as_ref()
+                .map(inspection_row))
+        })
     }
 
     fn inspections(&self, filter: &InspectionFilter) -> Result<Vec<InspectionRow>> {
-        let mut w = Where::new();
-        if let Some(s) = &filter.status {
-            w.add("status = ?", vec![Box::new(s.clone())]);
-        }
-        if let Some(r) = &filter.risk {
-            w.add(
-                "EXISTS (SELECT 1 FROM inspection_violations v
-                         WHERE v.inspection_seq = inspections.seq AND v.risk = ?)",
-                vec![Box::new(r.clone())],
-            );
-        }
-        if let Some(r) = &filter.rule {
-            w.add(
-                "EXISTS (SELECT 1 FROM inspection_violations v
-                         WHERE v.inspection_seq = inspections.seq
-                           AND (v.rule_id = ? OR v.citation = ?))",
-                vec![Box::new(r.clone()), Box::new(r.clone())],
-            );
-        }
-        for (clause, value) in [
-            ("created_ms >= ?", filter.since_ms),
-            ("created_ms < ?", filter.until_ms),
-            ("seq < ?", filter.before_seq),
-        ] {
-            if let Some(v) = value {
-                w.add(clause, vec![Box::new(v)]);
+        self.run(|| {
+            let mut w = Where::new();
+            if let Some(s) = &filter.status {
+                w.add("status = ?", vec![Box::new(s.clone())]);
             }
-        }
-        let sql = format!(
-            "SELECT {INSPECTION_COLUMNS} FROM inspections{} ORDER BY seq DESC LIMIT {}",
-            w.sql(),
-            filter.limit.clamp(1, 1000)
-        );
-        Ok(self
-            .client()
-            .query(&sql, &w.refs())
-            .map_err(q("listing inspections"))?
-            .iter()
-            .map(inspection_row)
-            .collect())
+            if let Some(r) = &filter.risk {
+                w.add(
+                    "EXISTS (SELECT 1 FROM inspection_violations v
+                             WHERE v.inspection_seq = inspections.seq AND v.risk = ?)",
+                    vec![Box::new(r.clone())],
+                );
+            }
+            if let Some(r) = &filter.rule {
+                w.add(
+                    "EXISTS (SELECT 1 FROM inspection_violations v
+                             WHERE v.inspection_seq = inspections.seq
+                               AND (v.rule_id = ? OR v.citation = ?))",
+                    vec![Box::new(r.clone()), Box::new(r.clone())],
+                );
+            }
+            for (clause, value) in [
+                ("created_ms >= ?", filter.since_ms),
+                ("created_ms < ?", filter.until_ms),
+                ("seq < ?", filter.before_seq),
+            ] {
+                if let Some(v) = value {
+                    w.add(clause, vec![Box::new(v)]);
+                }
+            }
+            let sql = format!(
+                "SELECT {INSPECTION_COLUMNS} FROM inspections{} ORDER BY seq DESC LIMIT {}",
+                w.sql(),
+                filter.limit.clamp(1, 1000)
+            );
+            Ok(self
+                .client()
+                .query(&sql, &w.refs())
+                .map_err(q("listing inspections"))?
+                .iter()
+                .map(inspection_row)
+                .collect())
+        })
     }
 
     fn insert_event(&self, event: &NewEvent) -> Result<bool> {
-        let n = self
-            .client()
-            .execute(
-                "INSERT INTO camera_events
-                     (id, stored_ms, camera, source, at, rule, risk, frame_file, record)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
-                &[
-                    &event.id,
-                    &event.stored_ms,
-                    &event.camera,
-                    &event.source,
-                    &event.at,
-                    &event.rule,
-                    &event.risk,
-                    &event.frame_file,
-                    &event.record,
-                ],
-            )
-            .map_err(q("storing a camera event"))?;
-        Ok(n == 1)
+        self.run(|| {
+            let n = self
+                .client()
+                .execute(
+                    "INSERT INTO camera_events
+                         (id, stored_ms, camera, source, at, rule, risk, frame_file, record)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
+                    &[
+                        &event.id,
+                        &event.stored_ms,
+                        &event.camera,
+                        &event.source,
+                        &event.at,
+                        &event.rule,
+                        &event.risk,
+                        &event.frame_file,
+                        &event.record,
+                    ],
+                )
+                .map_err(q("storing a camera event"))?;
+            Ok(n == 1)
+        })
     }
 
     fn event(&self, id: &str) -> Result<Option<EventRow>> {
-        Ok(self
-            .client()
-            .query_opt(
-                &format!("SELECT {EVENT_COLUMNS} FROM camera_events WHERE id = $1"),
-                &[&id],
-            )
-            .map_err(q("reading a camera event"))?
-            .as_ref()
-            .map(event_row))
+        self.run(|| {
+            Ok(self
+                .client()
+                .query_opt(
+                    &format!("SELECT {EVENT_COLUMNS} FROM camera_events WHERE id = $1"),
+                    &[&id],
+                )
+                .map_err(q("reading a camera event"))?
+                .as_ref()
+                .map(event_row))
+        })
     }
 
     fn events(&self, filter: &EventFilter) -> Result<Vec<EventRow>> {
-        let mut w = Where::new();
-        for (clause, value) in [
-            ("camera = ?", &filter.camera),
-            ("rule = ?", &filter.rule),
-            ("risk = ?", &filter.risk),
-        ] {
-            if let Some(v) = value {
-                w.add(clause, vec![Box::new(v.clone())]);
+        self.run(|| {
+            let mut w = Where::new();
+            for (clause, value) in [
+                ("camera = ?", &filter.camera),
+                ("rule = ?", &filter.rule),
+                ("risk = ?", &filter.risk),
+            ] {
+                if let Some(v) = value {
+                    w.add(clause, vec![Box::new(v.clone())]);
+                }
             }
-        }
-        match filter.acked {
-            Some(true) => w.add("acked_ms IS NOT NULL", vec![]),
-            Some(false) => w.add("acked_ms IS NULL", vec![]),
-            None => {}
-        }
-        for (clause, value) in [
-            ("stored_ms >= ?", filter.since_ms),
-            ("stored_ms < ?", filter.until_ms),
-            ("seq < ?", filter.before_seq),
-            ("seq > ?", filter.after_seq),
-        ] {
-            if let Some(v) = value {
-                w.add(clause, vec![Box::new(v)]);
+            match filter.acked {
+                Some(true) => w.add("acked_ms IS NOT NULL", vec![]),
+                Some(false) => w.add("acked_ms IS NULL", vec![]),
+                None => {}
             }
-        }
-        let order = if filter.after_seq.is_some() {
-            "ASC"
-        } else {
-            "DESC"
-        };
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM camera_events{} ORDER BY seq {order} LIMIT {}",
-            w.sql(),
-            filter.limit.clamp(1, 1000)
-        );
-        Ok(self
-            .client()
-            .query(&sql, &w.refs())
-            .map_err(q("listing camera events"))?
-            .iter()
-            .map(event_row)
-            .collect())
+            for (clause, value) in [
+                ("stored_ms >= ?", filter.since_ms),
+                ("stored_ms < ?", filter.until_ms),
+                ("seq < ?", filter.before_seq),
+                ("seq > ?", filter.after_seq),
+            ] {
+                if let Some(v) = value {
+                    w.add(clause, vec![Box::new(v)]);
+                }
+            }
+            let order = if filter.after_seq.is_some() {
+                "ASC"
+            } else {
+                "DESC"
+            };
+            let sql = format!(
+                "SELECT {EVENT_COLUMNS} FROM camera_events{} ORDER BY seq {order} LIMIT {}",
+                w.sql(),
+                filter.limit.clamp(1, 1000)
+            );
+            Ok(self
+                .client()
+                .query(&sql, &w.refs())
+                .map_err(q("listing camera events"))?
+                .iter()
+                .map(event_row)
+                .collect())
+        })
     }
 
     fn ack_event(&self, id: &str, by: &str, at_ms: i64) -> Result<Option<bool>> {
-        let n = self
-            .client()
-            .execute(
-                "UPDATE camera_events SET acked_ms = $2, acked_by = $3
-                 WHERE id = $1 AND acked_ms IS NULL",
-                &[&id, &at_ms, &by],
-            )
-            .map_err(q("acknowledging a camera event"))?;
-        if n == 1 {
-            return Ok(Some(true));
-        }
-        Ok(self.event(id)?.map(|_| false))
+        self.run(|| {
+            let n = self
+                .client()
+                .execute(
+                    "UPDATE camera_events SET acked_ms = $2, acked_by = $3
+                     WHERE id = $1 AND acked_ms IS NULL",
+                    &[&id, &at_ms, &by],
+                )
+                .map_err(q("acknowledging a camera event"))?;
+            if n == 1 {
+                return Ok(Some(true));
+            }
+            Ok(self.event(id)?.map(|_| false))
+        })
     }
 
     fn create_api_key(&self, id: &str, name: &str, hash: &str, admin: bool) -> Result<()> {
-        self.client()
-            .execute(
-                "INSERT INTO api_keys (id, name, hash, admin) VALUES ($1, $2, $3, $4)",
-                &[&id, &name, &hash, &admin],
-            )
-            .map(|_| ())
-            .map_err(q("storing an API key"))
+        self.run(|| {
+            self.client()
+                .execute(
+                    "INSERT INTO api_keys (id, name, hash, admin) VALUES ($1, $2, $3, $4)",
+                    &[&id, &name, &hash, &admin],
+                )
+                .map(|_| ())
+                .map_err(q("storing an API key"))
+        })
     }
 
     fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>> {
-        Ok(self
-            .client()
-            .query_opt(
-                "SELECT id, name, admin, created_at, revoked_at FROM api_keys
-                 WHERE hash = $1 AND revoked_at IS NULL",
-                &[&hash],
-            )
-            .map_err(q("checking an API key"))?
-            .as_ref()
-            .map(api_key_row))
+        self.run(|| {
+            Ok(self
+                .client()
+                .query_opt(
+                    "SELECT id, name, admin, created_at, revoked_at FROM api_keys
+                     WHERE hash = $1 AND revoked_at IS NULL",
+                    &[&hash],
+                )
+                .map_err(q("checking an API key"))?
+                .as_ref()
+                .map(api_key_row))
+        })
     }
 
     fn api_key_with_hash(&self, hash: &str) -> Result<Option<ApiKey>> {
-        Ok(self
-            .client()
-            .query_opt(
-                "SELECT id, name, admin, created_at, revoked_at FROM api_keys WHERE hash = $1",
-                &[&hash],
-            )
-            .map_err(q("checking an API key"))?
-            .as_ref()
-            .map(api_key_row))
+        self.run(|| {
+            Ok(self
+                .client()
+                .query_opt(
+                    "SELECT id, name, admin, created_at, revoked_at FROM api_keys WHERE hash = $1",
+                    &[&hash],
+                )
+                .map_err(q("checking an API key"))?
+                .as_ref()
+                .map(api_key_row))
+        })
     }
 
     fn api_keys(&self) -> Result<Vec<ApiKey>> {
-        Ok(self
-            .client()
-            .query(
-                "SELECT id, name, admin, created_at, revoked_at FROM api_keys
-                 ORDER BY created_at COLLATE \"C\", id COLLATE \"C\"",
-                &[],
-            )
-            .map_err(q("listing API keys"))?
-            .iter()
-            .map(api_key_row)
-            .collect())
+        self.run(|| {
+            Ok(self
+                .client()
+                .query(
+                    "SELECT id, name, admin, created_at, revoked_at FROM api_keys
+                     ORDER BY created_at COLLATE \"C\", id COLLATE \"C\"",
+                    &[],
+                )
+                .map_err(q("listing API keys"))?
+                .iter()
+                .map(api_key_row)
+                .collect())
+        })
     }
 
     fn revoke_api_key(&self, id: &str) -> Result<bool> {
-        self.client()
-            .execute(
-                "UPDATE api_keys
-                 SET revoked_at = to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')
-                 WHERE id = $1 AND revoked_at IS NULL",
-                &[&id],
-            )
-            .map(|n| n > 0)
-            .map_err(q("revoking an API key"))
+        self.run(|| {
+            self.client()
+                .execute(
+                    "UPDATE api_keys
+                     SET revoked_at = to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')
+                     WHERE id = $1 AND revoked_at IS NULL",
+                    &[&id],
+                )
+                .map(|n| n > 0)
+                .map_err(q("revoking an API key"))
+        })
     }
 }
 
@@ -643,235 +725,247 @@ impl RuleStore for PostgresStore {
         rules: &[Rule],
         diagnostics: &[Diagnostic],
     ) -> Result<ReplaceOutcome> {
-        let mut client = self.client();
-        let mut tx = client.transaction().map_err(q("starting a transaction"))?;
-        let previous: Option<String> = tx
-            .query_opt(
-                "SELECT sha256 FROM documents WHERE title = $1",
-                &[&doc.title],
-            )
-            .map_err(q("reading the document"))?
-            .map(|r| r.get(0));
-        let removed: i64 = tx
-            .query_one(
-                "SELECT count(*) FROM rules WHERE document = $1",
-                &[&doc.title],
-            )
-            .map_err(q("counting old rules"))?
-            .get(0);
-        // Rules, categories, search entries and diagnostics go with the document (cascade).
-        tx.execute("DELETE FROM documents WHERE title = $1", &[&doc.title])
-            .map_err(q("removing the old document"))?;
-        tx.execute(
-            "INSERT INTO documents (title, file, sha256) VALUES ($1, $2, $3)",
-            &[&doc.title, &doc.file, &doc.sha256],
-        )
-        .map_err(q("storing the document"))?;
-        let insert_rule = tx
-            .prepare(
-                "INSERT INTO rules (id, document, ord, clause, citation, text, categories,
-                                    parent, chapter, source_file, line_start, line_end)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            )
-            .map_err(q("storing rules"))?;
-        let insert_category = tx
-            .prepare(
-                "INSERT INTO rule_categories (rule_id, category) VALUES ($1, $2)
-                 ON CONFLICT DO NOTHING",
-            )
-            .map_err(q("storing categories"))?;
-        let insert_fts = tx
-            .prepare("INSERT INTO rules_fts (rule_id, tokens) VALUES ($1, $2)")
-            .map_err(q("indexing rules"))?;
-        for (ord, rule) in rules.iter().enumerate() {
-            let categories = serde_json::to_string(&rule.categories).expect("strings serialise");
+        self.run(|| {
+            let mut client = self.client();
+            let mut tx = client.transaction().map_err(q("starting a transaction"))?;
+            let previous: Option<String> = tx
+                .query_opt(
+                    "SELECT sha256 FROM documents WHERE title = $1",
+                    &[&doc.title],
+                )
+                .map_err(q("reading the document"))?
+                .map(|r| r.get(0));
+            let removed: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM rules WHERE document = $1",
+                    &[&doc.title],
+                )
+                .map_err(q("counting old rules"))?
+                .get(0);
+            // Rules, categories, search entries and diagnostics go with the document (cascade).
+            tx.execute("DELETE FROM documents WHERE title = $1", &[&doc.title])
+                .map_err(q("removing the old document"))?;
             tx.execute(
-                &insert_rule,
-                &[
-                    &rule.id,
-                    &doc.title,
-                    &(ord as i64),
-                    &rule.clause,
-                    &rule.citation,
-                    &rule.text,
-                    &categories,
-                    &rule.parent,
-                    &rule.chapter,
-                    &rule.source.file,
-                    &(rule.source.line_start as i64),
-                    &(rule.source.line_end as i64),
-                ],
+                "INSERT INTO documents (title, file, sha256) VALUES ($1, $2, $3)",
+                &[&doc.title, &doc.file, &doc.sha256],
             )
-            .map_err(q("storing rules"))?;
-            for category in &rule.categories {
-                tx.execute(&insert_category, &[&rule.id, category])
-                    .map_err(q("storing categories"))?;
-            }
-            let tokens: Vec<String> = fts::index_text(&fts::rule_body(rule))
-                .split(' ')
-                .filter(|t| !t.is_empty())
-                .map(str::to_string)
-                .collect();
-            tx.execute(&insert_fts, &[&rule.id, &tokens])
+            .map_err(q("storing the document"))?;
+            let insert_rule = tx
+                .prepare(
+                    "INSERT INTO rules (id, document, ord, clause, citation, text, categories,
+                                        parent, chapter, source_file, line_start, line_end)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                )
+                .map_err(q("storing rules"))?;
+            let insert_category = tx
+                .prepare(
+                    "INSERT INTO rule_categories (rule_id, category) VALUES ($1, $2)
+                     ON CONFLICT DO NOTHING",
+                )
+                .map_err(q("storing categories"))?;
+            let insert_fts = tx
+                .prepare("INSERT INTO rules_fts (rule_id, tokens) VALUES ($1, $2)")
                 .map_err(q("indexing rules"))?;
-        }
-        for d in diagnostics {
-            tx.execute(
-                "INSERT INTO diagnostics (document, kind, line, message) VALUES ($1, $2, $3, $4)",
-                &[
-                    &doc.title,
-                    &crate::sqlite::kind_name(d.kind),
-                    &(d.line as i64),
-                    &d.message,
-                ],
-            )
-            .map_err(q("storing diagnostics"))?;
-        }
-        tx.execute("UPDATE rules_version SET version = version + 1", &[])
-            .map_err(q("bumping the rules' version"))?;
-        tx.commit().map_err(q("committing"))?;
-        Ok(ReplaceOutcome {
-            removed: removed as usize,
-            added: rules.len(),
-            unchanged: previous.as_deref() == Some(doc.sha256.as_str()),
+            for (ord, rule) in rules.iter().enumerate() {
+                let categories = serde_json::to_string(&rule.categories).expect("strings serialise");
+                tx.execute(
+                    &insert_rule,
+                    &[
+                        &rule.id,
+                        &doc.title,
+                        &(ord as i64),
+                        &rule.clause,
+                        &rule.citation,
+                        &rule.text,
+                        &categories,
+                        &rule.parent,
+                        &rule.chapter,
+                        &rule.source.file,
+                        &(rule.source.line_start as i64),
+                        &(rule.source.line_end as i64),
+                    ],
+                )
+                .map_err(q("storing rules"))?;
+                for category in &rule.categories {
+                    tx.execute(&insert_category, &[&rule.id, category])
+                        .map_err(q("storing categories"))?;
+                }
+                let tokens: Vec<String> = fts::index_text(&fts::rule_body(rule))
+                    .split(' ')
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                tx.execute(&insert_fts, &[&rule.id, &tokens])
+                    .map_err(q("indexing rules"))?;
+            }
+            for d in diagnostics {
+                tx.execute(
+                    "INSERT INTO diagnostics (document, kind, line, message) VALUES ($1, $2, $3, $4)",
+                    &[
+                        &doc.title,
+                        &crate::sqlite::kind_name(d.kind),
+                        &(d.line as i64),
+                        &d.message,
+                    ],
+                )
+                .map_err(q("storing diagnostics"))?;
+            }
+            tx.execute("UPDATE rules_version SET version = version + 1", &[])
+                .map_err(q("bumping the rules' version"))?;
+            tx.commit().map_err(q("committing"))?;
+            Ok(ReplaceOutcome {
+                removed: removed as usize,
+                added: rules.len(),
+                unchanged: previous.as_deref() == Some(doc.sha256.as_str()),
+            })
         })
     }
 
     fn documents(&self) -> Result<Vec<DocumentSummary>> {
-        Ok(self
-            .client()
-            .query(
-                "SELECT d.title, d.file, d.sha256, d.extracted_at,
-                        (SELECT count(*) FROM rules r WHERE r.document = d.title),
-                        (SELECT count(*) FROM diagnostics g WHERE g.document = d.title)
-                 FROM documents d ORDER BY d.title COLLATE \"C\"",
-                &[],
-            )
-            .map_err(q("listing documents"))?
-            .iter()
-            .map(|row| DocumentSummary {
-                record: DocumentRecord {
-                    title: row.get(0),
-                    file: row.get(1),
-                    sha256: row.get(2),
-                },
-                extracted_at: row.get(3),
-                rules: row.get::<_, i64>(4) as usize,
-                diagnostics: row.get::<_, i64>(5) as usize,
-            })
-            .collect())
+        self.run(|| {
+            Ok(self
+                .client()
+                .query(
+                    "SELECT d.title, d.file, d.sha256, d.extracted_at,
+                            (SELECT count(*) FROM rules r WHERE r.document = d.title),
+                            (SELECT count(*) FROM diagnostics g WHERE g.document = d.title)
+                     FROM documents d ORDER BY d.title COLLATE \"C\"",
+                    &[],
+                )
+                .map_err(q("listing documents"))?
+                .iter()
+                .map(|row| DocumentSummary {
+                    record: DocumentRecord {
+                        title: row.get(0),
+                        file: row.get(1),
+                        sha256: row.get(2),
+                    },
+                    extracted_at: row.get(3),
+                    rules: row.get::<_, i64>(4) as usize,
+                    diagnostics: row.get::<_, i64>(5) as usize,
+                })
+                .collect())
+        })
     }
 
     fn rules(&self, filter: &RuleFilter) -> Result<Vec<Rule>> {
-        let category = filter.category.clone().unwrap_or_default();
-        let document = filter
-            .document
-            .as_deref()
-            .map(crate::sqlite::bare_title)
-            .unwrap_or_default()
-            .to_string();
-        self.rules_where(
-            "WHERE ($1 = '' OR id IN (SELECT rule_id FROM rule_categories WHERE category = $1))
-               AND ($2 = '' OR document = $2)
-             ORDER BY document COLLATE \"C\", ord",
-            &[&category, &document],
-        )
+        self.run(|| {
+            let category = filter.category.clone().unwrap_or_default();
+            let document = filter
+                .document
+                .as_deref()
+                .map(crate::sqlite::bare_title)
+                .unwrap_or_default()
+                .to_string();
+            self.rules_where(
+                "WHERE ($1 = '' OR id IN (SELECT rule_id FROM rule_categories WHERE category = $1))
+                   AND ($2 = '' OR document = $2)
+                 ORDER BY document COLLATE \"C\", ord",
+                &[&category, &document],
+            )
+        })
     }
 
     fn rule(&self, id: &str) -> Result<Option<Rule>> {
-        Ok(self
-            .rules_where("WHERE id = $1", &[&id])?
-            .into_iter()
-            .next())
+        self.run(|| {
+            Ok(self
+                .rules_where("WHERE id = $1", &[&id])?
+                .into_iter()
+                .next())
+        })
     }
 
     fn search(&self, query: &str, limit: usize) -> Result<Vec<Rule>> {
-        let terms = fts::tokens(query);
-        if terms.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (candidates, total, total_len, counts) = {
-            let mut client = self.client();
-            let candidates = client
-                .query(
-                    "SELECT seq, rule_id, tokens FROM rules_fts WHERE tokens @> $1",
-                    &[&terms],
-                )
-                .map_err(q("searching"))?;
-            let stats = client
-                .query_one(
-                    "SELECT count(*), COALESCE(sum(cardinality(tokens)), 0)::BIGINT
-                     FROM rules_fts",
-                    &[],
-                )
-                .map_err(q("searching"))?;
-            let mut counts = Vec::with_capacity(terms.len());
-            for t in &terms {
-                let n: i64 = client
-                    .query_one(
-                        "SELECT count(*) FROM rules_fts WHERE tokens @> ARRAY[$1]",
-                        &[t],
+        self.run(|| {
+            let terms = fts::tokens(query);
+            if terms.is_empty() {
+                return Ok(Vec::new());
+            }
+            let (candidates, total, total_len, counts) = {
+                let mut client = self.client();
+                let candidates = client
+                    .query(
+                        "SELECT seq, rule_id, tokens FROM rules_fts WHERE tokens @> $1",
+                        &[&terms],
                     )
-                    .map_err(q("searching"))?
-                    .get(0);
-                counts.push(n);
+                    .map_err(q("searching"))?;
+                let stats = client
+                    .query_one(
+                        "SELECT count(*), COALESCE(sum(cardinality(tokens)), 0)::BIGINT
+                         FROM rules_fts",
+                        &[],
+                    )
+                    .map_err(q("searching"))?;
+                let mut counts = Vec::with_capacity(terms.len());
+                for t in &terms {
+                    let n: i64 = client
+                        .query_one(
+                            "SELECT count(*) FROM rules_fts WHERE tokens @> ARRAY[$1]",
+                            &[t],
+                        )
+                        .map_err(q("searching"))?
+                        .get(0);
+                    counts.push(n);
+                }
+                (
+                    candidates,
+                    stats.get::<_, i64>(0),
+                    stats.get::<_, i64>(1),
+                    counts,
+                )
+            };
+            let mut scored: Vec<(f64, i64, String)> = candidates
+                .iter()
+                .map(|row| {
+                    let tokens: Vec<String> = row.get(2);
+                    let score = fts::bm25(&terms, &tokens, &counts, total, total_len);
+                    (score, row.get::<_, i64>(0), row.get::<_, String>(1))
+                })
+                .collect();
+            // FTS5 orders by bm25 (lower is better, so higher score first), then by row.
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let mut out = Vec::with_capacity(limit.min(scored.len()));
+            for (_, _, id) in scored.into_iter().take(limit) {
+                if let Some(rule) = self.rule(&id)? {
+                    out.push(rule);
+                }
             }
-            (
-                candidates,
-                stats.get::<_, i64>(0),
-                stats.get::<_, i64>(1),
-                counts,
-            )
-        };
-        let mut scored: Vec<(f64, i64, String)> = candidates
-            .iter()
-            .map(|row| {
-                let tokens: Vec<String> = row.get(2);
-                let score = fts::bm25(&terms, &tokens, &counts, total, total_len);
-                (score, row.get::<_, i64>(0), row.get::<_, String>(1))
-            })
-            .collect();
-        // FTS5 orders by bm25 (lower is better, so higher score first), then by row.
-        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        let mut out = Vec::with_capacity(limit.min(scored.len()));
-        for (_, _, id) in scored.into_iter().take(limit) {
-            if let Some(rule) = self.rule(&id)? {
-                out.push(rule);
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     fn diagnostics(&self, document: Option<&str>) -> Result<Vec<(String, Diagnostic)>> {
-        let document = document
-            .map(crate::sqlite::bare_title)
-            .unwrap_or_default()
-            .to_string();
-        let rows = self
-            .client()
-            .query(
-                "SELECT document, kind, line, message FROM diagnostics
-                 WHERE $1 = '' OR document = $1 ORDER BY document COLLATE \"C\", line, seq",
-                &[&document],
-            )
-            .map_err(q("listing diagnostics"))?;
-        rows.iter()
-            .map(|row| {
-                let kind: String = row.get(1);
-                Ok((
-                    row.get(0),
-                    Diagnostic {
-                        kind: crate::sqlite::kind_from(&kind).ok_or_else(|| {
-                            StoreError::Corrupt {
-                                field: "diagnostics.kind",
-                                message: kind.clone(),
-                            }
-                        })?,
-                        line: row.get::<_, i64>(2) as usize,
-                        message: row.get(3),
-                    },
-                ))
-            })
-            .collect()
+        self.run(|| {
+            let document = document
+                .map(crate::sqlite::bare_title)
+                .unwrap_or_default()
+                .to_string();
+            let rows = self
+                .client()
+                .query(
+                    "SELECT document, kind, line, message FROM diagnostics
+                     WHERE $1 = '' OR document = $1 ORDER BY document COLLATE \"C\", line, seq",
+                    &[&document],
+                )
+                .map_err(q("listing diagnostics"))?;
+            rows.iter()
+                .map(|row| {
+                    let kind: String = row.get(1);
+                    Ok((
+                        row.get(0),
+                        Diagnostic {
+                            kind: crate::sqlite::kind_from(&kind).ok_or_else(|| {
+                                StoreError::Corrupt {
+                                    field: "diagnostics.kind",
+                                    message: kind.clone(),
+                                }
+                            })?,
+                            line: row.get::<_, i64>(2) as usize,
+                            message: row.get(3),
+                        },
+                    ))
+                })
+                .collect()
+        })
     }
 }

@@ -144,7 +144,8 @@ fn q(doing: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
 
 impl SqliteStore {
     /// Opens (creating if needed) and migrates the database at `path`.
-    pub fn open(path: &Path) -> Result<Self> {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
         let name = path.display().to_string();
         let open_err = |source| StoreError::Open {
             path: name.clone(),
@@ -631,6 +632,9 @@ impl SqliteStore {
 
 /// [`Store`] by the inherent methods of the same names.
 impl Store for SqliteStore {
+    fn enable_wal(&self) -> Result<()> {
+        SqliteStore::enable_wal(self)
+    }
     fn schema_version(&self) -> Result<i64> {
         SqliteStore::schema_version(self)
     }

@@ -49,11 +49,19 @@ impl TestPostgres {
             std::process::id(),
             DATABASES.fetch_add(1, Ordering::SeqCst)
         );
-        let mut client = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
-            .expect("connecting to the test server");
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .expect("creating a test database");
+        let admin = self.url("postgres");
+        let create = format!("CREATE DATABASE {name}");
+        // On a thread of its own: the client runs a runtime, which may not start inside an
+        // async test's.
+        std::thread::spawn(move || {
+            let mut client = postgres::Client::connect(&admin, postgres::NoTls)
+                .expect("connecting to the test server");
+            client
+                .batch_execute(&create)
+                .expect("creating a test database");
+        })
+        .join()
+        .expect("creating a test database");
         self.url(&name)
     }
 }

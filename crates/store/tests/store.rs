@@ -299,7 +299,7 @@ fn inspection(id: &str, ms: i64, status: &str) -> inspector_store::NewInspection
 fn inspections_filter_page_and_survive_reopening(db: &Db) {
     use inspector_store::{InspectionFilter, InspectionViolation};
     if !db.is_postgres() {
-        SqliteStore::open(db.location.as_ref())
+        SqliteStore::open(&db.location)
             .unwrap()
             .enable_wal()
             .unwrap();

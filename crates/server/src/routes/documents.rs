@@ -5,7 +5,7 @@ use axum::{
     extract::{Multipart, State},
     http::StatusCode,
 };
-use inspector_store::{RuleFilter, RuleStore};
+use inspector_store::RuleFilter;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};

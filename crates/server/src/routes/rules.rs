@@ -5,7 +5,7 @@ use axum::{
     extract::{Path, Query, State},
 };
 use inspector_core::Rule;
-use inspector_store::{RuleFilter, RuleStore};
+use inspector_store::RuleFilter;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};

@@ -16,7 +16,7 @@ use axum::{
 use http_body_util::BodyExt;
 use inspector_detect::{DetectConfig, Detector};
 use inspector_server::{Server, ServerConfig};
-use inspector_store::{DocumentRecord, RuleStore, SqliteStore};
+use inspector_store::DocumentRecord;
 use tower::ServiceExt;
 
 #[path = "../../../imaging/tests/support/png_bomb.rs"]
@@ -50,8 +50,8 @@ pub fn load_detector() -> anyhow::Result<Detector> {
 }
 
 /// Fills a database with the bundled example regulations.
-pub fn seed_rules(db: &std::path::Path) {
-    let mut store = SqliteStore::open(db).unwrap();
+pub fn seed_rules(db: &str) {
+    let mut store = inspector_store::open(db).unwrap();
     let c = inspector_rules::Categorizer::default();
     for e in std::fs::read_dir(root().join("examples/regulations")).unwrap() {
         let doc = inspector_rules::extract_file(&e.unwrap().path(), &c).unwrap();
@@ -66,6 +66,21 @@ pub fn seed_rules(db: &std::path::Path) {
     }
 }
 
+/// A fresh database for a test: a SQLite file in `dir`, or with `INSPECTOR_TEST_DB=postgres`
+/// a database on the tests' PostgreSQL server.
+pub fn test_database(dir: &std::path::Path) -> String {
+    match std::env::var("INSPECTOR_TEST_DB").as_deref() {
+        Ok("postgres") => inspector_store::testing::postgres().fresh_database(),
+        Ok("sqlite") | Err(_) => dir.join("inspector.db").display().to_string(),
+        Ok(other) => panic!("INSPECTOR_TEST_DB={other}: use sqlite or postgres"),
+    }
+}
+
+/// Opens a test server's database (either kind).
+pub fn open_db(db: &str) -> Box<dyn inspector_store::Store> {
+    inspector_store::open(db).unwrap()
+}
+
 pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub server: Server,
@@ -73,12 +88,17 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// A server's settings over `dir`: its database is a SQLite file there, or with
+    /// `INSPECTOR_TEST_DB=postgres` a fresh database on the tests' PostgreSQL server (`.ci/run`
+    /// runs the API suites both ways).
     pub fn config(dir: &tempfile::TempDir) -> ServerConfig {
-        ServerConfig::new(
+        let mut config = ServerConfig::new(
             "127.0.0.1:0".parse().unwrap(),
             dir.path().join("inspector.db"),
             dir.path().join("data"),
-        )
+        );
+        config.db = test_database(dir.path());
+        config
     }
 
     /// A loaded server with `config` adjusted by `tweak`.
