@@ -83,7 +83,7 @@ fn main() {
 
     // Cache hits.
     let db = tempfile::tempdir().unwrap();
-    let store = inspector_store::SqliteStore::open(&db.path().join("bench.db")).unwrap();
+    let store = inspector_store::SqliteStore::open(db.path().join("bench.db")).unwrap();
     detector.inspect(&inputs, &rules, Some(&store), 8, |_| {});
     let t = Instant::now();
     let hits = detector.inspect(&inputs, &rules, Some(&store), 8, |_| {});

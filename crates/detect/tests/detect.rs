@@ -173,7 +173,7 @@ fn batched_greedy_answers_equal_one_by_one() {
 #[test]
 fn the_cache_skips_model_work_and_misses_when_the_key_changes() {
     let db = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&db.path().join("inspector.db")).unwrap();
+    let store = SqliteStore::open(db.path().join("inspector.db")).unwrap();
     let rules = rules();
     let (inputs, _) = photos();
     let d = detector(&overfit().join("adapter"));

@@ -162,7 +162,7 @@ impl Drop for PostgresStore {
 }
 
 /// The advisory lock key migrations hold ("inspect" in ASCII).
-const MIGRATION_LOCK: i64 = 0x696e_7370_6563_74;
+const MIGRATION_LOCK: i64 = 0x0069_6e73_7065_6374;
 
 /// A PostgreSQL database (one connection; the server opens one store per thread that needs it).
 pub struct PostgresStore {

@@ -252,15 +252,15 @@ fn search_answers_the_same_on_both_stores() {
         "配电",
         "安全 安全",
     ] {
-        let ids = |s: &Box<dyn Store>| -> Vec<String> {
+        let ids = |s: &dyn Store| -> Vec<String> {
             s.search(query, 20)
                 .unwrap()
                 .into_iter()
                 .map(|r| r.id)
                 .collect()
         };
-        assert_eq!(ids(&a), ids(&b), "{query}");
-        compared += ids(&a).len();
+        assert_eq!(ids(a.as_ref()), ids(b.as_ref()), "{query}");
+        compared += ids(a.as_ref()).len();
     }
     assert!(compared > 50, "the queries find rules ({compared})");
 }
