@@ -378,3 +378,54 @@ fn pdf_without_text() -> Vec<u8> {
     doc.save_to(&mut out).unwrap();
     out
 }
+
+/// `--db` takes a PostgreSQL URL on the rules commands too: extraction lands there, listing and
+/// search read it back as from SQLite, and a password in the URL is never printed.
+#[test]
+fn the_rules_commands_work_on_postgresql_and_hide_the_password() {
+    let pg = inspector_store::testing::postgres();
+    let url = pg.fresh_database();
+    // Trust authentication ignores the password; it only has to stay out of every output.
+    let with_password = url.replacen("postgres@", "postgres:s3cret-pw@", 1);
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_inspector"))
+            .args(args)
+            .args(["--db", &with_password])
+            .output()
+            .unwrap();
+        let (o, e) = (stdout(&out), stderr(&out));
+        assert!(!o.contains("s3cret") && !e.contains("s3cret"), "{o}{e}");
+        (out.status.success(), o, e)
+    };
+    let (ok, _, e) = run(&["rules", "docs"]);
+    assert!(ok, "{e}");
+    let files = examples();
+    let mut args = vec!["rules", "extract"];
+    args.extend(files.iter().map(|p| p.to_str().unwrap()));
+    let (ok, _, e) = run(&args);
+    assert!(ok, "{e}");
+    let (ok, listed, e) = run(&["rules", "list", "--json"]);
+    assert!(ok, "{e}");
+    let rules: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(rules["rules"].as_array().unwrap().len(), 26 + 24 + 25);
+    let (ok, found, e) = run(&["rules", "search", "上锁挂牌"]);
+    assert!(ok, "{e}");
+    assert!(found.contains("《电气安全规程》第12条"), "{found}");
+    // The same listing from a SQLite database.
+    let dir = tempfile::tempdir().unwrap();
+    let db = loaded_db(dir.path());
+    let sqlite = inspector(&["rules", "list", "--json"], &db);
+    assert_eq!(stdout(&sqlite), listed);
+    // A server that cannot be reached is a clear error, password hidden.
+    let unreachable = "postgres://me:s3cret-pw@127.0.0.1:1/none";
+    let out = Command::new(env!("CARGO_BIN_EXE_inspector"))
+        .args(["rules", "docs", "--db", unreachable])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(
+        e.contains("postgres://me@127.0.0.1:1/none") && !e.contains("s3cret"),
+        "{e}"
+    );
+}
