@@ -21,6 +21,7 @@ use std::{
 
 use base64::Engine as _;
 use inspector_core::{Rule, answer::Prompt, json_schema::Json};
+pub use inspector_store::redact;
 
 use crate::{
     AnswerCache, DetectConfig, Error, Finding, ImageInfo, Input, RawAnswer, Timings, citations,
@@ -445,30 +446,18 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-/// A URL with any password (and user) replaced, for logs and errors.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
-        None => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn urls_lose_their_credentials_when_shown() {
-        assert_eq!(redact("http://u:p@host:8000/v1"), "http://***@host:8000/v1");
+    fn urls_lose_their_passwords_when_shown() {
+        assert_eq!(redact("http://u:p@host:8000/v1"), "http://u@host:8000/v1");
         assert_eq!(
             redact("http://host:8000/v1?a=b@c"),
             "http://host:8000/v1?a=b@c"
         );
-        assert_eq!(redact("postgres://me@db/x"), "postgres://***@db/x");
+        assert_eq!(redact("postgres://me:pw@db/x"), "postgres://me@db/x");
         assert_eq!(redact("no scheme"), "no scheme");
     }
 

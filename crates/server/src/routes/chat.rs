@@ -4,12 +4,12 @@
 //! tokens, rendered and tokenized on the blocking pool rather than on the model worker, so a
 //! huge prompt never holds up inspections.
 
+use std::sync::Arc;
+
 use axum::{
     Json,
     extract::{Path, State, rejection::JsonRejection},
 };
-use std::sync::Arc;
-
 use inspector_core::json_schema::{Json as OrderedJson, SchemaGrammar};
 use inspector_detect::Input;
 use serde::Deserialize;
