@@ -708,7 +708,7 @@ async fn a_client_that_disconnects_is_not_inspected() {
 /// store's rules version moves, without a restart.
 #[tokio::test]
 async fn rules_replaced_elsewhere_in_the_database_are_picked_up() {
-    use inspector_store::{DocumentRecord, RuleFilter};
+    use inspector_store::RuleFilter;
     let s = TestServer::start(|_| {});
     let state = s.server.state();
     let before = state.inner.rules.get().len();
@@ -722,14 +722,7 @@ async fn rules_replaced_elsewhere_in_the_database_are_picked_up() {
     let db = s.server.config().db.clone();
     tokio::task::spawn_blocking(move || {
         let mut other = open_db(&db);
-        let record = DocumentRecord {
-            title: doc.title.clone(),
-            file: doc.file.clone(),
-            sha256: doc.sha256.clone(),
-        };
-        other
-            .replace_document(&record, &doc.rules, &doc.diagnostics)
-            .unwrap();
+        store_document(other.as_mut(), &doc);
         assert_eq!(
             other.rules(&RuleFilter::default()).unwrap().len(),
             before + 1

@@ -49,20 +49,25 @@ pub fn load_detector() -> anyhow::Result<Detector> {
     )?)
 }
 
+/// Stores an extracted document (replacing one of the same title).
+pub fn store_document(store: &mut dyn inspector_store::Store, doc: &inspector_rules::Document) {
+    let record = DocumentRecord {
+        title: doc.title.clone(),
+        file: doc.file.clone(),
+        sha256: doc.sha256.clone(),
+    };
+    store
+        .replace_document(&record, &doc.rules, &doc.diagnostics)
+        .unwrap();
+}
+
 /// Fills a database with the bundled example regulations.
 pub fn seed_rules(db: &str) {
     let mut store = inspector_store::open(db).unwrap();
     let c = inspector_rules::Categorizer::default();
     for e in std::fs::read_dir(root().join("examples/regulations")).unwrap() {
         let doc = inspector_rules::extract_file(&e.unwrap().path(), &c).unwrap();
-        let record = DocumentRecord {
-            title: doc.title.clone(),
-            file: doc.file.clone(),
-            sha256: doc.sha256.clone(),
-        };
-        store
-            .replace_document(&record, &doc.rules, &doc.diagnostics)
-            .unwrap();
+        store_document(store.as_mut(), &doc);
     }
 }
 
