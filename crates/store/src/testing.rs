@@ -53,16 +53,37 @@ impl TestPostgres {
         let create = format!("CREATE DATABASE {name}");
         // On a thread of its own: the client runs a runtime, which may not start inside an
         // async test's.
-        std::thread::spawn(move || {
+        let created = std::thread::spawn(move || {
             let mut client = postgres::Client::connect(&admin, postgres::NoTls)
-                .expect("connecting to the test server");
+                .map_err(|e| format!("connecting to the test server: {e}"))?;
             client
                 .batch_execute(&create)
-                .expect("creating a test database");
+                .map_err(|e| format!("creating a test database: {e}"))
         })
         .join()
-        .expect("creating a test database");
+        .unwrap_or_else(|_| Err("the client thread panicked".into()));
+        if let Err(e) = created {
+            panic!("{e}\n{}", self.diagnosis());
+        }
         self.url(&name)
+    }
+
+    /// The end of the server's log and the free space where it keeps its data, for a failure's
+    /// message (a full disk shows up as "could not write init file").
+    pub fn diagnosis(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        let df = Command::new("df")
+            .arg("-h")
+            .arg(&self.dir)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        format!(
+            "the test server's log ({}):\n{tail}\nfree space:\n{df}",
+            self.dir.join("log").display()
+        )
     }
 }
 
@@ -155,6 +176,8 @@ fn start() -> Result<TestPostgres, String> {
         .arg("-D")
         .arg(&data)
         .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
+        // 1 MB WAL segments instead of 16: a test server needs little disk.
+        .arg("--wal-segsize=1")
         .args(["--locale", "C.UTF-8"]);
     run(initdb, "initdb")?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -171,7 +194,8 @@ fn start() -> Result<TestPostgres, String> {
         .arg("-o")
         .arg(format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+             -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 \
+             -c min_wal_size=4MB -c max_wal_size=64MB",
             dir.display()
         ))
         .arg("start");
