@@ -23,6 +23,7 @@
 //! ```
 
 mod fts;
+pub mod migrate;
 mod pgpass;
 mod postgres;
 mod sqlite;
@@ -59,7 +60,7 @@ pub trait Store: RuleStore + Send {
         violations: &[InspectionViolation],
     ) -> Result<i64>;
     fn inspection(&self, id: &str) -> Result<Option<InspectionRow>>;
-    /// Newest first, at most `filter.limit`.
+    /// Newest first (with `after_seq` oldest first), at most `filter.limit`.
     fn inspections(&self, filter: &InspectionFilter) -> Result<Vec<InspectionRow>>;
     /// `false` when an event with its id is already stored (left as it is).
     fn insert_event(&self, event: &NewEvent) -> Result<bool>;
@@ -77,6 +78,38 @@ pub trait Store: RuleStore + Send {
     fn api_keys(&self) -> Result<Vec<ApiKey>>;
     /// `false` when no live key has this id.
     fn revoke_api_key(&self, id: &str) -> Result<bool>;
+
+    // What `db migrate` reads and writes: every row with the times it was stored at.
+
+    /// An inspection's violations, in the order they were stored.
+    fn inspection_violations(&self, seq: i64) -> Result<Vec<InspectionViolation>>;
+    /// Cached answers whose keys sort after `after` (bytewise), in that order, at most `limit`
+    /// (1 to 1000).
+    fn cached_answers(&self, after: &str, limit: usize) -> Result<Vec<CachedAnswer>>;
+    /// Stores a cached answer with its time; `false` (and nothing written) when its key is
+    /// there already.
+    fn import_cached_answer(&self, entry: &CachedAnswer) -> Result<bool>;
+    /// Every key with its hash, oldest first.
+    fn api_key_hashes(&self) -> Result<Vec<(ApiKey, String)>>;
+    /// Stores a key as another database holds it: its times and revocation are kept.
+    fn import_api_key(&self, key: &ApiKey, hash: &str) -> Result<()>;
+    /// Stores a document with its rules and diagnostics as [`RuleStore::replace_document`] does
+    /// (one transaction; the rules' version moves), keeping the time it was extracted.
+    fn import_document(
+        &mut self,
+        doc: &DocumentRecord,
+        extracted_at: &str,
+        rules: &[Rule],
+        diagnostics: &[Diagnostic],
+    ) -> Result<()>;
+}
+
+/// A cached model answer with the time it was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedAnswer {
+    pub key: String,
+    pub answer: String,
+    pub created_at: String,
 }
 
 /// Opens the database `db` names: a `postgres://` (or `postgresql://`) URL, or a SQLite file
@@ -135,6 +168,12 @@ pub enum StoreError {
         doing: &'static str,
         #[source]
         source: ::postgres::Error,
+    },
+    #[error("the target database already holds {what} `{key}` with other contents: {message}")]
+    Conflict {
+        what: &'static str,
+        key: String,
+        message: String,
     },
     #[error("database holds an invalid value in {field}: {message}")]
     Corrupt {
@@ -234,6 +273,8 @@ pub struct InspectionFilter {
     pub until_ms: Option<i64>,
     /// Only inspections stored before this position (the cursor).
     pub before_seq: Option<i64>,
+    /// Oldest first, stored after this position (for reading everything in order).
+    pub after_seq: Option<i64>,
     pub limit: usize,
 }
 

@@ -14,7 +14,7 @@ use inspector_core::{Diagnostic, Rule, SourceSpan};
 use postgres::{Client, NoTls, Row, types::ToSql};
 
 use crate::{
-    ApiKey, DocumentRecord, DocumentSummary, EventFilter, EventRow, InspectionFilter,
+    ApiKey, CachedAnswer, DocumentRecord, DocumentSummary, EventFilter, EventRow, InspectionFilter,
     InspectionRow, InspectionViolation, NewEvent, NewInspection, ReplaceOutcome, Result,
     RuleFilter, RuleStore, Store, StoreError, fts, sqlite::MIGRATIONS as SQLITE_MIGRATIONS,
 };
@@ -523,13 +523,19 @@ impl Store for PostgresStore {
                 ("created_ms >= ?", filter.since_ms),
                 ("created_ms < ?", filter.until_ms),
                 ("seq < ?", filter.before_seq),
+                ("seq > ?", filter.after_seq),
             ] {
                 if let Some(v) = value {
                     w.add(clause, vec![Box::new(v)]);
                 }
             }
+            let order = if filter.after_seq.is_some() {
+                "ASC"
+            } else {
+                "DESC"
+            };
             let sql = format!(
-                "SELECT {INSPECTION_COLUMNS} FROM inspections{} ORDER BY seq DESC LIMIT {}",
+                "SELECT {INSPECTION_COLUMNS} FROM inspections{} ORDER BY seq {order} LIMIT {}",
                 w.sql(),
                 filter.limit.clamp(1, 1000)
             );
@@ -716,12 +722,117 @@ impl Store for PostgresStore {
                 .map_err(q("revoking an API key"))
         })
     }
-}
 
-impl RuleStore for PostgresStore {
-    fn replace_document(
+    fn inspection_violations(&self, seq: i64) -> Result<Vec<InspectionViolation>> {
+        self.run(|| {
+            // Rows are only ever inserted (an inspection's violations in one transaction), so
+            // their physical order is the order they were stored in.
+            Ok(self
+                .client()
+                .query(
+                    "SELECT rule_id, citation, risk FROM inspection_violations
+                     WHERE inspection_seq = $1 ORDER BY ctid",
+                    &[&seq],
+                )
+                .map_err(q("reading an inspection's violations"))?
+                .iter()
+                .map(|r| InspectionViolation {
+                    rule_id: r.get(0),
+                    citation: r.get(1),
+                    risk: r.get(2),
+                })
+                .collect())
+        })
+    }
+
+    fn cached_answers(&self, after: &str, limit: usize) -> Result<Vec<CachedAnswer>> {
+        self.run(|| {
+            Ok(self
+                .client()
+                .query(
+                    "SELECT key, answer, created_at FROM answer_cache
+                     WHERE key COLLATE \"C\" > $1 ORDER BY key COLLATE \"C\" LIMIT $2",
+                    &[&after, &(limit.clamp(1, 1000) as i64)],
+                )
+                .map_err(q("listing the answer cache"))?
+                .iter()
+                .map(|r| CachedAnswer {
+                    key: r.get(0),
+                    answer: r.get(1),
+                    created_at: r.get(2),
+                })
+                .collect())
+        })
+    }
+
+    fn import_cached_answer(&self, entry: &CachedAnswer) -> Result<bool> {
+        self.run(|| {
+            self.client()
+                .execute(
+                    "INSERT INTO answer_cache (key, answer, created_at) VALUES ($1, $2, $3)
+                     ON CONFLICT (key) DO NOTHING",
+                    &[&entry.key, &entry.answer, &entry.created_at],
+                )
+                .map(|n| n == 1)
+                .map_err(q("writing the answer cache"))
+        })
+    }
+
+    fn api_key_hashes(&self) -> Result<Vec<(ApiKey, String)>> {
+        self.run(|| {
+            Ok(self
+                .client()
+                .query(
+                    "SELECT id, name, admin, created_at, revoked_at, hash FROM api_keys
+                     ORDER BY created_at COLLATE \"C\", id COLLATE \"C\"",
+                    &[],
+                )
+                .map_err(q("listing API keys"))?
+                .iter()
+                .map(|r| (api_key_row(r), r.get(5)))
+                .collect())
+        })
+    }
+
+    fn import_api_key(&self, key: &ApiKey, hash: &str) -> Result<()> {
+        self.run(|| {
+            self.client()
+                .execute(
+                    "INSERT INTO api_keys (id, name, hash, admin, created_at, revoked_at)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[
+                        &key.id,
+                        &key.name,
+                        &hash,
+                        &key.admin,
+                        &key.created_at,
+                        &key.revoked_at,
+                    ],
+                )
+                .map(|_| ())
+                .map_err(q("storing an API key"))
+        })
+    }
+
+    fn import_document(
         &mut self,
         doc: &DocumentRecord,
+        extracted_at: &str,
+        rules: &[Rule],
+        diagnostics: &[Diagnostic],
+    ) -> Result<()> {
+        self.replace(doc, Some(extracted_at), rules, diagnostics)
+            .map(|_| ())
+    }
+}
+
+impl PostgresStore {
+    /// Replaces a document's rules and diagnostics in one transaction; `extracted_at` keeps the
+    /// time another database extracted it (`db migrate`), else it is now.
+    fn replace(
+        &mut self,
+        doc: &DocumentRecord,
+        extracted_at: Option<&str>,
         rules: &[Rule],
         diagnostics: &[Diagnostic],
     ) -> Result<ReplaceOutcome> {
@@ -746,8 +857,10 @@ impl RuleStore for PostgresStore {
             tx.execute("DELETE FROM documents WHERE title = $1", &[&doc.title])
                 .map_err(q("removing the old document"))?;
             tx.execute(
-                "INSERT INTO documents (title, file, sha256) VALUES ($1, $2, $3)",
-                &[&doc.title, &doc.file, &doc.sha256],
+                "INSERT INTO documents (title, file, sha256, extracted_at)
+                 VALUES ($1, $2, $3, COALESCE($4,
+                     to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')))",
+                &[&doc.title, &doc.file, &doc.sha256, &extracted_at],
             )
             .map_err(q("storing the document"))?;
             let insert_rule = tx
@@ -819,6 +932,17 @@ impl RuleStore for PostgresStore {
                 unchanged: previous.as_deref() == Some(doc.sha256.as_str()),
             })
         })
+    }
+}
+
+impl RuleStore for PostgresStore {
+    fn replace_document(
+        &mut self,
+        doc: &DocumentRecord,
+        rules: &[Rule],
+        diagnostics: &[Diagnostic],
+    ) -> Result<ReplaceOutcome> {
+        self.replace(doc, None, rules, diagnostics)
     }
 
     fn documents(&self) -> Result<Vec<DocumentSummary>> {

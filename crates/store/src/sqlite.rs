@@ -6,7 +6,7 @@ use inspector_core::{Diagnostic, DiagnosticKind, Rule, SourceSpan};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
-    ApiKey, DocumentRecord, DocumentSummary, EventFilter, EventRow, InspectionFilter,
+    ApiKey, CachedAnswer, DocumentRecord, DocumentSummary, EventFilter, EventRow, InspectionFilter,
     InspectionRow, InspectionViolation, NewEvent, NewInspection, ReplaceOutcome, Result,
     RuleFilter, RuleStore, Store, StoreError, fts,
 };
@@ -404,13 +404,22 @@ impl SqliteStore {
             clauses.push("seq < ?");
             args.push(Box::new(seq));
         }
+        if let Some(seq) = filter.after_seq {
+            clauses.push("seq > ?");
+            args.push(Box::new(seq));
+        }
         let sql_where = if clauses.is_empty() {
             String::new()
         } else {
             format!(" WHERE {}", clauses.join(" AND "))
         };
+        let order = if filter.after_seq.is_some() {
+            "ASC"
+        } else {
+            "DESC"
+        };
         let sql = format!(
-            "SELECT {INSPECTION_COLUMNS} FROM inspections{sql_where} ORDER BY seq DESC LIMIT {}",
+            "SELECT {INSPECTION_COLUMNS} FROM inspections{sql_where} ORDER BY seq {order} LIMIT {}",
             filter.limit.clamp(1, 1000)
         );
         let mut stmt = self.conn.prepare(&sql).map_err(q("listing inspections"))?;
@@ -687,12 +696,112 @@ impl Store for SqliteStore {
     fn revoke_api_key(&self, id: &str) -> Result<bool> {
         SqliteStore::revoke_api_key(self, id)
     }
-}
 
-impl RuleStore for SqliteStore {
-    fn replace_document(
+    fn inspection_violations(&self, seq: i64) -> Result<Vec<InspectionViolation>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT rule_id, citation, risk FROM inspection_violations
+                 WHERE inspection_seq = ?1 ORDER BY rowid",
+            )
+            .map_err(q("reading an inspection's violations"))?;
+        let rows = stmt
+            .query_map([seq], |r| {
+                Ok(InspectionViolation {
+                    rule_id: r.get(0)?,
+                    citation: r.get(1)?,
+                    risk: r.get(2)?,
+                })
+            })
+            .map_err(q("reading an inspection's violations"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(q("reading an inspection's violations"))
+    }
+
+    fn cached_answers(&self, after: &str, limit: usize) -> Result<Vec<CachedAnswer>> {
+        // SQLite compares TEXT bytewise (BINARY collation), as PostgreSQL does under "C".
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT key, answer, created_at FROM answer_cache WHERE key > ?1
+                 ORDER BY key LIMIT ?2",
+            )
+            .map_err(q("listing the answer cache"))?;
+        let rows = stmt
+            .query_map(params![after, limit.clamp(1, 1000) as i64], |r| {
+                Ok(CachedAnswer {
+                    key: r.get(0)?,
+                    answer: r.get(1)?,
+                    created_at: r.get(2)?,
+                })
+            })
+            .map_err(q("listing the answer cache"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(q("listing the answer cache"))
+    }
+
+    fn import_cached_answer(&self, entry: &CachedAnswer) -> Result<bool> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO answer_cache (key, answer, created_at) VALUES (?1, ?2, ?3)",
+                params![entry.key, entry.answer, entry.created_at],
+            )
+            .map(|n| n == 1)
+            .map_err(q("writing the answer cache"))
+    }
+
+    fn api_key_hashes(&self) -> Result<Vec<(ApiKey, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, name, admin, created_at, revoked_at, hash FROM api_keys
+                 ORDER BY created_at, id",
+            )
+            .map_err(q("listing API keys"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((api_key_row(r)?, r.get(5)?)))
+            .map_err(q("listing API keys"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(q("listing API keys"))
+    }
+
+    fn import_api_key(&self, key: &ApiKey, hash: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO api_keys (id, name, hash, admin, created_at, revoked_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    key.id,
+                    key.name,
+                    hash,
+                    key.admin,
+                    key.created_at,
+                    key.revoked_at
+                ],
+            )
+            .map(|_| ())
+            .map_err(q("storing an API key"))
+    }
+
+    fn import_document(
         &mut self,
         doc: &DocumentRecord,
+        extracted_at: &str,
+        rules: &[Rule],
+        diagnostics: &[Diagnostic],
+    ) -> Result<()> {
+        self.replace(doc, Some(extracted_at), rules, diagnostics)
+            .map(|_| ())
+    }
+}
+
+impl SqliteStore {
+    /// Replaces a document's rules and diagnostics in one transaction; `extracted_at` keeps the
+    /// time another database extracted it (`db migrate`), else it is now.
+    fn replace(
+        &mut self,
+        doc: &DocumentRecord,
+        extracted_at: Option<&str>,
         rules: &[Rule],
         diagnostics: &[Diagnostic],
     ) -> Result<ReplaceOutcome> {
@@ -723,8 +832,9 @@ impl RuleStore for SqliteStore {
         tx.execute("DELETE FROM documents WHERE title = ?1", [&doc.title])
             .map_err(q("removing the old document"))?;
         tx.execute(
-            "INSERT INTO documents (title, file, sha256) VALUES (?1, ?2, ?3)",
-            params![doc.title, doc.file, doc.sha256],
+            "INSERT INTO documents (title, file, sha256, extracted_at)
+             VALUES (?1, ?2, ?3, COALESCE(?4, strftime('%Y-%m-%d %H:%M:%S', 'now')))",
+            params![doc.title, doc.file, doc.sha256, extracted_at],
         )
         .map_err(q("storing the document"))?;
         {
@@ -794,6 +904,17 @@ impl RuleStore for SqliteStore {
             added: rules.len(),
             unchanged: previous.as_deref() == Some(doc.sha256.as_str()),
         })
+    }
+}
+
+impl RuleStore for SqliteStore {
+    fn replace_document(
+        &mut self,
+        doc: &DocumentRecord,
+        rules: &[Rule],
+        diagnostics: &[Diagnostic],
+    ) -> Result<ReplaceOutcome> {
+        self.replace(doc, None, rules, diagnostics)
     }
 
     fn documents(&self) -> Result<Vec<DocumentSummary>> {

@@ -270,6 +270,7 @@ pub async fn list_inspections(
         since_ms: common.since_ms,
         until_ms: common.until_ms,
         before_seq: common.before_seq,
+        after_seq: None,
         limit: limit + 1,
     };
     let rows = state.read(move |s| s.inspections(&filter)).await?;
