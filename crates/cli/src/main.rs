@@ -6,6 +6,7 @@ mod adapter_cmd;
 mod bundled;
 mod chat_cmd;
 mod dataset_cmd;
+mod db_cmd;
 mod detect_cmd;
 mod eval_cmd;
 mod model_args;
@@ -65,6 +66,9 @@ enum Command {
     /// API keys of the HTTP service.
     #[command(subcommand)]
     Keys(serve_cmd::KeysCommand),
+    /// The database: move an installation into another one (SQLite → PostgreSQL).
+    #[command(subcommand)]
+    Db(db_cmd::DbCommand),
     /// Watch camera sources: inspect a frame every few seconds and raise an alert event when a
     /// rule is broken in K of the last M frames.
     Watch(Box<watch_cmd::WatchArgs>),
@@ -128,6 +132,7 @@ fn main() -> ExitCode {
         Command::Synth(args) => synth_cmd::run(args),
         Command::Serve(args) => serve_cmd::serve(*args),
         Command::Keys(cmd) => serve_cmd::keys(cmd),
+        Command::Db(cmd) => db_cmd::run(cmd),
         Command::Watch(args) => watch_cmd::run(*args),
     };
     match result {

@@ -48,13 +48,17 @@ impl Running {
     }
 
     /// Starts `inspector serve ARGS` over `dir` and waits until it is ready.
+    /// The database and data dir are `dir`'s unless ARGS name others.
     fn spawn(dir: &Path, args: &[std::ffi::OsString]) -> Running {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_inspector"))
-            .arg("serve")
-            .arg("--db")
-            .arg(dir.join("inspector.db"))
-            .arg("--data-dir")
-            .arg(dir.join("data"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_inspector"));
+        command.arg("serve");
+        if !args.iter().any(|a| a == "--db") {
+            command.arg("--db").arg(dir.join("inspector.db"));
+        }
+        if !args.iter().any(|a| a == "--data-dir") {
+            command.arg("--data-dir").arg(dir.join("data"));
+        }
+        let mut child = command
             .args(args)
             .current_dir(dir)
             .stdout(Stdio::null())
@@ -1083,4 +1087,183 @@ fn a_remote_engine_gives_the_local_findings_and_an_outage_answers_503() {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert_eq!(stored_ids(&front).len(), before.len() + 1);
+}
+
+/// `inspector ARGS` to completion; panics with its output when it fails.
+fn inspector_ok(args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_inspector"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "inspector {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn db_migrate_moves_an_installation_into_postgresql_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("inspector.db");
+    let os = |s: &str| std::ffi::OsString::from(s);
+    // A single box: the bundled regulations, keys (one revoked), inspections with their photos
+    // and answers cached, a camera's events with their frames, one acknowledged.
+    let mut extract = vec![os("rules"), os("extract")];
+    for e in std::fs::read_dir(root().join("examples/regulations")).unwrap() {
+        extract.push(e.unwrap().path().into());
+    }
+    extract.extend([os("--db"), db.clone().into()]);
+    inspector_ok(&extract.iter().map(|s| s.as_os_str()).collect::<Vec<_>>());
+    let keys = |args: &[&str]| {
+        let mut v: Vec<std::ffi::OsString> = vec![os("keys")];
+        v.extend(args.iter().map(|a| os(a)));
+        v.extend([os("--db"), db.clone().into()]);
+        inspector_ok(&v.iter().map(|s| s.as_os_str()).collect::<Vec<_>>())
+    };
+    keys(&["create", "--name", "gate camera"]);
+    keys(&["create", "--admin", "--name", "安全员"]);
+    let listed = keys(&["list"]);
+    let first_id = listed.split('\t').next().unwrap().to_string();
+    keys(&["revoke", &first_id]);
+    let camera = tmp.path().join("camera");
+    std::fs::create_dir(&camera).unwrap();
+    std::fs::write(
+        tmp.path().join("cameras.toml"),
+        "[[camera]]\nname = \"dock\"\nsource = \"camera\"\ninterval = 0.5\n",
+    )
+    .unwrap();
+    let ids = {
+        let s = Running::start(tmp.path(), &["--cameras", "cameras.toml"]);
+        for i in 0..4 {
+            assert_eq!(inspect(&s, i).0, 201, "{}", s.log());
+        }
+        let started = Instant::now();
+        let mut n = 0;
+        let event = loop {
+            let events = json(&get(&s.url("/api/v1/events")).1);
+            if let Some(e) = events["items"].as_array().unwrap().first() {
+                break e["id"].as_str().unwrap().to_string();
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "no event");
+            if n < 6 {
+                let part = camera.join(format!("{n}.part"));
+                std::fs::write(&part, photo(3)).unwrap();
+                std::fs::rename(&part, camera.join(format!("{n}.png"))).unwrap();
+                n += 1;
+            }
+            std::thread::sleep(Duration::from_millis(700));
+        };
+        let (code, body) = post(
+            &s.url(&format!("/api/v1/events/{event}/ack")),
+            "text/plain",
+            b"",
+        );
+        assert_eq!(code, 200, "{body}");
+        stored_ids(&s)
+    };
+    assert!(ids.len() >= 4);
+
+    let url = inspector_store::testing::postgres().fresh_database();
+    let shared = tmp.path().join("shared");
+    let migrate = || {
+        let text = inspector_ok(&[
+            "db".as_ref(),
+            "migrate".as_ref(),
+            "--from".as_ref(),
+            format!("sqlite:{}", db.display()).as_ref(),
+            "--to".as_ref(),
+            url.as_ref(),
+            "--from-data-dir".as_ref(),
+            tmp.path().join("data").as_os_str(),
+            "--to-data-dir".as_ref(),
+            shared.as_os_str(),
+            "--json".as_ref(),
+        ]);
+        json(&text)
+    };
+    let first = migrate();
+    for e in first["entities"].as_array().unwrap() {
+        assert_eq!(e["equal"], true, "{e}");
+        assert_eq!(e["source"], e["target"], "{e}");
+        assert_eq!(e["added"], e["source"], "{e}");
+        if e["entity"] != "diagnostics" {
+            assert!(e["source"].as_u64().unwrap() > 0, "{e}");
+        }
+    }
+    assert_eq!(first["photos"]["equal"], true, "{first}");
+    let photos = first["photos"]["count"].as_u64().unwrap();
+    assert!(
+        photos >= 5,
+        "the inspections' photos and the event frames: {first}"
+    );
+    assert_eq!(first["photos"]["copied"].as_u64().unwrap(), photos);
+    let inspections = |v: &serde_json::Value| {
+        v["entities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["entity"] == "inspections")
+            .unwrap()["target"]
+            .clone()
+    };
+    assert_eq!(inspections(&first), ids.len() as u64);
+
+    // A second run changes nothing.
+    let second = migrate();
+    assert_eq!(second["added"], 0, "{second}");
+    assert_eq!(second["photos"]["copied"], 0, "{second}");
+    assert_eq!(
+        second["entities"],
+        first["entities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                e["present"] = e["added"].clone();
+                e["added"] = 0.into();
+                e
+            })
+            .collect::<serde_json::Value>()
+    );
+
+    // The migrated installation serves: the same inspections, photos, acknowledgement and keys.
+    let s = Running::spawn(
+        tmp.path(),
+        &[
+            os("--db"),
+            os(&url),
+            os("--data-dir"),
+            shared.clone().into(),
+            os("--model"),
+            root().join("crates/qwen2vl/tests/fixtures/tiny-a").into(),
+            os("--addr"),
+            os("127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(stored_ids(&s), ids);
+    let one = &ids[0];
+    let image = agent()
+        .get(&s.url(&format!("/api/v1/inspections/{one}/image")))
+        .call()
+        .unwrap();
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut image.into_reader(), &mut bytes).unwrap();
+    assert!(photo_bytes_known(&bytes), "the photo came along");
+    let events = json(&get(&s.url("/api/v1/events")).1);
+    assert!(
+        events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["acked_by"] == "local"),
+        "{events}"
+    );
+}
+
+/// Whether `bytes` are one of the fixture photos.
+fn photo_bytes_known(bytes: &[u8]) -> bool {
+    (0..4).any(|i| photo(i) == bytes)
 }
