@@ -567,6 +567,78 @@ async fn keys_are_required_off_loopback_and_rate_limits_apply() {
 }
 
 #[tokio::test]
+async fn keys_are_created_listed_and_revoked_over_http_by_admins() {
+    let s = TestServer::start(|c| c.require_keys = true);
+    let store = open_db(&s.server.config().db);
+    let (_, admin) = inspector_server::auth::create_key(store.as_ref(), "安全员", true).unwrap();
+    let (_, user) = inspector_server::auth::create_key(store.as_ref(), "cam", false).unwrap();
+    let with = |method: &str, uri: &str, key: &str, body: &str| {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    // Only admin keys manage keys.
+    s.call(with("GET", "/api/v1/keys", &user, ""))
+        .await
+        .assert_error(403, "forbidden");
+    s.call(with("POST", "/api/v1/keys", &user, "{}"))
+        .await
+        .assert_error(403, "forbidden");
+    s.call(with("POST", "/api/v1/keys", &admin, "{\"name\": 3}"))
+        .await
+        .assert_error(422, "invalid_fields");
+    let long = format!("{{\"name\": \"{}\"}}", "x".repeat(201));
+    s.call(with("POST", "/api/v1/keys", &admin, &long))
+        .await
+        .assert_error(400, "invalid_field");
+    let created = s
+        .call(with(
+            "POST",
+            "/api/v1/keys",
+            &admin,
+            "{\"name\": \"dock camera\"}",
+        ))
+        .await;
+    assert_eq!(created.status, 201, "{}", created.json());
+    let created = created.json();
+    let (id, key) = (
+        created["id"].as_str().unwrap().to_string(),
+        created["key"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(created["admin"], false);
+    assert_eq!(
+        s.call(with("GET", "/api/v1/rules", &key, "")).await.status,
+        200
+    );
+    let listed = s.call(with("GET", "/api/v1/keys", &admin, "")).await.json();
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert!(ids.contains(&id.as_str()));
+    assert!(!listed.to_string().contains(&key), "keys are never listed");
+    // Revoked: refused from the next request on; revoking again is a 404.
+    let revoked = s
+        .call(with("DELETE", &format!("/api/v1/keys/{id}"), &admin, ""))
+        .await;
+    assert_eq!(revoked.status, 200, "{}", revoked.json());
+    assert!(revoked.json()["revoked_at"].is_string());
+    s.call(with("GET", "/api/v1/rules", &key, ""))
+        .await
+        .assert_error(401, "unauthorized");
+    s.call(with("DELETE", &format!("/api/v1/keys/{id}"), &admin, ""))
+        .await
+        .assert_error(404, "not_found");
+}
+
+#[tokio::test]
 async fn a_full_queue_answers_503_with_retry_after() {
     let (s, go) = TestServer::start_gated(|c| {
         c.queue = 1;

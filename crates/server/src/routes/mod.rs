@@ -10,6 +10,7 @@ pub mod chat;
 pub mod documents;
 pub mod events;
 pub mod inspections;
+pub mod keys;
 pub mod operations;
 pub mod rules;
 pub mod tutorial;
@@ -27,7 +28,7 @@ use crate::{AppState, auth, error, inspect, record};
     components(schemas(error::ErrorBody, record::InspectionRecord, record::InspectionPage,
         rules::RuleView, rules::RuleList, documents::DocumentUploaded, inspect::InspectJson,
         events::EventRecord, events::EventPage, cameras::CameraView,
-        inspect::InspectOptions)),
+        inspect::InspectOptions, keys::KeyView, keys::KeyCreated, keys::NewKey)),
     modifiers(&BearerAuth),
     security(("api_key" = [])),
 )]
@@ -55,6 +56,7 @@ pub fn assemble(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi
         .merge(inspections::router())
         .merge(rules::router())
         .merge(documents::router())
+        .merge(keys::router())
         .merge(events::router())
         .merge(cameras::router())
         .merge(tutorial::router())
