@@ -59,12 +59,8 @@ pub fn run(cmd: DbCommand) -> Result<ExitCode> {
     }
 }
 
-fn is_postgres(db: &str) -> bool {
-    db.starts_with("postgres://") || db.starts_with("postgresql://")
-}
-
 fn open_source(db: &str) -> Result<Box<dyn Store>> {
-    if !is_postgres(db) {
+    if !inspector_store::is_server_url(db) {
         // A source that is not there is a mistake, not a new empty database.
         let path = Path::new(db.strip_prefix("sqlite:").unwrap_or(db));
         if !path.is_file() {

@@ -105,17 +105,47 @@ fn presented_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 /// guessed at speed.
 pub const AUTH_FAILURES_PER_MINUTE: u32 = 20;
 
-/// Failed authentications per client address, in fixed one-minute windows.
+/// The current minute since the Unix epoch, and the seconds left in it.
+fn minute_now() -> (i64, u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    ((now / 60) as i64, 60 - now % 60)
+}
+
+/// Failed authentications per client address, in fixed one-minute windows: in this process,
+/// or in the database when replicas share one ([`AuthFailures::shared`]).
 #[derive(Default)]
 pub struct AuthFailures {
     windows: std::sync::Mutex<std::collections::HashMap<IpAddr, (Instant, u32)>>,
+    shared: bool,
 }
 
 impl AuthFailures {
     const WINDOW: Duration = Duration::from_secs(60);
 
+    /// Counted in the database, so that replicas sharing it share the limit.
+    pub fn shared() -> Self {
+        AuthFailures {
+            shared: true,
+            ..AuthFailures::default()
+        }
+    }
+
     /// Seconds until `ip` may try again, when it has failed too often.
-    fn blocked(&self, ip: IpAddr) -> Option<u64> {
+    async fn blocked(&self, state: &AppState, ip: IpAddr) -> Result<Option<u64>, ApiError> {
+        if self.shared {
+            let (minute, left) = minute_now();
+            let failures = state
+                .read(move |s| s.hits(&format!("authfail:{ip}"), minute))
+                .await?;
+            return Ok((failures >= AUTH_FAILURES_PER_MINUTE as i64).then_some(left));
+        }
+        Ok(self.blocked_here(ip))
+    }
+
+    fn blocked_here(&self, ip: IpAddr) -> Option<u64> {
         let windows = self.windows.lock().expect("auth failures lock");
         let (start, count) = windows.get(&ip)?;
         let elapsed = start.elapsed();
@@ -123,7 +153,21 @@ impl AuthFailures {
             .then(|| (Self::WINDOW - elapsed).as_secs() + 1)
     }
 
-    fn record(&self, ip: IpAddr) {
+    async fn record(&self, state: &AppState, ip: IpAddr) {
+        if self.shared {
+            let (minute, _) = minute_now();
+            if let Err(e) = state
+                .read(move |s| s.count_hit(&format!("authfail:{ip}"), minute))
+                .await
+            {
+                tracing::warn!("counting a failed authentication: {}", e.message);
+            }
+            return;
+        }
+        self.record_here(ip);
+    }
+
+    fn record_here(&self, ip: IpAddr) {
         let mut windows = self.windows.lock().expect("auth failures lock");
         // Bounded: old windows are dropped when the table grows.
         if windows.len() >= 10_000 {
@@ -137,10 +181,25 @@ impl AuthFailures {
     }
 }
 
-/// Per-key (or per-address) request limits.
+/// Per-key (or per-address) request limits: in this process (a token bucket), or counted in
+/// the database when replicas share one ([`Limiter::shared`]), so that a key's limit holds
+/// across all of them.
 pub struct Limiter {
     limiter: Option<DefaultKeyedRateLimiter<String>>,
+    /// `Some(per minute)` when counted in the database (fixed one-minute windows).
+    shared: Option<u32>,
     checks: std::sync::atomic::AtomicU64,
+}
+
+fn rate_limited(wait: u64) -> ApiError {
+    ApiError {
+        retry_after: Some(wait),
+        ..ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many requests: try again in {wait} s"),
+        )
+    }
 }
 
 impl Limiter {
@@ -149,11 +208,36 @@ impl Limiter {
         Limiter {
             limiter: NonZeroU32::new(per_minute)
                 .map(|n| RateLimiter::keyed(Quota::per_minute(n).allow_burst(n))),
+            shared: None,
             checks: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    fn check(&self, who: &str) -> Result<(), ApiError> {
+    /// `per_minute` requests in each calendar minute, counted in the database; 0 turns limits
+    /// off.
+    pub fn shared(per_minute: u32) -> Self {
+        Limiter {
+            limiter: None,
+            shared: (per_minute > 0).then_some(per_minute),
+            checks: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    async fn check(&self, state: &AppState, who: &str) -> Result<(), ApiError> {
+        if let Some(per_minute) = self.shared {
+            let (minute, left) = minute_now();
+            let who = who.to_string();
+            let hits = state.read(move |s| s.count_hit(&who, minute)).await?;
+            return if hits > per_minute as i64 {
+                Err(rate_limited(left))
+            } else {
+                Ok(())
+            };
+        }
+        self.check_here(who)
+    }
+
+    fn check_here(&self, who: &str) -> Result<(), ApiError> {
         let Some(l) = &self.limiter else {
             return Ok(());
         };
@@ -168,20 +252,14 @@ impl Limiter {
             l.shrink_to_fit();
         }
         l.check_key(&who.to_string()).map_err(|not_until| {
-            let wait = not_until
-                .wait_time_from(governor::clock::Clock::now(
-                    &governor::clock::DefaultClock::default(),
-                ))
-                .as_secs()
-                + 1;
-            ApiError {
-                retry_after: Some(wait),
-                ..ApiError::new(
-                    axum::http::StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!("too many requests: try again in {wait} s"),
-                )
-            }
+            rate_limited(
+                not_until
+                    .wait_time_from(governor::clock::Clock::now(
+                        &governor::clock::DefaultClock::default(),
+                    ))
+                    .as_secs()
+                    + 1,
+            )
         })
     }
 }
@@ -208,17 +286,11 @@ async fn identify(
     address: Option<IpAddr>,
 ) -> Result<Caller, ApiError> {
     let failures = &state.inner.auth_failures;
-    let failed = |e: ApiError| {
-        if let Some(ip) = address {
-            failures.record(ip);
-        }
-        e
-    };
     let presented = headers.contains_key(axum::http::header::AUTHORIZATION)
         || headers.contains_key("x-api-key");
     if presented
         && let Some(ip) = address
-        && let Some(wait) = failures.blocked(ip)
+        && let Some(wait) = failures.blocked(state, ip).await?
     {
         return Err(ApiError {
             retry_after: Some(wait),
@@ -229,28 +301,45 @@ async fn identify(
             )
         });
     }
-    let key = presented_key(headers).map_err(failed)?;
+    let caller = match caller(state, headers).await {
+        Ok(caller) => caller,
+        Err(e) => {
+            if e.status == axum::http::StatusCode::UNAUTHORIZED
+                && presented
+                && let Some(ip) = address
+            {
+                failures.record(state, ip).await;
+            }
+            return Err(e);
+        }
+    };
+    let who = match &caller {
+        Caller::Key(k) => format!("key:{}", k.id),
+        Caller::Anonymous => match address {
+            Some(ip) => format!("ip:{ip}"),
+            None => "anonymous".to_string(),
+        },
+    };
+    state.inner.limiter.check(state, &who).await?;
+    Ok(caller)
+}
+
+/// The caller the headers name; 401 for a bad, unknown (where keys are required) or revoked
+/// key, or none where one is required.
+async fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let key = presented_key(headers)?;
     let require_keys = state.inner.config.require_keys;
-    let caller = match key {
+    Ok(match key {
         Some(key) => {
             let hash = hash_key(&key);
-            let store = state.inner.clone();
-            let found = tokio::task::spawn_blocking(move || {
-                store
-                    .reader
-                    .lock()
-                    .expect("reader lock")
-                    .api_key_with_hash(&hash)
-            })
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))??;
+            let found = state.read(move |s| s.api_key_with_hash(&hash)).await?;
             match found {
                 Some(k) if k.revoked_at.is_none() => Caller::Key(k),
-                Some(_) => return Err(failed(ApiError::unauthorized("this API key is revoked"))),
+                Some(_) => return Err(ApiError::unauthorized("this API key is revoked")),
                 // Without required keys a token that is no key of ours is no key at all (the
                 // OpenAI client always sends one).
                 None if !require_keys => Caller::Anonymous,
-                None => return Err(failed(ApiError::unauthorized("unknown API key"))),
+                None => return Err(ApiError::unauthorized("unknown API key")),
             }
         }
         None if require_keys => {
@@ -260,14 +349,5 @@ async fn identify(
             ));
         }
         None => Caller::Anonymous,
-    };
-    let who = match &caller {
-        Caller::Key(k) => format!("key:{}", k.id),
-        Caller::Anonymous => match address {
-            Some(ip) => format!("ip:{ip}"),
-            None => "anonymous".to_string(),
-        },
-    };
-    state.inner.limiter.check(&who)?;
-    Ok(caller)
+    })
 }

@@ -369,14 +369,27 @@ impl AppState {
 
 /// Reloads the rules whenever the store's rules version moves (a document replaced through
 /// another replica sharing the database, or `inspector rules extract`), checking twice a second
-/// on a connection of its own; ends when the server is gone.
+/// on a connection of its own, and forgets request counts of past minutes once a minute; ends
+/// when the server is gone.
 fn watch_rules(store: Box<dyn Store>, rules: Arc<SharedRules>) -> anyhow::Result<()> {
     let mut seen = store.rules_version()?;
     std::thread::Builder::new()
         .name("inspector-rules".into())
         .spawn(move || {
+            let mut pruned = std::time::Instant::now();
             while Arc::strong_count(&rules) > 1 {
                 std::thread::sleep(Duration::from_millis(500));
+                if pruned.elapsed() >= Duration::from_secs(60) {
+                    pruned = std::time::Instant::now();
+                    let minute = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs() as i64
+                        / 60;
+                    if let Err(e) = store.prune_hits(minute - 1) {
+                        tracing::warn!("forgetting old request counts: {e}");
+                    }
+                }
                 match store.rules_version() {
                     Ok(v) if v != seen => match store.rules(&RuleFilter::default()) {
                         Ok(current) => {
@@ -550,9 +563,15 @@ impl Server {
             .name("inspector-model".into())
             .spawn(move || worker::run(rx, || load().map(Into::into), ctx, loaded_tx))
             .context("starting the model worker")?;
+        let shared_db = inspector_store::is_server_url(&config.db);
         let state = AppState {
             inner: Arc::new(Inner {
-                limiter: Limiter::new(config.rate_per_minute),
+                // Replicas sharing a database share their limits through it.
+                limiter: if shared_db {
+                    Limiter::shared(config.rate_per_minute)
+                } else {
+                    Limiter::new(config.rate_per_minute)
+                },
                 drawing: tokio::sync::Semaphore::new(2),
                 config,
                 reader: Mutex::new(reader),
@@ -561,7 +580,11 @@ impl Server {
                 rules,
                 ready,
                 front,
-                auth_failures: AuthFailures::default(),
+                auth_failures: if shared_db {
+                    AuthFailures::shared()
+                } else {
+                    AuthFailures::default()
+                },
                 openapi: OnceLock::new(),
                 cameras: std::sync::RwLock::new(Vec::new()),
                 stopping: AtomicBool::new(false),

@@ -549,6 +549,7 @@ async fn keys_are_required_off_loopback_and_rate_limits_apply() {
     assert_eq!(s.get("/").await.status, 200);
     let store = open_db(&s.server.config().db);
     let (id, key) = inspector_server::auth::create_key(store.as_ref(), "cam", false).unwrap();
+    clear_of_a_minute_boundary();
     let get = |key: String| {
         Request::get("/api/v1/rules")
             .header("authorization", format!("Bearer {key}"))
@@ -636,6 +637,61 @@ async fn keys_are_created_listed_and_revoked_over_http_by_admins() {
     s.call(with("DELETE", &format!("/api/v1/keys/{id}"), &admin, ""))
         .await
         .assert_error(404, "not_found");
+}
+
+/// Two servers on one PostgreSQL database (replicas) share a key's request limit and an
+/// address's failed authentications.
+#[tokio::test]
+async fn replicas_on_one_database_share_the_limits() {
+    let db = inspector_store::testing::postgres().fresh_database();
+    let on_shared = |c: &mut inspector_server::ServerConfig| {
+        c.db = db.clone();
+        c.require_keys = true;
+        c.rate_per_minute = 3;
+    };
+    let a = TestServer::start(on_shared);
+    let b = TestServer::start(on_shared);
+    let store = open_db(&db);
+    let (_, key) = inspector_server::auth::create_key(store.as_ref(), "cam", false).unwrap();
+    let get = |key: &str| {
+        Request::get("/api/v1/rules")
+            .header("authorization", format!("Bearer {key}"))
+            .extension(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+                [10, 0, 0, 9],
+                4000,
+            ))))
+            .body(Body::empty())
+            .unwrap()
+    };
+    clear_of_a_minute_boundary();
+    assert_eq!(a.call(get(&key)).await.status, 200);
+    assert_eq!(b.call(get(&key)).await.status, 200);
+    assert_eq!(a.call(get(&key)).await.status, 200);
+    let limited = b.call(get(&key)).await;
+    limited.assert_error(429, "rate_limited");
+    let wait: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    a.call(get(&key)).await.assert_error(429, "rate_limited");
+
+    // Wrong keys from one address: 20 a minute across both, then that address waits.
+    clear_of_a_minute_boundary();
+    for n in 0..inspector_server::auth::AUTH_FAILURES_PER_MINUTE {
+        let server = if n % 2 == 0 { &a } else { &b };
+        server
+            .call(get(&format!("si_wrong{n}")))
+            .await
+            .assert_error(401, "unauthorized");
+    }
+    a.call(get("si_wrong"))
+        .await
+        .assert_error(429, "rate_limited");
+    b.call(get("si_wrong"))
+        .await
+        .assert_error(429, "rate_limited");
 }
 
 #[tokio::test]

@@ -93,6 +93,13 @@ pub trait Store: RuleStore + Send {
     fn api_key_hashes(&self) -> Result<Vec<(ApiKey, String)>>;
     /// Stores a key as another database holds it: its times and revocation are kept.
     fn import_api_key(&self, key: &ApiKey, hash: &str) -> Result<()>;
+    /// Adds one to `key`'s counter of `minute` (minutes since the Unix epoch) and returns the
+    /// new count: request limits that the servers of one database share.
+    fn count_hit(&self, key: &str, minute: i64) -> Result<i64>;
+    /// `key`'s count of `minute` (0 when none).
+    fn hits(&self, key: &str, minute: i64) -> Result<i64>;
+    /// Forgets the counts of minutes before `before_minute`.
+    fn prune_hits(&self, before_minute: i64) -> Result<usize>;
     /// Stores a document with its rules and diagnostics as [`RuleStore::replace_document`] does
     /// (one transaction; the rules' version moves), keeping the time it was extracted.
     fn import_document(
@@ -116,11 +123,17 @@ pub struct CachedAnswer {
 /// (optionally written `sqlite:PATH`). PostgreSQL passwords come from the URL, `PGPASSWORD` or
 /// the password file (`PGPASSFILE`, else `~/.pgpass`); errors never show them.
 pub fn open(db: &str) -> Result<Box<dyn Store>> {
-    if db.starts_with("postgres://") || db.starts_with("postgresql://") {
+    if is_server_url(db) {
         return Ok(Box::new(PostgresStore::open(db)?));
     }
     let path = db.strip_prefix("sqlite:").unwrap_or(db);
     Ok(Box::new(SqliteStore::open(std::path::Path::new(path))?))
+}
+
+/// Whether `db` names a database server (PostgreSQL), which several processes may share,
+/// rather than a SQLite file.
+pub fn is_server_url(db: &str) -> bool {
+    db.starts_with("postgres://") || db.starts_with("postgresql://")
 }
 
 /// A database URL with its password (and user) hidden, for logs and errors.

@@ -125,6 +125,14 @@ const MIGRATIONS: &[&str] = &[
         version BIGINT NOT NULL
     );
     INSERT INTO rules_version (version) VALUES (0);",
+    // 6: request counters per minute, shared by the replicas (rate limits). Unlogged: fast,
+    // and a counter lost in a crash only forgives a minute.
+    "CREATE UNLOGGED TABLE rate_counters (
+        key    TEXT NOT NULL,
+        minute BIGINT NOT NULL,
+        hits   BIGINT NOT NULL,
+        PRIMARY KEY (key, minute)
+    );",
 ];
 
 const _: () = assert!(MIGRATIONS.len() == SQLITE_MIGRATIONS.len());
@@ -823,6 +831,47 @@ impl Store for PostgresStore {
     ) -> Result<()> {
         self.replace(doc, Some(extracted_at), rules, diagnostics)
             .map(|_| ())
+    }
+
+    fn count_hit(&self, key: &str, minute: i64) -> Result<i64> {
+        self.run(|| {
+            Ok(self
+                .client()
+                .query_one(
+                    "INSERT INTO rate_counters (key, minute, hits) VALUES ($1, $2, 1)
+                     ON CONFLICT (key, minute) DO UPDATE SET hits = rate_counters.hits + 1
+                     RETURNING hits",
+                    &[&key, &minute],
+                )
+                .map_err(q("counting a request"))?
+                .get(0))
+        })
+    }
+
+    fn hits(&self, key: &str, minute: i64) -> Result<i64> {
+        self.run(|| {
+            Ok(self
+                .client()
+                .query_opt(
+                    "SELECT hits FROM rate_counters WHERE key = $1 AND minute = $2",
+                    &[&key, &minute],
+                )
+                .map_err(q("reading a request count"))?
+                .map(|r| r.get(0))
+                .unwrap_or(0))
+        })
+    }
+
+    fn prune_hits(&self, before_minute: i64) -> Result<usize> {
+        self.run(|| {
+            self.client()
+                .execute(
+                    "DELETE FROM rate_counters WHERE minute < $1",
+                    &[&before_minute],
+                )
+                .map(|n| n as usize)
+                .map_err(q("forgetting old request counts"))
+        })
     }
 }
 

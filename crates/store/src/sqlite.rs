@@ -108,6 +108,13 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         version INTEGER NOT NULL
     );
     INSERT INTO rules_version (one, version) VALUES (1, 0);",
+    // 6: request counters per minute, shared by the servers of one database (rate limits).
+    "CREATE TABLE rate_counters (
+        key    TEXT NOT NULL,
+        minute INTEGER NOT NULL,
+        hits   INTEGER NOT NULL,
+        PRIMARY KEY (key, minute)
+    ) WITHOUT ROWID;",
 ];
 
 const EVENT_COLUMNS: &str =
@@ -792,6 +799,38 @@ impl Store for SqliteStore {
     ) -> Result<()> {
         self.replace(doc, Some(extracted_at), rules, diagnostics)
             .map(|_| ())
+    }
+
+    fn count_hit(&self, key: &str, minute: i64) -> Result<i64> {
+        self.conn
+            .query_row(
+                "INSERT INTO rate_counters (key, minute, hits) VALUES (?1, ?2, 1)
+                 ON CONFLICT (key, minute) DO UPDATE SET hits = hits + 1 RETURNING hits",
+                params![key, minute],
+                |r| r.get(0),
+            )
+            .map_err(q("counting a request"))
+    }
+
+    fn hits(&self, key: &str, minute: i64) -> Result<i64> {
+        self.conn
+            .query_row(
+                "SELECT hits FROM rate_counters WHERE key = ?1 AND minute = ?2",
+                params![key, minute],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(|n| n.unwrap_or(0))
+            .map_err(q("reading a request count"))
+    }
+
+    fn prune_hits(&self, before_minute: i64) -> Result<usize> {
+        self.conn
+            .execute(
+                "DELETE FROM rate_counters WHERE minute < ?1",
+                [before_minute],
+            )
+            .map_err(q("forgetting old request counts"))
     }
 }
 

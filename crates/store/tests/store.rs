@@ -61,6 +61,7 @@ on_both!(
     api_keys_are_found_by_hash_listed_and_revoked,
     camera_events_are_stored_once_filtered_streamed_and_acknowledged_once,
     the_rules_version_moves_with_every_document,
+    request_counters_count_per_minute_and_are_pruned,
 );
 
 fn example(name: &str) -> Document {
@@ -191,9 +192,9 @@ fn migrations_run_once_and_refuse_newer_databases(db: &Db) {
         })
         .collect();
     for o in openers {
-        assert_eq!(o.join().unwrap(), 5);
+        assert_eq!(o.join().unwrap(), 6);
     }
-    assert_eq!(db.open().schema_version().unwrap(), 5);
+    assert_eq!(db.open().schema_version().unwrap(), 6);
     if db.is_postgres() {
         let mut c = ::postgres::Client::connect(&db.location, ::postgres::NoTls).unwrap();
         c.execute("UPDATE inspector_schema SET version = 99", &[])
@@ -509,4 +510,36 @@ fn camera_events_are_stored_once_filtered_streamed_and_acknowledged_once(db: &Db
         }),
         ["c3", "a1"]
     );
+}
+
+fn request_counters_count_per_minute_and_are_pruned(db: &Db) {
+    let a = db.open();
+    let b = db.open();
+    // Two servers on one database count together.
+    assert_eq!(a.count_hit("key:k1", 100).unwrap(), 1);
+    assert_eq!(b.count_hit("key:k1", 100).unwrap(), 2);
+    assert_eq!(a.count_hit("key:k1", 100).unwrap(), 3);
+    assert_eq!(b.count_hit("key:k2", 100).unwrap(), 1);
+    assert_eq!(a.count_hit("key:k1", 101).unwrap(), 1, "a new minute");
+    assert_eq!(b.hits("key:k1", 100).unwrap(), 3);
+    assert_eq!(b.hits("key:nope", 100).unwrap(), 0);
+    // Concurrent hits are all counted.
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let location = db.location.clone();
+            std::thread::spawn(move || {
+                let s = inspector_store::open(&location).unwrap();
+                for _ in 0..25 {
+                    s.count_hit("key:busy", 7).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(a.hits("key:busy", 7).unwrap(), 100);
+    assert_eq!(a.prune_hits(101).unwrap(), 3);
+    assert_eq!(a.hits("key:k1", 100).unwrap(), 0);
+    assert_eq!(a.hits("key:k1", 101).unwrap(), 1);
 }
