@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// Requests per minute per API key (anonymous: per address); 0 turns limits off.
     #[arg(long, default_value_t = 600, value_name = "N")]
     pub rate_limit: u32,
+    /// A load balancer (nginx, …) in front: its `X-Forwarded-For` names the client for the
+    /// per-address limits. Repeatable; from other peers the header is ignored.
+    #[arg(long, value_name = "IP")]
+    pub trusted_proxy: Vec<std::net::IpAddr>,
     /// Do not answer repeated photos from the answer cache.
     #[arg(long)]
     pub no_cache: bool,
@@ -242,6 +246,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     config.request_timeout = Duration::from_secs(args.timeout_s);
     config.rate_per_minute = args.rate_limit;
+    config.trusted_proxies = args.trusted_proxy.clone();
     config.cache = !args.no_cache;
     config.cors_origins = args.cors_origin.clone();
     config.allowed_hosts = args.allowed_host.clone();

@@ -60,6 +60,7 @@ impl Nginx {
                      location / {{\n\
                          proxy_pass http://inspector;\n\
                          proxy_http_version 1.1;\n\
+                         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
                          proxy_next_upstream error timeout;\n\
                          proxy_connect_timeout 2s;\n\
                          proxy_read_timeout 120s;\n\
@@ -201,6 +202,8 @@ fn replica(dir: &Path, db: &str, shared: &Path, extra: &[&str]) -> Running {
         os("--max-new-tokens"),
         os("160"),
         os("--require-keys"),
+        os("--trusted-proxy"),
+        os("127.0.0.1"),
     ];
     args.extend(extra.iter().map(os));
     Running::spawn(dir, &args)

@@ -267,10 +267,12 @@ impl Limiter {
 /// The layer on the protected routers: identifies the caller, enforces keys and limits, and
 /// hands the caller to the handlers as a request extension.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let address = req
+    let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(a)| a.ip());
+    let address =
+        peer.map(|p| client_address(p, req.headers(), &state.inner.config.trusted_proxies));
     match identify(&state, req.headers(), address).await {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
@@ -278,6 +280,27 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// The client's address: the peer's, or when the peer is a trusted load balancer, the last
+/// address in `X-Forwarded-For` that is not one of the trusted proxies (the ones before it
+/// may be forged by the client).
+pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let forwarded: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    forwarded
+        .into_iter()
+        .rev()
+        .find(|a| !trusted.contains(a))
+        .unwrap_or(peer)
 }
 
 async fn identify(
@@ -350,4 +373,44 @@ async fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiErro
         }
         None => Caller::Anonymous,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forwarded(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append("x-forwarded-for", v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_client_address_comes_from_trusted_proxies_only() {
+        let lb: IpAddr = "127.0.0.1".parse().unwrap();
+        let client: IpAddr = "10.0.0.7".parse().unwrap();
+        let h = forwarded(&["10.0.0.7"]);
+        // From the trusted load balancer: the client it names.
+        assert_eq!(client_address(lb, &h, &[lb]), client);
+        // From anyone else the header is ignored.
+        assert_eq!(
+            client_address(client, &forwarded(&["1.2.3.4"]), &[lb]),
+            client
+        );
+        assert_eq!(client_address(lb, &h, &[]), lb);
+        // A client that sends its own header cannot hide behind it: the last untrusted
+        // address counts (nginx appends the peer it saw).
+        let forged = forwarded(&["1.2.3.4, 10.0.0.7"]);
+        assert_eq!(client_address(lb, &forged, &[lb]), client);
+        let two_headers = forwarded(&["1.2.3.4", "10.0.0.7"]);
+        assert_eq!(client_address(lb, &two_headers, &[lb]), client);
+        // Chained proxies both trusted; garbage and an empty header fall back to the peer.
+        let other_lb: IpAddr = "10.0.0.2".parse().unwrap();
+        let chained = forwarded(&["10.0.0.7, 10.0.0.2"]);
+        assert_eq!(client_address(lb, &chained, &[lb, other_lb]), client);
+        assert_eq!(client_address(lb, &forwarded(&["junk"]), &[lb]), lb);
+        assert_eq!(client_address(lb, &HeaderMap::new(), &[lb]), lb);
+    }
 }

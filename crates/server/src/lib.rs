@@ -124,6 +124,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long a shutdown waits for requests in flight before closing every connection.
     pub shutdown_grace: Duration,
+    /// Load balancers whose `X-Forwarded-For` names the client (for the per-address limits);
+    /// from any other peer the header is ignored.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl ServerConfig {
@@ -150,6 +153,7 @@ impl ServerConfig {
             header_timeout: Duration::from_secs(10),
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(20),
+            trusted_proxies: Vec::new(),
         }
     }
 }
