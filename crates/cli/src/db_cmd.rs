@@ -1,14 +1,11 @@
 //! `inspector db`: moving an installation from one database to another.
 
-use std::{
-    io::Write as _,
-    path::{Path, PathBuf},
-    process::ExitCode,
-};
+use std::{io::Write as _, path::Path, process::ExitCode};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use inspector_photos::PhotoStore;
 use inspector_store::{
     Store, migrate,
     migrate::{CopyReport, PhotoRef, Summary},
@@ -41,13 +38,20 @@ pub struct MigrateArgs {
     /// PGPASSWORD or ~/.pgpass, never the command line.
     #[arg(long, value_name = "PATH|URL")]
     pub to: String,
-    /// The source's data dir (`serve --data-dir`), where its photos and event frames are.
-    #[arg(long, default_value = "data", value_name = "DIR")]
-    pub from_data_dir: PathBuf,
-    /// The target's data dir, e.g. the folder the replicas share (default: the source's, whose
-    /// photos are then checked, not copied).
-    #[arg(long, value_name = "DIR")]
-    pub to_data_dir: Option<PathBuf>,
+    /// Where the source's photos and event frames are: its data dir (`serve --data-dir`), or
+    /// its `--photo-store`.
+    #[arg(
+        long,
+        visible_alias = "from-data-dir",
+        default_value = "data",
+        value_name = "DIR|URL"
+    )]
+    pub from_photos: String,
+    /// Where the target's replicas keep photos: the folder they share, or
+    /// `s3://BUCKET[/PREFIX]` (credentials from AWS_* variables). Default: the source's, whose
+    /// photos are then checked, not copied.
+    #[arg(long, visible_alias = "to-data-dir", value_name = "DIR|URL")]
+    pub to_photos: Option<String>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -79,10 +83,10 @@ fn migrate_cmd(args: MigrateArgs) -> Result<ExitCode> {
     let source = open_source(&args.from)?;
     let mut target = inspector_store::open(&args.to).with_context(|| format!("--to {to_shown}"))?;
     target.enable_wal()?;
-    let to_data_dir = args
-        .to_data_dir
-        .clone()
-        .unwrap_or_else(|| args.from_data_dir.clone());
+    let from_photos = PhotoStore::open(&args.from_photos)
+        .with_context(|| format!("--from-photos {}", args.from_photos))?;
+    let to_spec = args.to_photos.as_deref().unwrap_or(&args.from_photos);
+    let to_photos = PhotoStore::open(to_spec).with_context(|| format!("--to-photos {to_spec}"))?;
 
     let spinner = ProgressBar::new_spinner().with_message("reading both databases");
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
@@ -95,7 +99,7 @@ fn migrate_cmd(args: MigrateArgs) -> Result<ExitCode> {
     spinner.finish_and_clear();
 
     // Photos first: a copied row never points at a photo the target lacks.
-    let photo_sum = copy_photos(&photos, &args.from_data_dir, &to_data_dir)?;
+    let photo_sum = copy_photos(&photos, &from_photos, &to_photos)?;
 
     let bar = ProgressBar::new(before.total()).with_style(
         ProgressStyle::with_template("{msg:>16} [{bar:30}] {pos}/{len} rows ({eta})")
@@ -110,7 +114,7 @@ fn migrate_cmd(args: MigrateArgs) -> Result<ExitCode> {
     bar.finish_and_clear();
 
     let after = migrate::summary(target.as_ref()).context("reading the target")?;
-    let target_photos = photo_checksum(&photos, &to_data_dir)?;
+    let target_photos = photo_checksum(&photos, &to_photos)?;
     let equal = after == before && target_photos == photo_sum.checksum;
     print_summary(
         &args,
@@ -140,20 +144,26 @@ struct PhotoSummary {
     checksum: String,
 }
 
-fn file_sha256(path: &Path) -> Result<(Vec<u8>, String)> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let sha = hex(&Sha256::digest(&bytes));
-    Ok((bytes, sha))
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn copy_photos(photos: &[PhotoRef], from: &Path, to: &Path) -> Result<PhotoSummary> {
-    let same_dir = match (from.canonicalize(), to.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
+/// A photo's bytes and their SHA-256; a missing photo is an error naming it.
+fn read_photo(store: &PhotoStore, name: &str) -> Result<(Vec<u8>, String)> {
+    let bytes = store
+        .get(name)?
+        .with_context(|| format!("{name} is not in {}", store.describe()))?;
+    let sha = hex(&Sha256::digest(&bytes));
+    Ok((bytes, sha))
+}
+
+fn copy_photos(photos: &[PhotoRef], from: &PhotoStore, to: &PhotoStore) -> Result<PhotoSummary> {
+    let same_store = match (from.as_folder(), to.as_folder()) {
+        (Some(a), Some(b)) => match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        },
+        _ => from.describe() == to.describe(),
     };
     let bar = ProgressBar::new(photos.len() as u64).with_style(
         ProgressStyle::with_template("          photos [{bar:30}] {pos}/{len} ({eta})")
@@ -163,33 +173,33 @@ fn copy_photos(photos: &[PhotoRef], from: &Path, to: &Path) -> Result<PhotoSumma
     let mut all = Sha256::new();
     let (mut copied, mut present) = (0, 0);
     for photo in photos {
-        let src = from.join(&photo.relative);
-        let (bytes, sha) = file_sha256(&src).context("a photo the source database refers to")?;
+        let (bytes, sha) =
+            read_photo(from, &photo.relative).context("a photo the source database refers to")?;
         if let Some(expected) = &photo.sha256
             && &sha != expected
         {
             bail!(
-                "{}: its bytes hash to {sha}, not to the {expected} the database holds",
-                src.display()
+                "{} in {}: its bytes hash to {sha}, not to the {expected} the database holds",
+                photo.relative,
+                from.describe()
             );
         }
         all.update(format!("{}  {sha}\n", photo.relative).as_bytes());
-        let dst = to.join(&photo.relative);
-        if same_dir {
+        if same_store {
             present += 1;
-        } else if dst.is_file() {
-            let (_, theirs) = file_sha256(&dst)?;
+        } else if to.exists(&photo.relative)? {
+            let (_, theirs) = read_photo(to, &photo.relative)?;
             if theirs != sha {
                 bail!(
-                    "{} already exists with other contents (sha256 {theirs}); not overwritten",
-                    dst.display()
+                    "{} already exists in {} with other contents (sha256 {theirs}); not \
+                     overwritten",
+                    photo.relative,
+                    to.describe()
                 );
             }
             present += 1;
         } else {
-            let dir = dst.parent().expect("photo paths have a folder");
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            inspector_dataset::write_atomic(&dst, &bytes)?;
+            to.put(&photo.relative, &bytes)?;
             copied += 1;
         }
         bar.inc(1);
@@ -202,11 +212,11 @@ fn copy_photos(photos: &[PhotoRef], from: &Path, to: &Path) -> Result<PhotoSumma
     })
 }
 
-/// The photo checksum as the target's data dir has them.
-fn photo_checksum(photos: &[PhotoRef], dir: &Path) -> Result<String> {
+/// The photo checksum as the target's store has them.
+fn photo_checksum(photos: &[PhotoRef], store: &PhotoStore) -> Result<String> {
     let mut all = Sha256::new();
     for photo in photos {
-        let (_, sha) = file_sha256(&dir.join(&photo.relative))?;
+        let (_, sha) = read_photo(store, &photo.relative)?;
         all.update(format!("{}  {sha}\n", photo.relative).as_bytes());
     }
     Ok(hex(&all.finalize()))

@@ -35,9 +35,15 @@ pub struct ServeArgs {
     pub addr: SocketAddr,
     #[command(flatten)]
     pub db: DbArgs,
-    /// Where photos are stored (by content hash).
+    /// Where photos are stored (by content hash), unless --photo-store names another place.
     #[arg(long, default_value = "data", value_name = "DIR")]
     pub data_dir: PathBuf,
+    /// Keep photos and camera frames here instead: a folder the replicas share, or
+    /// S3-compatible object storage, `s3://BUCKET[/PREFIX]` (endpoint, region and credentials
+    /// from AWS_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; AWS_ALLOW_HTTP=true
+    /// for a plain-HTTP endpoint).
+    #[arg(long, value_name = "DIR|URL")]
+    pub photo_store: Option<String>,
     /// Require API keys on loopback too.
     #[arg(long)]
     pub require_keys: bool,
@@ -247,6 +253,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.request_timeout = Duration::from_secs(args.timeout_s);
     config.rate_per_minute = args.rate_limit;
     config.trusted_proxies = args.trusted_proxy.clone();
+    config.photo_store = args.photo_store.clone();
     config.cache = !args.no_cache;
     config.cors_origins = args.cors_origin.clone();
     config.allowed_hosts = args.allowed_host.clone();
@@ -334,10 +341,14 @@ fn start_cameras(
     runtime: tokio::runtime::Handle,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    // Frames go to the data dir (the webhooks' outbox), and to object storage when photos are
+    // kept there, so every replica can show them.
+    let photos = state.inner.photos.clone();
     let mut cams = crate::watch_cmd::Cameras::open(
         cameras,
         args.change_threshold,
         &args.data_dir,
+        photos.as_folder().is_none().then_some(photos),
         store,
         hooks,
         None,

@@ -110,6 +110,10 @@ pub struct WatchArgs {
     /// frame, boxes drawn), and the webhooks' delivery state (`webhooks/`).
     #[arg(long, default_value = "data", value_name = "DIR")]
     pub data_dir: PathBuf,
+    /// Also store each event's frame here, where `inspector serve --photo-store` reads it: a
+    /// folder, or `s3://BUCKET[/PREFIX]` (credentials from AWS_* variables).
+    #[arg(long, value_name = "DIR|URL")]
+    pub photo_store: Option<String>,
     /// POST every event as JSON to URL (repeatable), at least once: retried with backoff while
     /// the watcher runs, and what is undelivered at exit is sent on the next start. With
     /// INSPECTOR_WEBHOOK_SECRET set, each request is signed (`X-Inspector-Signature: sha256=`,
@@ -277,10 +281,18 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     );
     check_sources(&cameras)?;
     let detector = load_detector(&args.model, DetectConfig::default(), &rules)?;
+    let photos = match &args.photo_store {
+        Some(spec) => Some(Arc::new(
+            inspector_photos::PhotoStore::open(spec)
+                .with_context(|| format!("--photo-store {spec}"))?,
+        )),
+        None => None,
+    };
     let mut cams = Cameras::open(
         cameras,
         args.change_threshold,
         &args.data_dir,
+        photos,
         store,
         hooks,
         args.events.as_deref(),
@@ -387,6 +399,8 @@ pub type Inspect<'a> = dyn FnMut(&[Input]) -> Vec<Result<Finding, String>> + 'a;
 pub struct Cameras {
     watched: Vec<Watched>,
     events_dir: PathBuf,
+    /// A second home for event frames (object storage the servers read), besides `events_dir`.
+    photos: Option<Arc<inspector_photos::PhotoStore>>,
     store: Box<dyn inspector_store::Store>,
     events_file: Option<(std::fs::File, PathBuf)>,
     deliverer: webhook::Deliverer,
@@ -404,6 +418,7 @@ impl Cameras {
         cameras: Vec<Camera>,
         change_threshold: f64,
         data_dir: &Path,
+        photos: Option<Arc<inspector_photos::PhotoStore>>,
         store: Box<dyn inspector_store::Store>,
         hooks: Vec<webhook::Webhook>,
         events: Option<&Path>,
@@ -438,6 +453,7 @@ impl Cameras {
         Ok(Cameras {
             watched,
             events_dir,
+            photos,
             store,
             events_file,
             deliverer,
@@ -585,6 +601,7 @@ impl Cameras {
                     png,
                     finding,
                     &self.events_dir,
+                    self.photos.as_deref(),
                     self.store.as_ref(),
                     self.events_file.as_mut(),
                 )?;
@@ -689,6 +706,7 @@ fn raise(
     png: &[u8],
     finding: &Finding,
     events_dir: &Path,
+    photos: Option<&inspector_photos::PhotoStore>,
     store: &dyn inspector_store::Store,
     events_file: Option<&mut (std::fs::File, PathBuf)>,
 ) -> anyhow::Result<String> {
@@ -706,6 +724,9 @@ fn raise(
     let jpeg = inspector_server::images::draw_boxes(png, finding, 100_000_000)
         .map_err(|e| anyhow::anyhow!("drawing the event frame: {e}"))?;
     write_atomic(&frame, &jpeg)?;
+    if let Some(photos) = photos {
+        photos.put(&format!("events/{id}.jpg"), &jpeg)?;
+    }
     eprintln!(
         "event {id}: camera {:?} at {} s: {} ({})",
         camera.name,

@@ -129,7 +129,10 @@ impl Drop for Nginx {
         let _ = self.child.wait();
         // Its worker leaves with the master's pipe; make sure.
         if let Ok(pid) = std::fs::read_to_string(self.dir.join("nginx.pid")) {
-            let _ = Command::new("kill").arg(pid.trim()).status();
+            let _ = Command::new("kill")
+                .arg(pid.trim())
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -624,4 +627,125 @@ fn db_migrate_moves_an_installation_into_postgresql_once() {
 /// Whether `bytes` are one of the fixture photos.
 fn photo_bytes_known(bytes: &[u8]) -> bool {
     (0..4).any(|i| photo(i) == bytes)
+}
+
+/// Replicas that keep photos in S3-compatible object storage (an s3s-fs server on loopback):
+/// a single box is migrated into PostgreSQL and the bucket, and every replica then serves its
+/// photos and the ones uploaded through the others, with nothing under their data dirs.
+#[test]
+fn replicas_keep_photos_in_s3_and_db_migrate_moves_them_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s3 =
+        inspector_s3_test_server::S3TestServer::start(&tmp.path().join("s3"), &["photos"]).unwrap();
+    let env: Vec<(String, String)> = [
+        ("AWS_ENDPOINT", s3.endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", s3.access_key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", s3.secret_key.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let bucket = "s3://photos/plant-7";
+
+    // A single box with two inspections.
+    let single = tmp.path().join("single");
+    std::fs::create_dir_all(&single).unwrap();
+    let old_ids = {
+        let s = Running::start(&single, &[]);
+        for i in [1, 3] {
+            assert_eq!(inspect(&s, i).0, 201, "{}", s.log());
+        }
+        stored_ids(&s)
+    };
+    let db = inspector_store::testing::postgres().fresh_database();
+    let migrate = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_inspector"))
+            .args(["db", "migrate", "--from"])
+            .arg(single.join("inspector.db"))
+            .args(["--to", &db, "--from-photos"])
+            .arg(single.join("data"))
+            .args(["--to-photos", bucket, "--json"])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        json(&String::from_utf8(out.stdout).unwrap())
+    };
+    let first = migrate();
+    assert_eq!(first["photos"]["copied"], 2, "{first}");
+    assert_eq!(first["photos"]["equal"], true, "{first}");
+    let second = migrate();
+    assert_eq!(second["added"], 0, "{second}");
+    assert_eq!(second["photos"]["present"], 2, "{second}");
+
+    let user = inspector_ok(&[
+        os("keys").as_os_str(),
+        os("create").as_os_str(),
+        os("--db").as_os_str(),
+        os(&db).as_os_str(),
+    ])
+    .trim()
+    .to_string();
+    let replicas: Vec<Running> = (0..2)
+        .map(|i| {
+            let dir = tmp.path().join(format!("r{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let args = vec![
+                os("--db"),
+                os(&db),
+                os("--photo-store"),
+                os(bucket),
+                os("--model"),
+                os(root().join("crates/qwen2vl/tests/fixtures/tiny-a")),
+                os("--adapter"),
+                os(root().join("crates/train/tests/fixtures/overfit/adapter")),
+                os("--addr"),
+                os("127.0.0.1:0"),
+                os("--max-new-tokens"),
+                os("160"),
+                os("--require-keys"),
+            ];
+            Running::spawn_with_env(&dir, &args, &env)
+        })
+        .collect();
+    let image = |r: &Running, id: &str| -> Vec<u8> {
+        let response = agent()
+            .get(&r.url(&format!("/api/v1/inspections/{id}/image")))
+            .set("Authorization", &format!("Bearer {user}"))
+            .call()
+            .unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut response.into_reader(), &mut bytes).unwrap();
+        bytes
+    };
+    // The migrated photos, from the bucket.
+    assert_eq!(image(&replicas[1], &old_ids[1]), photo(1));
+    assert_eq!(image(&replicas[0], &old_ids[0]), photo(3));
+    // A new photo through one replica, read through the other.
+    let fresh = unique_photo(8 * 40 + 5);
+    let (code, body) = inspect_with(&replicas[0].base, &user, "5.png", &fresh);
+    assert_eq!(code, 201, "{body}");
+    let id = json(&body)["id"].as_str().unwrap().to_string();
+    assert_eq!(image(&replicas[1], &id), fresh);
+    let sha = json(&body)["finding"]["image"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        tmp.path()
+            .join(format!("s3/photos/plant-7/images/{}/{sha}.png", &sha[..2]))
+            .is_file(),
+        "the object is in the bucket"
+    );
+    for i in 0..2 {
+        assert!(
+            !tmp.path().join(format!("r{i}/data/images")).exists(),
+            "no photo under replica {i}'s data dir"
+        );
+    }
 }

@@ -1,7 +1,5 @@
-//! Photos: checked from their header before anything is queued, stored under the data dir by
-//! content hash, and drawn with their boxes.
-
-use std::path::{Path, PathBuf};
+//! Photos: checked from their header before anything is queued, named by content hash (the
+//! photo store keeps them), and drawn with their boxes.
 
 use axum::http::StatusCode;
 use image::ImageFormat;
@@ -92,31 +90,6 @@ pub fn relative_path(sha256: &str, probe: &Probe) -> Result<String, ApiError> {
         &sha256[..2],
         probe.extension()
     ))
-}
-
-/// Stores a photo under the data dir (atomically; kept when already there). The file and the
-/// directory entries leading to it are synced, so a committed row never outlives its photo.
-pub fn store(data_dir: &Path, relative: &str, bytes: &[u8]) -> Result<PathBuf, String> {
-    let path = data_dir.join(relative);
-    if path.is_file() {
-        return Ok(path);
-    }
-    let parent = path.parent().ok_or("a stored photo has no folder")?;
-    let created = !parent.is_dir();
-    std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-    inspector_dataset::write_atomic(&path, bytes).map_err(|e| e.to_string())?;
-    let sync = |dir: &Path| {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| format!("syncing {}: {e}", dir.display()))
-    };
-    sync(parent)?;
-    if created {
-        for dir in parent.ancestors().skip(1).take(2) {
-            sync(dir)?;
-        }
-    }
-    Ok(path)
 }
 
 /// The content type of a stored photo, from the extension we gave it.

@@ -178,7 +178,7 @@ async fn from_cache(state: &AppState, bytes: Vec<u8>, upload: &Upload) -> Result
             return Ok(Cached::Miss(bytes));
         };
         // The photo is written without holding the database, which other requests read.
-        let relative = worker::store_photo(&inner.config.data_dir, &upload, &bytes, &finding)?;
+        let relative = worker::store_photo(&inner.photos, &upload, &bytes, &finding)?;
         let record = worker::record(
             inner.reader.lock().expect("reader lock").as_mut(),
             &inner.metrics,

@@ -95,6 +95,9 @@ pub struct ServerConfig {
     /// The database: a SQLite file, or a `postgres://` URL (see [`inspector_store::open`]).
     pub db: String,
     pub data_dir: PathBuf,
+    /// Where photos are kept: `None` for the data dir, else a folder or `s3://BUCKET[/PREFIX]`
+    /// ([`inspector_photos::PhotoStore::open`]).
+    pub photo_store: Option<String>,
     /// Refuse requests without a key (always true off loopback).
     pub require_keys: bool,
     /// Largest request body, bytes (48 MiB: a 50-megapixel photo in base64 fits).
@@ -137,6 +140,7 @@ impl ServerConfig {
             addr,
             db: db.as_ref().to_string_lossy().into_owned(),
             data_dir,
+            photo_store: None,
             max_body: 48 << 20,
             max_pixels: inspector_imaging::DEFAULT_MAX_DECODE_PIXELS,
             queue: 64,
@@ -161,6 +165,8 @@ impl ServerConfig {
 /// What every handler shares.
 pub struct Inner {
     pub config: ServerConfig,
+    /// Where photos and camera frames are kept.
+    pub photos: Arc<inspector_photos::PhotoStore>,
     /// Reads (and the rare admin write); the worker writes inspections on its own connection.
     pub reader: Mutex<Box<dyn Store>>,
     queue: Mutex<Option<SyncSender<Job>>>,
@@ -540,6 +546,10 @@ impl Server {
                 config.data_dir.display()
             );
         }
+        let photos = Arc::new(match &config.photo_store {
+            Some(spec) => inspector_photos::PhotoStore::open(spec)?,
+            None => inspector_photos::PhotoStore::folder(&config.data_dir),
+        });
         let reader = inspector_store::open(&config.db)?;
         reader.enable_wal()?;
         let writer = inspector_store::open(&config.db)?;
@@ -555,7 +565,7 @@ impl Server {
         let ctx = WorkerContext {
             store: writer,
             use_cache: config.cache,
-            data_dir: config.data_dir.clone(),
+            photos: photos.clone(),
             max_pixels: config.max_pixels,
             batch: config.batch,
             metrics: metrics.clone(),
@@ -577,6 +587,7 @@ impl Server {
                     Limiter::new(config.rate_per_minute)
                 },
                 drawing: tokio::sync::Semaphore::new(2),
+                photos,
                 config,
                 reader: Mutex::new(reader),
                 queue: Mutex::new(Some(tx)),

@@ -9,7 +9,7 @@
 
 use std::{
     panic::{AssertUnwindSafe, catch_unwind},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         Arc, OnceLock, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -183,7 +183,8 @@ impl SharedRules {
 pub struct WorkerContext {
     pub store: Box<dyn Store>,
     pub use_cache: bool,
-    pub data_dir: PathBuf,
+    /// Where photos go (the data dir, or object storage).
+    pub photos: Arc<inspector_photos::PhotoStore>,
     pub max_pixels: u64,
     pub batch: BatchConfig,
     pub metrics: Arc<Metrics>,
@@ -406,7 +407,7 @@ fn inspect_batch(
         let reply = match result {
             Ok(finding) => persist(
                 ctx.store.as_mut(),
-                &ctx.data_dir,
+                &ctx.photos,
                 &ctx.metrics,
                 &job.upload,
                 &input.bytes,
@@ -428,27 +429,28 @@ pub fn new_id(now_ms: i64) -> String {
 /// the record is what the client gets.
 pub fn persist(
     store: &mut dyn Store,
-    data_dir: &Path,
+    photos: &inspector_photos::PhotoStore,
     metrics: &Metrics,
     upload: &Upload,
     bytes: &[u8],
     finding: Finding,
     fingerprints: (&str, Option<&str>),
 ) -> Result<InspectionRecord, ApiError> {
-    let relative = store_photo(data_dir, upload, bytes, &finding)?;
+    let relative = store_photo(photos, upload, bytes, &finding)?;
     record(store, metrics, upload, relative, finding, fingerprints)
 }
 
-/// The first half of [`persist`]: the photo, written atomically under the data dir by its
-/// content hash; returns its path relative to the data dir.
+/// The first half of [`persist`]: the photo, stored durably under a name made from its
+/// content hash (a file under the data dir, or an object); returns that name.
 pub fn store_photo(
-    data_dir: &Path,
+    photos: &inspector_photos::PhotoStore,
     upload: &Upload,
     bytes: &[u8],
     finding: &Finding,
 ) -> Result<String, ApiError> {
     let relative = images::relative_path(&finding.image.sha256, &upload.probe)?;
-    images::store(data_dir, &relative, bytes)
+    photos
+        .put(&relative, bytes)
         .map_err(|e| ApiError::internal(format!("storing the image: {e}")))?;
     Ok(relative)
 }

@@ -51,8 +51,18 @@ impl Running {
     /// Starts `inspector serve ARGS` over `dir` and waits until it is ready.
     /// The database and data dir are `dir`'s unless ARGS name others.
     pub fn spawn(dir: &Path, args: &[std::ffi::OsString]) -> Running {
+        Running::spawn_with_env(dir, args, &[])
+    }
+
+    /// As [`Running::spawn`], with these environment variables set for the server.
+    pub fn spawn_with_env(
+        dir: &Path,
+        args: &[std::ffi::OsString],
+        env: &[(String, String)],
+    ) -> Running {
         let mut command = Command::new(env!("CARGO_BIN_EXE_inspector"));
         command.arg("serve");
+        command.envs(env.iter().map(|(k, v)| (k, v)));
         if !args.iter().any(|a| a == "--db") {
             command.arg("--db").arg(dir.join("inspector.db"));
         }

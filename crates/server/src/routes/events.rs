@@ -187,20 +187,18 @@ pub async fn get_frame(
         .read(move |s| s.event(&wanted))
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no event with id `{id}`")))?;
-    // The path comes from the checked id, not from the database's text.
-    let path = state
-        .inner
-        .config
-        .data_dir
-        .join("events")
-        .join(format!("{}.jpg", row.event.id));
-    let bytes = tokio::task::spawn_blocking(move || std::fs::read(&path))
+    // The name comes from the checked id, not from the database's text.
+    let name = format!("events/{}.jpg", row.event.id);
+    let photos = state.inner.photos.clone();
+    let bytes = tokio::task::spawn_blocking(move || photos.get(&name))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| {
+        .map_err(|e| ApiError::internal(format!("reading the frame of event `{id}`: {e}")))?
+        .ok_or_else(|| {
             ApiError::not_found(format!(
-                "the frame of event `{id}` is not in this server's data dir ({e}); give \
-                 `serve` the watcher's --data-dir"
+                "the frame of event `{id}` is not in this server's photo store ({}); give \
+                 `serve` the watcher's --data-dir or --photo-store",
+                state.inner.photos.describe()
             ))
         })?;
     Ok((

@@ -91,7 +91,7 @@ pub async fn get_image(
         .ok_or_else(|| ApiError::not_found(format!("no inspection with id `{id}`")))?;
     let record = InspectionRecord::from_row(&row)?;
     let relative = row.inspection.image_file.clone();
-    let path = state.inner.config.data_dir.join(&relative);
+    let photos = state.inner.photos.clone();
     let max_pixels = state.inner.config.max_pixels;
     let boxes = query.boxes.unwrap_or(0) != 0;
     let _permit = if boxes {
@@ -107,8 +107,10 @@ pub async fn get_image(
         None
     };
     let (bytes, content_type) = tokio::task::spawn_blocking(move || {
-        let bytes = std::fs::read(&path)
-            .map_err(|e| ApiError::internal(format!("the stored image is unreadable: {e}")))?;
+        let bytes = photos
+            .get(&relative)
+            .map_err(|e| ApiError::internal(format!("the stored image is unreadable: {e}")))?
+            .ok_or_else(|| ApiError::internal(format!("the stored image {relative} is missing")))?;
         if boxes {
             images::draw_boxes(&bytes, &record.finding, max_pixels)
                 .map(|b| (b, "image/jpeg"))
