@@ -25,6 +25,7 @@
 mod fts;
 pub mod migrate;
 mod pgpass;
+mod pgtls;
 mod postgres;
 mod sqlite;
 #[doc(hidden)]

@@ -293,17 +293,21 @@ impl PostgresStore {
             url: shown.clone(),
             message,
         };
+        let (url, tls) = crate::pgtls::split(url).map_err(fail)?;
         let mut config: postgres::Config = url
             .parse()
             .map_err(|e: postgres::Error| fail(format!("not a PostgreSQL URL: {e}")))?;
+        config.ssl_mode(tls.negotiation());
         if config.get_password().is_none()
             && let Some(password) = crate::pgpass::password_for(&config)
         {
             config.password(password);
         }
-        let mut client = config
-            .connect(NoTls)
-            .map_err(|e| fail(format!("cannot connect: {e}")))?;
+        let connected = match crate::pgtls::connector(&tls).map_err(&fail)? {
+            Some(tls) => config.connect(tls),
+            None => config.connect(NoTls),
+        };
+        let mut client = connected.map_err(|e| fail(format!("cannot connect: {e}")))?;
         Self::migrate(&mut client).map_err(|e| match e {
             StoreError::PgQuery { doing, source } => fail(format!("{doing}: {source}")),
             other => other,

@@ -22,17 +22,133 @@ pub struct TestPostgres {
 }
 
 static SERVER: OnceLock<TestPostgres> = OnceLock::new();
+static TLS_SERVER: OnceLock<TestPostgresTls> = OnceLock::new();
 static DATABASES: AtomicUsize = AtomicUsize::new(0);
 
 /// The server of this test process, started on first use.
 pub fn postgres() -> &'static TestPostgres {
     SERVER.get_or_init(|| {
-        start().unwrap_or_else(|e| {
+        start(None).unwrap_or_else(|e| {
             panic!(
                 "cannot start a PostgreSQL server for the tests: {e}\n\
                  (install Debian's `postgresql` package; `.ci/run` does)"
             )
         })
+    })
+}
+
+/// A server that takes TCP connections over TLS only, with its certificates.
+pub struct TestPostgresTls {
+    pub server: TestPostgres,
+    /// The CA that signed the server's certificate (PEM). The certificate names `localhost`
+    /// only, not 127.0.0.1.
+    pub ca: PathBuf,
+    /// A CA that signed nothing of this server's.
+    pub other_ca: PathBuf,
+}
+
+/// The TLS-only server of this test process, started on first use (certificates made with
+/// the `openssl` program).
+pub fn postgres_tls() -> &'static TestPostgresTls {
+    TLS_SERVER.get_or_init(|| {
+        let certs = std::env::temp_dir().join(format!("inspector-pg-certs-{}", std::process::id()));
+        let made = make_certificates(&certs).unwrap_or_else(|e| {
+            panic!("cannot make test certificates: {e} (install Debian's `openssl` package)")
+        });
+        let server = start(Some(&made)).unwrap_or_else(|e| {
+            panic!(
+                "cannot start a PostgreSQL server with TLS for the tests: {e}\n\
+                 (install Debian's `postgresql` package; `.ci/run` does)"
+            )
+        });
+        TestPostgresTls {
+            server,
+            ca: made.ca,
+            other_ca: made.other_ca,
+        }
+    })
+}
+
+/// The certificates a TLS test server uses.
+struct Certificates {
+    ca: PathBuf,
+    other_ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+fn make_certificates(dir: &Path) -> Result<Certificates, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let openssl = |args: &[&str]| {
+        let mut c = Command::new("openssl");
+        c.args(args).current_dir(dir);
+        run(c, "openssl")
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for (name, cn) in [("ca", "inspector test CA"), ("other", "another CA")] {
+        let key = format!("{name}.key");
+        let crt = format!("{name}.crt");
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        args.extend(["-keyout", &key, "-out", &crt, "-days", "2"]);
+        let subject = format!("/CN={cn}");
+        args.extend(["-subj", &subject]);
+        openssl(&args)?;
+    }
+    let mut args = vec!["req"];
+    args.extend(ec);
+    args.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    openssl(&args)?;
+    std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost\n").map_err(|e| e.to_string())?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ])?;
+    // Removed with the test process, as the servers' own directories are.
+    let _ = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "while kill -0 {} 2>/dev/null; do sleep 1; done; rm -rf '{}'",
+                std::process::id(),
+                dir.display()
+            ),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    Ok(Certificates {
+        ca: dir.join("ca.crt"),
+        other_ca: dir.join("other.crt"),
+        server_cert: dir.join("server.crt"),
+        server_key: dir.join("server.key"),
     })
 }
 
@@ -44,17 +160,30 @@ impl TestPostgres {
 
     /// A new empty database, by URL.
     pub fn fresh_database(&self) -> String {
+        let name = self.fresh_database_name();
+        self.url(&name)
+    }
+
+    /// A new empty database, by name (created over the server's Unix socket, which takes no
+    /// TLS).
+    pub fn fresh_database_name(&self) -> String {
         let name = format!(
             "t{}_{}",
             std::process::id(),
             DATABASES.fetch_add(1, Ordering::SeqCst)
         );
-        let admin = self.url("postgres");
+        let mut admin = postgres::Config::new();
+        admin
+            .host_path(&self.dir)
+            .port(self.port)
+            .user("postgres")
+            .dbname("postgres");
         let create = format!("CREATE DATABASE {name}");
         // On a thread of its own: the client runs a runtime, which may not start inside an
         // async test's.
         let created = std::thread::spawn(move || {
-            let mut client = postgres::Client::connect(&admin, postgres::NoTls)
+            let mut client = admin
+                .connect(postgres::NoTls)
                 .map_err(|e| format!("connecting to the test server: {e}"))?;
             client
                 .batch_execute(&create)
@@ -65,7 +194,7 @@ impl TestPostgres {
         if let Err(e) = created {
             panic!("{e}\n{}", self.diagnosis());
         }
-        self.url(&name)
+        name
     }
 
     /// The end of the server's log and the free space where it keeps its data, for a failure's
@@ -144,7 +273,7 @@ fn run(mut c: Command, what: &str) -> Result<(), String> {
     }
 }
 
-fn start() -> Result<TestPostgres, String> {
+fn start(tls: Option<&Certificates>) -> Result<TestPostgres, String> {
     let bin = bin_dir()?;
     let root = Command::new("id")
         .arg("-u")
@@ -180,6 +309,34 @@ fn start() -> Result<TestPostgres, String> {
         .arg("--wal-segsize=1")
         .args(["--locale", "C.UTF-8"]);
     run(initdb, "initdb")?;
+    let mut tls_options = String::new();
+    if let Some(certs) = tls {
+        // TCP only over TLS; the Unix socket (for creating databases) as before.
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+        )
+        .map_err(|e| format!("pg_hba.conf: {e}"))?;
+        for (from, to) in [
+            (&certs.server_cert, "server.crt"),
+            (&certs.server_key, "server.key"),
+        ] {
+            std::fs::copy(from, data.join(to)).map_err(|e| format!("{to}: {e}"))?;
+        }
+        let mut chmod = Command::new("chmod");
+        chmod.arg("600").arg(data.join("server.key"));
+        run(chmod, "chmod")?;
+        if root {
+            let mut chown = Command::new("chown");
+            chown
+                .arg("postgres:")
+                .arg(data.join("server.key"))
+                .arg(data.join("server.crt"))
+                .arg(data.join("pg_hba.conf"));
+            run(chown, "chown")?;
+        }
+        tls_options = " -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key".into();
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?
@@ -195,7 +352,7 @@ fn start() -> Result<TestPostgres, String> {
         .arg(format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
              -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 \
-             -c min_wal_size=4MB -c max_wal_size=64MB",
+             -c min_wal_size=4MB -c max_wal_size=64MB{tls_options}",
             dir.display()
         ))
         .arg("start");
