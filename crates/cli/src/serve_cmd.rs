@@ -347,11 +347,13 @@ fn start_cameras(
     let mut cams = crate::watch_cmd::Cameras::open(
         cameras,
         args.change_threshold,
-        &args.data_dir,
-        photos.as_folder().is_none().then_some(photos),
-        store,
-        hooks,
-        None,
+        crate::watch_cmd::EventSinks {
+            data_dir: &args.data_dir,
+            photos: photos.as_folder().is_none().then_some(photos),
+            store,
+            hooks,
+            events: None,
+        },
         true,
     )?;
     state.set_cameras(cams.views());

@@ -291,11 +291,13 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let mut cams = Cameras::open(
         cameras,
         args.change_threshold,
-        &args.data_dir,
-        photos,
-        store,
-        hooks,
-        args.events.as_deref(),
+        EventSinks {
+            data_dir: &args.data_dir,
+            photos,
+            store,
+            hooks,
+            events: args.events.as_deref(),
+        },
         false,
     )?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -410,20 +412,36 @@ pub struct Cameras {
     started: Instant,
 }
 
+/// Where the cameras' events go.
+pub struct EventSinks<'a> {
+    /// `events/` (records and frames, the webhooks' outbox) and `webhooks/` go here.
+    pub data_dir: &'a Path,
+    /// A second home for frames (object storage the servers read).
+    pub photos: Option<Arc<inspector_photos::PhotoStore>>,
+    /// The database the servers list events from.
+    pub store: Box<dyn inspector_store::Store>,
+    pub hooks: Vec<webhook::Webhook>,
+    /// The events file (`watch --events`).
+    pub events: Option<&'a Path>,
+}
+
 impl Cameras {
     /// Opens every camera's source (one that cannot be opened is reported and marked failed;
-    /// the others go on) and the event sinks: `data_dir/events`, the database, the webhooks and
-    /// the events file.
+    /// the others go on) and the event sinks: `data_dir/events`, the photo store, the
+    /// database, the webhooks and the events file.
     pub fn open(
         cameras: Vec<Camera>,
         change_threshold: f64,
-        data_dir: &Path,
-        photos: Option<Arc<inspector_photos::PhotoStore>>,
-        store: Box<dyn inspector_store::Store>,
-        hooks: Vec<webhook::Webhook>,
-        events: Option<&Path>,
+        sinks: EventSinks,
         keep_frames: bool,
     ) -> anyhow::Result<Cameras> {
+        let EventSinks {
+            data_dir,
+            photos,
+            store,
+            hooks,
+            events,
+        } = sinks;
         let events_dir = data_dir.join("events");
         std::fs::create_dir_all(&events_dir)
             .with_context(|| format!("creating {}", events_dir.display()))?;

@@ -26,7 +26,11 @@ fn postgres() -> Box<dyn Store> {
 
 fn inspection(n: usize) -> (NewInspection, Vec<InspectionViolation>) {
     let sha: String = format!("{n:064x}");
-    let status = if n % 3 == 0 { "safe" } else { "violation" };
+    let status = if n.is_multiple_of(3) {
+        "safe"
+    } else {
+        "violation"
+    };
     let violations = (0..n % 3)
         .map(|k| InspectionViolation {
             rule_id: Some(format!("rule-{k}")),
@@ -38,14 +42,14 @@ fn inspection(n: usize) -> (NewInspection, Vec<InspectionViolation>) {
         NewInspection {
             id: format!("ins-{n:05}"),
             created_ms: 1_700_000_000_000 + n as i64 * 997,
-            filename: (n % 2 == 0).then(|| format!("照片{n}.jpg")),
+            filename: n.is_multiple_of(2).then(|| format!("照片{n}.jpg")),
             source: Some("camera 3".into()),
             image_sha256: sha.clone(),
             image_file: format!("images/{}/{sha}.jpg", &sha[..2]),
             status: status.into(),
             finding: format!("{{\"n\":{n},\"说明\":\"现场\"}}"),
             model_fingerprint: "model-1".into(),
-            adapter_fingerprint: (n % 5 == 0).then(|| "adapter-1".into()),
+            adapter_fingerprint: n.is_multiple_of(5).then(|| "adapter-1".into()),
         },
         violations,
     )
