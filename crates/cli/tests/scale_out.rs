@@ -188,14 +188,12 @@ fn regulation(name: &str) -> PathBuf {
     root().join("examples/regulations").join(name)
 }
 
-/// A replica of the scaled setup: the test model, the shared database and photo folder, keys
-/// required.
-fn replica(dir: &Path, db: &str, shared: &Path, extra: &[&str]) -> Running {
-    let mut args = vec![
-        os("--db"),
-        os(db),
-        os("--data-dir"),
-        os(shared),
+/// The arguments of a replica of the scaled setup: the test model, the shared database, keys
+/// required; `storage` says where photos go.
+fn replica_args(db: &str, storage: &[std::ffi::OsString]) -> Vec<std::ffi::OsString> {
+    let mut args = vec![os("--db"), os(db)];
+    args.extend(storage.iter().cloned());
+    args.extend([
         os("--model"),
         os(root().join("crates/qwen2vl/tests/fixtures/tiny-a")),
         os("--adapter"),
@@ -205,9 +203,21 @@ fn replica(dir: &Path, db: &str, shared: &Path, extra: &[&str]) -> Running {
         os("--max-new-tokens"),
         os("160"),
         os("--require-keys"),
-        os("--trusted-proxy"),
-        os("127.0.0.1"),
-    ];
+    ]);
+    args
+}
+
+/// A replica behind nginx, with photos in the shared folder.
+fn replica(dir: &Path, db: &str, shared: &Path, extra: &[&str]) -> Running {
+    let mut args = replica_args(
+        db,
+        &[
+            os("--data-dir"),
+            os(shared),
+            os("--trusted-proxy"),
+            os("127.0.0.1"),
+        ],
+    );
     args.extend(extra.iter().map(os));
     Running::spawn(dir, &args)
 }
@@ -488,34 +498,16 @@ fn db_migrate_moves_an_installation_into_postgresql_once() {
     let listed = keys(&["list"]);
     let first_id = listed.split('\t').next().unwrap().to_string();
     keys(&["revoke", &first_id]);
-    let camera = tmp.path().join("camera");
-    std::fs::create_dir(&camera).unwrap();
-    std::fs::write(
-        tmp.path().join("cameras.toml"),
-        "[[camera]]\nname = \"dock\"\nsource = \"camera\"\ninterval = 0.5\n",
-    )
-    .unwrap();
+    let camera = camera_folder(tmp.path());
     let ids = {
         let s = Running::start(tmp.path(), &["--cameras", "cameras.toml"]);
         for i in 0..4 {
             assert_eq!(inspect(&s, i).0, 201, "{}", s.log());
         }
-        let started = Instant::now();
-        let mut n = 0;
-        let event = loop {
-            let events = json(&get(&s.url("/api/v1/events")).1);
-            if let Some(e) = events["items"].as_array().unwrap().first() {
-                break e["id"].as_str().unwrap().to_string();
-            }
-            assert!(started.elapsed() < Duration::from_secs(120), "no event");
-            if n < 6 {
-                let part = camera.join(format!("{n}.part"));
-                std::fs::write(&part, photo(3)).unwrap();
-                std::fs::rename(&part, camera.join(format!("{n}.png"))).unwrap();
-                n += 1;
-            }
-            std::thread::sleep(Duration::from_millis(700));
-        };
+        let event = feed_until_event(&s, &camera)["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let (code, body) = post(
             &s.url(&format!("/api/v1/events/{event}/ack")),
             "text/plain",
@@ -695,21 +687,7 @@ fn replicas_keep_photos_in_s3_and_db_migrate_moves_them_there() {
         .map(|i| {
             let dir = tmp.path().join(format!("r{i}"));
             std::fs::create_dir_all(&dir).unwrap();
-            let args = vec![
-                os("--db"),
-                os(&db),
-                os("--photo-store"),
-                os(bucket),
-                os("--model"),
-                os(root().join("crates/qwen2vl/tests/fixtures/tiny-a")),
-                os("--adapter"),
-                os(root().join("crates/train/tests/fixtures/overfit/adapter")),
-                os("--addr"),
-                os("127.0.0.1:0"),
-                os("--max-new-tokens"),
-                os("160"),
-                os("--require-keys"),
-            ];
+            let args = replica_args(&db, &[os("--photo-store"), os(bucket)]);
             Running::spawn_with_env(&dir, &args, &env)
         })
         .collect();

@@ -209,26 +209,39 @@ fn copy_documents(
     Ok(())
 }
 
-/// Every inspection, oldest first, a page at a time.
-fn each_inspection(
-    store: &dyn Store,
-    mut f: impl FnMut(InspectionRow) -> Result<()>,
+/// Every row a paged listing gives, oldest first: `page(after)` lists rows stored after
+/// position `after`, `seq` tells a row's position.
+fn each_row<T>(
+    mut page: impl FnMut(i64) -> Result<Vec<T>>,
+    seq: impl Fn(&T) -> i64,
+    mut f: impl FnMut(T) -> Result<()>,
 ) -> Result<()> {
     let mut after = 0;
     loop {
-        let page = store.inspections(&InspectionFilter {
-            after_seq: Some(after),
-            limit: PAGE,
-            ..InspectionFilter::default()
-        })?;
-        let Some(last) = page.last() else {
+        let rows = page(after)?;
+        let Some(last) = rows.last() else {
             return Ok(());
         };
-        after = last.seq;
-        for row in page {
+        after = seq(last);
+        for row in rows {
             f(row)?;
         }
     }
+}
+
+/// Every inspection, oldest first, a page at a time.
+fn each_inspection(store: &dyn Store, f: impl FnMut(InspectionRow) -> Result<()>) -> Result<()> {
+    each_row(
+        |after| {
+            store.inspections(&InspectionFilter {
+                after_seq: Some(after),
+                limit: PAGE,
+                ..InspectionFilter::default()
+            })
+        },
+        |r| r.seq,
+        f,
+    )
 }
 
 fn copy_inspections(
@@ -264,22 +277,18 @@ fn copy_inspections(
     })
 }
 
-fn each_event(store: &dyn Store, mut f: impl FnMut(EventRow) -> Result<()>) -> Result<()> {
-    let mut after = 0;
-    loop {
-        let page = store.events(&EventFilter {
-            after_seq: Some(after),
-            limit: PAGE,
-            ..EventFilter::default()
-        })?;
-        let Some(last) = page.last() else {
-            return Ok(());
-        };
-        after = last.seq;
-        for row in page {
-            f(row)?;
-        }
-    }
+fn each_event(store: &dyn Store, f: impl FnMut(EventRow) -> Result<()>) -> Result<()> {
+    each_row(
+        |after| {
+            store.events(&EventFilter {
+                after_seq: Some(after),
+                limit: PAGE,
+                ..EventFilter::default()
+            })
+        },
+        |r| r.seq,
+        f,
+    )
 }
 
 fn copy_events(

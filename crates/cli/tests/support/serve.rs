@@ -204,3 +204,42 @@ pub fn inspector_ok(args: &[&std::ffi::OsStr]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// A camera `dock` watching the folder `dir/camera` (one frame every half second), written as
+/// `dir/cameras.toml` for `serve --cameras cameras.toml`; returns the folder.
+pub fn camera_folder(dir: &Path) -> PathBuf {
+    let camera = dir.join("camera");
+    std::fs::create_dir(&camera).unwrap();
+    std::fs::write(
+        dir.join("cameras.toml"),
+        "[[camera]]\nname = \"dock\"\nsource = \"camera\"\ninterval = 0.5\n",
+    )
+    .unwrap();
+    camera
+}
+
+/// Drops photo 3 (a high-risk violation) into the camera folder, a frame at a time, until the
+/// server lists an event (2 of 3 frames make one); returns the newest event.
+pub fn feed_until_event(server: &Running, camera: &Path) -> serde_json::Value {
+    let started = Instant::now();
+    let mut n = 0;
+    loop {
+        let events = json(&get(&server.url("/api/v1/events")).1);
+        if let Some(e) = events["items"].as_array().unwrap().first() {
+            return e.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no event: {}\n{}",
+            get(&server.url("/api/v1/cameras")).1,
+            server.log()
+        );
+        if n < 6 {
+            let part = camera.join(format!("{n}.part"));
+            std::fs::write(&part, photo(3)).unwrap();
+            std::fs::rename(&part, camera.join(format!("{n}.png"))).unwrap();
+            n += 1;
+        }
+        std::thread::sleep(Duration::from_millis(700));
+    }
+}
