@@ -77,7 +77,16 @@ fn open_source(db: &str) -> Result<Box<dyn Store>> {
 fn migrate_cmd(args: MigrateArgs) -> Result<ExitCode> {
     let from_shown = redact(&args.from);
     let to_shown = redact(&args.to);
-    if args.from == args.to {
+    let file = |db: &str| {
+        (!inspector_store::is_server_url(db))
+            .then(|| {
+                Path::new(db.strip_prefix("sqlite:").unwrap_or(db))
+                    .canonicalize()
+                    .ok()
+            })
+            .flatten()
+    };
+    if args.from == args.to || file(&args.from).is_some_and(|f| Some(f) == file(&args.to)) {
         bail!("--from and --to are the same database ({from_shown})");
     }
     let source = open_source(&args.from)?;

@@ -8,8 +8,11 @@
 //! are not, a token that is no stored key counts as no key, and the request is served as
 //! anonymous. Every 401 carries `WWW-Authenticate: Bearer`. Failed authentications are limited
 //! per client address ([`AUTH_FAILURES_PER_MINUTE`]); requests are rate-limited per key
-//! (anonymous ones per address). This is a layer on the protected routers only: the page,
-//! `/health`, `/ready` and the OpenAPI document never pass it.
+//! (anonymous ones per address). Both are counted in the process on SQLite, and in the
+//! database on PostgreSQL, where replicas share them. The client address is the peer's, or
+//! what a `--trusted-proxy` says in `X-Forwarded-For` ([`client_address`]). This is a layer on
+//! the protected routers only: the page, `/health`, `/ready` and the OpenAPI document never
+//! pass it.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -106,7 +109,7 @@ fn presented_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 pub const AUTH_FAILURES_PER_MINUTE: u32 = 20;
 
 /// The current minute since the Unix epoch, and the seconds left in it.
-fn minute_now() -> (i64, u64) {
+pub(crate) fn minute_now() -> (i64, u64) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()

@@ -391,11 +391,7 @@ fn watch_rules(store: Box<dyn Store>, rules: Arc<SharedRules>) -> anyhow::Result
                 std::thread::sleep(Duration::from_millis(500));
                 if pruned.elapsed() >= Duration::from_secs(60) {
                     pruned = std::time::Instant::now();
-                    let minute = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .unwrap_or_default()
-                        .as_secs() as i64
-                        / 60;
+                    let (minute, _) = auth::minute_now();
                     if let Err(e) = store.prune_hits(minute - 1) {
                         tracing::warn!("forgetting old request counts: {e}");
                     }
