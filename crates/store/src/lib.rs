@@ -1,9 +1,12 @@
 //! The Safety Inspector database.
 //!
-//! Regulation documents and their rules live in one SQLite file (`inspector.db` by default),
-//! created and migrated on open, beside the inspection answer cache, the inspections the server
-//! answered and its API keys (hashes only). Everything goes through the small [`RuleStore`] trait, so a
-//! PostgreSQL store can sit beside [`SqliteStore`] later without touching callers.
+//! Regulation documents and their rules, the inspection answer cache, the inspections the
+//! server answered, camera events, API keys (hashes only) and shared request counters, behind
+//! the [`Store`] trait (with [`RuleStore`] as its rules half). Two implementations with the same
+//! tables under one schema version: [`SqliteStore`], one file (`inspector.db` by default), the
+//! embedded default; and [`PostgresStore`], a server that several `inspector serve` replicas
+//! share (TLS as libpq's `sslmode` says). [`open`] picks one by the `--db` value and migrates
+//! it; [`migrate`] copies one database into another.
 //!
 //! Full-text search works for Chinese: CJK runs are indexed as overlapping character bigrams
 //! (the approach of Lucene's CJK analyser), Latin words as lowercased words, and queries are
