@@ -59,8 +59,21 @@ enum Kind {
         store: Arc<dyn ObjectStore>,
         prefix: String,
         shown: String,
-        rt: tokio::runtime::Runtime,
+        /// `None` only while the store is dropped.
+        rt: Option<tokio::runtime::Runtime>,
     },
+}
+
+impl Drop for PhotoStore {
+    /// The runtime may be dropped inside another (a server's last handle may go in a task):
+    /// it is shut down without waiting there.
+    fn drop(&mut self) {
+        if let Kind::Object { rt, .. } = &mut self.kind
+            && let Some(rt) = rt.take()
+        {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// A relative name the server makes: segments of ASCII letters, digits, `_`, `-` and `.`,
@@ -125,7 +138,7 @@ impl PhotoStore {
                 store: Arc::new(store),
                 prefix: prefix.trim_matches('/').to_string(),
                 shown: spec.to_string(),
-                rt,
+                rt: Some(rt),
             },
         })
     }
@@ -164,9 +177,12 @@ impl PhotoStore {
     /// Runs `f` on the store's runtime and waits, from any thread (an async one included: the
     /// wait then happens on a scoped thread).
     fn block<T: Send>(
-        rt: &tokio::runtime::Runtime,
+        rt: &Option<tokio::runtime::Runtime>,
         f: impl std::future::Future<Output = T> + Send,
     ) -> T {
+        let rt = rt
+            .as_ref()
+            .expect("the runtime is only taken when the store is dropped");
         if tokio::runtime::Handle::try_current().is_ok() {
             std::thread::scope(|s| {
                 s.spawn(|| rt.block_on(f))
