@@ -60,6 +60,7 @@ impl Nginx {
                      location / {{\n\
                          proxy_pass http://inspector;\n\
                          proxy_http_version 1.1;\n\
+                         proxy_set_header Host $host;\n\
                          proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
                          proxy_next_upstream error timeout;\n\
                          proxy_connect_timeout 2s;\n\
