@@ -100,10 +100,7 @@ fn migrate_cmd(args: MigrateArgs) -> Result<ExitCode> {
     let spinner = ProgressBar::new_spinner().with_message("reading both databases");
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let before = migrate::summary(source.as_ref()).context("reading the source")?;
-    let target_was_empty = migrate::summary(target.as_ref())
-        .context("reading the target")?
-        .total()
-        == 0;
+    let target_was_empty = migrate::is_empty(target.as_ref()).context("reading the target")?;
     let photos = migrate::photos(source.as_ref()).context("listing the source's photos")?;
     spinner.finish_and_clear();
 

@@ -435,6 +435,26 @@ impl Tally {
     }
 }
 
+/// Whether the store holds nothing [`copy`] would copy (one row of each kind looked up, not
+/// every row read).
+pub fn is_empty(store: &dyn Store) -> Result<bool> {
+    Ok(store.documents()?.is_empty()
+        && store
+            .inspections(&InspectionFilter {
+                limit: 1,
+                ..InspectionFilter::default()
+            })?
+            .is_empty()
+        && store
+            .events(&EventFilter {
+                limit: 1,
+                ..EventFilter::default()
+            })?
+            .is_empty()
+        && store.api_key_hashes()?.is_empty()
+        && store.cached_answers("", 1)?.is_empty())
+}
+
 /// Each entity's count and checksum (see the module's documentation).
 pub fn summary(store: &dyn Store) -> Result<Summary> {
     let mut tallies: BTreeMap<&'static str, Tally> = BTreeMap::new();

@@ -147,12 +147,14 @@ fn sqlite_to_postgres_and_back_copies_everything_once() {
 
     // An earlier run stopped after 100 inspections: they are found, the rest are added.
     let mut target = postgres();
+    assert!(migrate::is_empty(target.as_ref()).unwrap());
     let rules_version = target.rules_version().unwrap();
     for n in 0..100 {
         let (i, v) = inspection(n);
         target.insert_inspection(&i, &v).unwrap();
     }
     let mut rows = 0;
+    assert!(!migrate::is_empty(target.as_ref()).unwrap());
     let report = migrate::copy(source.as_ref(), target.as_mut(), &mut |p| rows += p.rows).unwrap();
     assert_eq!(rows, before.total());
     assert_eq!(report.present("inspections"), 100);
