@@ -3,7 +3,8 @@
 # model) on N scenes of seed 999 (never used in training) with `inspector eval`, and appends a
 # line per step to RUN/curve.tsv: binary F1, citation accuracy, box precision and recall, and
 # each hazard's F1. Steps already in the file are skipped, so run it now and then while a long
-# stage trains (`train` keeps only its newest checkpoints). Needs jq.
+# stage trains (`train` keeps only its newest checkpoints). Needs jq. Draws the curves as charts
+# too when the chart example is built (see the end).
 #
 # Usage: tools/demo/curve.sh RUN [N]      (RUN: a `train --full` output folder, e.g. WORK/base)
 set -euo pipefail
@@ -56,3 +57,14 @@ if [ -f "$RUN/model/config.json" ]; then
 fi
 sort -n -o "$OUT.body" <(tail -n +2 "$OUT")
 { head -1 "$OUT"; cat "$OUT.body"; } > "$OUT.tmp" && mv "$OUT.tmp" "$OUT" && rm -f "$OUT.body"
+
+# The curves as charts (RUN/curve.png, RUN/curve-hazards.png) when the chart example is built:
+# `cargo build --release -p inspector-charts --example tsv` (the model card's charts).
+CHART="$ROOT/target/release/examples/tsv"
+if [ -x "$CHART" ] && [ "$(wc -l < "$OUT")" -gt 1 ]; then
+  "$CHART" "$OUT" "$RUN/curve.png" "Held-out metrics ($N scenes of seed 999)" score \
+    binary_f1 citation_accuracy box_precision box_recall
+  "$CHART" "$OUT" "$RUN/curve-hazards.png" "Held-out F1 per hazard ($N scenes of seed 999)" F1 \
+    f1_no-helmet f1_no-vest f1_bad-lift f1_walkway-debris f1_blocked-exit f1_cabinet-no-lockout
+  echo "charts: $RUN/curve.png, $RUN/curve-hazards.png"
+fi

@@ -177,5 +177,8 @@ if [ "$INSTALL" = "--install" ]; then
   mkdir -p "$ROOT/models/demo"
   cp -r "$WORK/base/model" "$ROOT/models/demo/base"
   cp -r "$WORK/lora/adapter" "$ROOT/models/demo/adapter"
+  # The metadata records the paths each stage read (`base_model`, `init_adapter`); keep them
+  # relative to WORK, so the bundled files name no scratch folder of this machine.
+  sed -i "s#\"$WORK/#\"#g" "$ROOT"/models/demo/base/*.json "$ROOT"/models/demo/adapter/*.json
   stamp "installed into models/demo"
 fi

@@ -105,6 +105,28 @@ fn font() {
     });
 }
 
+/// Where the legend covers the least: upper right for curves that end low (losses), lower right
+/// for curves that end high (metrics that climb towards 1). `y0..=y1` is the data's y range.
+fn legend_position(
+    series: &[(&Series, Vec<(f64, f64)>)],
+    (y0, y1): (f64, f64),
+    log_y: bool,
+) -> SeriesLabelPosition {
+    let scale = |v: f64| if log_y { v.ln() } else { v };
+    let (lo, hi) = (scale(y0), scale(y1));
+    let ends: Vec<f64> = series
+        .iter()
+        .filter_map(|(_, p)| p.last().map(|&(_, y)| scale(y)))
+        .collect();
+    if hi > lo && !ends.is_empty() {
+        let mean = ends.iter().sum::<f64>() / ends.len() as f64;
+        if (mean - lo) / (hi - lo) > 0.5 {
+            return SeriesLabelPosition::LowerRight;
+        }
+    }
+    SeriesLabelPosition::UpperRight
+}
+
 impl Chart {
     pub const WIDTH: u32 = 960;
     pub const HEIGHT: u32 = 540;
@@ -138,6 +160,7 @@ impl Chart {
         let pad = ((x1 - x0) * 0.03).max(if x0 == x1 { 0.5 } else { 0.0 });
         let xr = (x0 - pad)..(x1 + pad);
         let (y0, y1) = bounds(|p| p.1);
+        let legend = legend_position(&series, (y0, y1), self.log_y);
         let (w, h) = (Self::WIDTH, Self::HEIGHT);
         let mut buf = vec![0u8; (w * h * 3) as usize];
         {
@@ -145,10 +168,10 @@ impl Chart {
             root.fill(&WHITE).map_err(draw_err)?;
             if self.log_y {
                 let yr = (y0 / 1.25)..(y1 * 1.25);
-                self.draw(&root, xr, yr.log_scale(), &series)?;
+                self.draw(&root, xr, yr.log_scale(), &series, legend)?;
             } else {
                 let pad = ((y1 - y0) * 0.05).max(if y0 == y1 { 0.5 } else { 0.0 });
-                self.draw(&root, xr, (y0 - pad)..(y1 + pad), &series)?;
+                self.draw(&root, xr, (y0 - pad)..(y1 + pad), &series, legend)?;
             }
             root.present().map_err(draw_err)?;
         }
@@ -161,6 +184,7 @@ impl Chart {
         xr: std::ops::Range<f64>,
         yr: Y,
         series: &[(&Series, Vec<(f64, f64)>)],
+        legend: SeriesLabelPosition,
     ) -> Result<(), Error>
     where
         Y: AsRangedCoord<Value = f64>,
@@ -206,7 +230,7 @@ impl Chart {
             .label_font((FAMILY, 16))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
+            .position(legend)
             .draw()
             .map_err(draw_err)?;
         Ok(())
@@ -278,6 +302,23 @@ mod tests {
             assert!(count(&img, PALETTE[1]) > 100, "eval line and markers");
             assert!(count(&img, RGBColor(0, 0, 0)) > 1000, "axes and labels");
         }
+    }
+
+    #[test]
+    fn the_legend_goes_where_the_curves_do_not_end() {
+        let falling = Series::new("loss", vec![(0.0, 8.0), (1.0, 1.0), (2.0, 0.5)]);
+        let rising = Series::new("F1", vec![(0.0, 0.1), (1.0, 0.8), (2.0, 0.95)]);
+        let at = |s: &Series| {
+            let pts = s.points.clone();
+            let ys = pts.iter().map(|p| p.1);
+            let range = (
+                ys.clone().fold(f64::INFINITY, f64::min),
+                ys.fold(f64::NEG_INFINITY, f64::max),
+            );
+            legend_position(&[(s, pts)], range, false)
+        };
+        assert!(matches!(at(&falling), SeriesLabelPosition::UpperRight));
+        assert!(matches!(at(&rising), SeriesLabelPosition::LowerRight));
     }
 
     #[test]
