@@ -127,6 +127,11 @@ pub enum DatasetCommand {
         model: ModelArgs,
         #[arg(long, default_value_t = 8, value_name = "B")]
         batch_size: usize,
+        /// Where FILE also holds findings of another rule for the photo, a model finding of that
+        /// rule takes FILE's box (of that rule's boxes, the one that overlaps it most; each
+        /// used once): the model's decisions with the annotated boxes.
+        #[arg(long)]
+        gold_boxes: bool,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -231,6 +236,7 @@ fn complete(
     out: &Path,
     model: &ModelArgs,
     batch_size: usize,
+    gold_boxes: bool,
     db: &DbArgs,
 ) -> anyhow::Result<ExitCode> {
     let store = open_with_rules(&db.db)?;
@@ -261,6 +267,7 @@ fn complete(
     let dir = out_folder(out)?;
     let (mut from_model, mut from_file, mut replaced, mut unusable, mut truncated) =
         (0usize, 0usize, 0usize, 0usize, 0usize);
+    let mut reboxed = 0usize;
     let mut failed = 0usize;
     let mut annotations = Vec::with_capacity(dataset.records.len());
     for (r, inspected) in dataset.records.iter().zip(inspected) {
@@ -275,7 +282,18 @@ fn complete(
         truncated += usize::from(finding.truncated);
         let mut violations = Vec::new();
         let (w, h) = (r.size.0 as f64, r.size.1 as f64);
-        for v in finding.violations {
+        // FILE's boxes of the other rules, for --gold-boxes; each is given out once.
+        let mut gold: Vec<(&str, inspector_core::BBox)> = if gold_boxes {
+            r.annotation
+                .violations
+                .iter()
+                .filter(|v| !kept.contains(&v.rule))
+                .filter_map(|v| Some((v.rule.as_str(), v.bbox?)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for mut v in finding.violations {
             // A finding must be a valid label: one rule, a risk, a description, and a box (if
             // any) inside the photo and not empty.
             let (Some(rule), Some(risk)) = (v.resolved, v.risk) else {
@@ -291,6 +309,17 @@ fn complete(
             }
             if kept.contains(&rule.citation) {
                 continue;
+            }
+            let closest = gold
+                .iter()
+                .enumerate()
+                .filter(|(_, (citation, _))| *citation == rule.citation)
+                .map(|(k, (_, b))| (k, v.bbox.map_or(0.0, |p| inspector_eval::iou(b, &p))))
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(k, _)| k);
+            if let Some(k) = closest {
+                v.bbox = Some(gold.swap_remove(k).1);
+                reboxed += 1;
             }
             violations.push(inspector_core::Violation {
                 description: v.description,
@@ -353,6 +382,12 @@ fn complete(
             file.display()
         );
     }
+    if gold_boxes {
+        eprintln!(
+            "{reboxed} of the model's findings took the box of {}'s finding of the same rule",
+            file.display()
+        );
+    }
     if unusable + truncated > 0 {
         eprintln!(
             "left out: {unusable} model findings that are not valid labels (no single rule, no risk, an empty description, or a box outside the photo); {truncated} answers broke off (their complete findings kept)"
@@ -393,8 +428,9 @@ pub fn run(cmd: DatasetCommand) -> anyhow::Result<ExitCode> {
             out,
             model,
             batch_size,
+            gold_boxes,
             db,
-        } => complete(&file, &keep, &out, &model, batch_size, &db),
+        } => complete(&file, &keep, &out, &model, batch_size, gold_boxes, &db),
         DatasetCommand::Validate { file, json, db } => validate(&file, json, &rules(&db)?),
         DatasetCommand::Build { file, out, db } => {
             let dataset = load(&file, &rules(&db)?)?;

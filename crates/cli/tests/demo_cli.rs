@@ -69,40 +69,57 @@ fn a_missing_demo_model_is_a_clear_error() {
     assert!(stderr.contains("--model"), "{stderr}");
 }
 
-#[test]
-fn dataset_complete_keeps_the_files_findings_of_the_kept_rule_and_takes_the_others_from_the_model()
-{
+/// Lines of a JSONL file.
+fn jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `dataset complete` run on the README's example scenes.
+struct Completed {
+    dir: tempfile::TempDir,
+    db: PathBuf,
+    out_file: PathBuf,
+    stderr: String,
+    /// The example annotations, the completed file and the model's `detect --json` answers for
+    /// the same photos, a line per photo each.
+    original: Vec<serde_json::Value>,
+    completed: Vec<serde_json::Value>,
+    detected: Vec<serde_json::Value>,
+}
+
+/// `dataset complete` on the example scenes with `--keep keep` and `extra` options (it must
+/// succeed), then the bundled demo's own answers for the same photos.
+fn complete_examples(keep: &str, extra: &[&str]) -> Completed {
     let dir = tempfile::tempdir().unwrap();
     let scenes = root().join("examples/scenes");
     let db = dir.path().join("rules.sqlite");
     let out_file = dir.path().join("completed.jsonl");
-    let stack = "《现场管理标准》第3.2条";
-    let out = inspector(
-        &[
-            "dataset",
-            "complete",
-            scenes.join("annotations.jsonl").to_str().unwrap(),
-            "--keep",
-            "现场管理标准 3.2",
-            "--out",
-            out_file.to_str().unwrap(),
-            "--db",
-            db.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let annotations = scenes.join("annotations.jsonl");
+    let mut args = vec![
+        "dataset",
+        "complete",
+        annotations.to_str().unwrap(),
+        "--keep",
+        keep,
+        "--out",
+        out_file.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let out = inspector(&args, dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("bundled demo model"), "{stderr}");
-    assert!(stderr.contains("were replaced by the model's"), "{stderr}");
 
-    // The model's own answers for the same photos.
     let images: Vec<String> = (0..6)
         .map(|k| {
             scenes
                 .join(format!("images/{k:05}.png"))
-                .to_str()
-                .unwrap()
+                .display()
                 .to_string()
         })
         .collect();
@@ -111,19 +128,35 @@ fn dataset_complete_keeps_the_files_findings_of_the_kept_rule_and_takes_the_othe
     let detected = inspector(&args, dir.path());
     assert!(detected.status.success());
     let detected: Vec<serde_json::Value> = serde_json::from_slice(&detected.stdout).unwrap();
-
-    let original: Vec<serde_json::Value> =
-        std::fs::read_to_string(scenes.join("annotations.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-    let completed: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let completed = jsonl(&out_file);
     assert_eq!(completed.len(), 6);
+    Completed {
+        original: jsonl(&annotations),
+        completed,
+        detected,
+        stderr,
+        db,
+        out_file,
+        dir,
+    }
+}
+
+#[test]
+fn dataset_complete_keeps_the_files_findings_of_the_kept_rule_and_takes_the_others_from_the_model()
+{
+    let Completed {
+        dir,
+        db,
+        out_file,
+        stderr,
+        original,
+        completed,
+        detected,
+    } = complete_examples("现场管理标准 3.2", &[]);
+    let scenes = root().join("examples/scenes");
+    let stack = "《现场管理标准》第3.2条";
+    assert!(stderr.contains("bundled demo model"), "{stderr}");
+    assert!(stderr.contains("were replaced by the model's"), "{stderr}");
     let (mut from_model, mut from_file) = (0, 0);
     for ((c, o), d) in completed.iter().zip(&original).zip(&detected) {
         // Paths are valid from the output file's folder.
@@ -394,5 +427,96 @@ fn demo_retrain_shortened_runs_end_to_end_and_reproduces() {
     assert!(
         weights[0] == weights[1],
         "the two runs' base or adapter weights differ"
+    );
+}
+
+/// `dataset complete --gold-boxes`: the model decides which findings of the other rules a photo
+/// has, and each of them takes the file's box of the same rule (each file box given out once);
+/// a finding of a rule the file does not hold for the photo keeps the model's box.
+#[test]
+fn dataset_complete_with_gold_boxes_keeps_the_models_findings_with_the_files_boxes() {
+    let stack = "《现场管理标准》第3.2条";
+    let Completed {
+        stderr,
+        original,
+        completed,
+        detected,
+        ..
+    } = complete_examples(stack, &["--gold-boxes"]);
+    // The file's boxes by rule, with the citations as the database writes them.
+    let canonical = |r: &str| r.replace("第十二条", "第12条");
+    let original: Vec<Vec<(String, Vec<f64>)>> = original
+        .iter()
+        .map(|a| {
+            a["violations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| {
+                    (
+                        canonical(v["rule"].as_str().unwrap()),
+                        serde_json::from_value(v["box"].clone()).unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let mut reboxed = 0;
+    for ((c, gold), d) in completed.iter().zip(&original).zip(&detected) {
+        let got: Vec<(String, Vec<f64>)> = c["violations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["rule"].as_str().unwrap().to_string(),
+                    serde_json::from_value(v["box"].clone()).unwrap(),
+                )
+            })
+            .filter(|(rule, _)| rule != stack)
+            .collect();
+        let model: Vec<(String, Vec<f64>)> = d["finding"]["violations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["resolved"]["citation"].as_str().unwrap().to_string(),
+                    serde_json::from_value(v["box"].clone()).unwrap(),
+                )
+            })
+            .filter(|(rule, _)| rule != stack)
+            .collect();
+        // The model's findings, in its order.
+        assert_eq!(
+            got.iter().map(|g| &g.0).collect::<Vec<_>>(),
+            model.iter().map(|m| &m.0).collect::<Vec<_>>(),
+            "{c}"
+        );
+        let mut unused: Vec<&(String, Vec<f64>)> = gold.iter().filter(|g| g.0 != stack).collect();
+        for ((rule, got_box), (_, model_box)) in got.iter().zip(&model) {
+            match unused.iter().position(|g| &g.0 == rule) {
+                Some(_) => {
+                    let k = unused
+                        .iter()
+                        .position(|g| &g.0 == rule && &g.1 == got_box)
+                        .unwrap_or_else(|| panic!("{rule}: {got_box:?} is not a file box: {c}"));
+                    unused.remove(k);
+                    reboxed += 1;
+                }
+                None => assert!(
+                    got_box
+                        .iter()
+                        .zip(model_box)
+                        .all(|(a, b)| (a - b).abs() < 0.01),
+                    "{c}"
+                ),
+            }
+        }
+    }
+    assert!(reboxed > 0);
+    assert!(
+        stderr.contains(&format!("{reboxed} of the model's findings took the box")),
+        "{stderr}"
     );
 }
