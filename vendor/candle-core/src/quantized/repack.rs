@@ -277,6 +277,14 @@ pub(crate) fn try_matmul_f32(
         let tiles = packed
             .x86
             .get_or_init(|| super::repack_x86::pack(dtype, storage, n, k));
+        // q8_0 products of 16 rows or more run on AMX where the core has it, from the same
+        // tiles (their layout is an AMX B tile's).
+        if let super::repack_x86::PackedX86::Q8_0(q8) = tiles {
+            if m >= 16 && super::repack_x86::amx_available() {
+                super::repack_x86::matmul_amx_q8_0(q8, &lhs_q, m, k, n, dst);
+                return Ok(true);
+            }
+        }
         super::repack_x86::matmul_tiles(tiles, &lhs_q, m, k, n, dst);
         Ok(true)
     }

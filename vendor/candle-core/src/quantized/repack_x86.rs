@@ -693,8 +693,11 @@ pub(crate) fn amx_available() -> bool {
     use std::sync::OnceLock;
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
-        // forced downlevel testing must exercise the 256-bit paths end to end
-        if level() != Some(X86Level::Avx512Vnni) {
+        // forced downlevel testing must exercise the 256-bit paths end to end;
+        // MISTRALRS_NO_AMX=1 keeps an AMX core on its VNNI kernels (tests, A/B timing)
+        if level() != Some(X86Level::Avx512Vnni)
+            || std::env::var("MISTRALRS_NO_AMX").as_deref() == Ok("1")
+        {
             return false;
         }
         // is_x86_feature_detected!("amx-int8") is unstable; read CPUID leaf 7 directly
@@ -932,6 +935,142 @@ mod amx {
                 );
             }
         }
+    }
+
+    #[repr(C, align(64))]
+    struct CTile([i32; 256]);
+
+    // One 16-row block of activations against one q8_0 weight tile column (16 outputs) over
+    // the full k range. Per 32-value block: `tdpbsud` (signed activations, weights offset by
+    // +128) into a 16x16 i32 tile, stored, then for each row the offset is taken out
+    // (128 times the block's activation sum) and the block's scales applied in f32, into
+    // accumulators that stay in registers.
+    // a: [block32][16 rows][32 bytes]; corr: [block32][16] (128 * activation block sums);
+    // da: [superblock][16] (the activation rows' q8k scales).
+    #[target_feature(enable = "avx512f,avx512bw,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn q8_0_m16(
+        tiles: &[TileQ8_0],
+        kb32: usize,
+        a: *const i8,
+        corr: *const i32,
+        da: *const f32,
+        rows: usize,
+        dst: *mut f32,
+        n: usize,
+    ) {
+        ensure_configured();
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let mut c = CTile([0; 256]);
+        unsafe {
+            for (blk, t) in tiles.iter().enumerate().take(kb32) {
+                core::arch::asm!(
+                    "tilezero tmm0",
+                    "tileloadd tmm4, [{a} + {sa}*1]",
+                    "tileloadd tmm6, [{b} + {sb}*1]",
+                    "tdpbsud tmm0, tmm4, tmm6",
+                    "tilestored [{c} + {sc}*1], tmm0",
+                    a = in(reg) a.add(blk * 512),
+                    b = in(reg) t.qs.as_ptr(),
+                    c = in(reg) c.0.as_mut_ptr(),
+                    sa = in(reg) 32usize,
+                    sb = in(reg) 64usize,
+                    sc = in(reg) 64usize,
+                    options(nostack)
+                );
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.d.as_ptr() as *const _));
+                let das = da.add((blk / 8) * 16);
+                let corrs = corr.add(blk * 16);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let ci = _mm512_load_si512(c.0.as_ptr().add(i * 16) as *const _);
+                    let ci = _mm512_sub_epi32(ci, _mm512_set1_epi32(*corrs.add(i)));
+                    let s = _mm512_mul_ps(dw, _mm512_set1_ps(*das.add(i)));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ci), s, *acc);
+                }
+            }
+            for (i, acc) in acc.iter().enumerate().take(rows) {
+                _mm512_storeu_ps(dst.add(i * n), *acc);
+            }
+        }
+    }
+}
+
+/// The AMX-int8 path for q8_0 products of 16 rows or more (prefill), on the VNNI tiles
+/// themselves: a `TileQ8_0`'s 512 bytes of quants are [k4-group (8)][row (16)][4 bytes], which
+/// is an AMX B tile of 8 rows of 64 bytes (32 k-values x 16 outputs, VNNI-paired), so no
+/// second copy of the weights is made and a weight packed at load (`pack_for_cpu`) serves it.
+/// The activations are laid out per 16-row block and 32-value block for the A tiles (rows
+/// past `m` are zero and never stored).
+pub(crate) fn matmul_amx_q8_0(
+    tiles: &[TileQ8_0],
+    lhs_q: &[BlockQ8K],
+    m: usize,
+    k: usize,
+    n: usize,
+    dst: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let kb = k / QK_K;
+        let kb32 = k / QK8_0;
+        let n_tiles = n / TILE_N;
+        let m_blocks = m.div_ceil(16);
+        let mut a_pack = vec![0i8; m_blocks * kb32 * 512];
+        let mut corr = vec![0i32; m_blocks * kb32 * 16];
+        let mut da = vec![0f32; m_blocks * kb * 16];
+        let (a_ptr, corr_ptr, da_ptr) = (
+            a_pack.as_mut_ptr() as usize,
+            corr.as_mut_ptr() as usize,
+            da.as_mut_ptr() as usize,
+        );
+        crate::utils::barrier_pool().execute_chunked(m, |range| {
+            for r in range {
+                let (mb, ri) = (r / 16, r % 16);
+                for b in 0..kb {
+                    let blk = &lhs_q[r * kb + b];
+                    // SAFETY: every (row, block) writes its own elements of the three buffers.
+                    unsafe {
+                        *(da_ptr as *mut f32).add((mb * kb + b) * 16 + ri) = blk.d;
+                        for s in 0..8 {
+                            let b32 = mb * kb32 + b * 8 + s;
+                            std::ptr::copy_nonoverlapping(
+                                blk.qs.as_ptr().add(s * 32),
+                                (a_ptr as *mut i8).add((b32 * 16 + ri) * 32),
+                                32,
+                            );
+                            *(corr_ptr as *mut i32).add(b32 * 16 + ri) = 128
+                                * (blk.bsums[s * 2] as i32 + blk.bsums[s * 2 + 1] as i32);
+                        }
+                    }
+                }
+            }
+        });
+        let dst_ptr = dst.as_mut_ptr() as usize;
+        crate::utils::barrier_pool().execute_chunked(n_tiles * m_blocks, |range| {
+            for unit in range {
+                let (nt, mb) = (unit / m_blocks, unit % m_blocks);
+                let rows = (m - mb * 16).min(16);
+                // SAFETY: each unit writes its own 16 x 16 block of dst; the kernel reads
+                // kb32 tiles from nt * kb32 and its block of the activation buffers.
+                unsafe {
+                    amx::q8_0_m16(
+                        &tiles[nt * kb32..(nt + 1) * kb32],
+                        kb32,
+                        a_pack.as_ptr().add(mb * kb32 * 512),
+                        corr.as_ptr().add(mb * kb32 * 16),
+                        da.as_ptr().add(mb * kb * 16),
+                        rows,
+                        (dst_ptr as *mut f32).add(mb * 16 * n + nt * TILE_N),
+                        n,
+                    )
+                };
+            }
+        });
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (tiles, lhs_q, m, k, n, dst);
+        unreachable!()
     }
 }
 

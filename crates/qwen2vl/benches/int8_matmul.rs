@@ -1,0 +1,84 @@
+//! The quantized products of a Qwen2-VL-2B prefill, one layer's shapes at a time: q8_0 and q4k
+//! weights (packed at load, as `inspector_qwen2vl::quant` does) against the f32 product of the
+//! same shapes, in the same run. Prints multiply-adds per second and the ratio to f32 for each
+//! shape, at the core's own kernel level (AVX-512 with AMX, AVX-512 VNNI, AVX-VNNI or AVX2).
+//!
+//! Run: `cargo bench -p inspector-qwen2vl --bench int8_matmul` on an otherwise idle machine.
+
+use std::time::Instant;
+
+use candle_core::{
+    Device, Module, Tensor,
+    quantized::{GgmlDType, QMatMul, QTensor},
+};
+
+/// (what, m rows, k, n): the language model's prompt of 396 tokens and the vision tower's 1024
+/// patches of a 448×448 photo, plus one decoding step.
+const SHAPES: [(&str, usize, usize, usize); 6] = [
+    ("LM q/o proj, 396 tokens", 396, 1536, 1536),
+    ("LM gate/up, 396 tokens", 396, 1536, 8960),
+    ("LM down, 396 tokens", 396, 8960, 1536),
+    ("vision qkv, 1024 patches", 1024, 1280, 3840),
+    ("vision fc2, 1024 patches", 1024, 5120, 1280),
+    ("LM gate/up, 1 token (decode)", 1, 1536, 8960),
+];
+
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
+        })
+        .collect()
+}
+
+/// Seconds per call: the best of `reps` calls after one warm-up.
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let dev = Device::Cpu;
+    println!(
+        "{:<30} {:>10} {:>10} {:>10} {:>8} {:>8}",
+        "shape", "f32 GMAC/s", "q8_0", "q4k", "q8_0/f32", "q4k/f32"
+    );
+    for (i, (what, m, k, n)) in SHAPES.into_iter().enumerate() {
+        let w = Tensor::from_vec(values(n * k, i as u64), (n, k), &dev).unwrap();
+        let x = Tensor::from_vec(values(m * k, 100 + i as u64), (m, k), &dev).unwrap();
+        let reps = if m == 1 { 50 } else { 5 };
+        let wt = w.t().unwrap().contiguous().unwrap();
+        let f32_s = time(reps, || {
+            x.matmul(&wt).unwrap();
+        });
+        let mut rates = Vec::new();
+        for t in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+            let mut q = QTensor::quantize(&w, t).unwrap();
+            q.pack_for_cpu();
+            let mm = QMatMul::from_qtensor(q).unwrap();
+            rates.push(time(reps, || {
+                mm.forward(&x).unwrap();
+            }));
+        }
+        let macs = (m * k * n) as f64 / 1e9;
+        println!(
+            "{:<30} {:>10.1} {:>10.1} {:>10.1} {:>8.2} {:>8.2}",
+            what,
+            macs / f32_s,
+            macs / rates[0],
+            macs / rates[1],
+            f32_s / rates[0],
+            f32_s / rates[1]
+        );
+    }
+}
