@@ -125,7 +125,7 @@ struct Side {
     decode_tok_s: f64,
 }
 
-fn ours(model: &Path, photo: &Path, name: &str) -> Side {
+fn ours(model: &Path, photo: &Path, name: &str, env: &[(&str, String)]) -> Side {
     let s = |p: &Path| p.display().to_string();
     let args: Vec<String> = [
         "chat",
@@ -148,7 +148,7 @@ fn ours(model: &Path, photo: &Path, name: &str) -> Side {
     .iter()
     .map(|a| a.to_string())
     .collect();
-    let run = timed(env!("CARGO_BIN_EXE_inspector"), &args, &[]);
+    let run = timed(env!("CARGO_BIN_EXE_inspector"), &args, env);
     let v = json_line(&run.stdout);
     assert_eq!(
         v["token_ids"].as_array().unwrap().len(),
@@ -243,6 +243,11 @@ fn llamacpp(llama: &str, python: &str, model: &Path, photo: &Path, work: &Path) 
         .collect()
 }
 
+/// Whether this core has AMX-int8 (Linux names it in /proc/cpuinfo).
+fn has_amx() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" amx_int8"))
+}
+
 fn main() {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cpu-inference-2b");
     let sides_env =
@@ -262,9 +267,19 @@ fn main() {
         }
     }
     if wants("ours") {
-        sides.push(ours(&f32_dir, &photo, "inspector f32"));
-        sides.push(ours(&q8, &photo, "inspector q8_0"));
-        sides.push(ours(&q4, &photo, "inspector q4k"));
+        sides.push(ours(&f32_dir, &photo, "inspector f32", &[]));
+        sides.push(ours(&q8, &photo, "inspector q8_0", &[]));
+        sides.push(ours(&q4, &photo, "inspector q4k", &[]));
+        // On an AMX core, q8_0 prefill runs on AMX; the same run on the VNNI kernels alone
+        // (what AVX-512 cores without AMX run) shows what AMX adds.
+        if has_amx() {
+            sides.push(ours(
+                &q8,
+                &photo,
+                "inspector q8_0 without AMX",
+                &[("MISTRALRS_NO_AMX", "1".into())],
+            ));
+        }
     }
     if wants("llamacpp") {
         match (
@@ -313,6 +328,13 @@ fn main() {
         println!(
             "f32 whole process vs transformers fp32: {:.2}×",
             t.wall_s / f.wall_s
+        );
+    }
+    if let (Some(amx), Some(vnni)) = (find("inspector q8_0"), find("inspector q8_0 without AMX")) {
+        println!(
+            "q8_0 on AMX vs on the VNNI kernels alone: prefill {:.2}×, whole process {:.2}×",
+            vnni.prefill_s.unwrap() / amx.prefill_s.unwrap(),
+            vnni.wall_s / amx.wall_s
         );
     }
     for (ours_name, theirs) in [

@@ -1074,7 +1074,29 @@ impl QTensor {
                 .map(|(p, &n)| (*p, n))
                 .collect();
             let mut dsts: Vec<Vec<f32>> = shapes.iter().map(|&n| vec![0f32; m * n]).collect();
-            repack_x86::gemv_fused(&parts, &lhs_q, m, k, &mut dsts);
+            // Products of 16 rows or more of q8_0 weights run on AMX where the core has it
+            // (as in `repack::matmul`), the activations laid out once for all the weights.
+            let amx_q8: Option<Vec<&[repack_x86::TileQ8_0]>> =
+                if m >= 16 && repack_x86::amx_available() {
+                    parts
+                        .iter()
+                        .map(|(p, _)| match p {
+                            repack_x86::PackedX86::Q8_0(t) => Some(t.as_slice()),
+                            _ => None,
+                        })
+                        .collect()
+                } else {
+                    None
+                };
+            match amx_q8 {
+                Some(tiles) => {
+                    let acts = repack_x86::AmxActs::new(&lhs_q, m, k);
+                    for ((t, &n), dst) in tiles.iter().zip(&shapes).zip(dsts.iter_mut()) {
+                        acts.matmul_q8_0(t, n, dst);
+                    }
+                }
+                None => repack_x86::gemv_fused(&parts, &lhs_q, m, k, &mut dsts),
+            }
             drop(guard);
             let mut out = Vec::with_capacity(ts.len());
             let mut out_dims = dims.to_vec();

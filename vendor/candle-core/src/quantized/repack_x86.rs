@@ -940,56 +940,82 @@ mod amx {
     #[repr(C, align(64))]
     struct CTile([i32; 256]);
 
-    // One 16-row block of activations against one q8_0 weight tile column (16 outputs) over
-    // the full k range. Per 32-value block: `tdpbsud` (signed activations, weights offset by
-    // +128) into a 16x16 i32 tile, stored, then for each row the offset is taken out
-    // (128 times the block's activation sum) and the block's scales applied in f32, into
-    // accumulators that stay in registers.
-    // a: [block32][16 rows][32 bytes]; corr: [block32][16] (128 * activation block sums);
-    // da: [superblock][16] (the activation rows' q8k scales).
+    /// 16 x 16 f32 accumulators, aligned for the kernel's loads and stores.
+    #[repr(C, align(64))]
+    pub(crate) struct CTile32(pub(crate) [f32; 256]);
+
+    // 32 activation rows (two 16-row blocks) against two q8_0 weight tile columns (32
+    // outputs) over the full k range. Per 32-value block: two A and two B tile loads feed four
+    // independent `tdpbsud` (signed activations, weights offset by +128) into 16x16 i32
+    // tiles, which are stored; then for each row the offset is taken out (128 times the
+    // block's activation sum) and the block's scales applied in f32 into `acc`.
+    // a0/a1: the two row blocks' [block32][16 rows][32 bytes]; corr0/1: [block32][16]
+    // (128 * activation block sums); da0/1: [superblock][16] (the rows' q8k scales).
     #[target_feature(enable = "avx512f,avx512bw,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn q8_0_m16(
-        tiles: &[TileQ8_0],
+    pub(super) unsafe fn q8_0_m32n32(
+        w0: &[TileQ8_0],
+        w1: &[TileQ8_0],
         kb32: usize,
-        a: *const i8,
-        corr: *const i32,
-        da: *const f32,
-        rows: usize,
-        dst: *mut f32,
-        n: usize,
+        a: [*const i8; 2],
+        corr: [*const i32; 2],
+        da: [*const f32; 2],
+        acc: &mut [CTile32; 4],
     ) {
         ensure_configured();
-        let mut acc = [_mm512_setzero_ps(); 16];
-        let mut c = CTile([0; 256]);
+        let mut c = [CTile([0; 256]), CTile([0; 256]), CTile([0; 256]), CTile([0; 256])];
+        let acc = acc.as_mut_ptr() as *mut f32;
         unsafe {
-            for (blk, t) in tiles.iter().enumerate().take(kb32) {
+            for blk in 0..kb32 {
+                let (t0, t1) = (&w0[blk], &w1[blk]);
+                let cp = c.as_mut_ptr() as *mut i32;
                 core::arch::asm!(
                     "tilezero tmm0",
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm6, [{b} + {sb}*1]",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
                     "tdpbsud tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbsud tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tdpbsud tmm2, tmm5, tmm6",
+                    "tdpbsud tmm3, tmm5, tmm7",
                     "tilestored [{c} + {sc}*1], tmm0",
-                    a = in(reg) a.add(blk * 512),
-                    b = in(reg) t.qs.as_ptr(),
-                    c = in(reg) c.0.as_mut_ptr(),
+                    "tilestored [{c} + {sc}*1 + 1024], tmm1",
+                    "tilestored [{c} + {sc}*1 + 2048], tmm2",
+                    "tilestored [{c} + {sc}*1 + 3072], tmm3",
+                    a0 = in(reg) a[0].add(blk * 512),
+                    a1 = in(reg) a[1].add(blk * 512),
+                    b0 = in(reg) t0.qs.as_ptr(),
+                    b1 = in(reg) t1.qs.as_ptr(),
+                    c = in(reg) cp,
                     sa = in(reg) 32usize,
                     sb = in(reg) 64usize,
                     sc = in(reg) 64usize,
                     options(nostack)
                 );
-                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.d.as_ptr() as *const _));
-                let das = da.add((blk / 8) * 16);
-                let corrs = corr.add(blk * 16);
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let ci = _mm512_load_si512(c.0.as_ptr().add(i * 16) as *const _);
-                    let ci = _mm512_sub_epi32(ci, _mm512_set1_epi32(*corrs.add(i)));
-                    let s = _mm512_mul_ps(dw, _mm512_set1_ps(*das.add(i)));
-                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ci), s, *acc);
+                let dw = [
+                    _mm512_cvtph_ps(_mm256_loadu_si256(t0.d.as_ptr() as *const _)),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(t1.d.as_ptr() as *const _)),
+                ];
+                // tile q = 2 * row block + column tile
+                for q in 0..4 {
+                    let (h, col) = (q / 2, q % 2);
+                    let das = da[h].add((blk / 8) * 16);
+                    let corrs = corr[h].add(blk * 16);
+                    for i in 0..16 {
+                        let ci = _mm512_load_si512(cp.add(q * 256 + i * 16) as *const _);
+                        let ci = _mm512_sub_epi32(ci, _mm512_set1_epi32(*corrs.add(i)));
+                        let s = _mm512_mul_ps(dw[col], _mm512_set1_ps(*das.add(i)));
+                        let f = acc.add(q * 256 + i * 16);
+                        _mm512_store_ps(
+                            f,
+                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(ci), s, _mm512_load_ps(f)),
+                        );
+                    }
                 }
-            }
-            for (i, acc) in acc.iter().enumerate().take(rows) {
-                _mm512_storeu_ps(dst.add(i * n), *acc);
             }
         }
     }
@@ -999,8 +1025,6 @@ mod amx {
 /// themselves: a `TileQ8_0`'s 512 bytes of quants are [k4-group (8)][row (16)][4 bytes], which
 /// is an AMX B tile of 8 rows of 64 bytes (32 k-values x 16 outputs, VNNI-paired), so no
 /// second copy of the weights is made and a weight packed at load (`pack_for_cpu`) serves it.
-/// The activations are laid out per 16-row block and 32-value block for the A tiles (rows
-/// past `m` are zero and never stored).
 pub(crate) fn matmul_amx_q8_0(
     tiles: &[TileQ8_0],
     lhs_q: &[BlockQ8K],
@@ -1009,17 +1033,38 @@ pub(crate) fn matmul_amx_q8_0(
     n: usize,
     dst: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
+    AmxActs::new(lhs_q, m, k).matmul_q8_0(tiles, n, dst);
+}
+
+/// Activations (q8k rows) laid out for the AMX q8_0 kernel, once for every weight that
+/// multiplies them (the fused projections): A tiles of 16 rows by 32 values, the offset
+/// corrections and the rows' scales. Row blocks come in pairs; rows past `m` are zero and never
+/// stored.
+pub(crate) struct AmxActs {
+    m: usize,
+    kb: usize,
+    kb32: usize,
+    m_blocks: usize,
+    // [row block][block32][16 rows][32 bytes], from `skip` so that tile rows start on lines
+    a_buf: Vec<i8>,
+    skip: usize,
+    // [row block][block32][16]: 128 times the rows' block sums (the +128 weight offset)
+    corr: Vec<i32>,
+    // [row block][superblock][16]: the rows' q8k scales
+    da: Vec<f32>,
+}
+
+impl AmxActs {
+    pub(crate) fn new(lhs_q: &[BlockQ8K], m: usize, k: usize) -> Self {
         let kb = k / QK_K;
         let kb32 = k / QK8_0;
-        let n_tiles = n / TILE_N;
-        let m_blocks = m.div_ceil(16);
-        let mut a_pack = vec![0i8; m_blocks * kb32 * 512];
+        let m_blocks = m.div_ceil(32) * 2;
+        let mut a_buf = vec![0i8; m_blocks * kb32 * 512 + 64];
+        let skip = a_buf.as_ptr().align_offset(64);
         let mut corr = vec![0i32; m_blocks * kb32 * 16];
         let mut da = vec![0f32; m_blocks * kb * 16];
         let (a_ptr, corr_ptr, da_ptr) = (
-            a_pack.as_mut_ptr() as usize,
+            a_buf[skip..].as_mut_ptr() as usize,
             corr.as_mut_ptr() as usize,
             da.as_mut_ptr() as usize,
         );
@@ -1045,32 +1090,85 @@ pub(crate) fn matmul_amx_q8_0(
                 }
             }
         });
-        let dst_ptr = dst.as_mut_ptr() as usize;
-        crate::utils::barrier_pool().execute_chunked(n_tiles * m_blocks, |range| {
-            for unit in range {
-                let (nt, mb) = (unit / m_blocks, unit % m_blocks);
-                let rows = (m - mb * 16).min(16);
-                // SAFETY: each unit writes its own 16 x 16 block of dst; the kernel reads
-                // kb32 tiles from nt * kb32 and its block of the activation buffers.
-                unsafe {
-                    amx::q8_0_m16(
-                        &tiles[nt * kb32..(nt + 1) * kb32],
-                        kb32,
-                        a_pack.as_ptr().add(mb * kb32 * 512),
-                        corr.as_ptr().add(mb * kb32 * 16),
-                        da.as_ptr().add(mb * kb * 16),
-                        rows,
-                        (dst_ptr as *mut f32).add(mb * 16 * n + nt * TILE_N),
-                        n,
-                    )
-                };
-            }
-        });
+        Self {
+            m,
+            kb,
+            kb32,
+            m_blocks,
+            a_buf,
+            skip,
+            corr,
+            da,
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (tiles, lhs_q, m, k, n, dst);
-        unreachable!()
+
+    /// `dst` (m x n) = these activations times the q8_0 weight `tiles` (n x k) transposed.
+    pub(crate) fn matmul_q8_0(&self, tiles: &[TileQ8_0], n: usize, dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use amx::CTile32;
+            let Self { m, kb, kb32, m_blocks, .. } = *self;
+            let n_tiles = n / TILE_N;
+            let a_pack = &self.a_buf[self.skip..];
+            // Units of 32 rows x 32 outputs, column pairs outermost so that consecutive
+            // units of a thread reuse the same weights from cache. An odd last column tile
+            // pairs with itself and stores one half.
+            let (m_pairs, n_pairs) = (m_blocks / 2, n_tiles.div_ceil(2));
+            let dst_ptr = dst.as_mut_ptr() as usize;
+            crate::utils::barrier_pool().execute_chunked(n_pairs * m_pairs, |range| {
+                let mut acc = [
+                    CTile32([0.0; 256]),
+                    CTile32([0.0; 256]),
+                    CTile32([0.0; 256]),
+                    CTile32([0.0; 256]),
+                ];
+                for unit in range {
+                    let (np, mp) = (unit / m_pairs, unit % m_pairs);
+                    let nt0 = np * 2;
+                    let nt1 = (nt0 + 1).min(n_tiles - 1);
+                    for t in acc.iter_mut() {
+                        t.0.fill(0.0);
+                    }
+                    let mb = [mp * 2, mp * 2 + 1];
+                    // SAFETY: the kernel reads kb32 tiles of each column and its row blocks
+                    // of the activation buffers; each unit writes its own rows x columns.
+                    unsafe {
+                        amx::q8_0_m32n32(
+                            &tiles[nt0 * kb32..(nt0 + 1) * kb32],
+                            &tiles[nt1 * kb32..(nt1 + 1) * kb32],
+                            kb32,
+                            mb.map(|b| a_pack.as_ptr().add(b * kb32 * 512)),
+                            mb.map(|b| self.corr.as_ptr().add(b * kb32 * 16)),
+                            mb.map(|b| self.da.as_ptr().add(b * kb * 16)),
+                            &mut acc,
+                        );
+                        let dst = dst_ptr as *mut f32;
+                        for (q, tile) in acc.iter().enumerate() {
+                            let (h, col) = (q / 2, q % 2);
+                            if col == 1 && nt1 == nt0 {
+                                continue;
+                            }
+                            let nt = if col == 0 { nt0 } else { nt1 };
+                            for i in 0..16 {
+                                let r = mb[h] * 16 + i;
+                                if r < m {
+                                    std::ptr::copy_nonoverlapping(
+                                        tile.0.as_ptr().add(i * 16),
+                                        dst.add(r * n + nt * TILE_N),
+                                        TILE_N,
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (tiles, n, dst);
+            unreachable!()
+        }
     }
 }
 
