@@ -1073,7 +1073,17 @@ impl QTensor {
                 .zip(shapes.iter())
                 .map(|(p, &n)| (*p, n))
                 .collect();
-            let mut dsts: Vec<Vec<f32>> = shapes.iter().map(|&n| vec![0f32; m * n]).collect();
+            // Both kernels below write every element: no zeroing of the outputs.
+            let mut dsts: Vec<Vec<f32>> = shapes
+                .iter()
+                .map(|&n| {
+                    let mut v = Vec::<f32>::with_capacity(m * n);
+                    // SAFETY: f32 has no invalid bit patterns, and every element is written
+                    // (each unit of either kernel stores all of its rows and columns).
+                    unsafe { v.set_len(m * n) };
+                    v
+                })
+                .collect();
             // Products of 16 rows or more of q8_0 weights run on AMX where the core has it
             // (as in `repack::matmul`), the activations laid out once for all the weights.
             let amx_q8: Option<Vec<&[repack_x86::TileQ8_0]>> =
@@ -1285,7 +1295,19 @@ impl crate::CustomOp1 for QTensor {
                 let slice = storage.as_slice::<f32>()?;
                 let slice =
                     &slice[layout.start_offset()..layout.start_offset() + src_shape.elem_count()];
-                let mut dst_storage = vec![0f32; dst_shape.elem_count()];
+                // On x86 the repacked kernels write every element of the output, so it is
+                // left uninitialised for them (no memset of a buffer about to be overwritten,
+                // as in the patched CPU matmul) and zeroed only for the fallback.
+                let mut dst_storage = if cfg!(target_arch = "x86_64") {
+                    let len = dst_shape.elem_count();
+                    let mut v = Vec::<f32>::with_capacity(len);
+                    // SAFETY: f32 has no invalid bit patterns; every element is written
+                    // by the x86 packed kernels, or zeroed below before the fallback.
+                    unsafe { v.set_len(len) };
+                    v
+                } else {
+                    vec![0f32; dst_shape.elem_count()]
+                };
 
                 let mkn = (dst_shape.elem_count() / n, k, n);
                 let used_packed = repack::try_matmul_f32(
@@ -1299,6 +1321,7 @@ impl crate::CustomOp1 for QTensor {
                     return Ok((crate::CpuStorage::F32(dst_storage), dst_shape));
                 }
 
+                dst_storage.fill(0.0);
                 self_storage.matmul_t(mkn, slice, &mut dst_storage)?;
                 Ok((crate::CpuStorage::F32(dst_storage), dst_shape))
             }
