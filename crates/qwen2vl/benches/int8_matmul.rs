@@ -63,12 +63,12 @@ fn main() {
         let f32_s = time(reps, || {
             x.matmul(&wt).unwrap();
         });
-        let mut rates = Vec::new();
+        let mut secs = Vec::new();
         for t in [GgmlDType::Q8_0, GgmlDType::Q4K] {
             let mut q = QTensor::quantize(&w, t).unwrap();
             q.pack_for_cpu();
             let mm = QMatMul::from_qtensor(q).unwrap();
-            rates.push(time(reps, || {
+            secs.push(time(reps, || {
                 mm.forward(&x).unwrap();
             }));
         }
@@ -77,10 +77,10 @@ fn main() {
             "{:<30} {:>10.1} {:>10.1} {:>10.1} {:>8.2} {:>8.2}",
             what,
             macs / f32_s,
-            macs / rates[0],
-            macs / rates[1],
-            f32_s / rates[0],
-            f32_s / rates[1]
+            macs / secs[0],
+            macs / secs[1],
+            f32_s / secs[0],
+            f32_s / secs[1]
         );
     }
 }
