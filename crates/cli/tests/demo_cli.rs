@@ -443,50 +443,33 @@ fn dataset_complete_with_gold_boxes_keeps_the_models_findings_with_the_files_box
         detected,
         ..
     } = complete_examples(stack, &["--gold-boxes"]);
+    // (rule, box) of each violation in a list, the rule read by `rule`.
+    let rule_boxes = |violations: &serde_json::Value,
+                      rule: &dyn Fn(&serde_json::Value) -> String| {
+        violations
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (rule(v), serde_json::from_value(v["box"].clone()).unwrap()))
+            .collect::<Vec<(String, Vec<f64>)>>()
+    };
     // The file's boxes by rule, with the citations as the database writes them.
-    let canonical = |r: &str| r.replace("第十二条", "第12条");
     let original: Vec<Vec<(String, Vec<f64>)>> = original
         .iter()
         .map(|a| {
-            a["violations"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| {
-                    (
-                        canonical(v["rule"].as_str().unwrap()),
-                        serde_json::from_value(v["box"].clone()).unwrap(),
-                    )
-                })
-                .collect()
+            rule_boxes(&a["violations"], &|v| {
+                v["rule"].as_str().unwrap().replace("第十二条", "第12条")
+            })
         })
         .collect();
     let mut reboxed = 0;
     for ((c, gold), d) in completed.iter().zip(&original).zip(&detected) {
-        let got: Vec<(String, Vec<f64>)> = c["violations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| {
-                (
-                    v["rule"].as_str().unwrap().to_string(),
-                    serde_json::from_value(v["box"].clone()).unwrap(),
-                )
-            })
-            .filter(|(rule, _)| rule != stack)
-            .collect();
-        let model: Vec<(String, Vec<f64>)> = d["finding"]["violations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| {
-                (
-                    v["resolved"]["citation"].as_str().unwrap().to_string(),
-                    serde_json::from_value(v["box"].clone()).unwrap(),
-                )
-            })
-            .filter(|(rule, _)| rule != stack)
-            .collect();
+        let mut got = rule_boxes(&c["violations"], &|v| v["rule"].as_str().unwrap().into());
+        got.retain(|(rule, _)| rule != stack);
+        let mut model = rule_boxes(&d["finding"]["violations"], &|v| {
+            v["resolved"]["citation"].as_str().unwrap().into()
+        });
+        model.retain(|(rule, _)| rule != stack);
         // The model's findings, in its order.
         assert_eq!(
             got.iter().map(|g| &g.0).collect::<Vec<_>>(),

@@ -23,20 +23,6 @@ const SHAPES: [(&str, usize, usize, usize); 6] = [
     ("LM gate/up, 1 token (decode)", 1, 1536, 8960),
 ];
 
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
-        })
-        .collect()
-}
-
 /// Seconds per call: the best of `reps` calls after one warm-up.
 fn time(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -55,9 +41,9 @@ fn main() {
         "{:<30} {:>10} {:>10} {:>10} {:>8} {:>8}",
         "shape", "f32 GMAC/s", "q8_0", "q4k", "q8_0/f32", "q4k/f32"
     );
-    for (i, (what, m, k, n)) in SHAPES.into_iter().enumerate() {
-        let w = Tensor::from_vec(values(n * k, i as u64), (n, k), &dev).unwrap();
-        let x = Tensor::from_vec(values(m * k, 100 + i as u64), (m, k), &dev).unwrap();
+    for (what, m, k, n) in SHAPES {
+        let w = Tensor::rand(-0.02f32, 0.02, (n, k), &dev).unwrap();
+        let x = Tensor::rand(-0.02f32, 0.02, (m, k), &dev).unwrap();
         let reps = if m == 1 { 50 } else { 5 };
         let wt = w.t().unwrap().contiguous().unwrap();
         let f32_s = time(reps, || {

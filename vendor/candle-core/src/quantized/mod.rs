@@ -1074,16 +1074,8 @@ impl QTensor {
                 .map(|(p, &n)| (*p, n))
                 .collect();
             // Both kernels below write every element: no zeroing of the outputs.
-            let mut dsts: Vec<Vec<f32>> = shapes
-                .iter()
-                .map(|&n| {
-                    let mut v = Vec::<f32>::with_capacity(m * n);
-                    // SAFETY: f32 has no invalid bit patterns, and every element is written
-                    // (each unit of either kernel stores all of its rows and columns).
-                    unsafe { v.set_len(m * n) };
-                    v
-                })
-                .collect();
+            // (each unit of either kernel stores all of its rows and columns)
+            let mut dsts: Vec<Vec<f32>> = shapes.iter().map(|&n| uninit_f32(m * n)).collect();
             // Products of 16 rows or more of q8_0 weights run on AMX where the core has it
             // (as in `repack::matmul`), the activations laid out once for all the weights.
             let amx_q8: Option<Vec<&[repack_x86::TileQ8_0]>> =
@@ -1259,6 +1251,16 @@ fn narrow_bf16(src: &[f32]) -> Vec<half::bf16> {
 
 const WIDEN_CHUNK: usize = 32 * 1024;
 
+/// A buffer of `len` f32 left uninitialised, for a product whose kernel writes every element
+/// (no memset of memory about to be overwritten, as in the patched CPU matmul).
+#[allow(clippy::uninit_vec)]
+fn uninit_f32(len: usize) -> Vec<f32> {
+    let mut v = Vec::<f32>::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns; callers write every element before reading.
+    unsafe { v.set_len(len) };
+    v
+}
+
 impl crate::CustomOp1 for QTensor {
     fn name(&self) -> &'static str {
         "qmatmul"
@@ -1299,12 +1301,9 @@ impl crate::CustomOp1 for QTensor {
                 // left uninitialised for them (no memset of a buffer about to be overwritten,
                 // as in the patched CPU matmul) and zeroed only for the fallback.
                 let mut dst_storage = if cfg!(target_arch = "x86_64") {
-                    let len = dst_shape.elem_count();
-                    let mut v = Vec::<f32>::with_capacity(len);
-                    // SAFETY: f32 has no invalid bit patterns; every element is written
-                    // by the x86 packed kernels, or zeroed below before the fallback.
-                    unsafe { v.set_len(len) };
-                    v
+                    // every element is written by the x86 packed kernels, or zeroed below
+                    // before the fallback
+                    uninit_f32(dst_shape.elem_count())
                 } else {
                     vec![0f32; dst_shape.elem_count()]
                 };

@@ -949,8 +949,8 @@ mod amx {
     // independent `tdpbsud` (signed activations, weights offset by +128) into 16x16 i32
     // tiles, which are stored; then for each row the offset is taken out (128 times the
     // block's activation sum) and the block's scales applied in f32 into `acc`.
-    // a0/a1: the two row blocks' [block32][16 rows][32 bytes]; corr0/1: [block32][16]
-    // (128 * activation block sums); da0/1: [superblock][16] (the rows' q8k scales).
+    // For each of the two row blocks: a, its [block32][16 rows][32 bytes]; corr, its
+    // [block32][16] (128 * activation block sums); da, its [superblock][16] (q8k scales).
     #[target_feature(enable = "avx512f,avx512bw,f16c")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn q8_0_m32n32(
