@@ -550,6 +550,28 @@ struct Attention {
     mask: Tensor,
     limits: Vec<usize>,
     keep: Option<std::sync::Mutex<Vec<f32>>>,
+    /// Query heads per key/value head (grouped-query attention; 1 when `k`, `v` have `H` heads).
+    /// Only a forward pass without gradients takes more than 1.
+    groups: usize,
+}
+
+/// Where each `[T, D]` head of a `[B, H, T, D]` f32 tensor starts in its storage, for a layout
+/// whose rows are contiguous and `D` apart (a contiguous tensor, or a cache buffer narrowed to
+/// its first `T` positions): `(data, start, batch stride, head stride)`.
+fn head_rows<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<(&'a [f32], usize, usize, usize)> {
+    let CpuStorage::F32(data) = storage else {
+        bail!("fused {what}: expected f32")
+    };
+    let (_, _, t, d) = layout.shape().dims4()?;
+    let st = layout.stride();
+    if st[3] != 1 || (t > 1 && st[2] != d) {
+        bail!("fused {what}: rows of {:?} are not contiguous (strides {st:?})", layout.dims())
+    }
+    Ok((data, layout.start_offset(), st[0], st[1]))
 }
 
 /// The most probability memory one attention op keeps for its backward pass (per layer).
@@ -680,10 +702,20 @@ impl CustomOp3 for Attention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let q = f32s(s1, l1, "attention")?;
-        let k = f32s(s2, l2, "attention")?;
-        let v = f32s(s3, l3, "attention")?;
+        let (k, k0, kb, kh) = head_rows(s2, l2, "attention keys")?;
+        let (v, v0, vb, vh) = head_rows(s3, l3, "attention values")?;
         let (_, h, s, d) = l1.shape().dims4()?;
         let t = l2.dims()[2];
+        let kv_heads = l2.dims()[1];
+        if kv_heads * self.groups != h || l3.dims() != l2.dims() {
+            bail!(
+                "fused attention: q {:?}, k {:?}, v {:?} with {} groups",
+                l1.dims(),
+                l2.dims(),
+                l3.dims(),
+                self.groups
+            )
+        }
         let (ms, ml) = self.mask.storage_and_layout();
         let mask = storage_f32(&ms, ml, "attention mask")?;
         let mut out = vec![0f32; q.len()];
@@ -697,10 +729,11 @@ impl CustomOp3 for Attention {
         };
         let forward_head = |bh: usize, o: &mut [f32], keep: Option<&mut [f32]>| {
             let b = bh / h;
+            let kvh = bh % h / self.groups;
             let (q, k, v) = (
                 &q[bh * s * d..][..s * d],
-                &k[bh * t * d..][..t * d],
-                &v[bh * t * d..][..t * d],
+                &k[k0 + b * kb + kvh * kh..][..t * d],
+                &v[v0 + b * vb + kvh * vh..][..t * d],
             );
             let mut own = Vec::new();
             let (buf, kept) = match keep {
@@ -755,6 +788,9 @@ impl CustomOp3 for Attention {
         o: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.groups != 1 {
+            bail!("fused attention: no backward pass for grouped heads (repeat them first)")
+        }
         let (bsz, h, s, d) = q.dims4()?;
         let t = k.dim(2)?;
         let g = g.contiguous()?;
@@ -903,6 +939,35 @@ pub fn attention_keeping(
     scale: f64,
     keep_bytes: usize,
 ) -> Result<Tensor> {
+    attention_op(q, k, v, mask, scale, keep_bytes, 1)
+}
+
+/// [`attention`] for grouped-query attention without gradients: `k`, `v` `[B, H/groups, T, D]`,
+/// each key/value head serving `groups` consecutive query heads, read in place (no repeated
+/// copy), as are the first `T` rows of a wider cache buffer (`narrow` on dimension 2).
+pub fn attention_grouped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    groups: usize,
+) -> Result<Tensor> {
+    if q.track_op() || k.track_op() || v.track_op() {
+        bail!("fused attention: grouped heads have no backward pass (repeat them first)")
+    }
+    attention_op(q, k, v, mask, scale, 0, groups)
+}
+
+fn attention_op(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    keep_bytes: usize,
+    groups: usize,
+) -> Result<Tensor> {
     let (b, h, s, _) = q.dims4()?;
     let t = k.dim(2)?;
     if mask.dims() != [b, 1, s, t] {
@@ -929,14 +994,25 @@ pub fn attention_keeping(
     let needs_grad = q.track_op() || k.track_op() || v.track_op();
     let keep =
         (needs_grad && b * h * s * t * 4 <= keep_bytes).then(|| std::sync::Mutex::new(Vec::new()));
+    // Without gradients, keys and values whose rows are contiguous are read where they are.
+    let rows_in_place = |t: &Tensor| -> Result<Tensor> {
+        let st = t.stride();
+        let d = t.dim(3)?;
+        if needs_grad || st[3] != 1 || (t.dim(2)? > 1 && st[2] != d) {
+            t.contiguous()
+        } else {
+            Ok(t.clone())
+        }
+    };
     q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
+        &rows_in_place(k)?,
+        &rows_in_place(v)?,
         Attention {
             scale: scale as f32,
             mask,
             limits,
             keep,
+            groups,
         },
     )
 }

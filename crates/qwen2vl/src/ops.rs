@@ -246,6 +246,35 @@ pub fn silu(xs: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// [`attention`] for grouped-query attention: `k`, `v` `[B, H/groups, T, D]`, each key/value
+/// head serving `groups` consecutive query heads. Inference on the fused kernel reads the shared
+/// heads (and a cache buffer's rows) in place; every other path repeats them first.
+pub fn attention_grouped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    groups: usize,
+) -> Result<Tensor> {
+    let needs_grad = [q, k, v].iter().any(|t| t.track_op());
+    if groups > 1 && !needs_grad && kernel_for(&[q, k, v, mask]) == Kernel::Fused {
+        return fused::attention_grouped(q, k, v, mask, scale, groups);
+    }
+    attention(q, &repeat_kv(k, groups)?, &repeat_kv(v, groups)?, Some(mask), scale)
+}
+
+/// `[B, kv, T, hd]` → `[B, kv·groups, T, hd]`, each kv head serving `groups` query heads.
+pub fn repeat_kv(xs: &Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return Ok(xs.clone());
+    }
+    let (b, kv, t, hd) = xs.dims4()?;
+    xs.unsqueeze(2)?
+        .expand((b, kv, groups, t, hd))?
+        .reshape((b, kv * groups, t, hd))
+}
+
 /// The attention core in f32: `softmax(q·kᵀ·scale + mask)·v` for `q [B, heads, S, hd]`, `k`
 /// and `v` `[B, heads, T, hd]` (kv heads already repeated) and an additive `mask`
 /// broadcastable to `[B, heads, S, T]` (`None`: every key visible). The fused CPU op skips

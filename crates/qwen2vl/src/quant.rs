@@ -299,6 +299,47 @@ impl GgufWeights {
         Ok(qt)
     }
 
+    /// The `[n, k]` tensor `name` packed for the CPU's int8 kernels straight from the mapped
+    /// file, with no copy of its blocks, or `None` where those kernels do not serve it (then
+    /// [`GgufWeights::qtensor`] reads it). Errors name the file and the tensor.
+    pub fn packed_qtensor(
+        &self,
+        name: &str,
+        (n, k): (usize, usize),
+    ) -> candle_core::Result<Option<QTensor>> {
+        let err =
+            |m: String| candle_core::Error::Msg(format!("{}: {name}: {m}", self.path.display()));
+        let Some(info) = self.content.tensor_infos.get(name) else {
+            return Ok(None);
+        };
+        // Another shape: `qtensor` reads it, and the caller names the mismatch.
+        if info.shape.dims() != [n, k] {
+            return Ok(None);
+        }
+        let range =
+            byte_range(&self.content, info).ok_or_else(|| err("its size overflows".into()))?;
+        let (start, size) = (range.start as usize, (range.end - range.start) as usize);
+        let bytes = self
+            .map
+            .get(start..start + size)
+            .ok_or_else(|| err("lies beyond the end of the file".into()))?;
+        let qt = QTensor::packed_for_cpu_from_bytes(info.ggml_dtype, bytes, (n, k))
+            .map_err(|e| err(e.to_string()))?;
+        if qt.is_some() {
+            // Packed: the mapped pages can leave this process (they stay in the page cache).
+            // SAFETY: a read-only shared file mapping, and nothing borrows these pages now.
+            #[cfg(unix)]
+            unsafe {
+                let _ = self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    size,
+                );
+            }
+        }
+        Ok(qt)
+    }
+
     /// The key layout, told from the embedding's name.
     pub fn key_layout(&self) -> Result<KeyLayout, Error> {
         weights::key_layout(|n| self.contains(n), &self.path)
@@ -422,11 +463,15 @@ impl Weights {
     }
 
     /// The quantized tensor of `[out, in]` weight `vb`'s `name`, or `None` for a dense layer.
+    ///
+    /// With `pack`, the weight is also packed for the CPU's int8 kernels where they serve it
+    /// ([`QTensor::pack_for_cpu`]); from a GGUF file, straight from the mapped blocks.
     fn quantized(
         &self,
         vb: &VarBuilder,
         name: &str,
         (out_dim, in_dim): (usize, usize),
+        pack: bool,
     ) -> candle_core::Result<Option<QTensor>> {
         let qt = match &self.source {
             LinearSource::Dense => return Ok(None),
@@ -451,6 +496,9 @@ impl Weights {
                 ) {
                     return Ok(None);
                 }
+                if pack && let Some(qt) = g.packed_qtensor(&full, (out_dim, in_dim))? {
+                    return Ok(Some(qt));
+                }
                 let qt = g.qtensor(&full)?;
                 if qt.shape().dims() != [out_dim, in_dim] {
                     candle_core::bail!(
@@ -462,7 +510,12 @@ impl Weights {
                 Some(qt)
             }
         };
-        Ok(qt)
+        Ok(qt.map(|mut qt| {
+            if pack {
+                qt.pack_for_cpu();
+            }
+            qt
+        }))
     }
 
     /// The frozen base of a linear layer `vb.pp(name)`.
@@ -475,8 +528,8 @@ impl Weights {
         name: &str,
     ) -> candle_core::Result<Base> {
         let vb = vb.pp(name);
-        match self.quantized(&vb, "weight", (out_dim, in_dim))? {
-            Some(mut qt) => {
+        match self.quantized(&vb, "weight", (out_dim, in_dim), true)? {
+            Some(qt) => {
                 self.count(Some(qt.dtype()), out_dim * in_dim);
                 let bias = if bias {
                     Some(vb.get_with_hints_dtype(
@@ -488,7 +541,6 @@ impl Weights {
                 } else {
                     None
                 };
-                qt.pack_for_cpu();
                 Ok(Base::Quantized {
                     weight: QMatMul::from_qtensor(qt)?,
                     dims: (out_dim, in_dim),
@@ -517,7 +569,7 @@ impl Weights {
         name: &str,
     ) -> candle_core::Result<TokenEmbedding> {
         let vb = vb.pp(name);
-        match self.quantized(&vb, "weight", (vocab, hidden))? {
+        match self.quantized(&vb, "weight", (vocab, hidden), false)? {
             Some(qt) => {
                 self.count(Some(qt.dtype()), vocab * hidden);
                 Ok(TokenEmbedding::Quantized(Arc::new(qt)))

@@ -235,28 +235,23 @@ impl Attention {
         let k = apply_rotary(&k.to_dtype(DType::F32)?, cos, sin)?.to_dtype(dtype)?;
         let (k, v) = cache.append(&k, &v)?;
         let groups = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(&k.to_dtype(DType::F32)?, groups)?;
-        let v = repeat_kv(&v.to_dtype(DType::F32)?, groups)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // One dispatcher: the fused CPU op (which skips masked key blocks), or the scores as a
-        // tensor with candle's softmax (inference elsewhere) or the differentiable one.
-        let out = crate::ops::attention(&q, &k, &v, Some(mask), scale)?; // [B, heads, S, hd]
+        // One dispatcher: the fused CPU op (which skips masked key blocks and, in inference,
+        // reads the shared key/value heads in the cache in place), or the scores as a tensor
+        // with candle's softmax (inference elsewhere) or the differentiable one.
+        let out = crate::ops::attention_grouped(
+            &q,
+            &k.to_dtype(DType::F32)?,
+            &v.to_dtype(DType::F32)?,
+            mask,
+            scale,
+            groups,
+        )?; // [B, heads, S, hd]
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out.to_dtype(dtype)?)
     }
-}
-
-/// `[B, kv, T, hd]` → `[B, kv·groups, T, hd]`, each kv head serving `groups` query heads.
-fn repeat_kv(xs: &Tensor, groups: usize) -> Result<Tensor> {
-    if groups == 1 {
-        return Ok(xs.clone());
-    }
-    let (b, kv, t, hd) = xs.dims4()?;
-    xs.unsqueeze(2)?
-        .expand((b, kv, groups, t, hd))?
-        .reshape((b, kv * groups, t, hd))
 }
 
 #[derive(Debug, Clone)]

@@ -204,3 +204,53 @@ fn attention_matches_the_composite_op() {
         );
     }
 }
+
+#[test]
+fn grouped_attention_reads_shared_heads_from_a_wider_buffer_as_repeated_heads_would() {
+    // 6 query heads on 2 key/value heads, as Qwen2-VL-2B's 12 on 2; keys and values are the
+    // first `t` rows of a buffer with room for more (a decoding cache), and a grouped call must
+    // give what the repeated, contiguous heads give. Batch row 1 is left-padded.
+    let scale = 1.0 / (24f64).sqrt();
+    for (s, past) in [(1, 77), (5, 40), (150, 0)] {
+        let t = past + s;
+        let mask = causal_mask(&[0, 7], s, past);
+        let q = randn(&[2, 6, s, 24], 21);
+        let kbuf = randn(&[2, 2, t + 9, 24], 22);
+        let vbuf = randn(&[2, 2, t + 9, 24], 23);
+        let (k, v) = (kbuf.narrow(2, 0, t).unwrap(), vbuf.narrow(2, 0, t).unwrap());
+        assert!(!k.is_contiguous(), "the test must read a strided buffer");
+        let got = fused::attention_grouped(&q, &k, &v, &mask, scale, 3).unwrap();
+        let repeat = |x: &Tensor| {
+            x.unsqueeze(2)
+                .unwrap()
+                .expand((2, 2, 3, t, 24))
+                .unwrap()
+                .reshape((2, 6, t, 24))
+                .unwrap()
+        };
+        let (kr, vr) = (repeat(&k), repeat(&v));
+        let scores = (q.matmul(&kr.t().unwrap()).unwrap() * scale)
+            .unwrap()
+            .broadcast_add(&mask)
+            .unwrap();
+        let want = candle_nn::ops::softmax(&scores, D::Minus1)
+            .unwrap()
+            .matmul(&vr)
+            .unwrap();
+        close(&format!("grouped attention S={s} past={past}"), &got, &want);
+        // Head order matters: query head 2 belongs to key/value head 0, head 3 to head 1.
+        let swapped = Tensor::cat(&[&k.narrow(1, 1, 1).unwrap(), &k.narrow(1, 0, 1).unwrap()], 1)
+            .unwrap();
+        let wrong = fused::attention_grouped(&q, &swapped, &v, &mask, scale, 3).unwrap();
+        assert!(
+            common::max_diff(&wrong, &want) > 1e-2,
+            "swapped key heads must change the answer"
+        );
+    }
+    // A training pass cannot take the grouped kernel: it has no backward pass.
+    let q = Var::from_tensor(&randn(&[1, 6, 3, 24], 31)).unwrap();
+    let kv = randn(&[1, 2, 3, 24], 32);
+    let err = fused::attention_grouped(q.as_tensor(), &kv, &kv, &causal_mask(&[0], 3, 0), scale, 3)
+        .unwrap_err();
+    assert!(err.to_string().contains("backward"), "{err}");
+}

@@ -389,6 +389,35 @@ fn packing_frees_the_blocks_where_the_int8_kernels_serve_every_product() {
         // No VNNI on this core: the blocks stay.
         assert_eq!(qt.storage_size_in_bytes(), before);
     }
+    // Packed straight from the blocks' bytes (a mapped GGUF file's), for each format the
+    // kernels take: the same products as packing a copy, or `None` where no kernel serves.
+    let x = Tensor::randn(0f32, 1.0, (5, 512), &Device::Cpu).unwrap();
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        let w = Tensor::randn(0f32, 0.02, (48, 512), &Device::Cpu).unwrap();
+        let blocks = QTensor::quantize(&w, dtype).unwrap();
+        let bytes = blocks.data().unwrap().into_owned();
+        let from_bytes = QTensor::packed_for_cpu_from_bytes(dtype, &bytes, (48, 512)).unwrap();
+        let mut copy = QTensor::quantize(&w, dtype).unwrap();
+        let packs = copy.pack_for_cpu();
+        assert_eq!(from_bytes.is_some(), packs, "{dtype:?}");
+        if let Some(qt) = from_bytes {
+            assert_eq!(qt.storage_size_in_bytes(), 0, "{dtype:?}: the blocks are not kept");
+            let product = |q: QTensor| {
+                QMatMul::from_qtensor(q)
+                    .unwrap()
+                    .forward(&x)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(product(qt), product(copy), "{dtype:?}");
+        }
+        // Bytes that are not 48 × 512 weights of the format are refused.
+        let e = QTensor::packed_for_cpu_from_bytes(dtype, &bytes[..bytes.len() - 1], (48, 512))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bytes"), "{e}");
+    }
     // A shape the kernels do not take keeps its blocks.
     let w = Tensor::ones((20, 256), DType::F32, &Device::Cpu).unwrap();
     let mut qt = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();

@@ -709,12 +709,7 @@ impl QTensor {
                 return false;
             };
             let dtype = storage.dtype();
-            // On an AMX core the q4k prefill path would build 10-bit AMX tiles beside the
-            // blocks and these tiles (19 bits a weight in all); the VNNI tiles alone serve
-            // both prefill and decode at 4.75 bits. (`select` is false without a kernel tier.)
-            if !repack_x86::select(dtype, 1, n, k)
-                || !repack_x86::select(dtype, 2, n, k)
-            {
+            if !Self::packs_for_cpu(dtype, n, k) {
                 return false;
             }
             let packed = repack_x86::pack(dtype, storage.as_ref(), n, k);
@@ -727,6 +722,62 @@ impl QTensor {
         #[cfg(not(target_arch = "x86_64"))]
         {
             false
+        }
+    }
+
+    /// Whether [`QTensor::pack_for_cpu`] packs a `[n, k]` CPU weight of `dtype` on this core.
+    #[cfg(target_arch = "x86_64")]
+    fn packs_for_cpu(dtype: GgmlDType, n: usize, k: usize) -> bool {
+        // On an AMX core the q4k prefill path would build 10-bit AMX tiles beside the
+        // blocks and these tiles (19 bits a weight in all); the VNNI tiles alone serve
+        // both prefill and decode at 4.75 bits. (`select` is false without a kernel tier.)
+        repack_x86::select(dtype, 1, n, k) && repack_x86::select(dtype, 2, n, k)
+    }
+
+    /// A `[n, k]` CPU weight packed for the x86 int8 kernels straight from its ggml blocks'
+    /// bytes, such as a mapped GGUF file's: what [`QTensor::new`] on a copy of those blocks and
+    /// then [`QTensor::pack_for_cpu`] give, without the copy. `Ok(None)` where `pack_for_cpu`
+    /// would not pack (another core, dtype or shape): the caller builds the tensor the usual
+    /// way. Errors when `bytes` is not `n·k` weights of `dtype` or not aligned for its blocks.
+    pub fn packed_for_cpu_from_bytes(
+        dtype: GgmlDType,
+        bytes: &[u8],
+        (n, k): (usize, usize),
+    ) -> Result<Option<Self>> {
+        let (bs, ts) = (dtype.block_size(), dtype.type_size());
+        if !(n * k).is_multiple_of(bs) || bytes.len() != n * k / bs * ts {
+            crate::bail!(
+                "{dtype:?} [{n}, {k}] takes {} bytes, got {}",
+                (n * k).div_ceil(bs) * ts,
+                bytes.len()
+            )
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !Self::packs_for_cpu(dtype, n, k) {
+                return Ok(None);
+            }
+            // Every block type the kernels take is f16s and bytes: aligned to 2.
+            if bytes.as_ptr().align_offset(2) != 0 {
+                crate::bail!("{dtype:?} blocks at an odd address")
+            }
+            let repacked_qs = repack::PackedCache::new();
+            if repacked_qs
+                .x86
+                .set(repack_x86::pack_bytes(dtype, bytes, n, k))
+                .is_err()
+            {
+                unreachable!("a new cache is empty")
+            }
+            Ok(Some(Self {
+                storage: QStorage::Cpu(dtype.cpu_zeros(0)),
+                shape: (n, k).into(),
+                repacked_qs,
+            }))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Ok(None)
         }
     }
 

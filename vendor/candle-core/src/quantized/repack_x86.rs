@@ -66,20 +66,23 @@ pub(crate) fn select(dtype: super::GgmlDType, m: usize, n: usize, k: usize) -> b
     }
 }
 
-fn q4k_blocks(storage: &dyn QuantizedType) -> &[BlockQ4K] {
-    let data = storage.storage_size_in_bytes();
-    let ptr = storage.as_ptr() as *const BlockQ4K;
-    unsafe { std::slice::from_raw_parts(ptr, data / std::mem::size_of::<BlockQ4K>()) }
+/// The blocks in `bytes` (a whole number of them, aligned for `T`: checked by the callers).
+fn blocks_of<T>(bytes: &[u8]) -> &[T] {
+    debug_assert_eq!(bytes.as_ptr().align_offset(std::mem::align_of::<T>()), 0);
+    // SAFETY: ggml's block structs are plain bytes and f16s (any bit pattern is valid), and
+    // the slice is aligned for them (above); a trailing partial block is left out.
+    unsafe {
+        std::slice::from_raw_parts(
+            bytes.as_ptr() as *const T,
+            bytes.len() / std::mem::size_of::<T>(),
+        )
+    }
 }
-fn q6k_blocks(storage: &dyn QuantizedType) -> &[BlockQ6K] {
-    let data = storage.storage_size_in_bytes();
-    let ptr = storage.as_ptr() as *const BlockQ6K;
-    unsafe { std::slice::from_raw_parts(ptr, data / std::mem::size_of::<BlockQ6K>()) }
-}
-fn q8_0_blocks(storage: &dyn QuantizedType) -> &[BlockQ8_0] {
-    let data = storage.storage_size_in_bytes();
-    let ptr = storage.as_ptr() as *const BlockQ8_0;
-    unsafe { std::slice::from_raw_parts(ptr, data / std::mem::size_of::<BlockQ8_0>()) }
+
+/// The bytes of a quantized storage's blocks.
+fn storage_bytes(storage: &dyn QuantizedType) -> &[u8] {
+    // SAFETY: the storage owns `storage_size_in_bytes` bytes at `as_ptr`.
+    unsafe { std::slice::from_raw_parts(storage.as_ptr(), storage.storage_size_in_bytes()) }
 }
 
 /// `count` tiles made by `make(i)`, built in parallel on the barrier pool: packing at load
@@ -111,8 +114,8 @@ fn get_scale_min_k4(j: usize, scales: &[u8; 12]) -> (u8, u8) {
     }
 }
 
-pub(crate) fn pack_q4k(storage: &dyn QuantizedType, n: usize, k: usize) -> PackedX86 {
-    let blocks = q4k_blocks(storage);
+pub(crate) fn pack_q4k(bytes: &[u8], n: usize, k: usize) -> PackedX86 {
+    let blocks: &[BlockQ4K] = blocks_of(bytes);
     let kb = k / QK_K;
     let n_tiles = n / TILE_N;
     let out = build_tiles(n_tiles * kb, |i| {
@@ -155,8 +158,8 @@ pub(crate) fn pack_q4k(storage: &dyn QuantizedType, n: usize, k: usize) -> Packe
     PackedX86::Q4K(out)
 }
 
-pub(crate) fn pack_q6k(storage: &dyn QuantizedType, n: usize, k: usize) -> PackedX86 {
-    let blocks = q6k_blocks(storage);
+pub(crate) fn pack_q6k(bytes: &[u8], n: usize, k: usize) -> PackedX86 {
+    let blocks: &[BlockQ6K] = blocks_of(bytes);
     let kb = k / QK_K;
     let n_tiles = n / TILE_N;
     let out = build_tiles(n_tiles * kb, |i| {
@@ -194,8 +197,8 @@ pub(crate) fn pack_q6k(storage: &dyn QuantizedType, n: usize, k: usize) -> Packe
     PackedX86::Q6K(out)
 }
 
-pub(crate) fn pack_q8_0(storage: &dyn QuantizedType, n: usize, k: usize) -> PackedX86 {
-    let blocks = q8_0_blocks(storage);
+pub(crate) fn pack_q8_0(bytes: &[u8], n: usize, k: usize) -> PackedX86 {
+    let blocks: &[BlockQ8_0] = blocks_of(bytes);
     let kb = k / QK8_0;
     let n_tiles = n / TILE_N;
     // The VNNI kernels take the weights offset by +128 (vpdpbusd's unsigned operand); the
@@ -522,11 +525,16 @@ pub(crate) fn pack(
     n: usize,
     k: usize,
 ) -> PackedX86 {
+    pack_bytes(dtype, storage_bytes(storage), n, k)
+}
+
+/// [`pack`] from the blocks' bytes (`n·k` weights' worth, aligned for the block type).
+pub(crate) fn pack_bytes(dtype: super::GgmlDType, bytes: &[u8], n: usize, k: usize) -> PackedX86 {
     use super::GgmlDType as D;
     match dtype {
-        D::Q4K => pack_q4k(storage, n, k),
-        D::Q6K => pack_q6k(storage, n, k),
-        D::Q8_0 => pack_q8_0(storage, n, k),
+        D::Q4K => pack_q4k(bytes, n, k),
+        D::Q6K => pack_q6k(bytes, n, k),
+        D::Q8_0 => pack_q8_0(bytes, n, k),
         _ => unreachable!("select() gates dtypes"),
     }
 }
@@ -732,7 +740,7 @@ pub(crate) fn amx_available() -> bool {
 }
 
 pub(crate) fn pack_q4k_amx(storage: &dyn QuantizedType, n: usize, k: usize) -> Vec<TileQ4KAmx> {
-    let blocks = q4k_blocks(storage);
+    let blocks: &[BlockQ4K] = blocks_of(storage_bytes(storage));
     let kb = k / QK_K;
     let n_tiles = n / TILE_N;
     let out = build_tiles(n_tiles * kb, |i| {
