@@ -261,7 +261,13 @@ pub fn attention_grouped(
     if groups > 1 && !needs_grad && kernel_for(&[q, k, v, mask]) == Kernel::Fused {
         return fused::attention_grouped(q, k, v, mask, scale, groups);
     }
-    attention(q, &repeat_kv(k, groups)?, &repeat_kv(v, groups)?, Some(mask), scale)
+    attention(
+        q,
+        &repeat_kv(k, groups)?,
+        &repeat_kv(v, groups)?,
+        Some(mask),
+        scale,
+    )
 }
 
 /// `[B, kv, T, hd]` → `[B, kv·groups, T, hd]`, each kv head serving `groups` query heads.

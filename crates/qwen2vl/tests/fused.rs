@@ -211,9 +211,20 @@ fn grouped_attention_reads_shared_heads_from_a_wider_buffer_as_repeated_heads_wo
     // first `t` rows of a buffer with room for more (a decoding cache), and a grouped call must
     // give what the repeated, contiguous heads give. Batch row 1 is left-padded.
     let scale = 1.0 / (24f64).sqrt();
-    for (s, past) in [(1, 77), (5, 40), (150, 0)] {
+    // The last case has no mask (the vision tower's full attention): its query blocks are
+    // larger, 256 rows, and 300 rows leave a short last one.
+    for (s, past, causal) in [
+        (1, 77, true),
+        (5, 40, true),
+        (150, 0, true),
+        (300, 0, false),
+    ] {
         let t = past + s;
-        let mask = causal_mask(&[0, 7], s, past);
+        let mask = if causal {
+            causal_mask(&[0, 7], s, past)
+        } else {
+            Tensor::zeros((2, 1, s, t), DType::F32, &Device::Cpu).unwrap()
+        };
         let q = randn(&[2, 6, s, 24], 21);
         let kbuf = randn(&[2, 2, t + 9, 24], 22);
         let vbuf = randn(&[2, 2, t + 9, 24], 23);
@@ -239,8 +250,11 @@ fn grouped_attention_reads_shared_heads_from_a_wider_buffer_as_repeated_heads_wo
             .unwrap();
         close(&format!("grouped attention S={s} past={past}"), &got, &want);
         // Head order matters: query head 2 belongs to key/value head 0, head 3 to head 1.
-        let swapped = Tensor::cat(&[&k.narrow(1, 1, 1).unwrap(), &k.narrow(1, 0, 1).unwrap()], 1)
-            .unwrap();
+        let swapped = Tensor::cat(
+            &[&k.narrow(1, 1, 1).unwrap(), &k.narrow(1, 0, 1).unwrap()],
+            1,
+        )
+        .unwrap();
         let wrong = fused::attention_grouped(&q, &swapped, &v, &mask, scale, 3).unwrap();
         assert!(
             common::max_diff(&wrong, &want) > 1e-2,

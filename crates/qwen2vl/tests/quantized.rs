@@ -401,7 +401,11 @@ fn packing_frees_the_blocks_where_the_int8_kernels_serve_every_product() {
         let packs = copy.pack_for_cpu();
         assert_eq!(from_bytes.is_some(), packs, "{dtype:?}");
         if let Some(qt) = from_bytes {
-            assert_eq!(qt.storage_size_in_bytes(), 0, "{dtype:?}: the blocks are not kept");
+            assert_eq!(
+                qt.storage_size_in_bytes(),
+                0,
+                "{dtype:?}: the blocks are not kept"
+            );
             let product = |q: QTensor| {
                 QMatMul::from_qtensor(q)
                     .unwrap()
