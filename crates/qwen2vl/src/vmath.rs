@@ -115,6 +115,30 @@ dispatch! {
     }
 }
 
+dispatch! {
+    /// `Σ a[i]·b[i]` over the shorter of the two, with eight independent accumulators.
+    dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; LANES];
+        let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+        let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+        for (x, y) in ca.zip(cb) {
+            for ((acc, x), y) in acc.iter_mut().zip(x).zip(y) {
+                *acc += x * y;
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+}
+
+dispatch! {
+    /// `y[i] += alpha·x[i]` over the shorter of the two.
+    axpy(y: &mut [f32], alpha: f32, x: &[f32]) -> () {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y += alpha * x;
+        }
+    }
+}
+
 #[inline(always)]
 fn sum_imp(x: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
@@ -183,6 +207,18 @@ mod tests {
         let s = exp_sub_sum(&mut a, mx);
         let want_s: f64 = want.iter().map(|v| ((v - mx) as f64).exp()).sum();
         assert!(((s as f64) - want_s).abs() / want_s < 1e-6);
+        let z: Vec<f32> = x.iter().rev().map(|v| v * 0.3 + 1.0).collect();
+        let want_dot: f64 = x.iter().zip(&z).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let d = dot(&x, &z);
+        assert!(
+            (d as f64 - want_dot).abs() <= 1e-5 * want_dot.abs(),
+            "{d} {want_dot}"
+        );
+        let mut y = z.clone();
+        axpy(&mut y, 0.5, &x);
+        for ((y, w), x) in y.iter().zip(&z).zip(&x) {
+            assert_eq!(*y, w + 0.5 * x);
+        }
         let mut y = vec![0f32; x.len()];
         silu_into(&mut y, &x, 1.702);
         for (y, x) in y.iter().zip(&x) {
