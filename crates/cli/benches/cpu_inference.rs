@@ -19,7 +19,10 @@
 //! Run: `INSPECTOR_PYTHON=~/venv/bin/python LLAMACPP_DIR=… LLAMACPP_PYTHON=… cargo bench -p
 //! inspector-cli --bench cpu_inference` on an otherwise idle machine (needs `/usr/bin/time`,
 //! Debian's `time`). `BENCH_SIDES=ours` (or a comma list of ours, transformers, llamacpp)
-//! limits the sides.
+//! limits the sides. The sides the targets compare (transformers, q8_0, q4k) run in
+//! `BENCH_ROUNDS` alternating rounds (default 3) and report their medians; f32, q8_0 without
+//! AMX and llama.cpp run once. Every side's model files are read into the page cache, untimed,
+//! before it runs.
 
 use std::{
     path::{Path, PathBuf},
@@ -124,6 +127,8 @@ struct Side {
     rss_mb: f64,
     prefill_s: Option<f64>,
     decode_tok_s: f64,
+    /// How many runs the figures are the medians of.
+    rounds: usize,
 }
 
 fn ours(model: &Path, photo: &Path, name: &str, env: &[(&str, String)]) -> Side {
@@ -170,6 +175,7 @@ fn ours(model: &Path, photo: &Path, name: &str, env: &[(&str, String)]) -> Side 
         rss_mb: run.rss_mb,
         prefill_s: t["prefill_s"].as_f64(),
         decode_tok_s: t["decode_tokens_per_s"].as_f64().unwrap(),
+        rounds: 1,
     }
 }
 
@@ -199,6 +205,7 @@ fn transformers(python: &str, model: &Path, photo: &Path) -> Side {
         rss_mb: run.rss_mb,
         prefill_s: v["prefill_s"].as_f64(),
         decode_tok_s: v["decode_tokens_per_s"].as_f64().unwrap(),
+        rounds: 1,
     }
 }
 
@@ -244,9 +251,40 @@ fn llamacpp(llama: &str, python: &str, model: &Path, photo: &Path, work: &Path) 
                 rss_mb: v["peak_rss_mb"].as_f64().unwrap(),
                 prefill_s: None,
                 decode_tok_s: v["decode_tok_s"].as_f64().unwrap(),
+                rounds: 1,
             }
         })
         .collect()
+}
+
+/// Reads every file of a model directory once, untimed, so that each side starts with its
+/// files in the page cache whatever the sides before it evicted.
+fn warm(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let mut f = std::fs::File::open(&path).unwrap();
+            std::io::copy(&mut f, &mut std::io::sink()).unwrap();
+        }
+    }
+}
+
+/// A side's figures over its rounds: the median of each (the largest peak RSS).
+fn median(runs: &[Side]) -> Side {
+    let mid = |f: &dyn Fn(&Side) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let prefill = runs.iter().all(|r| r.prefill_s.is_some());
+    Side {
+        name: runs[0].name.clone(),
+        wall_s: mid(&|r| r.wall_s),
+        rss_mb: runs.iter().map(|r| r.rss_mb).fold(0.0, f64::max),
+        prefill_s: prefill.then(|| mid(&|r| r.prefill_s.unwrap())),
+        decode_tok_s: mid(&|r| r.decode_tok_s),
+        rounds: runs.len(),
+    }
 }
 
 /// Whether this core has AMX-int8 (Linux names it in /proc/cpuinfo).
@@ -264,21 +302,51 @@ fn main() {
     println!(
         "one 448×448 photo, {NEW_TOKENS} greedy new tokens, {THREADS} threads, whole processes:"
     );
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let mut sides: Vec<Side> = Vec::new();
     let python = std::env::var("INSPECTOR_PYTHON").ok();
-    if wants("transformers") {
-        match &python {
-            Some(p) => sides.push(transformers(p, &f32_dir, &photo)),
-            None => println!("  transformers: skipped (set INSPECTOR_PYTHON)"),
+    if python.is_none() && wants("transformers") {
+        println!("  transformers: skipped (set INSPECTOR_PYTHON)");
+    }
+    // The sides the targets compare run in alternating rounds (transformers, q8_0, q4k, …), so
+    // that the machine's drift (the memory bandwidth a shared VM gets varies by a fifth within
+    // an hour) falls on every side alike; each side's figures are the medians of its rounds.
+    let mut runs: Vec<Vec<Side>> = vec![Vec::new(); 3];
+    for round in 1..=rounds {
+        println!("round {round} of {rounds}:");
+        if wants("transformers")
+            && let Some(p) = &python
+        {
+            warm(&f32_dir);
+            runs[0].push(transformers(p, &f32_dir, &photo));
+        }
+        if wants("ours") {
+            for (i, (model, name)) in [(&q8, "inspector q8_0"), (&q4, "inspector q4k")]
+                .into_iter()
+                .enumerate()
+            {
+                warm(model);
+                runs[i + 1].push(ours(model, &photo, name, &[]));
+            }
         }
     }
+    let mut medians = runs.iter().filter(|r| !r.is_empty()).map(|r| median(r));
+    if wants("transformers") && python.is_some() {
+        sides.extend(medians.next());
+    }
     if wants("ours") {
+        println!("once:");
+        warm(&f32_dir);
         sides.push(ours(&f32_dir, &photo, "inspector f32", &[]));
-        sides.push(ours(&q8, &photo, "inspector q8_0", &[]));
-        sides.push(ours(&q4, &photo, "inspector q4k", &[]));
+        sides.extend(medians);
         // On an AMX core, q8_0 prefill runs on AMX; the same run on the VNNI kernels alone
         // (what AVX-512 cores without AMX run) shows what AMX adds.
         if has_amx() {
+            warm(&q8);
             sides.push(ours(
                 &q8,
                 &photo,
@@ -299,12 +367,17 @@ fn main() {
         }
     }
     println!();
-    println!("| side | whole process s | peak RSS GB | prefill s | decode tok/s |");
-    println!("|---|---|---|---|---|");
+    println!("| side | runs | whole process s | peak RSS GB | prefill s | decode tok/s |");
+    println!("|---|---|---|---|---|---|");
     for s in &sides {
         println!(
-            "| {} | {:.2} | {:.2} | {} | {:.2} |",
+            "| {} | {} | {:.2} | {:.2} | {} | {:.2} |",
             s.name,
+            if s.rounds > 1 {
+                format!("median of {}", s.rounds)
+            } else {
+                "1".into()
+            },
             s.wall_s,
             s.rss_mb / 1024.0,
             s.prefill_s.map_or("—".into(), |p| format!("{p:.2}")),
