@@ -21,8 +21,8 @@
 //! Debian's `time`). `BENCH_SIDES=ours` (or a comma list of ours, transformers, llamacpp)
 //! limits the sides. The sides the targets compare (transformers, q8_0, q4k) run in
 //! `BENCH_ROUNDS` alternating rounds (default 3) and report their medians; f32, q8_0 without
-//! AMX and llama.cpp run once. Every side's model files are read into the page cache, untimed,
-//! before it runs.
+//! AMX and llama.cpp run once. Before each run the page cache holds that side's model files,
+//! read once untimed, and none of the other sides' (`page_cache_for`).
 
 use std::{
     path::{Path, PathBuf},
@@ -257,14 +257,26 @@ fn llamacpp(llama: &str, python: &str, model: &Path, photo: &Path, work: &Path) 
         .collect()
 }
 
-/// Reads every file of a model directory once, untimed, so that each side starts with its
-/// files in the page cache whatever the sides before it evicted.
-fn warm(dir: &Path) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
+/// The same page cache for every side: the other sides' model files are dropped from it
+/// (`posix_fadvise(DONTNEED)`), so that they take no memory this side's process would have to
+/// reclaim, and this side's files (`own`, if any) are read into it once, untimed. (Without
+/// this, transformers' 9 GB of weights left in the cache made the next side's load reclaim
+/// memory: our q8_0 load took 4–5 s after it against 1.1 s otherwise.)
+fn page_cache_for(own: Option<&Path>, all: &[&Path]) {
+    for dir in all {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if !path.is_file() {
+                continue;
+            }
             let mut f = std::fs::File::open(&path).unwrap();
-            std::io::copy(&mut f, &mut std::io::sink()).unwrap();
+            if own == Some(*dir) {
+                std::io::copy(&mut f, &mut std::io::sink()).unwrap();
+            } else {
+                use std::os::fd::AsRawFd;
+                // SAFETY: an advisory call on an open file descriptor.
+                unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            }
         }
     }
 }
@@ -308,6 +320,11 @@ fn main() {
         .unwrap_or(3)
         .max(1);
     let mut sides: Vec<Side> = Vec::new();
+    let llama_files = dir.join("llamacpp");
+    let mut all: Vec<&Path> = vec![&f32_dir, &q8, &q4];
+    if llama_files.is_dir() {
+        all.push(&llama_files);
+    }
     let python = std::env::var("INSPECTOR_PYTHON").ok();
     if python.is_none() && wants("transformers") {
         println!("  transformers: skipped (set INSPECTOR_PYTHON)");
@@ -321,7 +338,7 @@ fn main() {
         if wants("transformers")
             && let Some(p) = &python
         {
-            warm(&f32_dir);
+            page_cache_for(Some(&f32_dir), &all);
             runs[0].push(transformers(p, &f32_dir, &photo));
         }
         if wants("ours") {
@@ -329,7 +346,7 @@ fn main() {
                 .into_iter()
                 .enumerate()
             {
-                warm(model);
+                page_cache_for(Some(model), &all);
                 runs[i + 1].push(ours(model, &photo, name, &[]));
             }
         }
@@ -340,13 +357,13 @@ fn main() {
     }
     if wants("ours") {
         println!("once:");
-        warm(&f32_dir);
+        page_cache_for(Some(&f32_dir), &all);
         sides.push(ours(&f32_dir, &photo, "inspector f32", &[]));
         sides.extend(medians);
         // On an AMX core, q8_0 prefill runs on AMX; the same run on the VNNI kernels alone
         // (what AVX-512 cores without AMX run) shows what AMX adds.
         if has_amx() {
-            warm(&q8);
+            page_cache_for(Some(&q8), &all);
             sides.push(ours(
                 &q8,
                 &photo,
@@ -361,6 +378,8 @@ fn main() {
             std::env::var("LLAMACPP_PYTHON"),
         ) {
             (Ok(l), Ok(p)) => {
+                // Its script converts from the f32 checkpoint and reads its own files.
+                page_cache_for(None, &all);
                 sides.extend(llamacpp(&l, &p, &f32_dir, &photo, &dir.join("llamacpp")))
             }
             _ => println!("  llama.cpp: skipped (set LLAMACPP_DIR and LLAMACPP_PYTHON)"),
