@@ -623,7 +623,7 @@ fn gemm_f32(
     debug_assert!(k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
     // One row (a decoding step's query): dot products or a sum of scaled rows, without the
     // gemm crate's packing, which costs more than the product at this size (`cargo bench -p
-    // inspector-qwen2vl --bench attention`, decoding step: 10.6–11.4 → 11.9–12.0 G/s).
+    // inspector-qwen2vl --bench attention`, decoding step: 10.6–11.4 → 11.9–12.7 G/s).
     if m == 1 && k > 0 && (b_rs == 1 || b_cs == 1) && a_cs == 1 && c_cs == 1 {
         let (a, c) = (&a[..k], &mut c[..n]);
         if !accumulate {

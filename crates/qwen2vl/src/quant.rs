@@ -162,8 +162,9 @@ pub fn check_loadable(path: &Path) -> Result<(), Error> {
 pub struct GgufWeights {
     path: PathBuf,
     content: gguf_file::Content,
-    /// The file, mapped: a tensor's blocks are copied once, from the page cache, into the
-    /// `QTensor` (which the load then packs and frees) instead of read into a buffer first.
+    /// The file, mapped: a layer the int8 kernels serve is packed straight from the mapped
+    /// blocks (`packed_qtensor`); any other tensor's blocks are copied once, from the page
+    /// cache, into its `QTensor` instead of read into a buffer first.
     map: memmap2::Mmap,
 }
 
