@@ -378,8 +378,9 @@ fn main() {
             std::env::var("LLAMACPP_PYTHON"),
         ) {
             (Ok(l), Ok(p)) => {
-                // Its script converts from the f32 checkpoint and reads its own files.
-                page_cache_for(None, &all);
+                // Its script converts from the f32 checkpoint once, then reads its own files.
+                let own = llama_files.is_dir().then_some(llama_files.as_path());
+                page_cache_for(own, &all);
                 sides.extend(llamacpp(&l, &p, &f32_dir, &photo, &dir.join("llamacpp")))
             }
             _ => println!("  llama.cpp: skipped (set LLAMACPP_DIR and LLAMACPP_PYTHON)"),
