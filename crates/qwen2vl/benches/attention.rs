@@ -7,22 +7,11 @@
 //!
 //! Run: `cargo bench -p inspector-qwen2vl --bench attention` on an otherwise idle machine.
 
-use std::time::Instant;
-
 use candle_core::{Device, Tensor};
 use inspector_qwen2vl::ops;
 
-/// Seconds per call: the best of `reps` calls after one warm-up.
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
+mod common;
+use common::time;
 
 fn main() {
     let dev = Device::Cpu;

@@ -5,8 +5,6 @@
 //!
 //! Run: `cargo bench -p inspector-qwen2vl --bench int8_matmul` on an otherwise idle machine.
 
-use std::time::Instant;
-
 use candle_core::{
     Device, Module, Tensor,
     quantized::{GgmlDType, QMatMul, QTensor},
@@ -23,17 +21,8 @@ const SHAPES: [(&str, usize, usize, usize); 6] = [
     ("LM gate/up, 1 token (decode)", 1, 1536, 8960),
 ];
 
-/// Seconds per call: the best of `reps` calls after one warm-up.
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
+mod common;
+use common::time;
 
 fn main() {
     let dev = Device::Cpu;

@@ -262,41 +262,65 @@ impl GgufWeights {
         self.content.tensor_infos.get(name).map(|i| i.ggml_dtype)
     }
 
-    /// The tensor `name`, as stored.
-    pub fn qtensor(&self, name: &str) -> candle_core::Result<QTensor> {
-        let err =
-            |m: String| candle_core::Error::Msg(format!("{}: {name}: {m}", self.path.display()));
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| err("no such tensor".into()))?;
+    /// An error about tensor `name` of this file.
+    fn tensor_error(&self, name: &str, m: impl std::fmt::Display) -> candle_core::Error {
+        candle_core::Error::Msg(format!("{}: {name}: {m}", self.path.display()))
+    }
+
+    /// Tensor `name`'s header and its bytes in the map (`None`: no such tensor).
+    fn tensor_bytes(
+        &self,
+        name: &str,
+    ) -> candle_core::Result<Option<(&gguf_file::TensorInfo, &[u8])>> {
+        let Some(info) = self.content.tensor_infos.get(name) else {
+            return Ok(None);
+        };
         // `open` checked that every tensor lies inside the file.
-        let range =
-            byte_range(&self.content, info).ok_or_else(|| err("its size overflows".into()))?;
-        let (start, size) = (range.start as usize, (range.end - range.start) as usize);
+        let range = byte_range(&self.content, info)
+            .ok_or_else(|| self.tensor_error(name, "its size overflows"))?;
         let bytes = self
             .map
-            .get(start..start + size)
-            .ok_or_else(|| err("lies beyond the end of the file".into()))?;
-        let dims = info.shape.dims().to_vec();
+            .get(range.start as usize..range.end as usize)
+            .ok_or_else(|| self.tensor_error(name, "lies beyond the end of the file"))?;
+        Ok(Some((info, bytes)))
+    }
+
+    /// Lets the kernel take `bytes`' mapped pages back out of this process once they have been
+    /// copied or packed (they stay in the page cache), so the file does not count twice in
+    /// memory.
+    fn release(&self, bytes: &[u8]) {
+        // SAFETY: a read-only shared file mapping; a later read of these pages faults them in
+        // again from the file, and the callers keep no slice of them.
+        #[cfg(unix)]
+        unsafe {
+            let start = bytes.as_ptr() as usize - self.map.as_ptr() as usize;
+            let _ = self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start,
+                bytes.len(),
+            );
+        }
+    }
+
+    /// The tensor `name`, as stored.
+    pub fn qtensor(&self, name: &str) -> candle_core::Result<QTensor> {
+        let (info, bytes) = self
+            .tensor_bytes(name)?
+            .ok_or_else(|| self.tensor_error(name, "no such tensor"))?;
         // The blocks are read in place as f32, f16 or ggml block structs (alignment ≤ 4);
         // GGUF aligns tensor data to 32 bytes.
         if bytes.as_ptr().align_offset(4) != 0 {
-            return Err(err(format!("its data offset {start} is not aligned")));
+            let start = bytes.as_ptr() as usize - self.map.as_ptr() as usize;
+            return Err(self.tensor_error(name, format!("its data offset {start} is not aligned")));
         }
-        let qt = qtensor_from_ggml(info.ggml_dtype, bytes, dims, &Device::Cpu)
-            .map_err(|e| err(e.to_string()))?;
-        // The blocks are copied: let the kernel take the mapped pages back out of this
-        // process (they stay in the page cache), so the file does not count twice in memory.
-        // SAFETY: a read-only shared file mapping; a later read of these pages faults them in
-        // again from the file, and no slice of them outlives the copy above.
-        #[cfg(unix)]
-        unsafe {
-            let _ =
-                self.map
-                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, size);
-        }
+        let qt = qtensor_from_ggml(
+            info.ggml_dtype,
+            bytes,
+            info.shape.dims().to_vec(),
+            &Device::Cpu,
+        )
+        .map_err(|e| self.tensor_error(name, e))?;
+        self.release(bytes);
         Ok(qt)
     }
 
@@ -308,35 +332,17 @@ impl GgufWeights {
         name: &str,
         (n, k): (usize, usize),
     ) -> candle_core::Result<Option<QTensor>> {
-        let err =
-            |m: String| candle_core::Error::Msg(format!("{}: {name}: {m}", self.path.display()));
-        let Some(info) = self.content.tensor_infos.get(name) else {
+        let Some((info, bytes)) = self.tensor_bytes(name)? else {
             return Ok(None);
         };
         // Another shape: `qtensor` reads it, and the caller names the mismatch.
         if info.shape.dims() != [n, k] {
             return Ok(None);
         }
-        let range =
-            byte_range(&self.content, info).ok_or_else(|| err("its size overflows".into()))?;
-        let (start, size) = (range.start as usize, (range.end - range.start) as usize);
-        let bytes = self
-            .map
-            .get(start..start + size)
-            .ok_or_else(|| err("lies beyond the end of the file".into()))?;
         let qt = QTensor::packed_for_cpu_from_bytes(info.ggml_dtype, bytes, (n, k))
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| self.tensor_error(name, e))?;
         if qt.is_some() {
-            // Packed: the mapped pages can leave this process (they stay in the page cache).
-            // SAFETY: a read-only shared file mapping, and nothing borrows these pages now.
-            #[cfg(unix)]
-            unsafe {
-                let _ = self.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    start,
-                    size,
-                );
-            }
+            self.release(bytes);
         }
         Ok(qt)
     }
