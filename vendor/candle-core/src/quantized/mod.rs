@@ -46,6 +46,20 @@ use half::{bf16, f16};
 
 pub use k_quants::GgmlType;
 
+/// The fewest rows from which a CPU product of packed q8_0 or q4k weights runs on AMX-BF16
+/// (x86 cores with AMX-BF16 and AVX512-BF16: Intel Sapphire Rapids and later), or None where
+/// none does. There the activations are rounded to bf16 and the weights dequantized to bf16
+/// (f32 sums), instead of the activations being quantized to 8 bits (q8k) for the int8
+/// kernels.
+pub fn amx_bf16_min_rows() -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        repack_x86::amx_bf16_available().then_some(repack_x86::AMX_BF16_MIN_ROWS)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
 fn as_t_slice<T>(data: &[u8]) -> &[T] {
     let size = std::mem::size_of::<T>();
     assert_eq!(
@@ -692,8 +706,8 @@ impl QTensor {
 
     /// Packs this `[n, k]` weight now for the x86 int8 kernels and frees its ggml blocks, when
     /// those kernels serve every product with it (CPU storage, an AVX-512 VNNI, AVX-VNNI or AVX2
-    /// core, a dtype and shape `repack_x86::select` takes for one row and for many, and no AMX path
-    /// that would pack from the blocks again). Otherwise nothing changes. Returns whether it
+    /// core, a dtype and shape `repack_x86::select` takes for one row and for many; on an AMX
+    /// core, products of many rows dequantize these tiles to bf16). Otherwise nothing changes. Returns whether it
     /// packed. Afterwards the tensor still multiplies (`QMatMul::forward`), but its blocks are
     /// gone: `dequantize`, `data` and `embedding` fail with a message.
     ///
@@ -728,9 +742,8 @@ impl QTensor {
     /// Whether [`QTensor::pack_for_cpu`] packs a `[n, k]` CPU weight of `dtype` on this core.
     #[cfg(target_arch = "x86_64")]
     fn packs_for_cpu(dtype: GgmlDType, n: usize, k: usize) -> bool {
-        // On an AMX core the q4k prefill path would build 10-bit AMX tiles beside the
-        // blocks and these tiles (19 bits a weight in all); the VNNI tiles alone serve
-        // both prefill and decode at 4.75 bits. (`select` is false without a kernel tier.)
+        // The VNNI tiles alone serve both prefill (on AMX cores through bf16) and decode.
+        // (`select` is false without a kernel tier.)
         repack_x86::select(dtype, 1, n, k) && repack_x86::select(dtype, 2, n, k)
     }
 
@@ -1109,7 +1122,6 @@ impl QTensor {
             let slice = cpu.as_slice::<f32>()?;
             let offset = lhs.layout().start_offset();
             let lhs_data = &slice[offset..offset + m * k];
-            let lhs_q = repack_x86::quantize_lhs(lhs_data, m, k);
             let packs: Vec<&repack_x86::PackedX86> = ts
                 .iter()
                 .enumerate()
@@ -1127,28 +1139,22 @@ impl QTensor {
             // Both kernels below write every element: no zeroing of the outputs.
             // (each unit of either kernel stores all of its rows and columns)
             let mut dsts: Vec<Vec<f32>> = shapes.iter().map(|&n| uninit_f32(m * n)).collect();
-            // Products of 16 rows or more of q8_0 weights run on AMX where the core has it
-            // (as in `repack::matmul`), the activations laid out once for all the weights.
-            let amx_q8: Option<Vec<&[repack_x86::TileQ8_0]>> =
-                if m >= 16 && repack_x86::amx_available() {
-                    parts
-                        .iter()
-                        .map(|(p, _)| match p {
-                            repack_x86::PackedX86::Q8_0(t) => Some(t.as_slice()),
-                            _ => None,
-                        })
-                        .collect()
+            // Products of many rows run on AMX-BF16 where the core has it (as in
+            // `repack::matmul`), the activations converted once for all the weights.
+            let bf16: Option<Vec<repack_x86::Bf16Source>> =
+                if m >= repack_x86::AMX_BF16_MIN_ROWS && repack_x86::amx_bf16_available() {
+                    parts.iter().map(|(p, _)| p.bf16_source()).collect()
                 } else {
                     None
                 };
-            match amx_q8 {
-                Some(tiles) => {
-                    let acts = repack_x86::AmxActs::new(&lhs_q, m, k);
-                    for ((t, &n), dst) in tiles.iter().zip(&shapes).zip(dsts.iter_mut()) {
-                        acts.matmul_q8_0(t, n, dst);
-                    }
+            if let Some(sources) = bf16 {
+                let acts = repack_x86::AmxBf16Acts::new(lhs_data, m, k);
+                for ((w, &n), dst) in sources.into_iter().zip(&shapes).zip(dsts.iter_mut()) {
+                    acts.matmul(w, n, dst);
                 }
-                None => repack_x86::gemv_fused(&parts, &lhs_q, m, k, &mut dsts),
+            } else {
+                let lhs_q = repack_x86::quantize_lhs(lhs_data, m, k);
+                repack_x86::gemv_fused(&parts, &lhs_q, m, k, &mut dsts);
             }
             drop(guard);
             let mut out = Vec::with_capacity(ts.len());

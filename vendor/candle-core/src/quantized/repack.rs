@@ -37,8 +37,6 @@ pub(crate) enum PackedStorage {
 pub(crate) struct PackedCache {
     #[cfg(target_arch = "x86_64")]
     pub(crate) x86: OnceLock<super::repack_x86::PackedX86>,
-    #[cfg(target_arch = "x86_64")]
-    x86_amx: OnceLock<Vec<super::repack_x86::TileQ4KAmx>>,
     #[cfg(target_arch = "aarch64")]
     q4_0x4: OnceLock<PackedStorage>,
     #[cfg(target_arch = "aarch64")]
@@ -64,8 +62,6 @@ impl PackedCache {
         Self {
             #[cfg(target_arch = "x86_64")]
             x86: OnceLock::new(),
-            #[cfg(target_arch = "x86_64")]
-            x86_amx: OnceLock::new(),
             #[cfg(target_arch = "aarch64")]
             q4_0x4: OnceLock::new(),
             #[cfg(target_arch = "aarch64")]
@@ -260,31 +256,21 @@ pub(crate) fn try_matmul_f32(
             return Ok(false);
         }
         let dtype = storage.dtype();
-        let lhs_q = super::repack_x86::quantize_lhs(lhs, m, k);
-        // The AMX tiles are built from the ggml blocks, which `QTensor::pack_for_cpu` frees:
-        // a packed weight stays on the VNNI tiles it was packed into.
-        if m >= 32
-            && dtype == super::GgmlDType::Q4K
-            && super::repack_x86::amx_available()
-            && storage.storage_size_in_bytes() > 0
-        {
+        // Products of many rows run on AMX-BF16 where the core has it, from the VNNI tiles
+        // (dequantized to bf16 a panel at a time).
+        if m >= super::repack_x86::AMX_BF16_MIN_ROWS && super::repack_x86::amx_bf16_available() {
             let tiles = packed
-                .x86_amx
-                .get_or_init(|| super::repack_x86::pack_q4k_amx(storage, n, k));
-            super::repack_x86::matmul_amx_q4k(tiles, &lhs_q, m, k, n, dst);
-            return Ok(true);
-        }
-        let tiles = packed
-            .x86
-            .get_or_init(|| super::repack_x86::pack(dtype, storage, n, k));
-        // q8_0 products of 16 rows or more run on AMX where the core has it, from the same
-        // tiles (their layout is an AMX B tile's).
-        if let super::repack_x86::PackedX86::Q8_0(q8) = tiles {
-            if m >= 16 && super::repack_x86::amx_available() {
-                super::repack_x86::matmul_amx_q8_0(q8, &lhs_q, m, k, n, dst);
+                .x86
+                .get_or_init(|| super::repack_x86::pack(dtype, storage, n, k));
+            if let Some(source) = tiles.bf16_source() {
+                super::repack_x86::AmxBf16Acts::new(lhs, m, k).matmul(source, n, dst);
                 return Ok(true);
             }
         }
+        let lhs_q = super::repack_x86::quantize_lhs(lhs, m, k);
+        let tiles = packed
+            .x86
+            .get_or_init(|| super::repack_x86::pack(dtype, storage, n, k));
         super::repack_x86::matmul_tiles(tiles, &lhs_q, m, k, n, dst);
         Ok(true)
     }

@@ -47,6 +47,17 @@ pub(crate) enum PackedX86 {
     Q8_0(Vec<TileQ8_0>),
 }
 
+impl PackedX86 {
+    /// These tiles as the AMX-BF16 kernel reads them (q8_0 and q4k).
+    pub(crate) fn bf16_source(&self) -> Option<Bf16Source<'_>> {
+        match self {
+            PackedX86::Q8_0(t) => Some(Bf16Source::Q8_0(t)),
+            PackedX86::Q4K(t) => Some(Bf16Source::Q4K(t)),
+            PackedX86::Q6K(_) => None,
+        }
+    }
+}
+
 pub(crate) fn select(dtype: super::GgmlDType, m: usize, n: usize, k: usize) -> bool {
     use super::GgmlDType as D;
     if level().is_none() {
@@ -685,18 +696,6 @@ pub(crate) fn gemv_fused(
     }
 }
 
-// AMX-int8 path for large-m (prefill) q4k matmuls: weights unpacked to i8 in tile
-// layout (B tile = 8 rows x 64 bytes = 32k x 16n VNNI-paired), activations repacked
-// per 16-row block, tdpbssd accumulating 16x16 i32 per 32-k subblock so the q4k
-// per-subblock scales apply exactly.
-#[repr(C)]
-pub(crate) struct TileQ4KAmx {
-    pub(crate) scales: [[f32; TILE_N]; 8],
-    pub(crate) mins: [[f32; TILE_N]; 8],
-    // [subblock (8)][k4-row (8)][16 cols * 4 k] unsigned 4-bit values as i8
-    pub(crate) qs: [u8; QK_K * TILE_N],
-}
-
 pub(crate) fn amx_available() -> bool {
     use std::sync::OnceLock;
     static OK: OnceLock<bool> = OnceLock::new();
@@ -739,48 +738,6 @@ pub(crate) fn amx_available() -> bool {
     })
 }
 
-pub(crate) fn pack_q4k_amx(storage: &dyn QuantizedType, n: usize, k: usize) -> Vec<TileQ4KAmx> {
-    let blocks: &[BlockQ4K] = blocks_of(storage_bytes(storage));
-    let kb = k / QK_K;
-    let n_tiles = n / TILE_N;
-    let out = build_tiles(n_tiles * kb, |i| {
-        let (t, b) = (i / kb, i % kb);
-        let mut tile = TileQ4KAmx {
-            scales: [[0.0; TILE_N]; 8],
-            mins: [[0.0; TILE_N]; 8],
-            qs: [0; QK_K * TILE_N],
-        };
-        for r in 0..TILE_N {
-            let blk = &blocks[(t * TILE_N + r) * kb + b];
-            let d = blk.d.to_f32();
-            let dmin = blk.dmin.to_f32();
-            for sub in 0..8 {
-                let (sc, mn) = get_scale_min_k4(sub, &blk.scales);
-                tile.scales[sub][r] = d * sc as f32;
-                tile.mins[sub][r] = dmin * mn as f32;
-            }
-            let mut vals = [0u8; QK_K];
-            for c in 0..4 {
-                for j in 0..32 {
-                    let byte = blk.qs[c * 32 + j];
-                    vals[c * 64 + j] = byte & 0x0F;
-                    vals[c * 64 + 32 + j] = byte >> 4;
-                }
-            }
-            for sub in 0..8 {
-                for krow in 0..8 {
-                    for j in 0..4 {
-                        tile.qs[((sub * 8 + krow) * TILE_N + r) * 4 + j] =
-                            vals[sub * 32 + krow * 4 + j];
-                    }
-                }
-            }
-        }
-        tile
-    });
-    out
-}
-
 #[cfg(target_arch = "x86_64")]
 mod amx {
     use super::*;
@@ -795,7 +752,7 @@ mod amx {
         rows: [u8; 16],
     }
 
-    // tmm0 = C (16x16 i32), tmm1 = A (16 x 32 i8), tmm2 = B (8 x 64 i8)
+    // tmm0-3: C (16x16 f32); tmm4-5: A (16 rows x 32 bf16); tmm6-7: B (16 k-pairs x 16 outputs)
     unsafe fn configure() {
         let mut cfg = TileCfg {
             palette: 1,
@@ -805,19 +762,8 @@ mod amx {
             rows: [0; 16],
         };
         const _: () = assert!(std::mem::size_of::<TileCfg>() == 64);
-        // tmm0-3: C (16x16 i32); tmm4-5: A (16x32 i8); tmm6-7: B (8x64 i8)
-        for t in 0..4 {
-            cfg.colsb[t] = 64;
-            cfg.rows[t] = 16;
-        }
-        for t in 4..6 {
-            cfg.colsb[t] = 32;
-            cfg.rows[t] = 16;
-        }
-        for t in 6..8 {
-            cfg.colsb[t] = 64;
-            cfg.rows[t] = 8;
-        }
+        cfg.colsb[..8].fill(64);
+        cfg.rows[..8].fill(16);
         core::arch::asm!(
             "ldtilecfg [{cfg}]",
             cfg = in(reg) &cfg,
@@ -829,6 +775,7 @@ mod amx {
         static AMX_READY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
+    /// Loads the tile configuration on this thread once.
     fn ensure_configured() {
         AMX_READY.with(|f| {
             if !f.get() {
@@ -838,414 +785,380 @@ mod amx {
         });
     }
 
-    // One (m16-block, n-tile) product over the full k range.
-    // a_pack: [kb][8 subs][16 rows * 32 bytes]; returns via dst rows of n floats.
-    // 32m x 32n macro-tile: 4 C tiles per (2 A, 2 B) loads so tdp throughput is not
-    // gated on tile loads. a_pack holds 32 m-rows (two 16-row halves interleaved by sub).
-    #[target_feature(enable = "avx512f,avx512bw")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn q4k_m32(
-        tiles: &[TileQ4KAmx],
-        nt0: usize,
-        n_tiles: usize,
-        kb: usize,
-        a_pack: &[i8],
-        acts: &[&[BlockQ8K]],
-        mt: usize,
-        dst: *mut f32,
-        n: usize,
-    ) {
-        ensure_configured();
-        let two_n = nt0 + 1 < n_tiles;
-        let mut c_scratch = [0i32; 4 * 16 * 16];
-        let mut facc = [0f32; 32 * 32];
-        let a_half = kb * 8 * 16 * 32;
+    /// One f32 row as bf16 (round to nearest even), 16 values at a time.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn bf16_row(src: &[f32], dst: &mut [u16]) {
+        debug_assert!(src.len() == dst.len() && src.len().is_multiple_of(32));
         unsafe {
-            for b in 0..kb {
-                let t0 = &tiles[nt0 * kb + b];
-                let t1 = &tiles[(nt0 + two_n as usize) * kb + b];
-                for sub in 0..8 {
-                    let a0 = a_pack.as_ptr().add((b * 8 + sub) * 16 * 32);
-                    let a1 = a_pack.as_ptr().add(a_half + (b * 8 + sub) * 16 * 32);
-                    let b0 = t0.qs.as_ptr().add(sub * 8 * TILE_N * 4);
-                    let b1 = t1.qs.as_ptr().add(sub * 8 * TILE_N * 4);
-                    core::arch::asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        "tileloadd tmm4, [{a0} + {sa}*1]",
-                        "tileloadd tmm6, [{b0} + {sb}*1]",
-                        "tdpbssd tmm0, tmm4, tmm6",
-                        "tileloadd tmm7, [{b1} + {sb}*1]",
-                        "tdpbssd tmm1, tmm4, tmm7",
-                        "tileloadd tmm5, [{a1} + {sa}*1]",
-                        "tdpbssd tmm2, tmm5, tmm6",
-                        "tdpbssd tmm3, tmm5, tmm7",
-                        "tilestored [{c} + {sc}*1], tmm0",
-                        "tilestored [{c} + {sc}*1 + 1024], tmm1",
-                        "tilestored [{c} + {sc}*1 + 2048], tmm2",
-                        "tilestored [{c} + {sc}*1 + 3072], tmm3",
-                        a0 = in(reg) a0,
-                        a1 = in(reg) a1,
-                        b0 = in(reg) b0,
-                        b1 = in(reg) b1,
-                        c = in(reg) c_scratch.as_mut_ptr(),
-                        sa = in(reg) 32usize,
-                        sb = in(reg) 64usize,
-                        sc = in(reg) 64usize,
-                        options(nostack)
-                    );
-                    for half in 0..2 {
-                        let rows = if half == 0 {
-                            mt.min(16)
-                        } else {
-                            mt.saturating_sub(16)
-                        };
-                        if rows == 0 {
-                            continue;
-                        }
-                        for ntl in 0..1 + two_n as usize {
-                            let tile = if ntl == 0 { t0 } else { t1 };
-                            let scale = _mm512_loadu_ps(tile.scales[sub].as_ptr());
-                            let min = _mm512_loadu_ps(tile.mins[sub].as_ptr());
-                            let cbase = (half * 2 + ntl) * 256;
-                            for mi in 0..rows {
-                                let act = &acts[half * 16 + mi][b];
-                                let dall = act.d;
-                                let ci = _mm512_loadu_si512(
-                                    c_scratch.as_ptr().add(cbase + mi * 16) as *const _,
-                                );
-                                let cf = _mm512_cvtepi32_ps(ci);
-                                let fo = (half * 16 + mi) * 32 + ntl * 16;
-                                let f = _mm512_loadu_ps(facc.as_ptr().add(fo));
-                                let bsum = (act.bsums[sub * 2] as i32
-                                    + act.bsums[sub * 2 + 1] as i32)
-                                    as f32;
-                                let f = _mm512_fmadd_ps(
-                                    cf,
-                                    _mm512_mul_ps(scale, _mm512_set1_ps(dall)),
-                                    f,
-                                );
-                                let f = _mm512_fnmadd_ps(min, _mm512_set1_ps(dall * bsum), f);
-                                _mm512_storeu_ps(facc.as_mut_ptr().add(fo), f);
+            for i in (0..src.len()).step_by(32) {
+                let lo = _mm512_loadu_ps(src.as_ptr().add(i));
+                let hi = _mm512_loadu_ps(src.as_ptr().add(i + 16));
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(dst.as_mut_ptr().add(i) as *mut _, v);
+            }
+        }
+    }
+
+    /// `v`'s 16 lanes (one per output), each repeated 4 times, in four vectors (outputs 0-3,
+    /// 4-7, 8-11, 12-15): the layout of a group's 64 values, [output][4 k-values].
+    #[inline(always)]
+    unsafe fn by_output(v: __m512) -> [__m512; 4] {
+        unsafe {
+            let base = _mm512_srli_epi32(
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                2,
+            );
+            std::array::from_fn(|h| {
+                _mm512_permutexvar_ps(_mm512_add_epi32(base, _mm512_set1_epi32(4 * h as i32)), v)
+            })
+        }
+    }
+
+    /// Two rows of a bf16 B tile (k-pairs (0, 1) and (2, 3) of 4 k-values, 16 outputs each)
+    /// from a group of 64 unsigned values laid out [output (16)][4 k-values]: each value q
+    /// becomes q * scale - offset of its output.
+    #[inline(always)]
+    unsafe fn group_rows(q: __m512i, scale: &[__m512; 4], offset: &[__m512; 4], out: *mut u8) {
+        unsafe {
+            let quarters = [
+                _mm512_extracti32x4_epi32::<0>(q),
+                _mm512_extracti32x4_epi32::<1>(q),
+                _mm512_extracti32x4_epi32::<2>(q),
+                _mm512_extracti32x4_epi32::<3>(q),
+            ];
+            let f: [__m512; 4] = std::array::from_fn(|h| {
+                let v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(quarters[h]));
+                _mm512_fmsub_ps(v, scale[h], offset[h])
+            });
+            // As 32-bit lanes, a bf16 vector of 32 values holds k-pairs [output][pair (2)].
+            let p0: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(f[1], f[0]));
+            let p1: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(f[3], f[2]));
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+            _mm512_storeu_si512(out as *mut _, _mm512_permutex2var_epi32(p0, even, p1));
+            _mm512_storeu_si512(out.add(64) as *mut _, _mm512_permutex2var_epi32(p0, odd, p1));
+        }
+    }
+
+    /// A q8_0 tile (32 k-values x 16 outputs, stored +128) as a bf16 B tile (1 KB).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,f16c")]
+    unsafe fn q8_0_bf16_tile(t: &TileQ8_0, out: *mut u8) {
+        unsafe {
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(t.d.as_ptr() as *const _));
+            let scale = by_output(d);
+            let offset = by_output(_mm512_mul_ps(d, _mm512_set1_ps(128.0)));
+            for g in 0..8 {
+                let q = _mm512_loadu_si512(t.qs.as_ptr().add(g * 64) as *const _);
+                group_rows(q, &scale, &offset, out.add(g * 128));
+            }
+        }
+    }
+
+    /// Sub-block `sub` (32 k-values) of a q4k tile (16 outputs) as a bf16 B tile (1 KB).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn q4k_bf16_tile(t: &TileQ4K, sub: usize, out: *mut u8) {
+        unsafe {
+            let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                t.scales[sub].as_ptr() as *const _,
+            )));
+            let mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                t.mins[sub].as_ptr() as *const _,
+            )));
+            let scale = by_output(_mm512_mul_ps(_mm512_loadu_ps(t.d.as_ptr()), sc));
+            let offset = by_output(_mm512_mul_ps(_mm512_loadu_ps(t.dmin.as_ptr()), mn));
+            let low = _mm512_set1_epi8(0x0F);
+            // k8-groups 4 sub .. 4 sub + 3: the low nibbles hold a group's first 4 k-values,
+            // the high ones its last 4.
+            for g in 0..4 {
+                let q = _mm512_loadu_si512(t.qs.as_ptr().add((sub * 4 + g) * 64) as *const _);
+                let lo = _mm512_and_si512(q, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
+                group_rows(lo, &scale, &offset, out.add(g * 256));
+                group_rows(hi, &scale, &offset, out.add(g * 256 + 128));
+            }
+        }
+    }
+
+    /// A thread's panel of weights in bf16: [k-step (k / 32)][column tile (2)][1 KB B tile].
+    pub(super) struct Panel {
+        buf: Vec<u8>,
+        skip: usize,
+    }
+
+    impl Panel {
+        pub(super) fn new(k: usize) -> Self {
+            let buf = vec![0u8; k / 32 * 2048 + 64];
+            let skip = buf.as_ptr().align_offset(64);
+            Self { buf, skip }
+        }
+
+        pub(super) fn ptr(&self) -> *const u8 {
+            self.buf[self.skip..].as_ptr()
+        }
+
+        /// Column tiles `nt0` and `nt1` (zeros where `None`) of `w` (k values a row). `next`,
+        /// the column tile that the following call starts with, has its first tiles fetched
+        /// ahead too: the weights come from memory, once.
+        pub(super) unsafe fn fill(
+            &mut self,
+            w: Bf16Source,
+            nt0: usize,
+            nt1: Option<usize>,
+            next: Option<usize>,
+            k: usize,
+        ) {
+            let out = self.buf[self.skip..].as_mut_ptr();
+            let steps = k / 32;
+            // The source tiles in the order they are read: (column tile, k-block of 32).
+            let cols = [Some(nt0), nt1, next];
+            let source = |i: usize| -> Option<*const u8> {
+                let nt = cols.get(i / steps).copied().flatten()?;
+                let b32 = i % steps;
+                Some(match w {
+                    Bf16Source::Q8_0(t) => &t[nt * (k / QK8_0) + b32] as *const TileQ8_0 as _,
+                    Bf16Source::Q4K(t) => {
+                        let tile = &t[nt * (k / QK_K) + b32 / 8];
+                        // the sub-block's quants (and, once per tile, its scales)
+                        tile.qs[(b32 % 8) * 256..].as_ptr()
+                    }
+                })
+            };
+            const AHEAD: usize = 8;
+            let lines = match w {
+                Bf16Source::Q8_0(_) => std::mem::size_of::<TileQ8_0>().div_ceil(64) + 1,
+                Bf16Source::Q4K(_) => 256 / 64 + 1,
+            };
+            for i in 0..AHEAD.min(steps) {
+                if let Some(p) = source(i) {
+                    prefetch(p, lines);
+                }
+            }
+            for (col, nt) in [Some(nt0), nt1].into_iter().enumerate() {
+                for s in 0..steps {
+                    let i = col * steps + s;
+                    if let Some(p) = source(i + AHEAD) {
+                        prefetch(p, lines);
+                    }
+                    let b32 = s;
+                    // SAFETY: the panel holds k / 32 steps of two 1 KB tiles.
+                    let tile_out = unsafe { out.add((s * 2 + col) * 1024) };
+                    let Some(nt) = nt else {
+                        unsafe { std::ptr::write_bytes(tile_out, 0, 1024) };
+                        continue;
+                    };
+                    // SAFETY: amx_bf16_available (the only way here) implies AVX512-BF16.
+                    unsafe {
+                        match w {
+                            Bf16Source::Q8_0(tiles) => {
+                                q8_0_bf16_tile(&tiles[nt * (k / QK8_0) + b32], tile_out)
+                            }
+                            Bf16Source::Q4K(tiles) => {
+                                q4k_bf16_tile(&tiles[nt * (k / QK_K) + b32 / 8], b32 % 8, tile_out)
                             }
                         }
                     }
                 }
             }
-            let n_cols = 16 * (1 + two_n as usize);
-            for mi in 0..mt {
-                std::ptr::copy_nonoverlapping(
-                    facc.as_ptr().add(mi * 32),
-                    dst.add(mi * n + nt0 * TILE_N),
-                    n_cols,
-                );
-            }
         }
     }
 
-    #[repr(C, align(64))]
-    struct CTile([i32; 256]);
+    /// Asks for `lines` cache lines from `p` on (a hint: never faults).
+    #[inline(always)]
+    fn prefetch(p: *const u8, lines: usize) {
+        for l in 0..lines {
+            // SAFETY: prefetching is a hint and never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(l * 64) as *const i8) };
+        }
+    }
 
-    /// 16 x 16 f32 accumulators, aligned for the kernel's loads and stores.
-    #[repr(C, align(64))]
-    pub(crate) struct CTile32(pub(crate) [f32; 256]);
-
-    // 32 activation rows (two 16-row blocks) against two q8_0 weight tile columns (32
-    // outputs) over the full k range. Per 32-value block: two A and two B tile loads feed four
-    // independent `tdpbsud` (signed activations, weights offset by +128) into 16x16 i32
-    // tiles, which are stored; then for each row the offset is taken out (128 times the
-    // block's activation sum) and the block's scales applied in f32 into `acc`.
-    // For each of the two row blocks: a, its [block32][16 rows][32 bytes]; corr, its
-    // [block32][16] (128 * activation block sums); da, its [superblock][16] (q8k scales).
-    #[target_feature(enable = "avx512f,avx512bw,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn q8_0_m32n32(
-        w0: &[TileQ8_0],
-        w1: &[TileQ8_0],
-        kb32: usize,
-        a: [*const i8; 2],
-        corr: [*const i32; 2],
-        da: [*const f32; 2],
-        acc: &mut [CTile32; 4],
+    /// 32 rows x 32 outputs over `steps` k-steps of 32 values: two A tiles from `a` (rows of
+    /// `k` bf16 values), two B tiles a step from `b` (a `Panel`), summed in f32 into the C
+    /// tiles, which are stored at `c` (rows of `ldc` values).
+    pub(super) unsafe fn bf16_m32n32(
+        a: *const u16,
+        k: usize,
+        b: *const u8,
+        steps: usize,
+        c: *mut f32,
+        ldc: usize,
     ) {
         ensure_configured();
-        let mut c = [CTile([0; 256]), CTile([0; 256]), CTile([0; 256]), CTile([0; 256])];
-        let acc = acc.as_mut_ptr() as *mut f32;
+        debug_assert!(steps > 0);
         unsafe {
-            for blk in 0..kb32 {
-                let (t0, t1) = (&w0[blk], &w1[blk]);
-                let cp = c.as_mut_ptr() as *mut i32;
-                core::arch::asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tdpbsud tmm0, tmm4, tmm6",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbsud tmm1, tmm4, tmm7",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tdpbsud tmm2, tmm5, tmm6",
-                    "tdpbsud tmm3, tmm5, tmm7",
-                    "tilestored [{c} + {sc}*1], tmm0",
-                    "tilestored [{c} + {sc}*1 + 1024], tmm1",
-                    "tilestored [{c} + {sc}*1 + 2048], tmm2",
-                    "tilestored [{c} + {sc}*1 + 3072], tmm3",
-                    a0 = in(reg) a[0].add(blk * 512),
-                    a1 = in(reg) a[1].add(blk * 512),
-                    b0 = in(reg) t0.qs.as_ptr(),
-                    b1 = in(reg) t1.qs.as_ptr(),
-                    c = in(reg) cp,
-                    sa = in(reg) 32usize,
-                    sb = in(reg) 64usize,
-                    sc = in(reg) 64usize,
-                    options(nostack)
-                );
-                let dw = [
-                    _mm512_cvtph_ps(_mm256_loadu_si256(t0.d.as_ptr() as *const _)),
-                    _mm512_cvtph_ps(_mm256_loadu_si256(t1.d.as_ptr() as *const _)),
-                ];
-                // tile q = 2 * row block + column tile
-                for q in 0..4 {
-                    let (h, col) = (q / 2, q % 2);
-                    let das = da[h].add((blk / 8) * 16);
-                    let corrs = corr[h].add(blk * 16);
-                    for i in 0..16 {
-                        let ci = _mm512_load_si512(cp.add(q * 256 + i * 16) as *const _);
-                        let ci = _mm512_sub_epi32(ci, _mm512_set1_epi32(*corrs.add(i)));
-                        let s = _mm512_mul_ps(dw[col], _mm512_set1_ps(*das.add(i)));
-                        let f = acc.add(q * 256 + i * 16);
-                        _mm512_store_ps(
-                            f,
-                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(ci), s, _mm512_load_ps(f)),
-                        );
-                    }
-                }
-            }
+            core::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "2:",
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{b} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b} + {sb}*1 + 1024]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {a0}, 64",
+                "add {a1}, 64",
+                "add {b}, 2048",
+                "dec {steps}",
+                "jnz 2b",
+                "tilestored [{c0} + {sc}*1], tmm0",
+                "tilestored [{c0} + {sc}*1 + 64], tmm1",
+                "tilestored [{c2} + {sc}*1], tmm2",
+                "tilestored [{c2} + {sc}*1 + 64], tmm3",
+                c0 = in(reg) c,
+                c2 = in(reg) c.add(16 * ldc),
+                sc = in(reg) ldc * 4,
+                a0 = inout(reg) a => _,
+                a1 = inout(reg) a.add(16 * k) => _,
+                sa = in(reg) k * 2,
+                b = inout(reg) b => _,
+                sb = in(reg) 64usize,
+                steps = inout(reg) steps => _,
+                options(nostack)
+            );
         }
     }
 }
 
-/// The AMX-int8 path for q8_0 products of 16 rows or more (prefill), on the VNNI tiles
-/// themselves: a `TileQ8_0`'s 512 bytes of quants are [k4-group (8)][row (16)][4 bytes], which
-/// is an AMX B tile of 8 rows of 64 bytes (32 k-values x 16 outputs, VNNI-paired), so no
-/// second copy of the weights is made and a weight packed at load (`pack_for_cpu`) serves it.
-pub(crate) fn matmul_amx_q8_0(
-    tiles: &[TileQ8_0],
-    lhs_q: &[BlockQ8K],
+
+/// Whether products of many rows run on AMX-BF16 (`AmxBf16Acts`): an AMX core (see
+/// `amx_available`) that also has AMX-BF16 and AVX512-BF16 (Intel Sapphire Rapids and later).
+pub(crate) fn amx_bf16_available() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // CPUID leaf 7: EDX bit 22 is AMX-BF16 (bits 24 and 25, AMX-TILE and AMX-INT8,
+            // are checked by amx_available, which also asks Linux for the tile state).
+            let amx_bf16 = core::arch::x86_64::__cpuid_count(7, 0).edx & (1 << 22) != 0;
+            amx_bf16
+                && std::is_x86_feature_detected!("avx512bf16")
+                && amx_available()
+                && std::env::var("CANDLE_NO_AMX_BF16").as_deref() != Ok("1")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// The fewest rows a product must have to run on AMX-BF16 (`AmxBf16Acts`), when the core has
+/// it: below, the weights' dequantization is not repaid.
+pub(crate) const AMX_BF16_MIN_ROWS: usize = 16;
+
+/// A weight on the VNNI tiles, as the AMX-BF16 kernel reads it: dequantized to bf16 a panel at
+/// a time.
+#[derive(Clone, Copy)]
+pub(crate) enum Bf16Source<'a> {
+    Q8_0(&'a [TileQ8_0]),
+    Q4K(&'a [TileQ4K]),
+}
+
+/// Activations converted to bf16 for the AMX-BF16 kernel, once for every weight that multiplies
+/// them (the fused projections): row-major, `k` values a row, rows padded with zeros to a
+/// multiple of 32 so that every kernel unit reads two whole 16-row A tiles.
+///
+/// The products are f32 sums of bf16 products (`tdpbf16ps`), with the weights dequantized to
+/// bf16 from their tiles, a panel of 32 outputs at a time: no per-block
+/// epilogue as the int8 kernels need (a q8_0 block's 32 values each have their own scales).
+pub(crate) struct AmxBf16Acts {
     m: usize,
     k: usize,
-    n: usize,
-    dst: &mut [f32],
-) {
-    AmxActs::new(lhs_q, m, k).matmul_q8_0(tiles, n, dst);
-}
-
-/// Activations (q8k rows) laid out for the AMX q8_0 kernel, once for every weight that
-/// multiplies them (the fused projections): A tiles of 16 rows by 32 values, the offset
-/// corrections and the rows' scales. Row blocks come in pairs; rows past `m` are zero and never
-/// stored.
-pub(crate) struct AmxActs {
-    m: usize,
-    kb: usize,
-    kb32: usize,
-    m_blocks: usize,
-    // [row block][block32][16 rows][32 bytes], from `skip` so that tile rows start on lines
-    a_buf: Vec<i8>,
+    m_pad: usize,
+    // [m_pad][k] bf16 bits, from `skip` so that rows start on 64-byte lines
+    buf: Vec<u16>,
     skip: usize,
-    // [row block][block32][16]: 128 times the rows' block sums (the +128 weight offset)
-    corr: Vec<i32>,
-    // [row block][superblock][16]: the rows' q8k scales
-    da: Vec<f32>,
 }
 
-impl AmxActs {
-    pub(crate) fn new(lhs_q: &[BlockQ8K], m: usize, k: usize) -> Self {
-        let kb = k / QK_K;
-        let kb32 = k / QK8_0;
-        let m_blocks = m.div_ceil(32) * 2;
-        let mut a_buf = vec![0i8; m_blocks * kb32 * 512 + 64];
-        let skip = a_buf.as_ptr().align_offset(64);
-        let mut corr = vec![0i32; m_blocks * kb32 * 16];
-        let mut da = vec![0f32; m_blocks * kb * 16];
-        let (a_ptr, corr_ptr, da_ptr) = (
-            a_buf[skip..].as_mut_ptr() as usize,
-            corr.as_mut_ptr() as usize,
-            da.as_mut_ptr() as usize,
-        );
+impl AmxBf16Acts {
+    pub(crate) fn new(lhs: &[f32], m: usize, k: usize) -> Self {
+        debug_assert!(k.is_multiple_of(QK_K) && lhs.len() >= m * k);
+        let m_pad = m.div_ceil(32) * 32;
+        let mut buf = Vec::<u16>::with_capacity(m_pad * k + 32);
+        // SAFETY: u16 has no invalid bit patterns; rows 0..m are written below and the
+        // padding rows are zeroed here.
+        unsafe { buf.set_len(m_pad * k + 32) };
+        let skip = buf.as_ptr().align_offset(64);
+        buf[skip + m * k..skip + m_pad * k].fill(0);
+        let ptr = buf[skip..].as_mut_ptr() as usize;
         crate::utils::barrier_pool().execute_chunked(m, |range| {
             for r in range {
-                let (mb, ri) = (r / 16, r % 16);
-                for b in 0..kb {
-                    let blk = &lhs_q[r * kb + b];
-                    // SAFETY: every (row, block) writes its own elements of the three buffers.
-                    unsafe {
-                        *(da_ptr as *mut f32).add((mb * kb + b) * 16 + ri) = blk.d;
-                        for s in 0..8 {
-                            let b32 = mb * kb32 + b * 8 + s;
-                            std::ptr::copy_nonoverlapping(
-                                blk.qs.as_ptr().add(s * 32),
-                                (a_ptr as *mut i8).add((b32 * 16 + ri) * 32),
-                                32,
-                            );
-                            *(corr_ptr as *mut i32).add(b32 * 16 + ri) = 128
-                                * (blk.bsums[s * 2] as i32 + blk.bsums[s * 2 + 1] as i32);
-                        }
-                    }
-                }
+                // SAFETY: each row writes its own k values of the buffer.
+                let out = unsafe { std::slice::from_raw_parts_mut((ptr as *mut u16).add(r * k), k) };
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    amx::bf16_row(&lhs[r * k..(r + 1) * k], out)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = out;
             }
         });
         Self {
             m,
-            kb,
-            kb32,
-            m_blocks,
-            a_buf,
+            k,
+            m_pad,
+            buf,
             skip,
-            corr,
-            da,
         }
     }
 
-    /// `dst` (m x n) = these activations times the q8_0 weight `tiles` (n x k) transposed.
-    pub(crate) fn matmul_q8_0(&self, tiles: &[TileQ8_0], n: usize, dst: &mut [f32]) {
+    /// `dst` (m x n) = these activations times the weight (n x k) transposed.
+    pub(crate) fn matmul(&self, w: Bf16Source, n: usize, dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
-            use amx::CTile32;
-            let Self { m, kb, kb32, m_blocks, .. } = *self;
+            let Self { m, k, m_pad, .. } = *self;
             let n_tiles = n / TILE_N;
-            let a_pack = &self.a_buf[self.skip..];
-            // Units of 32 rows x 32 outputs, column pairs outermost so that consecutive
-            // units of a thread reuse the same weights from cache. An odd last column tile
-            // pairs with itself and stores one half.
-            let (m_pairs, n_pairs) = (m_blocks / 2, n_tiles.div_ceil(2));
-            let dst_ptr = dst.as_mut_ptr() as usize;
-            crate::utils::barrier_pool().execute_chunked(n_pairs * m_pairs, |range| {
-                let mut acc = [
-                    CTile32([0.0; 256]),
-                    CTile32([0.0; 256]),
-                    CTile32([0.0; 256]),
-                    CTile32([0.0; 256]),
-                ];
-                for unit in range {
-                    let (np, mp) = (unit / m_pairs, unit % m_pairs);
+            let n_pairs = n_tiles.div_ceil(2);
+            // Rows of a partial last row pair, and every row when the last column tile has no
+            // partner, go to a padded buffer first: the kernel stores whole 32 x 32 units.
+            let odd = !n_tiles.is_multiple_of(2);
+            let direct_rows = if odd { 0 } else { m / 32 * 32 };
+            let pad_n = n_pairs * 32;
+            let mut pad = vec![0f32; (m_pad - direct_rows) * pad_n];
+            let a = self.buf[self.skip..].as_ptr() as usize;
+            let (dst_ptr, pad_ptr) = (dst.as_mut_ptr() as usize, pad.as_mut_ptr() as usize);
+            // Column pairs outermost: a thread dequantizes a pair's whole panel (32 outputs x
+            // k values, k / 16 KB) once and runs every row pair against it. (Splitting k into
+            // panels that fit a cache measured slower: the outputs are then read and written
+            // once a panel.)
+            crate::utils::barrier_pool().execute_chunked(n_pairs, |range| {
+                let mut panel = amx::Panel::new(k);
+                for np in range.clone() {
                     let nt0 = np * 2;
-                    let nt1 = (nt0 + 1).min(n_tiles - 1);
-                    for t in acc.iter_mut() {
-                        t.0.fill(0.0);
-                    }
-                    let mb = [mp * 2, mp * 2 + 1];
-                    // SAFETY: the kernel reads kb32 tiles of each column and its row blocks
-                    // of the activation buffers; each unit writes its own rows x columns.
+                    let nt1 = (nt0 + 1 < n_tiles).then_some(nt0 + 1);
+                    let next = (np + 1 < range.end).then_some(nt0 + 2);
+                    // SAFETY: the panel holds k / 32 steps of two B tiles; each unit reads two
+                    // 16-row A tiles inside the padded rows and writes its own 32 rows x 32
+                    // columns of dst or of the padded buffer.
                     unsafe {
-                        amx::q8_0_m32n32(
-                            &tiles[nt0 * kb32..(nt0 + 1) * kb32],
-                            &tiles[nt1 * kb32..(nt1 + 1) * kb32],
-                            kb32,
-                            mb.map(|b| a_pack.as_ptr().add(b * kb32 * 512)),
-                            mb.map(|b| self.corr.as_ptr().add(b * kb32 * 16)),
-                            mb.map(|b| self.da.as_ptr().add(b * kb * 16)),
-                            &mut acc,
-                        );
-                        let dst = dst_ptr as *mut f32;
-                        for (q, tile) in acc.iter().enumerate() {
-                            let (h, col) = (q / 2, q % 2);
-                            if col == 1 && nt1 == nt0 {
-                                continue;
-                            }
-                            let nt = if col == 0 { nt0 } else { nt1 };
-                            for i in 0..16 {
-                                let r = mb[h] * 16 + i;
-                                if r < m {
-                                    std::ptr::copy_nonoverlapping(
-                                        tile.0.as_ptr().add(i * 16),
-                                        dst.add(r * n + nt * TILE_N),
-                                        TILE_N,
-                                    );
-                                }
-                            }
+                        panel.fill(w, nt0, nt1, next, k);
+                        for mp in 0..m_pad / 32 {
+                            let r0 = mp * 32;
+                            let (c, stride) = if r0 < direct_rows {
+                                ((dst_ptr as *mut f32).add(r0 * n + nt0 * TILE_N), n)
+                            } else {
+                                let r = r0 - direct_rows;
+                                ((pad_ptr as *mut f32).add(r * pad_n + np * 32), pad_n)
+                            };
+                            let a0 = (a as *const u16).add(r0 * k);
+                            amx::bf16_m32n32(a0, k, panel.ptr(), k / 32, c, stride);
                         }
                     }
                 }
             });
+            for r in direct_rows..m {
+                let src = &pad[(r - direct_rows) * pad_n..][..n];
+                dst[r * n..(r + 1) * n].copy_from_slice(src);
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (tiles, n, dst);
+            let _ = (w, n, dst);
             unreachable!()
         }
-    }
-}
-
-// AMX matmul: m >= 32, q4k only. acts are per-row BlockQ8K slices.
-pub(crate) fn matmul_amx_q4k(
-    tiles: &[TileQ4KAmx],
-    lhs_q: &[BlockQ8K],
-    m: usize,
-    k: usize,
-    n: usize,
-    dst: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let kb = k / QK_K;
-        let n_tiles = n / TILE_N;
-        let m_blocks = m.div_ceil(32);
-        let dst_ptr = dst.as_mut_ptr() as usize;
-        let lhs_ref = lhs_q;
-        crate::utils::barrier_pool().execute_chunked(m_blocks, |range| {
-            let dst_ptr = dst_ptr as *mut f32;
-            // per-thread activation repack buffer (two 16-row halves), reused across n
-            let a_half = kb * 8 * 16 * 32;
-            let mut a_pack = vec![0i8; 2 * a_half];
-            let mut act_rows: Vec<&[BlockQ8K]> = Vec::with_capacity(32);
-            for mb in range {
-                let m0 = mb * 32;
-                let mt = (m - m0).min(32);
-                act_rows.clear();
-                for i in 0..mt {
-                    act_rows.push(&lhs_ref[(m0 + i) * kb..(m0 + i + 1) * kb]);
-                }
-                a_pack.fill(0);
-                for (i, row) in act_rows.iter().enumerate() {
-                    let base = (i / 16) * a_half;
-                    let r = i % 16;
-                    for b in 0..kb {
-                        let qs = &row[b].qs;
-                        for sub in 0..8 {
-                            let dst_off = base + ((b * 8 + sub) * 16 + r) * 32;
-                            a_pack[dst_off..dst_off + 32]
-                                .copy_from_slice(&qs[sub * 32..sub * 32 + 32]);
-                        }
-                    }
-                }
-                let mut nt = 0;
-                while nt < n_tiles {
-                    unsafe {
-                        amx::q4k_m32(
-                            tiles,
-                            nt,
-                            n_tiles,
-                            kb,
-                            &a_pack,
-                            &act_rows,
-                            mt,
-                            dst_ptr.add(m0 * n),
-                            n,
-                        )
-                    };
-                    nt += 2;
-                }
-            }
-        });
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (tiles, lhs_q, m, k, n, dst);
-        unreachable!()
     }
 }
 
