@@ -19,10 +19,10 @@
 //! Run: `INSPECTOR_PYTHON=~/venv/bin/python LLAMACPP_DIR=… LLAMACPP_PYTHON=… cargo bench -p
 //! inspector-cli --bench cpu_inference` on an otherwise idle machine (needs `/usr/bin/time`,
 //! Debian's `time`). `BENCH_SIDES=ours` (or a comma list of ours, transformers, llamacpp)
-//! limits the sides. The sides the targets compare (transformers, q8_0, q4k) run in
-//! `BENCH_ROUNDS` alternating rounds (default 3) and report their medians; f32, q8_0 without
-//! AMX and llama.cpp run once. Before each run the page cache holds that side's model files,
-//! read once untimed, and none of the other sides' (`page_cache_for`).
+//! limits the sides. The sides the targets compare (transformers, our f32, q8_0 and q4k) run in
+//! `BENCH_ROUNDS` alternating rounds (default 3) and report their medians; q8_0 without AMX and
+//! llama.cpp run once. Before each run the page cache holds that side's model files, read once
+//! untimed, and none of the other sides' (`page_cache_for`).
 
 use std::{
     path::{Path, PathBuf},
@@ -332,7 +332,8 @@ fn main() {
     // The sides the targets compare run in alternating rounds (transformers, q8_0, q4k, …), so
     // that the machine's drift (the memory bandwidth a shared VM gets varies by a fifth within
     // an hour) falls on every side alike; each side's figures are the medians of its rounds.
-    let mut runs: Vec<Vec<Side>> = vec![Vec::new(); 3];
+    // runs[0]: transformers; 1, 2, 3: our f32, q8_0 and q4k.
+    let mut runs: Vec<Vec<Side>> = vec![Vec::new(); 4];
     for round in 1..=rounds {
         println!("round {round} of {rounds}:");
         if wants("transformers")
@@ -342,24 +343,22 @@ fn main() {
             runs[0].push(transformers(p, &f32_dir, &photo));
         }
         if wants("ours") {
-            for (i, (model, name)) in [(&q8, "inspector q8_0"), (&q4, "inspector q4k")]
-                .into_iter()
-                .enumerate()
+            for (i, (model, name)) in [
+                (&f32_dir, "inspector f32"),
+                (&q8, "inspector q8_0"),
+                (&q4, "inspector q4k"),
+            ]
+            .into_iter()
+            .enumerate()
             {
                 page_cache_for(Some(model), &all);
                 runs[i + 1].push(ours(model, &photo, name, &[]));
             }
         }
     }
-    let mut medians = runs.iter().filter(|r| !r.is_empty()).map(|r| median(r));
-    if wants("transformers") && python.is_some() {
-        sides.extend(medians.next());
-    }
+    sides.extend(runs.iter().filter(|r| !r.is_empty()).map(|r| median(r)));
     if wants("ours") {
         println!("once:");
-        page_cache_for(Some(&f32_dir), &all);
-        sides.push(ours(&f32_dir, &photo, "inspector f32", &[]));
-        sides.extend(medians);
         // On an AMX core, q8_0 prefill runs on AMX; the same run on the VNNI kernels alone
         // (what AVX-512 cores without AMX run) shows what AMX adds.
         if has_amx() {
