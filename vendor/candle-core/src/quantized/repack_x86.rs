@@ -918,7 +918,7 @@ mod amx {
                     Bf16Source::Q8_0(t) => &t[nt * (k / QK8_0) + b32] as *const TileQ8_0 as _,
                     Bf16Source::Q4K(t) => {
                         let tile = &t[nt * (k / QK_K) + b32 / 8];
-                        // the sub-block's quants (and, once per tile, its scales)
+                        // the sub-block's quants (a tile's scales are read by its first)
                         tile.qs[(b32 % 8) * 256..].as_ptr()
                     }
                 })
@@ -1035,10 +1035,7 @@ pub(crate) fn amx_bf16_available() -> bool {
             // CPUID leaf 7: EDX bit 22 is AMX-BF16 (bits 24 and 25, AMX-TILE and AMX-INT8,
             // are checked by amx_available, which also asks Linux for the tile state).
             let amx_bf16 = core::arch::x86_64::__cpuid_count(7, 0).edx & (1 << 22) != 0;
-            amx_bf16
-                && std::is_x86_feature_detected!("avx512bf16")
-                && amx_available()
-                && std::env::var("CANDLE_NO_AMX_BF16").as_deref() != Ok("1")
+            amx_bf16 && std::is_x86_feature_detected!("avx512bf16") && amx_available()
         }
         #[cfg(not(target_arch = "x86_64"))]
         false
