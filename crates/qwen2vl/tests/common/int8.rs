@@ -1,7 +1,8 @@
 //! candle's repacked int8 kernels (`repack_x86`, vendored) against the arithmetic they stand
 //! for, done in f32: the weights as their blocks dequantize, times the activations as the
-//! kernels quantize them (q8k, 256 values a block). What is left is float rounding, so a
-//! wrong sign, scale, offset or tile index shows far above the bound.
+//! kernels quantize them (q8k, 256 values a block); on AMX-BF16 cores, for products of enough
+//! rows, both rounded to bf16 instead. What is left is float rounding, so a wrong sign, scale,
+//! offset or tile index shows far above the bound.
 #![allow(dead_code)]
 
 use candle_core::{

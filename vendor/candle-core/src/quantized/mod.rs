@@ -707,9 +707,9 @@ impl QTensor {
     /// Packs this `[n, k]` weight now for the x86 int8 kernels and frees its ggml blocks, when
     /// those kernels serve every product with it (CPU storage, an AVX-512 VNNI, AVX-VNNI or AVX2
     /// core, a dtype and shape `repack_x86::select` takes for one row and for many; on an AMX
-    /// core, products of many rows dequantize these tiles to bf16). Otherwise nothing changes. Returns whether it
-    /// packed. Afterwards the tensor still multiplies (`QMatMul::forward`), but its blocks are
-    /// gone: `dequantize`, `data` and `embedding` fail with a message.
+    /// core, products of many rows dequantize these tiles to bf16). Otherwise nothing changes.
+    /// Returns whether it packed. Afterwards the tensor still multiplies (`QMatMul::forward`),
+    /// but its blocks are gone: `dequantize`, `data` and `embedding` fail with a message.
     ///
     /// Without this, the tiles are built on the first product and kept beside the blocks, so a
     /// quantized model holds its weights twice.
