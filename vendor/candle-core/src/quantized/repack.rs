@@ -256,21 +256,18 @@ pub(crate) fn try_matmul_f32(
             return Ok(false);
         }
         let dtype = storage.dtype();
-        // Products of many rows run on AMX-BF16 where the core has it, from the VNNI tiles
+        let tiles = packed
+            .x86
+            .get_or_init(|| super::repack_x86::pack(dtype, storage, n, k));
+        // Products of many rows run on AMX-BF16 where the core has it, from the same tiles
         // (dequantized to bf16 a panel at a time).
         if m >= super::repack_x86::AMX_BF16_MIN_ROWS && super::repack_x86::amx_bf16_available() {
-            let tiles = packed
-                .x86
-                .get_or_init(|| super::repack_x86::pack(dtype, storage, n, k));
             if let Some(source) = tiles.bf16_source() {
                 super::repack_x86::AmxBf16Acts::new(lhs, m, k).matmul(source, n, dst);
                 return Ok(true);
             }
         }
         let lhs_q = super::repack_x86::quantize_lhs(lhs, m, k);
-        let tiles = packed
-            .x86
-            .get_or_init(|| super::repack_x86::pack(dtype, storage, n, k));
         super::repack_x86::matmul_tiles(tiles, &lhs_q, m, k, n, dst);
         Ok(true)
     }

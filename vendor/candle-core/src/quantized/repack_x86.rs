@@ -885,11 +885,25 @@ mod amx {
         skip: usize,
     }
 
+    thread_local! {
+        static PANEL: std::cell::RefCell<Panel> =
+            const { std::cell::RefCell::new(Panel { buf: Vec::new(), skip: 0 }) };
+    }
+
     impl Panel {
-        pub(super) fn new(k: usize) -> Self {
-            let buf = vec![0u8; k / 32 * 2048 + 64];
-            let skip = buf.as_ptr().align_offset(64);
-            Self { buf, skip }
+        /// Runs `f` with this thread's panel, grown to hold `k` values. It is kept between
+        /// products: a panel is up to k / 16 KB, which would otherwise be mapped, zeroed and
+        /// faulted in afresh for every chunk of every product. `fill` writes every tile that
+        /// the kernel then reads, so what an earlier product left is never read.
+        pub(super) fn with<R>(k: usize, f: impl FnOnce(&mut Panel) -> R) -> R {
+            PANEL.with_borrow_mut(|panel| {
+                let len = k / 32 * 2048 + 64;
+                if panel.buf.len() < len {
+                    panel.buf = vec![0u8; len];
+                    panel.skip = panel.buf.as_ptr().align_offset(64);
+                }
+                f(panel)
+            })
         }
 
         pub(super) fn ptr(&self) -> *const u8 {
@@ -1122,29 +1136,30 @@ impl AmxBf16Acts {
             // panels that fit a cache measured slower: the outputs are then read and written
             // once a panel.)
             crate::utils::barrier_pool().execute_chunked(n_pairs, |range| {
-                let mut panel = amx::Panel::new(k);
-                for np in range.clone() {
-                    let nt0 = np * 2;
-                    let nt1 = (nt0 + 1 < n_tiles).then_some(nt0 + 1);
-                    let next = (np + 1 < range.end).then_some(nt0 + 2);
-                    // SAFETY: the panel holds k / 32 steps of two B tiles; each unit reads two
-                    // 16-row A tiles inside the padded rows and writes its own 32 rows x 32
-                    // columns of dst or of the padded buffer.
-                    unsafe {
-                        panel.fill(w, nt0, nt1, next, k);
-                        for mp in 0..m_pad / 32 {
-                            let r0 = mp * 32;
-                            let (c, stride) = if r0 < direct_rows {
-                                ((dst_ptr as *mut f32).add(r0 * n + nt0 * TILE_N), n)
-                            } else {
-                                let r = r0 - direct_rows;
-                                ((pad_ptr as *mut f32).add(r * pad_n + np * 32), pad_n)
-                            };
-                            let a0 = (a as *const u16).add(r0 * k);
-                            amx::bf16_m32n32(a0, k, panel.ptr(), k / 32, c, stride);
+                amx::Panel::with(k, |panel| {
+                    for np in range.clone() {
+                        let nt0 = np * 2;
+                        let nt1 = (nt0 + 1 < n_tiles).then_some(nt0 + 1);
+                        let next = (np + 1 < range.end).then_some(nt0 + 2);
+                        // SAFETY: the panel holds k / 32 steps of two B tiles; each unit reads
+                        // two 16-row A tiles inside the padded rows and writes its own 32 rows
+                        // x 32 columns of dst or of the padded buffer.
+                        unsafe {
+                            panel.fill(w, nt0, nt1, next, k);
+                            for mp in 0..m_pad / 32 {
+                                let r0 = mp * 32;
+                                let (c, stride) = if r0 < direct_rows {
+                                    ((dst_ptr as *mut f32).add(r0 * n + nt0 * TILE_N), n)
+                                } else {
+                                    let r = r0 - direct_rows;
+                                    ((pad_ptr as *mut f32).add(r * pad_n + np * 32), pad_n)
+                                };
+                                let a0 = (a as *const u16).add(r0 * k);
+                                amx::bf16_m32n32(a0, k, panel.ptr(), k / 32, c, stride);
+                            }
                         }
                     }
-                }
+                })
             });
             for r in direct_rows..m {
                 let src = &pad[(r - direct_rows) * pad_n..][..n];
