@@ -30,6 +30,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod packed;
+
 use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
@@ -177,11 +179,17 @@ pub struct Lora {
 }
 
 /// The frozen part of a linear layer: a dense weight (any dtype; a [`Var`] in full
-/// fine-tuning), or ggml blocks multiplied by candle's quantized kernels. A quantized base has
-/// no backward pass: it serves inference, with or without a LoRA branch on top.
+/// fine-tuning), an f32 weight packed for the CPU's f32 kernel ([`packed::PackedF32`]), or ggml
+/// blocks multiplied by candle's quantized kernels. Packed and quantized bases have no backward
+/// pass: they serve inference, with or without a LoRA branch on top.
 #[derive(Debug, Clone)]
 pub enum Base {
     Dense(candle_nn::Linear),
+    Packed {
+        weight: Arc<packed::PackedF32>,
+        /// `[out]`, f32.
+        bias: Option<Tensor>,
+    },
     Quantized {
         weight: candle_core::quantized::QMatMul,
         /// `[out, in]`.
@@ -196,6 +204,7 @@ impl Base {
     pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
         match self {
             Base::Dense(l) => l.weight().dims2(),
+            Base::Packed { weight, .. } => Ok(weight.dims()),
             Base::Quantized { dims, .. } => Ok(*dims),
         }
     }
@@ -211,6 +220,7 @@ impl Module for Base {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Base::Dense(l) => l.forward(x),
+            Base::Packed { weight, bias } => weight.forward(x, bias.as_ref()),
             Base::Quantized { weight, bias, .. } => {
                 // The quantized kernels read f32 rows of a contiguous input.
                 let y = weight.forward(&x.to_dtype(DType::F32)?.contiguous()?)?;

@@ -165,7 +165,10 @@ impl Qwen2Vl {
                 Weights::new(LinearSource::Quantize(backend.quantization)),
                 backend.quantization,
             ),
-            None => (Weights::dense(), Quantization::None),
+            None => (
+                Weights::new(dense_source(backend, lora)),
+                Quantization::None,
+            ),
         };
         if quantization.is_quantized()
             && let Some(l) = lora
@@ -611,4 +614,39 @@ fn count_params(shapes: &weights::TensorShapes, layout: KeyLayout) -> (usize, us
         }
     }
     (vision, text, head)
+}
+
+/// Where a dense model's linear layers come from: on the CPU in f32, weights packed once at
+/// load for the CPU's f32 kernel ([`inspector_lora::packed::PackedF32`]); the dense tensors
+/// where a LoRA set trains (the packed product has no backward pass: the gradients of every
+/// branch below a packed layer would miss that layer's share), on GPUs and in other dtypes.
+pub(crate) fn dense_source(backend: &Backend, lora: Option<&Lora>) -> LinearSource {
+    if backend.device.is_cpu() && backend.dtype == DType::F32 && lora.is_none_or(|l| l.is_frozen())
+    {
+        LinearSource::PackedF32
+    } else {
+        LinearSource::Dense
+    }
+}
+
+#[cfg(test)]
+mod dense_source_tests {
+    use super::*;
+
+    #[test]
+    fn packs_for_cpu_f32_inference_only() {
+        let cpu = |dtype| Backend {
+            device: Device::Cpu,
+            dtype,
+            quantization: Quantization::None,
+        };
+        let packed = |s| matches!(s, LinearSource::PackedF32);
+        assert!(packed(dense_source(&cpu(DType::F32), None)));
+        assert!(!packed(dense_source(&cpu(DType::BF16), None)));
+        let lora = Lora::new(inspector_lora::LoraConfig::default(), &Device::Cpu);
+        // A LoRA set that trains needs the backward pass of every product below it.
+        assert!(!packed(dense_source(&cpu(DType::F32), Some(&lora))));
+        lora.freeze();
+        assert!(packed(dense_source(&cpu(DType::F32), Some(&lora))));
+    }
 }

@@ -26,7 +26,7 @@ use candle_core::{
     quantized::{GgmlDType, QMatMul, QTensor, ggml_file::qtensor_from_ggml, gguf_file},
 };
 use candle_nn::{VarBuilder, var_builder::SimpleBackend};
-use inspector_lora::Base;
+use inspector_lora::{Base, packed::PackedF32};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -421,6 +421,9 @@ pub(crate) fn var_builder(weights: &Arc<GgufWeights>, device: &Device) -> VarBui
 pub(crate) enum LinearSource {
     /// Dense, from the var builder (the reference path, and training).
     Dense,
+    /// Dense f32 from the var builder, each weight packed for the CPU's f32 kernel where it
+    /// applies ([`PackedF32`]): inference on the CPU, nothing to train below.
+    PackedF32,
     /// Dense from the var builder, quantized as they are read.
     Quantize(Quantization),
     /// Stored quantized.
@@ -481,7 +484,7 @@ impl Weights {
         pack: bool,
     ) -> candle_core::Result<Option<QTensor>> {
         let qt = match &self.source {
-            LinearSource::Dense => return Ok(None),
+            LinearSource::Dense | LinearSource::PackedF32 => return Ok(None),
             LinearSource::Quantize(q) => match q.weight_type(out_dim, in_dim) {
                 None => None,
                 Some(t) => {
@@ -556,6 +559,24 @@ impl Weights {
             }
             None => {
                 self.count(None, out_dim * in_dim);
+                if matches!(self.source, LinearSource::PackedF32)
+                    && vb.dtype() == DType::F32
+                    && PackedF32::applies(out_dim, in_dim, vb.device())
+                {
+                    let w = vb.get((out_dim, in_dim), "weight")?;
+                    if let Some(weight) = PackedF32::pack(&w)? {
+                        drop(w);
+                        let bias = if bias {
+                            Some(vb.get(out_dim, "bias")?)
+                        } else {
+                            None
+                        };
+                        return Ok(Base::Packed {
+                            weight: Arc::new(weight),
+                            bias,
+                        });
+                    }
+                }
                 let l = if bias {
                     candle_nn::linear(in_dim, out_dim, vb)?
                 } else {
