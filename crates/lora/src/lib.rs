@@ -6,6 +6,8 @@
 //! - `A` `[r, in]` starts Kaiming-uniform as PEFT does (`U(±1/√in)`), `B` `[out, r]` at zero;
 //!   the branch adds `scaling · B·A·dropout(x)`, scaling `α/r` (`α/√r` with rsLoRA).
 //! - The branch runs in f32 whatever the base weights' dtype, from differentiable ops only.
+//! - The base ([`Base`]) is a dense `candle_nn::Linear`, an f32 weight packed once for the CPU
+//!   ([`packed::PackedF32`]) or a quantized `QMatMul`; only a dense base has a backward pass.
 //! - Randomness (initialisation, dropout) comes from seeded ChaCha8 streams, so a run can be
 //!   reproduced and resumed exactly.
 //! - [`Lora::save_peft`] writes `adapter_config.json` + `adapter_model.safetensors` with keys

@@ -53,11 +53,22 @@ struct SendPtr<T>(*mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that a closure captures the whole `SendPtr`).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 impl PackedF32 {
     /// Whether a weight of `[out_dim, in_dim]` on `device` can be packed here: a CPU with
     /// AVX-512F and whole panels of outputs.
     pub fn applies(out_dim: usize, in_dim: usize, device: &Device) -> bool {
-        device.is_cpu() && in_dim > 0 && out_dim > 0 && out_dim % PANEL == 0 && has_avx512()
+        device.is_cpu()
+            && in_dim > 0
+            && out_dim > 0
+            && out_dim.is_multiple_of(PANEL)
+            && has_avx512()
     }
 
     /// Packs `w` (`[out, in]`, f32, on the CPU). `None` where [`PackedF32::applies`] is false.
@@ -79,27 +90,23 @@ impl PackedF32 {
     /// Packs row-major `[out_dim, in_dim]` values. `out_dim` must be a multiple of 32.
     pub fn from_rows(src: &[f32], out_dim: usize, in_dim: usize) -> PackedF32 {
         assert_eq!(src.len(), out_dim * in_dim);
-        assert_eq!(out_dim % PANEL, 0);
+        assert!(out_dim.is_multiple_of(PANEL));
         let panel_len = in_dim * PANEL;
         let mut data = Vec::<f32>::with_capacity(out_dim * in_dim);
         let dst = SendPtr(data.as_mut_ptr());
         let n_panels = out_dim / PANEL;
         candle_core::utils::barrier_pool().execute_chunked(n_panels, |range| {
-            let dst = dst;
             for p in range {
                 // SAFETY: panel p owns dst[p*panel_len .. (p+1)*panel_len]; every value of it
                 // is written below before `set_len`.
-                let panel =
-                    unsafe { std::slice::from_raw_parts_mut(dst.0.add(p * panel_len), panel_len) };
+                let panel = unsafe {
+                    std::slice::from_raw_parts_mut(dst.get().add(p * panel_len), panel_len)
+                };
                 let rows = &src[p * panel_len..(p + 1) * panel_len];
-                // 16 inner values at a time, so that each source row is read in whole lines.
-                for k0 in (0..in_dim).step_by(16) {
-                    let k1 = (k0 + 16).min(in_dim);
-                    for j in 0..PANEL {
-                        let row = &rows[j * in_dim..(j + 1) * in_dim];
-                        for kk in k0..k1 {
-                            panel[kk * PANEL + j] = row[kk];
-                        }
+                // The panel is written in order; its 32 source rows are read side by side.
+                for (kk, out) in panel.chunks_exact_mut(PANEL).enumerate() {
+                    for (j, v) in out.iter_mut().enumerate() {
+                        *v = rows[j * in_dim + kk];
                     }
                 }
             }
@@ -193,13 +200,13 @@ impl PackedF32 {
         let mut xp = Vec::<f32>::with_capacity(m * k);
         let xp_ptr = SendPtr(xp.as_mut_ptr());
         let pack_x = |range: std::ops::Range<usize>| {
-            let xp_ptr = xp_ptr;
             for b in range {
                 let r0 = b * ROWS;
                 let rows = ROWS.min(m - r0);
                 let src = &x[r0 * k..(r0 + rows) * k];
                 // SAFETY: block b owns xp[r0 * k .. (r0 + rows) * k].
-                let dst = unsafe { std::slice::from_raw_parts_mut(xp_ptr.0.add(r0 * k), rows * k) };
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(xp_ptr.get().add(r0 * k), rows * k) };
                 for (kk, d) in dst.chunks_exact_mut(rows).enumerate() {
                     for (r, v) in d.iter_mut().enumerate() {
                         *v = src[r * k + kk];
@@ -219,7 +226,6 @@ impl PackedF32 {
         let xp = &xp;
         let out = SendPtr(out);
         pool.execute_chunked(n_panels.div_ceil(group), |groups| {
-            let out = out;
             SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
                 // Up to CHUNK row blocks of the group's outputs, tile after tile
@@ -264,7 +270,7 @@ impl PackedF32 {
                                 unsafe {
                                     std::ptr::copy_nonoverlapping(
                                         sc.add(((b * group + j) * ROWS + i) * PANEL),
-                                        out.0.add(r * n + p * PANEL),
+                                        out.get().add(r * n + p * PANEL),
                                         PANEL,
                                     );
                                 }
