@@ -187,11 +187,8 @@ pub struct Lora {
 #[derive(Debug, Clone)]
 pub enum Base {
     Dense(candle_nn::Linear),
-    Packed {
-        weight: Arc<packed::PackedF32>,
-        /// `[out]`, f32.
-        bias: Option<Tensor>,
-    },
+    /// With its bias, if any.
+    Packed(Arc<packed::PackedF32>),
     Quantized {
         weight: candle_core::quantized::QMatMul,
         /// `[out, in]`.
@@ -206,7 +203,7 @@ impl Base {
     pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
         match self {
             Base::Dense(l) => l.weight().dims2(),
-            Base::Packed { weight, .. } => Ok(weight.dims()),
+            Base::Packed(p) => Ok(p.dims()),
             Base::Quantized { dims, .. } => Ok(*dims),
         }
     }
@@ -222,7 +219,7 @@ impl Module for Base {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Base::Dense(l) => l.forward(x),
-            Base::Packed { weight, bias } => weight.forward(x, bias.as_ref()),
+            Base::Packed(p) => p.forward(x),
             Base::Quantized { weight, bias, .. } => {
                 // The quantized kernels read f32 rows of a contiguous input.
                 let y = weight.forward(&x.to_dtype(DType::F32)?.contiguous()?)?;

@@ -32,11 +32,13 @@ const GROUP: usize = 8;
 /// values, 768 KiB) whatever the number of rows.
 const CHUNK: usize = 64;
 
-/// `[out, in]` f32 weights as `[out/32][in][32]` panels.
+/// `[out, in]` f32 weights as `[out/32][in][32]` panels, and the layer's bias.
 pub struct PackedF32 {
     data: Vec<f32>,
     out_dim: usize,
     in_dim: usize,
+    /// `[out]`, read once at load (the kernel starts its sums from it).
+    bias: Option<Vec<f32>>,
 }
 
 impl std::fmt::Debug for PackedF32 {
@@ -88,7 +90,7 @@ impl PackedF32 {
     }
 
     /// Packs row-major `[out_dim, in_dim]` values. `out_dim` must be a multiple of 32.
-    pub fn from_rows(src: &[f32], out_dim: usize, in_dim: usize) -> PackedF32 {
+    fn from_rows(src: &[f32], out_dim: usize, in_dim: usize) -> PackedF32 {
         assert_eq!(src.len(), out_dim * in_dim);
         assert!(out_dim.is_multiple_of(PANEL));
         let panel_len = in_dim * PANEL;
@@ -117,7 +119,22 @@ impl PackedF32 {
             data,
             out_dim,
             in_dim,
+            bias: None,
         }
+    }
+
+    /// This weight with the layer's bias (`[out]`, any float dtype), added by the kernel.
+    pub fn with_bias(mut self, bias: &Tensor) -> Result<PackedF32> {
+        let b = bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if b.len() != self.out_dim {
+            candle_core::bail!(
+                "packed linear: bias has {} values for {} outputs",
+                b.len(),
+                self.out_dim
+            );
+        }
+        self.bias = Some(b);
+        Ok(self)
     }
 
     /// `(out, in)`.
@@ -125,8 +142,9 @@ impl PackedF32 {
         (self.out_dim, self.in_dim)
     }
 
-    /// The weight back as `[out, in]` rows (for tests and merging).
-    pub fn to_rows(&self) -> Vec<f32> {
+    /// The weight back as `[out, in]` rows.
+    #[cfg(test)]
+    fn to_rows(&self) -> Vec<f32> {
         let mut rows = vec![0f32; self.out_dim * self.in_dim];
         for p in 0..self.out_dim / PANEL {
             let panel = &self.data[p * self.in_dim * PANEL..(p + 1) * self.in_dim * PANEL];
@@ -140,7 +158,7 @@ impl PackedF32 {
     }
 
     /// `x·Wᵀ (+ bias)` for `x` of `[.., in]` (any dtype; computed in f32), giving `[.., out]`.
-    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let Some((&k, lead)) = dims.split_last() else {
             candle_core::bail!("packed linear: a scalar input");
@@ -153,20 +171,6 @@ impl PackedF32 {
         }
         let m: usize = lead.iter().product();
         let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let bias = match bias {
-            Some(b) => {
-                let b = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                if b.len() != self.out_dim {
-                    candle_core::bail!(
-                        "packed linear: bias has {} values for {} outputs",
-                        b.len(),
-                        self.out_dim
-                    );
-                }
-                Some(b)
-            }
-            None => None,
-        };
         let mut out = Vec::<f32>::with_capacity(m * self.out_dim);
         {
             let (storage, layout) = x.storage_and_layout();
@@ -176,7 +180,7 @@ impl PackedF32 {
             let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..];
             // SAFETY: `gemm` writes all m × out values.
             unsafe {
-                self.gemm(&xs[..m * k], m, bias.as_deref(), out.as_mut_ptr());
+                self.gemm(&xs[..m * k], m, out.as_mut_ptr());
                 out.set_len(m * self.out_dim);
             }
         }
@@ -186,7 +190,8 @@ impl PackedF32 {
     }
 
     /// `out[m, out_dim] = x[m, in]·Wᵀ + bias`, every value of `out` written.
-    unsafe fn gemm(&self, x: &[f32], m: usize, bias: Option<&[f32]>, out: *mut f32) {
+    unsafe fn gemm(&self, x: &[f32], m: usize, out: *mut f32) {
+        let bias = self.bias.as_deref();
         let k = self.in_dim;
         let n = self.out_dim;
         let n_panels = n / PANEL;
@@ -421,12 +426,16 @@ mod tests {
             let p = PackedF32::pack(&w)?.expect("applies");
             assert_eq!(p.dims(), (n, k));
             assert_eq!(p.to_rows(), w.flatten_all()?.to_vec1::<f32>()?);
+            let with_bias = PackedF32::pack(&w)?.expect("applies").with_bias(&b)?;
             for bias in [None, Some(&b)] {
                 let mut want = x.broadcast_matmul(&w.t()?)?;
                 if let Some(b) = bias {
                     want = want.broadcast_add(b)?;
                 }
-                let got = p.forward(&x, bias)?;
+                let got = match bias {
+                    Some(_) => with_bias.forward(&x)?,
+                    None => p.forward(&x)?,
+                };
                 assert_eq!(got.dims(), want.dims());
                 let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
                 let err = (&want - &got)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -451,7 +460,7 @@ mod tests {
         }
         let p = PackedF32::pack(&Tensor::zeros((64, 8), DType::F32, &dev)?)?.expect("applies");
         let err = p
-            .forward(&Tensor::zeros((3, 9), DType::F32, &dev)?, None)
+            .forward(&Tensor::zeros((3, 9), DType::F32, &dev)?)
             .unwrap_err();
         assert!(
             err.to_string()
@@ -459,9 +468,7 @@ mod tests {
             "{err}"
         );
         let bias = Tensor::zeros(63, DType::F32, &dev)?;
-        let err = p
-            .forward(&Tensor::zeros((3, 8), DType::F32, &dev)?, Some(&bias))
-            .unwrap_err();
+        let err = p.with_bias(&bias).unwrap_err();
         assert!(
             err.to_string()
                 .contains("bias has 63 values for 64 outputs"),

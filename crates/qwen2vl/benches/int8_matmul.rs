@@ -65,7 +65,7 @@ fn main() {
         let pack_s = t.elapsed().as_secs_f64();
         let packed_s = packed.map(|p| {
             time(reps, || {
-                p.forward(&x, None).unwrap();
+                p.forward(&x).unwrap();
             })
         });
         let mut secs = Vec::new();

@@ -564,17 +564,14 @@ impl Weights {
                     && PackedF32::applies(out_dim, in_dim, vb.device())
                 {
                     let w = vb.get((out_dim, in_dim), "weight")?;
-                    if let Some(weight) = PackedF32::pack(&w)? {
+                    if let Some(packed) = PackedF32::pack(&w)? {
                         drop(w);
-                        let bias = if bias {
-                            Some(vb.get(out_dim, "bias")?)
+                        let packed = if bias {
+                            packed.with_bias(&vb.get(out_dim, "bias")?)?
                         } else {
-                            None
+                            packed
                         };
-                        return Ok(Base::Packed {
-                            weight: Arc::new(weight),
-                            bias,
-                        });
+                        return Ok(Base::Packed(Arc::new(packed)));
                     }
                 }
                 let l = if bias {
