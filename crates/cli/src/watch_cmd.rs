@@ -56,10 +56,12 @@ impl Reader {
         }
     }
 
-    /// Frames dropped because newer ones came before they were inspected (live streams).
+    /// Frames dropped because newer ones came before they were inspected (live streams), and
+    /// photos passed over because newer ones arrived in the same interval (folders).
     fn dropped(&self) -> usize {
         match self {
             Reader::Stream(s) => s.dropped(),
+            Reader::Folder(f) => f.passed_over(),
             _ => 0,
         }
     }
@@ -144,7 +146,8 @@ struct Watched {
     read: usize,
     inspected: usize,
     skipped: usize,
-    /// Live frames dropped because newer ones came before they were inspected.
+    /// Live frames dropped because newer ones came before they were inspected, and a folder's
+    /// photos passed over because newer ones arrived in the same interval.
     dropped: usize,
     /// Seconds from a live frame's arrival to its event being stored, per event.
     latencies: Vec<f64>,

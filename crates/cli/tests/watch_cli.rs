@@ -232,7 +232,7 @@ fn a_folder_is_watched_for_new_photos_until_sigterm() {
     let scene = |i: usize| root().join(format!("examples/scenes/images/{i:05}.png"));
     // There before watching starts: not inspected.
     std::fs::copy(scene(2), photos.join("old.png")).unwrap();
-    let watcher = Watcher::spawn(
+    let watcher = Watcher::spawn_with(
         &[
             "photos",
             "--interval",
@@ -243,6 +243,8 @@ fn a_folder_is_watched_for_new_photos_until_sigterm() {
             "data",
         ],
         dir.path(),
+        // Each photo taken or passed over is named on stderr.
+        &[("INSPECTOR_LOG", "warn,inspector_watch=debug")],
     );
     // Photos that arrive before watching starts are not new.
     let line = watcher.wait_for("watching ");
@@ -273,20 +275,33 @@ fn a_folder_is_watched_for_new_photos_until_sigterm() {
         n += 1;
         std::thread::sleep(std::time::Duration::from_millis(1000));
     }
-    // Let the photos that arrived be taken (each after one stable poll, one per interval).
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // The newest photo is always taken (older ones of the same interval are passed over): once
+    // it is, every photo has been taken or passed over.
+    let last = format!("cam-{}.png", n - 1);
+    let line = watcher.wait_for(&last);
+    assert!(line.contains("photo taken"), "{line}");
     let (status, stderr) = watcher.stop();
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(
         stderr.contains("stopping: the frames in flight are done"),
         "{stderr}"
     );
+    let taken = stderr.matches("photo taken").count();
+    let passed_over = stderr.matches("photo passed over").count();
+    assert_eq!(
+        taken + passed_over,
+        n + 1,
+        "{n} good and 1 broken photos arrived:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("old.png"),
+        "the photo there before the start is not read:\n{stderr}"
+    );
     assert!(
         stderr.contains(&format!(
-            "camera \"source-1\" (photos): {} frames read",
-            n + 1
-        )),
-        "the photo there before the start is not read ({n} good and 1 broken arrived):\n{stderr}"
+            "camera \"source-1\" (photos): {taken} frames read"
+        )) && stderr.contains(&format!(" {passed_over} dropped,")),
+        "{stderr}"
     );
     let text = std::fs::read_to_string(&events).unwrap();
     let e: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();

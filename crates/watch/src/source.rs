@@ -325,8 +325,10 @@ impl FolderSource {
         };
         self.passed_over += stable.len();
         for (_, p) in stable {
+            tracing::debug!(camera = %self.name, photo = %p.display(), "photo passed over");
             self.seen.insert(p);
         }
+        tracing::debug!(camera = %self.name, photo = %newest.display(), "photo taken");
         self.seen.insert(newest.clone());
         self.sizes.remove(&newest);
         self.last_frame = Some(now);
