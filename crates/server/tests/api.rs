@@ -726,8 +726,8 @@ async fn a_full_queue_answers_503_with_retry_after() {
             .status()
         })
     };
-    // Wait until the first job is queued.
-    for _ in 0..200 {
+    // Wait until the first job is queued (polled for up to a minute).
+    for _ in 0..6000 {
         let m = String::from_utf8(s.get("/metrics").await.body).unwrap();
         if m.contains("inspector_queue_depth 1") {
             break;
@@ -761,7 +761,7 @@ async fn a_request_that_times_out_is_not_run() {
     s.server.wait_until_loaded().unwrap();
     // The worker drops the abandoned job instead of inspecting it.
     let mut cancelled = false;
-    for _ in 0..200 {
+    for _ in 0..6000 {
         let m = String::from_utf8(s.get("/metrics").await.body).unwrap();
         if m.contains("inspector_cancelled_jobs_total 1") {
             cancelled = true;
@@ -809,7 +809,7 @@ async fn a_client_that_disconnects_is_not_inspected() {
                 .unwrap_or(0.0)
         }
     };
-    for _ in 0..500 {
+    for _ in 0..12000 {
         if metric("inspector_queue_depth ").await >= 1.0 {
             break;
         }
@@ -819,7 +819,7 @@ async fn a_client_that_disconnects_is_not_inspected() {
     drop(conn);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     go.send(()).unwrap();
-    for _ in 0..500 {
+    for _ in 0..6000 {
         if metric("inspector_cancelled_jobs_total ").await >= 1.0 {
             break;
         }
@@ -867,7 +867,7 @@ async fn rules_replaced_elsewhere_in_the_database_are_picked_up() {
         .any(|r| r.citation == "《车间补充规定》第1条")
     {
         assert!(
-            started.elapsed() < std::time::Duration::from_secs(5),
+            started.elapsed() < std::time::Duration::from_secs(60),
             "the server did not reload its rules"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

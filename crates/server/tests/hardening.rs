@@ -163,7 +163,9 @@ fn chat_body(text: &str) -> String {
 async fn cache_hits_and_prompt_limits_do_not_wait_for_the_model() {
     let s = TestServer::start(|c| {
         c.max_prompt_tokens = 64;
-        c.request_timeout = Duration::from_secs(3);
+        // Long enough for a slow machine's inference; what waits for the held worker gets 504
+        // after it, so a 201 or 400 below is an answer that did not wait for the model.
+        c.request_timeout = Duration::from_secs(10);
     });
     let first = s
         .post_multipart(
@@ -175,7 +177,6 @@ async fn cache_hits_and_prompt_limits_do_not_wait_for_the_model() {
     let first = first.json();
     // The worker is held from now on: only what needs no model can be answered.
     let hold = s.server.state().pause_worker_for_tests();
-    let started = Instant::now();
     let again = s
         .post_multipart(
             "/api/v1/inspections",
@@ -189,7 +190,6 @@ async fn cache_hits_and_prompt_limits_do_not_wait_for_the_model() {
         String::from_utf8_lossy(&again.body)
     );
     let again = again.json();
-    assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(again["finding"]["timings"]["cached"], true);
     assert_ne!(again["id"], first["id"], "a new inspection is stored");
     assert_eq!(
@@ -204,7 +204,6 @@ async fn cache_hits_and_prompt_limits_do_not_wait_for_the_model() {
         .await;
     assert_eq!(stored.status, 200);
     // Text beyond 16 bytes a token is refused unread; below that, by its token count.
-    let started = Instant::now();
     s.post_json(
         "/v1/chat/completions",
         &chat_body(&"安全帽 ".repeat(200_000)),
@@ -221,7 +220,6 @@ async fn cache_hits_and_prompt_limits_do_not_wait_for_the_model() {
             .unwrap()
             .contains("tokens")
     );
-    assert!(started.elapsed() < Duration::from_secs(2));
     // A short prompt waits for the model, which is held: it times out.
     s.post_json("/v1/chat/completions", &chat_body("你好"))
         .await
@@ -263,7 +261,8 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
     // ...until the slow ones are cut off at the header timeout.
     let waited = started.elapsed();
     assert!(
-        waited >= Duration::from_millis(500) && waited < Duration::from_secs(4),
+        // Not at once, and well before the slow clients would give up on their own.
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(10),
         "{waited:?}"
     );
     for mut conn in slow {
@@ -312,7 +311,8 @@ async fn shutdown_ends_within_the_grace() {
     held.push(idle);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let took = live.shut_down().await;
-    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+    // The grace (1 s) and some slack for a slow machine, far below the 60 s header timeout.
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
     for mut conn in held {
         assert!(closed_within(&mut conn, Duration::from_secs(1)).await);
     }
@@ -912,7 +912,7 @@ async fn every_route_is_in_the_openapi_document() {
 /// holding the shutdown for its whole grace.
 #[tokio::test]
 async fn an_open_event_stream_does_not_hold_the_shutdown() {
-    let mut live = Live::start(|c| c.shutdown_grace = Duration::from_secs(10)).await;
+    let mut live = Live::start(|c| c.shutdown_grace = Duration::from_secs(120)).await;
     let mut conn = TcpStream::connect(live.addr).await.unwrap();
     conn.write_all(b"GET /api/v1/events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .await
@@ -923,5 +923,6 @@ async fn an_open_event_stream_does_not_hold_the_shutdown() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("text/event-stream"), "{head}");
     let took = live.shut_down().await;
-    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    // Far below the grace, with room for a slow machine.
+    assert!(took < Duration::from_secs(30), "shutdown took {took:?}");
 }
