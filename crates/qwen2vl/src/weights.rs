@@ -330,7 +330,32 @@ impl ShardReader {
             .bt()
         })?;
         let (path, file) = &self.files[entry.file];
-        let mut bytes = vec![0u8; (entry.end - entry.start) as usize];
+        let len = (entry.end - entry.start) as usize;
+        // f32 (the dense checkpoints' usual type) is read straight into the tensor's own buffer:
+        // going through a byte buffer and candle's conversion copied every weight once more,
+        // and faulted in 8.8 GB of fresh pages for nothing on 2B shapes.
+        #[cfg(target_endian = "little")]
+        if entry.dtype == safetensors::Dtype::F32 {
+            let n: usize = entry.shape.iter().product();
+            if n * 4 != len {
+                candle_core::bail!("{}: {name}: {len} bytes for {n} f32 values", path.display());
+            }
+            let mut values = Vec::<f32>::with_capacity(n);
+            // SAFETY: the spare capacity is n f32s, viewed as their 4n bytes; every byte is
+            // written by `read_exact_at` (or the Vec is dropped unread on error), and any bit
+            // pattern is an f32. safetensors stores little-endian, as this target is.
+            let read = unsafe {
+                let bytes = std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), len);
+                file.read_exact_at(bytes, entry.start)
+            };
+            read.map_err(|e| {
+                candle_core::Error::Msg(format!("{}: reading {name}: {e}", path.display()))
+            })?;
+            // SAFETY: all n values were written above.
+            unsafe { values.set_len(n) };
+            return Tensor::from_vec(values, entry.shape.clone(), device);
+        }
+        let mut bytes = vec![0u8; len];
         file.read_exact_at(&mut bytes, entry.start).map_err(|e| {
             candle_core::Error::Msg(format!("{}: reading {name}: {e}", path.display()))
         })?;
