@@ -340,19 +340,15 @@ impl ShardReader {
             if n * 4 != len {
                 candle_core::bail!("{}: {name}: {len} bytes for {n} f32 values", path.display());
             }
-            let mut values = Vec::<f32>::with_capacity(n);
-            // SAFETY: the spare capacity is n f32s, viewed as their 4n bytes; every byte is
-            // written by `read_exact_at` (or the Vec is dropped unread on error), and any bit
-            // pattern is an f32. safetensors stores little-endian, as this target is.
-            let read = unsafe {
-                let bytes = std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), len);
-                file.read_exact_at(bytes, entry.start)
-            };
-            read.map_err(|e| {
+            // Zeroed (a large block comes from the kernel already zero, untouched until read).
+            let mut values = vec![0f32; n];
+            // SAFETY: the n initialised f32s viewed as their 4n bytes (u8 has no alignment and
+            // every bit pattern is an f32). safetensors stores little-endian, as this target is.
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), len) };
+            file.read_exact_at(bytes, entry.start).map_err(|e| {
                 candle_core::Error::Msg(format!("{}: reading {name}: {e}", path.display()))
             })?;
-            // SAFETY: all n values were written above.
-            unsafe { values.set_len(n) };
             return Tensor::from_vec(values, entry.shape.clone(), device);
         }
         let mut bytes = vec![0u8; len];
