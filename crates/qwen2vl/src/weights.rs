@@ -330,31 +330,28 @@ impl ShardReader {
             .bt()
         })?;
         let (path, file) = &self.files[entry.file];
-        let len = (entry.end - entry.start) as usize;
+        let read = |buf: &mut [u8]| {
+            file.read_exact_at(buf, entry.start).map_err(|e| {
+                candle_core::Error::Msg(format!("{}: reading {name}: {e}", path.display()))
+            })
+        };
         // f32 (the dense checkpoints' usual type) is read straight into the tensor's own buffer:
         // going through a byte buffer and candle's conversion copied every weight once more,
-        // and faulted in 8.8 GB of fresh pages for nothing on 2B shapes.
+        // and faulted in 8.8 GB of fresh pages for nothing on 2B shapes. (`open` checked that
+        // the byte range holds exactly the shape's values.)
         #[cfg(target_endian = "little")]
         if entry.dtype == safetensors::Dtype::F32 {
-            let n: usize = entry.shape.iter().product();
-            if n * 4 != len {
-                candle_core::bail!("{}: {name}: {len} bytes for {n} f32 values", path.display());
-            }
             // Zeroed (a large block comes from the kernel already zero, untouched until read).
-            let mut values = vec![0f32; n];
-            // SAFETY: the n initialised f32s viewed as their 4n bytes (u8 has no alignment and
-            // every bit pattern is an f32). safetensors stores little-endian, as this target is.
-            let bytes =
-                unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), len) };
-            file.read_exact_at(bytes, entry.start).map_err(|e| {
-                candle_core::Error::Msg(format!("{}: reading {name}: {e}", path.display()))
+            let mut values = vec![0f32; entry.shape.iter().product()];
+            // SAFETY: the initialised f32s viewed as their bytes (u8 has no alignment and every
+            // bit pattern is an f32). safetensors stores little-endian, as this target is.
+            read(unsafe {
+                std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), values.len() * 4)
             })?;
             return Tensor::from_vec(values, entry.shape.clone(), device);
         }
-        let mut bytes = vec![0u8; len];
-        file.read_exact_at(&mut bytes, entry.start).map_err(|e| {
-            candle_core::Error::Msg(format!("{}: reading {name}: {e}", path.display()))
-        })?;
+        let mut bytes = vec![0u8; (entry.end - entry.start) as usize];
+        read(&mut bytes)?;
         let view =
             safetensors::tensor::TensorView::new(entry.dtype, entry.shape.clone(), &bytes)
                 .map_err(|e| candle_core::Error::Msg(format!("{}: {name}: {e}", path.display())))?;
